@@ -1,0 +1,3 @@
+from omnissl.cli import main
+
+main()

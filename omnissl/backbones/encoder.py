@@ -1,0 +1,125 @@
+"""`Encoder`: a frontend, feature norm and projection, positions and the shared trunk, behind the Backbone
+protocol (see protocol.py).
+
+Legend: B batch, N tokens, K kept tokens, C frontend width, D trunk width, L layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from omnissl.backbones.protocol import BackboneOutput, Tokens
+from omnissl.backbones.transformer import Transformer
+
+
+class GradMultiply(torch.autograd.Function):
+    """Identity forward, gradient scaled by `scale` backward (wav2vec 2.0's `feature_grad_mult`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+def padding_mask_from_lengths(lengths: Tensor | None, n: int) -> Tensor | None:
+    """(B,) valid lengths -> (B, N) bool True at padding, or None when nothing is padded."""
+    if lengths is None or bool((lengths >= n).all()):
+        return None
+    return torch.arange(n, device=lengths.device)[None] >= lengths[:, None]
+
+
+class Encoder(nn.Module):
+    """frontend -> [LayerNorm] -> [Linear C->D] -> dropout ... mask / positions / keep ... -> trunk.
+
+    feature_norm / project: wav2vec 2.0's `layer_norm` + `post_extract_proj` (the projection is added
+    automatically when the frontend width differs from the trunk's). positions: ConvPositions,
+    LearnedPositions, SinCosPositions or None. cls_token: prepend a learned CLS token (ViT, MAE) that is
+    never masked or dropped and sits at index 0 of every output.
+    """
+
+    def __init__(
+        self,
+        frontend: nn.Module,
+        trunk: Transformer,
+        *,
+        positions: nn.Module | None = None,
+        feature_norm: bool = True,
+        project: bool | None = None,
+        dropout_input: float = 0.0,
+        cls_token: bool = False,
+    ) -> None:
+        super().__init__()
+        self.frontend, self.trunk, self.positions = frontend, trunk, positions
+        c, d = frontend.out_dim, trunk.dim
+        self.feature_norm = nn.LayerNorm(c) if feature_norm else nn.Identity()
+        project = (c != d) if project is None else project
+        if not project and c != d:
+            raise ValueError(f"frontend width {c} != trunk width {d}: a projection is required")
+        self.proj = nn.Linear(c, d) if project else nn.Identity()
+        self.dropout_input = nn.Dropout(dropout_input)
+        self.mask_emb = nn.Parameter(torch.empty(d).uniform_())  # fairseq/HF: uniform init
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cls_token else None
+        self.dim, self.num_layers = d, trunk.depth
+        self.samples_per_token = frontend.samples_per_token
+
+    @property
+    def num_prefix(self) -> int:
+        return 0 if self.cls_token is None else 1
+
+    def embed(self, x: Tensor, lengths: Tensor | None = None, *, grad_scale: float = 1.0) -> Tokens:
+        """Raw input -> Tokens. grad_scale multiplies the gradient reaching the frontend."""
+        if lengths is not None and lengths.shape != (x.shape[0],):
+            raise ValueError(f"lengths must have shape ({x.shape[0]},), got {tuple(lengths.shape)}")
+        feats, valid, grid = self.frontend(x, lengths)
+        if grad_scale != 1.0 and torch.is_grad_enabled():
+            feats = GradMultiply.apply(feats, grad_scale)
+        feats = self.feature_norm(feats)
+        h = self.dropout_input(self.proj(feats))
+        return Tokens(h, padding_mask_from_lengths(valid, h.shape[1]), feats, grid)
+
+    def _check(self, name: str, m: Tensor | None, shape: tuple[int, int]) -> None:
+        if m is not None and (m.shape != shape or m.dtype != torch.bool):
+            raise ValueError(f"{name} must be a bool tensor of shape {shape}, got {tuple(m.shape)} {m.dtype}")
+
+    def encode(
+        self,
+        tokens: Tokens,
+        mask: Tensor | None = None,
+        keep: Tensor | None = None,
+        return_layers: bool | str = False,
+    ) -> BackboneOutput:
+        """mask (B, N) bool: positions replaced by the learned mask embedding before positions are added.
+        keep (B, N) bool with the same count K per row: only kept tokens (in order) enter the trunk, after
+        positions were added for the full sequence (relative positions see dropped tokens as zeros)."""
+        x, pad = tokens.x, tokens.padding_mask
+        b, n, _ = x.shape
+        self._check("mask", mask, (b, n))
+        self._check("keep", keep, (b, n))
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
+        if keep is not None and getattr(self.positions, "relative", False):
+            x = x.masked_fill(~keep[..., None], 0.0)
+        if self.positions is not None:
+            x = self.positions(x, pad, tokens.grid)
+        if keep is not None:
+            counts = keep.sum(1)
+            if bool((counts != counts[0]).any()):
+                raise ValueError(f"keep must keep the same number of tokens in every row, got {counts.tolist()}")
+            idx = keep.nonzero()[:, 1].view(b, -1)  # (B, K), in sequence order
+            x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+            pad = None if pad is None else torch.gather(pad, 1, idx)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+            if pad is not None:
+                pad = torch.cat([pad.new_zeros(b, 1), pad], dim=1)
+        last, layers, ffn = self.trunk(x, pad, return_layers)
+        return BackboneOutput(last, layers, pad, ffn)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> BackboneOutput:
+        """Plain inference: embed and encode everything, all layers returned."""
+        return self.encode(self.embed(x, lengths), return_layers=True)

@@ -1,0 +1,226 @@
+"""Modality frontends: raw input -> (features (B, N, C), valid lengths (B,) or None, grid or None).
+
+Every frontend exposes `out_dim` (C) and `samples_per_token` (input samples per output token for audio,
+None otherwise).
+
+Legend: B batch, T samples, N tokens, C channels, F mel bins, H/W image height/width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from einops import rearrange
+from torch import Tensor, nn
+
+# wav2vec 2.0's feature encoder: (channels, kernel, stride) per layer; stride 320, receptive field 400
+# samples (25 ms) at 16 kHz (Baevski et al. 2020, sec. 2; fairseq `conv_feature_layers`).
+WAV2VEC2_CONV = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+
+
+def conv_output_lengths(lengths: Tensor, layers: tuple[tuple[int, int, int], ...]) -> Tensor:
+    """Valid output frames of a stack of unpadded convolutions, for valid input lengths (B,)."""
+    for _, kernel, stride in layers:
+        lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+    return lengths.clamp(min=0)
+
+
+class ConvFeatureExtractor(nn.Module):
+    """The wav2vec 2.0 convolutional feature encoder on raw 16 kHz audio.
+
+    mode="group": GroupNorm with one group per channel on the first layer only, no conv bias (base);
+    mode="layer": LayerNorm over channels after every layer (large, `extractor_mode: layer_norm`).
+    Norms run in fp32 (fairseq's Fp32GroupNorm / Fp32LayerNorm) so bf16 training keeps their statistics.
+
+    NOTE(ref): fairseq and HF compute the first layer's GroupNorm over the padded time axis, so a padded
+    utterance gets different features from the same utterance alone. We take the statistics over the valid
+    frames only when lengths are given; unpadded inputs give identical results to the references.
+    """
+
+    def __init__(
+        self,
+        *,
+        layers: tuple[tuple[int, int, int], ...] = WAV2VEC2_CONV,
+        mode: str = "group",
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if mode not in ("group", "layer"):
+            raise ValueError(f"mode must be 'group' or 'layer', got {mode!r}")
+        self.mode, self.layers = mode, tuple(tuple(layer) for layer in layers)
+        convs, norms, in_ch = [], [], 1
+        for i, (ch, kernel, stride) in enumerate(self.layers):
+            conv = nn.Conv1d(in_ch, ch, kernel, stride=stride, bias=bias)
+            nn.init.kaiming_normal_(conv.weight)
+            convs.append(conv)
+            if mode == "layer":
+                norms.append(nn.LayerNorm(ch))
+            elif i == 0:
+                norms.append(nn.GroupNorm(ch, ch))
+            else:
+                norms.append(nn.Identity())
+            in_ch = ch
+        self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
+        self.out_dim = in_ch
+        stride = 1
+        for _, _, s in self.layers:
+            stride *= s
+        self.samples_per_token = stride
+
+    def receptive_field(self) -> int:
+        field, jump = 1, 1
+        for _, kernel, stride in self.layers:
+            field += (kernel - 1) * jump
+            jump *= stride
+        return field
+
+    def _group_norm(self, norm: nn.GroupNorm, h: Tensor, valid: Tensor | None) -> Tensor:
+        """Per-channel norm over time (GroupNorm with C groups), in fp32, over valid frames only."""
+        h = h.float()
+        if valid is None:
+            return F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        m = (torch.arange(h.shape[-1], device=h.device)[None] < valid[:, None]).to(h.dtype)[:, None]
+        count = m.sum(-1, keepdim=True).clamp(min=1)
+        mean = (h * m).sum(-1, keepdim=True) / count
+        var = (((h - mean) * m) ** 2).sum(-1, keepdim=True) / count
+        h = (h - mean) / torch.sqrt(var + norm.eps)
+        return h * norm.weight[None, :, None] + norm.bias[None, :, None]
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None, None]:
+        """x (B, T) float -> features (B, N, 512), valid frames (B,) or None."""
+        if x.dim() != 2:
+            raise ValueError(f"audio must be (B, T), got shape {tuple(x.shape)}")
+        rf = self.receptive_field()
+        if x.shape[1] < rf:
+            raise ValueError(f"audio of {x.shape[1]} samples is shorter than the receptive field ({rf})")
+        dtype = x.dtype
+        h = x[:, None]
+        valid = lengths
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            h = conv(h)
+            if valid is not None:
+                valid = conv_output_lengths(valid, (self.layers[i],))
+            if isinstance(norm, nn.GroupNorm):
+                h = self._group_norm(norm, h, valid).to(dtype)
+            elif isinstance(norm, nn.LayerNorm):
+                h = rearrange(h, "b c n -> b n c")
+                h = F.layer_norm(h.float(), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+                h = rearrange(h.to(dtype), "b n c -> b c n")
+            h = F.gelu(h)
+        return rearrange(h, "b c n -> b n c"), valid, None
+
+
+class LogMelPatches(nn.Module):
+    """Log-mel filterbank of 16 kHz audio cut into (time × frequency) patches (AST / AudioMAE / SSAST).
+
+    25 ms Hann window, 10 ms hop, `n_mels` bins (torchaudio's MelSpectrogram), log(mel + 1e-6), scaled by a
+    fixed mean/std (AudioSet's -4.27 / 4.57 as used by AST and AudioMAE), then non-overlapping patches
+    `patch_time` frames × `patch_freq` bins embedded by a strided Conv2d. Tokens are ordered time-major, so
+    the grid is (time patches, frequency patches). With `patch_freq = n_mels` each token is a frame stack.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int = 768,
+        n_mels: int = 128,
+        patch_time: int = 16,
+        patch_freq: int = 16,
+        sample_rate: int = 16_000,
+        mean: float = -4.27,
+        std: float = 4.57,
+    ) -> None:
+        super().__init__()
+        if n_mels % patch_freq:
+            raise ValueError(f"n_mels {n_mels} must be a multiple of patch_freq {patch_freq}")
+        self.hop = sample_rate // 100
+        self.melspec = torchaudio.transforms.MelSpectrogram(
+            sample_rate=sample_rate, n_fft=512, win_length=sample_rate // 40, hop_length=self.hop,
+            n_mels=n_mels, center=False, power=2.0,
+        )
+        self.patch_time, self.patch_freq, self.n_mels = patch_time, patch_freq, n_mels
+        self.mean, self.std = mean, std
+        self.proj = nn.Conv2d(1, dim, kernel_size=(patch_time, patch_freq), stride=(patch_time, patch_freq))
+        self.out_dim = dim
+        self.samples_per_token = self.hop * patch_time
+        self.win = sample_rate // 40
+
+    def spectrogram(self, x: Tensor) -> Tensor:
+        """x (B, T) -> normalized log-mel (B, frames, F), in fp32."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            mel = self.melspec(x.float())
+        return rearrange((torch.log(mel + 1e-6) - self.mean) / (2 * self.std), "b f t -> b t f")
+
+    def frames(self, lengths: Tensor) -> Tensor:
+        return torch.div(lengths - self.win, self.hop, rounding_mode="floor") + 1
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
+        if x.dim() != 2:
+            raise ValueError(f"audio must be (B, T), got shape {tuple(x.shape)}")
+        need = self.win + self.hop * (self.patch_time - 1)
+        if x.shape[1] < need:
+            raise ValueError(f"audio of {x.shape[1]} samples is shorter than one patch ({need} samples)")
+        spec = self.spectrogram(x)
+        t = spec.shape[1] - spec.shape[1] % self.patch_time
+        h = self.proj(spec[:, None, :t].to(self.proj.weight.dtype))  # (B, D, Tp, Fp)
+        grid = (h.shape[2], h.shape[3])
+        valid = None
+        if lengths is not None:
+            valid = torch.div(self.frames(lengths), self.patch_time, rounding_mode="floor") * grid[1]
+            valid = valid.clamp(min=0)
+        return rearrange(h, "b d tp fp -> b (tp fp) d"), valid, grid
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """Reconstruction targets for MAE: x (B, T) -> (B, N, patch_time * patch_freq) log-mel patches."""
+        spec = self.spectrogram(x)
+        t = spec.shape[1] - spec.shape[1] % self.patch_time
+        return rearrange(spec[:, :t], "b (tp pt) (fp pf) -> b (tp fp) (pt pf)", pt=self.patch_time,
+                         pf=self.patch_freq)
+
+
+class ImagePatches(nn.Module):
+    """ViT patch embedding: non-overlapping `patch`×`patch` patches by a strided Conv2d, any image size
+    divisible by the patch (Dosovitskiy et al. 2021)."""
+
+    samples_per_token = None
+
+    def __init__(self, *, dim: int = 768, patch: int = 16, channels: int = 3) -> None:
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
+        self.out_dim = dim
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, None, tuple[int, int]]:
+        if x.dim() != 4 or x.shape[2] % self.patch or x.shape[3] % self.patch:
+            raise ValueError(
+                f"images must be (B, C, H, W) with H and W divisible by {self.patch}, got {tuple(x.shape)}"
+            )
+        h = self.proj(x)
+        return rearrange(h, "b d gh gw -> b (gh gw) d"), None, (h.shape[2], h.shape[3])
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """x (B, C, H, W) -> (B, N, patch * patch * C) pixels per patch (MAE targets)."""
+        return rearrange(x, "b c (gh p) (gw q) -> b (gh gw) (p q c)", p=self.patch, q=self.patch)
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids -> embeddings (BERT/RoBERTa word embeddings); `pad_id` rows stay zero."""
+
+    samples_per_token = None
+
+    def __init__(self, *, vocab_size: int, dim: int = 768, pad_id: int = 1) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        with torch.no_grad():
+            self.embed.weight[pad_id].zero_()
+        self.out_dim = dim
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None, None]:
+        if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token ids must be (B, N) integers, got {tuple(x.shape)} {x.dtype}")
+        if lengths is None:
+            lengths = (x != self.pad_id).sum(1)
+        return self.embed(x), lengths, None

@@ -1,0 +1,251 @@
+"""The shared transformer trunk and its positional options.
+
+One trunk serves every objective: post-LN blocks (wav2vec 2.0 / HuBERT base, RoBERTa) and pre-LN blocks
+(wav2vec 2.0 large, ViT, MAE), attention through `F.scaled_dot_product_attention` with a key-padding mask,
+every layer's output on request, layerdrop identical on every rank for a given update, optional activation
+checkpointing per block.
+
+Legend: B batch, N tokens, D width, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused input projection."""
+
+    def __init__(self, dim: int, heads: int, *, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """x (B, N, D), attn_mask (B, 1, 1, N) bool (True = attend) -> (B, N, D)."""
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(rearrange(y, "b h n d -> b n (h d)"))
+
+
+class Block(nn.Module):
+    """A transformer block, post-LN (`x = LN(x + f(x))`) or pre-LN (`x = x + f(LN(x))`)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ffn_dim: int,
+        *,
+        pre_norm: bool,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.1,
+        act_dropout: float = 0.0,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.attn = Attention(dim, heads, dropout=attn_dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+        self.act_drop = nn.Dropout(act_dropout)
+
+    def ffn(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.act_drop(F.gelu(self.fc1(x)))))
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x (B, N, D) -> (output (B, N, D), feed-forward output before its residual (B, N, D))."""
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.norm1(x), attn_mask))
+            h = self.ffn(self.norm2(x))
+            return x + h, h
+        x = self.norm1(x + self.drop(self.attn(x, attn_mask)))
+        h = self.ffn(x)
+        return self.norm2(x + h), h
+
+
+class Transformer(nn.Module):
+    """A stack of blocks with the input LayerNorm (post-LN) or final LayerNorm (pre-LN) of fairseq/HF.
+
+    Defaults are wav2vec 2.0 / HuBERT / RoBERTa base (Baevski et al. 2020, Table 1 / fairseq base configs):
+    768 wide, 12 layers, 12 heads, FFN 3072, dropouts 0.1, post-LN.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        ffn_dim: int = 3072,
+        pre_norm: bool = False,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.1,
+        act_dropout: float = 0.0,
+        layerdrop: float = 0.0,
+        eps: float = 1e-5,
+        checkpoint_activations: bool = False,
+        layerdrop_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= layerdrop < 1.0:
+            raise ValueError(f"layerdrop must be in [0, 1), got {layerdrop}")
+        self.dim, self.depth, self.pre_norm = dim, depth, pre_norm
+        self.layerdrop, self.layerdrop_seed = layerdrop, layerdrop_seed
+        self.checkpoint_activations = checkpoint_activations
+        self.num_updates = 0
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, ffn_dim, pre_norm=pre_norm, dropout=dropout, attn_dropout=attn_dropout,
+                  act_dropout=act_dropout, eps=eps)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+        self.apply(init_bert_params)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Called once per optimizer step by SSLModule: seeds layerdrop so every rank drops the same layers."""
+        self.num_updates = num_updates
+
+    def dropped_layers(self) -> Tensor:
+        """(L,) bool: which blocks this update skips. Identical across ranks: seeded by (seed, update) only."""
+        if not self.training or self.layerdrop == 0.0:
+            return torch.zeros(self.depth, dtype=torch.bool)
+        g = torch.Generator().manual_seed(self.layerdrop_seed * 1_000_003 + self.num_updates)
+        return torch.rand(self.depth, generator=g) < self.layerdrop
+
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, return_layers: bool | str = False
+    ) -> tuple[Tensor, list[Tensor] | None, list[Tensor] | None]:
+        """x (B, N, D) with positions added, padding_mask (B, N) True at padding.
+
+        Returns (last, layers, ffn): layers are L + 1 outputs when return_layers is truthy (a skipped block
+        repeats its input so indices stay fixed); ffn are the L feed-forward outputs when return_layers="ffn".
+        """
+        attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        if not self.pre_norm:
+            x = self.norm(x)
+        x = self.drop(x)
+        layers = [x] if return_layers else None
+        ffn = [] if return_layers == "ffn" else None
+        skip = self.dropped_layers().tolist()
+        for block, skipped in zip(self.blocks, skip):
+            if skipped:
+                h = torch.zeros_like(x)
+            elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                x, h = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x, h = block(x, attn_mask)
+            if layers is not None:
+                layers.append(x)
+            if ffn is not None:
+                ffn.append(h)
+        if self.pre_norm:
+            x = self.norm(x)
+            if layers is not None:
+                layers[-1] = x
+        return x, layers, ffn
+
+
+def init_bert_params(module: nn.Module) -> None:
+    """BERT/fairseq initialization: N(0, 0.02) for linear and embedding weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Positional options. Each maps x (B, N, D) -> x + positions, given the padding mask and the 2-D grid.
+
+
+class ConvPositions(nn.Module):
+    """wav2vec 2.0's convolutional relative position embedding: a weight-normed grouped Conv1d (kernel 128,
+    16 groups), same-padding, GELU, added to the input (Baevski et al. 2020, sec. 2)."""
+
+    def __init__(self, dim: int, *, kernel: int = 128, groups: int = 16, dropout: float = 0.1) -> None:
+        super().__init__()
+        conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+        nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4 * (1.0 - dropout) / (kernel * dim)))
+        nn.init.zeros_(conv.bias)
+        self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self.trim = 1 if kernel % 2 == 0 else 0
+
+    relative = True
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None, grid: tuple[int, int] | None = None) -> Tensor:
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+        h = self.conv(rearrange(x, "b n d -> b d n"))
+        if self.trim:
+            h = h[..., : -self.trim]
+        return x + rearrange(F.gelu(h), "b d n -> b n d")
+
+
+class LearnedPositions(nn.Module):
+    """Learned absolute positions (RoBERTa, BERT), N(0, 0.02) init."""
+
+    relative = False
+
+    def __init__(self, dim: int, *, max_len: int = 512) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.weight = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None, grid: tuple[int, int] | None = None) -> Tensor:
+        n = x.shape[1]
+        if n > self.max_len:
+            raise ValueError(f"sequence of {n} tokens exceeds the {self.max_len} learned positions")
+        return x + self.weight[:n].to(x.dtype)
+
+
+class SinCosPositions(nn.Module):
+    """Fixed sin-cos positions: 1-D over the sequence (Vaswani et al. 2017), or 2-D over a (rows, cols)
+    patch grid with half the channels per axis (MAE, He et al. 2022). Computed for any size."""
+
+    relative = False
+
+    def __init__(self, dim: int, *, two_d: bool = False) -> None:
+        super().__init__()
+        if dim % (4 if two_d else 2):
+            raise ValueError(f"sin-cos positions need a width divisible by {4 if two_d else 2}, got {dim}")
+        self.dim, self.two_d = dim, two_d
+
+    @staticmethod
+    def table(dim: int, pos: Tensor) -> Tensor:
+        """pos (N,) float -> (N, dim) as [sin | cos] with frequencies 1 / 10000^(2i/dim)."""
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2))
+        angles = pos.double()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None, grid: tuple[int, int] | None = None) -> Tensor:
+        n = x.shape[1]
+        if not self.two_d:
+            return x + self.table(self.dim, torch.arange(n, device=x.device)).to(x.dtype)
+        if grid is None or grid[0] * grid[1] != n:
+            raise ValueError(f"2-D sin-cos positions need a grid with rows*cols == {n} tokens, got {grid}")
+        rows, cols = torch.meshgrid(
+            torch.arange(grid[0], device=x.device), torch.arange(grid[1], device=x.device), indexing="ij"
+        )
+        half = self.dim // 2
+        pe = torch.cat([self.table(half, rows.flatten()), self.table(half, cols.flatten())], dim=1)
+        return x + pe.to(x.dtype)
