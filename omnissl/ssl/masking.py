@@ -1,0 +1,95 @@
+"""Masks drawn by vectorized torch code on the objective's device from an explicit generator.
+
+Legend: B batch, N tokens. Every mask is (B, N) bool, True = masked (`span_mask`) or kept (`random_keep`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _valid_lengths(padding_mask: Tensor | None, b: int, n: int, device: torch.device) -> Tensor:
+    if padding_mask is None:
+        return torch.full((b,), n, dtype=torch.long, device=device)
+    return (~padding_mask).sum(1)
+
+
+def _lowest_k(scores: Tensor, k: Tensor) -> Tensor:
+    """(B, N) scores, (B,) counts -> bool (B, N) marking each row's k[b] lowest scores."""
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return ranks < k[:, None]
+
+
+def span_mask(
+    shape: tuple[int, int],
+    *,
+    padding_mask: Tensor | None = None,
+    mask_prob: float = 0.65,
+    span: int = 10,
+    min_spans: int = 2,
+    same_count: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """fairseq's `compute_mask_indices` (static spans, overlap allowed), vectorized over the batch.
+
+    Per utterance of valid length T: num_spans = max(min_spans, int(mask_prob * T / span + U[0, 1))); span
+    starts are drawn without replacement from [0, T - span); each covers `span` frames (clipped to T).
+    Spans overlap, so p = 0.65, span = 10 masks about 1 - (1 - 0.065)^10 = 49 % of frames. With
+    `same_count`, every row is subsampled at random to the smallest masked count in the batch, so masked
+    frames reshape to (B, M, D). Padding is never masked. Defaults: wav2vec 2.0 base (REFERENCE §B.2).
+    """
+    b, n = shape
+    device = torch.device(device) if device is not None else (
+        padding_mask.device if padding_mask is not None else torch.device("cpu"))
+    lengths = _valid_lengths(padding_mask, b, n, device)
+    u = torch.rand(b, generator=generator, device=device)
+    num = torch.clamp((mask_prob * lengths.double() / span + u.double()).long(), min=min_spans)
+    # fairseq: when T - span <= num_spans, starts come from num_spans + 1 positions instead
+    starts_range = torch.where(lengths - span > num, lengths - span, num + 1)
+    too_short = starts_range > lengths
+    if bool(too_short.any()):
+        bad = too_short.nonzero().flatten().tolist()
+        raise ValueError(
+            f"rows {bad} have {lengths[too_short].tolist()} frames, too few for {min_spans}+ spans of {span}; "
+            "filter shorter utterances (min_samples) or lower min_spans"
+        )
+    pos = torch.arange(n, device=device)[None]
+    scores = torch.rand(b, n, generator=generator, device=device)
+    scores = scores.masked_fill(pos >= starts_range[:, None], 2.0)  # out of range: never among the lowest
+    starts = _lowest_k(scores, num)
+    c = torch.cumsum(starts.long(), dim=1)
+    shifted = torch.nn.functional.pad(c, (span, 0))[:, :n]
+    mask = (c - shifted) > 0
+    mask &= pos < lengths[:, None]
+    if same_count:
+        counts = mask.sum(1)
+        target = counts.min()
+        scores = torch.rand(b, n, generator=generator, device=device).masked_fill(~mask, 2.0)
+        mask = _lowest_k(scores, target.expand(b))
+    return mask
+
+
+def random_keep(
+    shape: tuple[int, int],
+    *,
+    mask_ratio: float = 0.75,
+    padding_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """MAE's random masking: keep int(T·(1 - mask_ratio)) tokens per row, chosen uniformly, where T is the
+    shortest valid length in the batch (padding is never kept). Returns keep (B, N) bool, the same count per
+    row; the masked (predicted) tokens are `~keep & ~padding_mask`. Default ratio: MAE (He et al. 2022)."""
+    b, n = shape
+    device = torch.device(device) if device is not None else (
+        padding_mask.device if padding_mask is not None else torch.device("cpu"))
+    lengths = _valid_lengths(padding_mask, b, n, device)
+    n_keep = int(int(lengths.min()) * (1.0 - mask_ratio))
+    if n_keep < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} keeps no token of a {int(lengths.min())}-token row")
+    noise = torch.rand(b, n, generator=generator, device=device)
+    if padding_mask is not None:
+        noise = noise.masked_fill(padding_mask, 2.0)
+    return _lowest_k(noise, torch.full((b,), n_keep, device=device))
