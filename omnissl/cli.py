@@ -2,6 +2,7 @@
 
     omnissl fit -c recipes/trainer/default.yaml -c recipes/audio/wav2vec2_base.yaml
     omnissl data generate speech --size small --out DIR
+    omnissl hubert-units --manifest train.tsv --iteration 1 --clusters 100
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> None:
         from omnissl.datamodules.commands import main as data_main
 
         sys.exit(data_main(args[1:]))
+    if args and args[0] == "hubert-units":
+        from omnissl.ssl.units import main as units_main
+
+        sys.exit(units_main(args[1:]))
     lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
 
 

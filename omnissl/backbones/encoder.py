@@ -78,9 +78,9 @@ class Encoder(nn.Module):
         feats, valid, grid = self.frontend(x, lengths)
         if grad_scale != 1.0 and torch.is_grad_enabled():
             feats = GradMultiply.apply(feats, grad_scale)
-        feats = self.feature_norm(feats)
-        h = self.dropout_input(self.proj(feats))
-        return Tokens(h, padding_mask_from_lengths(valid, h.shape[1]), feats, grid)
+        normed = self.feature_norm(feats)
+        h = self.dropout_input(self.proj(normed))
+        return Tokens(h, padding_mask_from_lengths(valid, h.shape[1]), normed, grid, feats)
 
     def _check(self, name: str, m: Tensor | None, shape: tuple[int, int]) -> None:
         if m is not None and (m.shape != shape or m.dtype != torch.bool):

@@ -114,7 +114,7 @@ class ConvFeatureExtractor(nn.Module):
 class LogMelPatches(nn.Module):
     """Log-mel filterbank of 16 kHz audio cut into (time × frequency) patches (AST / AudioMAE / SSAST).
 
-    25 ms Hann window, 10 ms hop, `n_mels` bins (torchaudio's MelSpectrogram), log(mel + 1e-6), scaled by a
+    25 ms Hann window (1024-point FFT), 10 ms hop, `n_mels` bins (torchaudio's MelSpectrogram), log(mel + 1e-6), scaled by a
     fixed mean/std (AudioSet's -4.27 / 4.57 as used by AST and AudioMAE), then non-overlapping patches
     `patch_time` frames × `patch_freq` bins embedded by a strided Conv2d. Tokens are ordered time-major, so
     the grid is (time patches, frequency patches). With `patch_freq = n_mels` each token is a frame stack.
@@ -135,8 +135,10 @@ class LogMelPatches(nn.Module):
         if n_mels % patch_freq:
             raise ValueError(f"n_mels {n_mels} must be a multiple of patch_freq {patch_freq}")
         self.hop = sample_rate // 100
+        # a 1024-point FFT of the 25 ms window keeps every one of 128 mel filters non-empty
+        self.n_fft = 1024
         self.melspec = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=512, win_length=sample_rate // 40, hop_length=self.hop,
+            sample_rate=sample_rate, n_fft=self.n_fft, win_length=sample_rate // 40, hop_length=self.hop,
             n_mels=n_mels, center=False, power=2.0,
         )
         self.patch_time, self.patch_freq, self.n_mels = patch_time, patch_freq, n_mels
@@ -144,7 +146,11 @@ class LogMelPatches(nn.Module):
         self.proj = nn.Conv2d(1, dim, kernel_size=(patch_time, patch_freq), stride=(patch_time, patch_freq))
         self.out_dim = dim
         self.samples_per_token = self.hop * patch_time
-        self.win = sample_rate // 40
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest input that yields one patch row."""
+        return self.n_fft + self.hop * (self.patch_time - 1)
 
     def spectrogram(self, x: Tensor) -> Tensor:
         """x (B, T) -> normalized log-mel (B, frames, F), in fp32."""
@@ -153,12 +159,12 @@ class LogMelPatches(nn.Module):
         return rearrange((torch.log(mel + 1e-6) - self.mean) / (2 * self.std), "b f t -> b t f")
 
     def frames(self, lengths: Tensor) -> Tensor:
-        return torch.div(lengths - self.win, self.hop, rounding_mode="floor") + 1
+        return torch.div(lengths - self.n_fft, self.hop, rounding_mode="floor") + 1
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
         if x.dim() != 2:
             raise ValueError(f"audio must be (B, T), got shape {tuple(x.shape)}")
-        need = self.win + self.hop * (self.patch_time - 1)
+        need = self.min_samples
         if x.shape[1] < need:
             raise ValueError(f"audio of {x.shape[1]} samples is shorter than one patch ({need} samples)")
         spec = self.spectrogram(x)

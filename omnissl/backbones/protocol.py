@@ -23,14 +23,18 @@ class Tokens(NamedTuple):
     x:            (B, N, D) projected tokens, before masking and positions.
     padding_mask: (B, N) bool, True at padding; None when nothing is padded.
     features:     (B, N, C) frontend features after the feature norm, before projection (wav2vec2's
-                  quantizer input and feature penalty, HuBERT's feature penalty).
+                  quantizer input).
     grid:         (rows, cols) of a 2-D patch layout (images, spectrogram patches), else None.
+    raw:          (B, N, C) frontend output before the feature norm (after `grad_scale`), or None: the
+                  input of wav2vec 2.0's and HuBERT's feature penalty, which fairseq takes before its
+                  `layer_norm` (after it, mean(x^2) is ~1 by construction).
     """
 
     x: Tensor
     padding_mask: Tensor | None
     features: Tensor
     grid: tuple[int, int] | None = None
+    raw: Tensor | None = None
 
 
 class BackboneOutput(NamedTuple):

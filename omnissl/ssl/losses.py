@@ -19,3 +19,98 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tens
         raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)}, mask {tuple(mask.shape)} disagree")
     err = (pred.float() - target.float()).pow(2).mean(-1)
     return (err * mask).sum(), mask.sum()
+
+
+def sample_distractors(
+    batch: int,
+    num_masked: int,
+    num: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Indices of `num` distractors for each of `num_masked` predicted frames per row: (B, M, K) int64.
+
+    Drawn uniformly with replacement from the *other* predicted frames of the same row (wav2vec 2.0,
+    fairseq `sample_negatives`): draw j in [0, M - 1) and shift j >= i up by one, so frame i never draws
+    itself and every other frame keeps probability 1 / (M - 1).
+    """
+    if num_masked < 2:
+        raise ValueError(f"distractors need at least 2 predicted frames per row, got {num_masked}")
+    j = torch.randint(0, num_masked - 1, (batch, num_masked, num), generator=generator, device=device)
+    i = torch.arange(num_masked, device=j.device)[None, :, None]
+    return j + (j >= i).long()
+
+
+def contrastive_with_distractors(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    num_distractors: int = 100,
+    temperature: float = 0.1,
+    generator: torch.Generator | None = None,
+    distractors: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """wav2vec 2.0's contrastive loss (Baevski et al. 2020, eq. 3): for each predicted frame, InfoNCE of
+    cos(pred_i, target_i) / κ against K distractor targets drawn from the other predicted frames of the same
+    row (`sample_distractors`). Distractors equal to the true target get logit -inf (fairseq
+    `compute_preds`). Cosines, logits and the cross-entropy (target index 0, reduction sum) run in fp32.
+
+    pred, target (B, M, D); distractors (B, M, K) indices into M, drawn when None.
+    Returns (loss_sum, count = B·M, correct = frames whose positive beats every distractor strictly).
+
+    NOTE(ref): fairseq and HF gather a (K+1, B, M, D) tensor of negatives and take K+1 cosines per frame;
+    we take all M x M cosines per row with one batched matmul and gather the K we need (same values and
+    gradients, memory O(B·M·(M+K)) instead of O(B·M·K·D)).
+    """
+    if pred.shape != target.shape or pred.dim() != 3:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be (B, M, D)")
+    b, m, d = pred.shape
+    if distractors is None:
+        distractors = sample_distractors(b, m, num_distractors, generator=generator, device=pred.device)
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        p = torch.nn.functional.normalize(pred.float(), dim=-1, eps=1e-8)
+        t = torch.nn.functional.normalize(target.float(), dim=-1, eps=1e-8)
+        sim = torch.bmm(p, t.transpose(1, 2))  # (B, M, M): sim[b, i, j] = cos(pred_i, target_j)
+        pos = sim.diagonal(dim1=1, dim2=2)  # (B, M)
+        neg = sim.gather(2, distractors)  # (B, M, K)
+        with torch.no_grad():
+            # exact equality of target vectors, via ids of the unique rows
+            _, ids = torch.unique(target.detach().reshape(b * m, d), dim=0, return_inverse=True)
+            ids = ids.view(b, m)
+            same = torch.gather(ids, 1, distractors.flatten(1)).view_as(distractors) == ids[..., None]
+        neg = neg.masked_fill(same, float("-inf"))
+        logits = torch.cat([pos[..., None], neg], dim=-1) / temperature  # (B, M, 1 + K)
+        zeros = torch.zeros(b * m, dtype=torch.long, device=pred.device)
+        loss_sum = torch.nn.functional.cross_entropy(logits.flatten(0, 1), zeros, reduction="sum")
+        with torch.no_grad():
+            correct = (pos[..., None] > neg).all(-1).sum()
+    return loss_sum, torch.tensor(b * m, device=pred.device), correct
+
+
+def cosine_cross_entropy(
+    pred: Tensor,
+    classes: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 0.1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """HuBERT's prediction loss (Hsu et al. 2021, eq. 1; fairseq `compute_nce`): logits cos(pred, e_c) / τ
+    against every class embedding e_c, cross-entropy with the true class, reduction sum, in fp32.
+
+    pred (P, D) projected frames, classes (K, D) class embeddings, labels (P,) int64 in [0, K).
+    Returns (loss_sum, count P, correct = argmax hits).
+    """
+    if pred.dim() != 2 or classes.dim() != 2 or pred.shape[1] != classes.shape[1] or labels.shape != pred.shape[:1]:
+        raise ValueError(
+            f"pred {tuple(pred.shape)} must be (P, D), classes {tuple(classes.shape)} (K, D), labels "
+            f"{tuple(labels.shape)} (P,)"
+        )
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        p = torch.nn.functional.normalize(pred.float(), dim=-1, eps=1e-8)
+        c = torch.nn.functional.normalize(classes.float(), dim=-1, eps=1e-8)
+        logits = p @ c.t() / temperature  # (P, K)
+        loss_sum = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == labels).sum()
+    return loss_sum, torch.tensor(labels.numel(), device=pred.device), correct

@@ -48,7 +48,7 @@ class MAE(SSLModule):
         f = self.encoder.frontend
         if hasattr(f, "patch"):
             return torch.zeros(1, f.proj.in_channels, f.patch, f.patch)
-        return torch.zeros(1, f.win + f.hop * (f.patch_time - 1))
+        return torch.zeros(1, f.min_samples)
 
     def step(self, batch: Batch) -> StepOutput:
         x = batch.inputs[self.modality]

@@ -105,7 +105,8 @@ def _wav2vec2_config(stable: bool, cls=None, **overrides):
     kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
               conv_dim=(32,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
               num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, do_stable_layer_norm=stable,
-              feat_extract_norm="layer" if stable else "group", conv_bias=stable)
+              feat_extract_norm="layer" if stable else "group", conv_bias=stable,
+              layer_norm_eps=1e-4)  # not the 1e-5 our LayerNorms default to, to check that eps is carried over
     kw.update(overrides)
     return cls(**kw)
 
@@ -181,6 +182,8 @@ def test_wav2vec2_import_copies_everything(wav2vec2):
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
     assert ours.trunk.pre_norm == hf.config.do_stable_layer_norm
     assert ours.frontend.mode == hf.config.feat_extract_norm
+    trunk_norms = [m for m in ours.trunk.modules() if isinstance(m, nn.LayerNorm)]
+    assert all(m.eps == hf.config.layer_norm_eps for m in trunk_norms + [ours.feature_norm])
 
 
 def test_hubert_without_feature_norm_matches_hf():

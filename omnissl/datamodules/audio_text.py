@@ -1,0 +1,251 @@
+"""`AudioTextDataModule`: (audio, caption) pairs for contrastive language-audio pretraining (CLAP).
+
+Manifests are fairseq-style TSVs whose third column is the caption: a root line, then
+`relpath<TAB>num_samples<TAB>caption`. `"embedded:captions"` generates the synthetic captioned-sound corpus
+(`omnissl.datamodules.corpora.captions`) into `$OMNISSL_DATA` on first use.
+
+Captions are tokenized by a `tokenizers` tokenizer: a given `tokenizer.json`, or one trained on the train
+captions (byte-level BPE or WordPiece, specials as in `omnissl.datamodules.text`), once, in
+`prepare_data`, cached by the captions' content. Each caption becomes `<s> ... </s>` truncated to
+`max_text_tokens` (77, CLIP's context; LAION-CLAP's RoBERTa tower also truncates to 77). All captions are
+tokenized once in `setup()`, so workers never touch the tokenizer.
+
+Audio is decoded with soundfile, averaged to mono, resampled to 16 kHz, and cropped to `max_samples`
+(a random window in training, the start in evaluation; LAION-CLAP's `rand_trunc`). An undecodable file
+raises an error naming it, or with `on_error="skip"` is replaced by the next decodable item and counted.
+
+Items are {"id", "audio": (T,) float32, "text": (N,) int64}; `Collate(text_pad_id=pad_id)` pads both
+into a `Batch` with `inputs` "audio" (B, T) and "text" (B, N) and their `lengths`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from omnissl.datamodules.collate import Collate
+from omnissl.datamodules.common import (SkipLog, check_on_error, check_size, data_root, embedded_corpus, holdout,
+                                        is_embedded, make_loader, read_manifest)
+from omnissl.datamodules.text import (CACHE_VERSION, _atomic_dir, _key, _publish, kind_info, load_tokenizer,
+                                      tokenizer_info, train_tokenizer)
+
+SAMPLE_RATE = 16_000
+
+try:  # one decoder for the project when the speech DataModule provides it
+    from omnissl.datamodules.audio import load_audio as _shared_load_audio  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on what audio.py exports
+    _shared_load_audio = None
+
+
+def _load_audio_soundfile(path: str | os.PathLike) -> torch.Tensor:
+    """Decode an audio file -> mono float32 (T,) at 16 kHz; ValueError naming the file if it cannot be read."""
+    import soundfile as sf
+
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / OSError depending on the failure
+        raise ValueError(f"{path}: cannot decode audio: {e}") from None
+    if data.shape[0] == 0:
+        raise ValueError(f"{path}: empty audio file (0 samples)")
+    x = torch.from_numpy(data.mean(axis=1))
+    if sr != SAMPLE_RATE:
+        import torchaudio.functional as AF
+
+        x = AF.resample(x, sr, SAMPLE_RATE)
+    return x
+
+
+def load_audio(path: str | os.PathLike) -> torch.Tensor:
+    """mono float32 (T,) at 16 kHz; the speech DataModule's decoder when it exports one."""
+    if _shared_load_audio is not None:
+        try:
+            return _shared_load_audio(path)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{path}: cannot decode audio: {e}") from None
+    return _load_audio_soundfile(path)
+
+
+def read_caption_manifest(path: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """(files, captions) of a `relpath<TAB>num_samples<TAB>caption` manifest."""
+    root, rows = read_manifest(path)
+    files, captions = [], []
+    for n, row in enumerate(rows, start=2):
+        if len(row) < 3 or not row[2].strip():
+            raise ValueError(f"{path}: line {n} has no caption (expected relpath<TAB>num_samples<TAB>caption)")
+        files.append(root / row[0])
+        captions.append(row[2])
+    return files, captions
+
+
+def crop(x: torch.Tensor, max_samples: int, *, random: bool) -> torch.Tensor:
+    """A window of at most `max_samples`: uniformly placed if `random`, else the start."""
+    if max_samples <= 0 or len(x) <= max_samples:
+        return x
+    start = int(torch.randint(0, len(x) - max_samples + 1, ())) if random else 0
+    return x[start:start + max_samples]
+
+
+class AudioTextDataset(Dataset):
+    """(audio, caption ids) items: {"id", "audio": (T,) float32, "text": (N,) int64}."""
+
+    def __init__(self, files: Sequence[Path], token_ids: Sequence[np.ndarray], *, max_samples: int,
+                 random_crop: bool, on_error: str = "raise") -> None:
+        check_on_error(on_error)
+        if len(files) != len(token_ids) or not files:
+            raise ValueError(f"need as many captions as files (got {len(files)} files, {len(token_ids)} captions)")
+        self.files = [str(f) for f in files]
+        self.token_ids = list(token_ids)
+        self.max_samples, self.random_crop, self.on_error = max_samples, random_crop, on_error
+        self.skips = SkipLog("audio file")
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return self.skips.skipped
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        for attempt in range(len(self.files)):
+            j = (i + attempt) % len(self.files)
+            try:
+                audio = load_audio(self.files[j])
+            except ValueError as e:
+                if self.on_error == "raise":
+                    raise
+                self.skips.add(self.files[j], str(e))
+                continue
+            audio = crop(audio, self.max_samples, random=self.random_crop)
+            return {"id": j, "audio": audio, "text": torch.from_numpy(self.token_ids[j].astype(np.int64))}
+        raise ValueError(f"no decodable audio among the {len(self.files)} files (on_error='skip')")
+
+
+class AudioTextDataModule(L.LightningDataModule):
+    """Captioned audio (see module doc). Attributes known at construction: `vocab_size` (padded to 64),
+    `pad_id`, `mask_id`, `bos_id`, `eos_id`, `special_ids`; after `setup()`: `tokenizer_path`."""
+
+    def __init__(
+        self,
+        *,
+        train: str = "embedded:captions",
+        valid: str | None = None,
+        valid_fraction: float = 0.01,
+        embedded_size: str = "small",
+        tokenizer: str | None = None,
+        tokenizer_kind: str = "bpe",
+        vocab_size: int = 8192,
+        min_frequency: int = 2,
+        max_text_tokens: int = 77,  # CLIP / LAION-CLAP text context
+        max_samples: int = 160_000,  # 10 s at 16 kHz (LAION-CLAP: 10 s at 48 kHz)
+        batch_size: int = 96,  # LAION-CLAP: 96 per GPU x 24 GPUs
+        num_workers: int = 4,
+        seed: int = 0,
+        on_error: str = "raise",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_on_error(on_error)
+        if is_embedded(train):
+            check_size(embedded_size)
+        if max_text_tokens < 3:
+            raise ValueError(f"max_text_tokens must be at least 3 (<s> x </s>), got {max_text_tokens}")
+        self.train, self.valid, self.valid_fraction = train, valid, valid_fraction
+        self.embedded_size, self.tokenizer = embedded_size, tokenizer
+        self.tokenizer_kind, self.min_frequency = tokenizer_kind, min_frequency
+        self.max_text_tokens, self.max_samples = max_text_tokens, max_samples
+        self.batch_size, self.num_workers, self.seed, self.on_error = batch_size, num_workers, seed, on_error
+        self.cache_dir = Path(cache_dir) if cache_dir else data_root() / "cache"
+        info = tokenizer_info(load_tokenizer(tokenizer)) if tokenizer else kind_info(tokenizer_kind, vocab_size)
+        self.info = info
+        self.vocab_size, self.pad_id, self.mask_id = info.vocab_size, info.pad_id, info.mask_id
+        self.bos_id, self.eos_id, self.unk_id = info.bos_id, info.eos_id, info.unk_id
+        self.special_ids = info.special_ids
+        self._vocab_arg = vocab_size
+        self.tokenizer_path: Path | None = None
+        self.train_set: AudioTextDataset | None = None
+        self.val_set: AudioTextDataset | None = None
+
+    def manifests(self) -> dict[str, tuple[list[Path], list[str]]]:
+        """{"train": (files, captions), "valid": (files, captions)}."""
+        if is_embedded(self.train):
+            if self.train != "embedded:captions":
+                raise ValueError(f"AudioTextDataModule reads 'embedded:captions', not {self.train!r}")
+            found = embedded_corpus(self.train, size=self.embedded_size, seed=self.seed)
+            return {"train": read_caption_manifest(found["train"]),
+                    "valid": read_caption_manifest(self.valid or found["valid"])}
+        files, caps = read_caption_manifest(self.train)
+        if self.valid is not None:
+            return {"train": (files, caps), "valid": read_caption_manifest(self.valid)}
+        keep, held = holdout(len(files), self.valid_fraction, self.seed)
+        return {"train": ([files[i] for i in keep], [caps[i] for i in keep]),
+                "valid": ([files[i] for i in held], [caps[i] for i in held])}
+
+    def _tokenizer_path(self, captions: list[str]) -> Path:
+        if self.tokenizer is not None:
+            path = Path(self.tokenizer)
+            return path / "tokenizer.json" if path.is_dir() else path
+        digest = hashlib.sha1("\n".join(captions).encode("utf-8")).hexdigest()
+        key = _key(digest, self.tokenizer_kind, self._vocab_arg, self.min_frequency, CACHE_VERSION)
+        path = self.cache_dir / "tokenizers" / f"captions-{self.tokenizer_kind}-{self._vocab_arg}-{key}" / "tokenizer.json"
+        if not path.is_file():
+            tok = train_tokenizer(iter(captions), kind=self.tokenizer_kind, vocab_size=self._vocab_arg,
+                                  min_frequency=self.min_frequency)
+            tmp = _atomic_dir(path.parent)
+            tok.save(str(tmp / "tokenizer.json"))
+            _publish(tmp, path.parent)
+        return path
+
+    def prepare_data(self) -> None:
+        self._tokenizer_path(self.manifests()["train"][1])
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = self.manifests()
+        if not splits["train"][0]:
+            raise ValueError(f"no (audio, caption) pairs in {self.train!r}")
+        self.tokenizer_path = self._tokenizer_path(splits["train"][1])
+        tok = load_tokenizer(self.tokenizer_path)
+        info = tokenizer_info(tok)
+        if info.vocab_size > self.vocab_size or info.pad_id != self.pad_id:
+            raise ValueError(f"tokenizer {self.tokenizer_path} ({info}) disagrees with vocab_size/pad_id "
+                             f"({self.vocab_size}/{self.pad_id})")
+        tok.no_padding()
+        tok.enable_truncation(self.max_text_tokens)
+        sets = {}
+        for split, (files, caps) in splits.items():
+            if not files:
+                continue
+            ids = [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(caps, add_special_tokens=True)]
+            sets[split] = AudioTextDataset(files, ids, max_samples=self.max_samples, random_crop=split == "train",
+                                           on_error=self.on_error)
+        self.train_set, self.val_set = sets["train"], sets.get("valid")
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for ds in (self.train_set, self.val_set):
+            if ds is not None:
+                out.update(ds.skipped)
+        return out
+
+    def _loader(self, ds: Dataset | None, train: bool) -> DataLoader | list:
+        if ds is None:
+            if train:
+                raise RuntimeError("call setup() before asking for a dataloader")
+            return []
+        return make_loader(ds, trainer=self.trainer, batch_size=self.batch_size, shuffle=train, seed=self.seed,
+                           num_workers=self.num_workers, collate_fn=Collate(text_pad_id=self.pad_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, False)

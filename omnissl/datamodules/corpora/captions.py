@@ -1,0 +1,275 @@
+"""Embedded captioned-audio corpus for CLAP-style training: synthetic sound scenes with exact captions.
+
+Each clip is a short scene of 1-3 foreground events in sequence, separated by silence, optionally over a
+faint background for the whole clip:
+* tone: a steady tone, pure (sine) or buzzy (odd harmonics), low / mid-pitched / high-pitched;
+* sweep: a tone gliding up ("rising sweep") or down ("falling sweep") on a log-frequency scale;
+* noise: white, pink (1/f power) or brown (1/f^2 power) noise;
+* beeps: 2-5 short beeps of one pitch;
+* background: faint hiss (white noise about 45 dB below full scale) or a low electrical hum (50/60 Hz).
+Events may be quiet (14 dB down). Captions compose event phrases in temporal order ("A, followed by B",
+"A, then B, then C") and name the background ("... over faint hiss").
+
+The scene is laid out on a longer timeline and then cropped to the clip; only then are the events clipped to
+the crop (a remnant shorter than 0.25 s is dropped, a beep cut at all is dropped), rendered, and the caption
+written, so a caption never describes a part that was cut and every rendered event is described. The
+generating factors after the crop (kind, start/end seconds, frequencies, colour, beep count and times, level,
+background) are saved as labels.
+
+Layout of `out/`: `clips/<k>/<i>.wav` (16 kHz mono PCM-16), `train.tsv` and `valid.tsv` (root line, then
+`relpath<TAB>num_samples<TAB>caption`; valid = 5 %, seeded) and `train.labels.jsonl` / `valid.labels.jsonl`
+(one JSON object per manifest row, same order). Sizes: "tiny" 12 clips of 1-2 s (tests), "small" 600 clips
+of 2-4 s, "default" 5 000 clips of 2-4 s (about 350 MB).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from omnissl.datamodules.common import cached_generation, check_size, write_manifest
+
+VERSION = 1
+SAMPLE_RATE = 16_000
+NUM_CLIPS = {"tiny": 12, "small": 600, "default": 5000}
+DURATION_S = {"tiny": (1.0, 2.0), "small": (2.0, 4.0), "default": (2.0, 4.0)}
+VALID_FRACTION = 0.05
+MIN_EVENT_S = 0.25
+RAMP_S = 0.005
+PEAK = {"normal": 0.3, "quiet": 0.3 * 10 ** (-14 / 20)}
+HISS_RMS = 10 ** (-45 / 20)
+HUM_AMP = 0.01
+KINDS = ("tone", "sweep", "noise", "beeps")
+COLORS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f^alpha
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+def pitch_word(freq_hz: float) -> str:
+    """low (< 400 Hz), mid-pitched (< 1200 Hz), high-pitched."""
+    return "low" if freq_hz < 400 else "mid-pitched" if freq_hz < 1200 else "high-pitched"
+
+
+# --------------------------------------------------------------------------------------------------- scene
+
+
+def draw_scene(rng: np.random.Generator) -> dict[str, Any]:
+    """A scene on an open timeline: {"events": [...], "end_s"}; beeps carry their onset list."""
+    events = []
+    t = float(rng.uniform(0.0, 0.4))
+    for _ in range(int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))):
+        kind = KINDS[int(rng.integers(len(KINDS)))]
+        level = "quiet" if rng.random() < 0.2 else "normal"
+        ev: dict[str, Any] = {"kind": kind, "level": level, "start_s": t}
+        if kind == "beeps":
+            freq = float(np.exp(rng.uniform(np.log(300), np.log(3000))))
+            beep_s, gap_s = float(rng.uniform(0.08, 0.15)), float(rng.uniform(0.08, 0.2))
+            count = int(rng.integers(2, 6))
+            ev.update(freq_hz=freq, beep_s=beep_s, beep_times_s=[t + k * (beep_s + gap_s) for k in range(count)])
+            ev["end_s"] = ev["beep_times_s"][-1] + beep_s
+        else:
+            ev["end_s"] = t + float(rng.uniform(0.5, 1.8))
+            if kind == "tone":
+                ev.update(freq_hz=float(np.exp(rng.uniform(np.log(150), np.log(3000)))),
+                          timbre="pure" if rng.random() < 0.6 else "buzzy")
+            elif kind == "sweep":
+                lo = float(np.exp(rng.uniform(np.log(200), np.log(1000))))
+                hi = lo * float(np.exp(rng.uniform(np.log(2), np.log(4))))
+                up = bool(rng.random() < 0.5)
+                ev.update(direction="rising" if up else "falling", f0_hz=lo if up else hi, f1_hz=hi if up else lo)
+            else:
+                ev["color"] = str(rng.choice(list(COLORS)))
+        events.append(ev)
+        t = ev["end_s"] + float(rng.uniform(0.15, 0.8))
+    return {"events": events, "end_s": events[-1]["end_s"]}
+
+
+def crop_scene(scene: dict[str, Any], start: float, duration: float) -> list[dict[str, Any]]:
+    """Clip the events to [start, start + duration) -> events in clip time that survive the crop."""
+    stop = start + duration
+    out = []
+    for ev in scene["events"]:
+        if ev["kind"] == "beeps":
+            times = [b - start for b in ev["beep_times_s"] if b >= start and b + ev["beep_s"] <= stop]
+            if times:
+                out.append({**ev, "beep_times_s": times, "count": len(times), "start_s": times[0],
+                            "end_s": times[-1] + ev["beep_s"]})
+            continue
+        s, e = max(ev["start_s"], start), min(ev["end_s"], stop)
+        if e - s < MIN_EVENT_S:
+            continue
+        new = {**ev, "start_s": s - start, "end_s": e - start}
+        if ev["kind"] == "sweep":  # the frequencies at the clipped ends, on the original log glide
+            span = ev["end_s"] - ev["start_s"]
+            at = lambda t: ev["f0_hz"] * (ev["f1_hz"] / ev["f0_hz"]) ** ((t - ev["start_s"]) / span)  # noqa: E731
+            new.update(f0_hz=at(s), f1_hz=at(e))
+        out.append(new)
+    return out
+
+
+def phrase(ev: dict[str, Any], rng: np.random.Generator) -> str:
+    quiet = "quiet " if ev["level"] == "quiet" else ""
+    if ev["kind"] == "tone":
+        return f"a {quiet}{pitch_word(ev['freq_hz'])} {'pure' if ev['timbre'] == 'pure' else 'buzzy'} tone"
+    if ev["kind"] == "sweep":
+        return f"a {quiet}{ev['direction']} sweep"
+    if ev["kind"] == "noise":
+        dur = ev["end_s"] - ev["start_s"]
+        lead = "a short burst of " if dur < 0.8 else str(rng.choice(["steady ", ""]))
+        return f"{lead}{quiet}{ev['color']} noise"
+    n = ev["count"]
+    pitch = pitch_word(ev["freq_hz"])
+    if n == 1:
+        return f"a single {quiet}{pitch} beep"
+    return f"{NUMBERS[n]} {quiet}{pitch} beeps"
+
+
+def caption(events: list[dict[str, Any]], background: dict[str, Any] | None, rng: np.random.Generator) -> str:
+    """The caption of the cropped clip: event phrases in time order, then the background."""
+    parts = [phrase(ev, rng) for ev in events]
+    if len(parts) == 1:
+        text = parts[0]
+    elif len(parts) == 2:
+        text = f"{parts[0]}, {rng.choice(['followed by', 'then'])} {parts[1]}"
+    else:
+        text = f"{parts[0]}, then {parts[1]}, followed by {parts[2]}"
+    if background is not None:
+        text += " over faint hiss" if background["kind"] == "hiss" else " over a low electrical hum"
+    return text[0].upper() + text[1:] + "."
+
+
+# -------------------------------------------------------------------------------------------------- render
+
+
+def colored_noise(rng: np.random.Generator, n: int, alpha: float) -> np.ndarray:
+    """Unit-RMS noise of n samples whose power spectrum falls as 1 / f^alpha."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n)
+    f[0] = f[1] if n > 1 else 1.0
+    x = np.fft.irfft(spec / f ** (alpha / 2), n)
+    x -= x.mean()
+    return x / (np.sqrt(np.mean(x**2)) + 1e-12)
+
+
+def ramp(x: np.ndarray) -> np.ndarray:
+    k = min(int(RAMP_S * SAMPLE_RATE), len(x) // 2)
+    if k > 0:
+        w = np.linspace(0.0, 1.0, k, endpoint=False)
+        x[:k] *= w
+        x[-k:] *= w[::-1]
+    return x
+
+
+def tone(freq: float, n: int, timbre: str, phase: float) -> np.ndarray:
+    t = np.arange(n) / SAMPLE_RATE
+    if timbre == "pure":
+        return np.sin(2 * np.pi * freq * t + phase)
+    ks = [k for k in range(1, 16, 2) if k * freq < SAMPLE_RATE / 2]  # band-limited square wave
+    x = sum(np.sin(2 * np.pi * k * freq * t + k * phase) / k for k in ks)
+    return x / np.max(np.abs(x))
+
+
+def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_samples: int,
+           rng: np.random.Generator) -> np.ndarray:
+    """The clip's waveform (num_samples,) float64 in [-1, 1]."""
+    y = np.zeros(num_samples)
+    for ev in events:
+        amp = PEAK[ev["level"]]
+        if ev["kind"] == "beeps":
+            n = int(round(ev["beep_s"] * SAMPLE_RATE))
+            for t0 in ev["beep_times_s"]:
+                i = int(round(t0 * SAMPLE_RATE))
+                seg = ramp(tone(ev["freq_hz"], n, "pure", 0.0))[: num_samples - i]
+                y[i:i + len(seg)] += amp * seg
+            continue
+        i, j = int(round(ev["start_s"] * SAMPLE_RATE)), min(int(round(ev["end_s"] * SAMPLE_RATE)), num_samples)
+        n = j - i
+        if ev["kind"] == "tone":
+            seg = tone(ev["freq_hz"], n, ev["timbre"], float(rng.uniform(0, 2 * np.pi)))
+        elif ev["kind"] == "sweep":
+            f = ev["f0_hz"] * (ev["f1_hz"] / ev["f0_hz"]) ** (np.arange(n) / max(n - 1, 1))
+            seg = np.sin(2 * np.pi * np.cumsum(f) / SAMPLE_RATE)
+        else:
+            seg = colored_noise(rng, n, COLORS[ev["color"]]) / 4.0  # peak ~ amp for Gaussian noise
+        y[i:j] += amp * ramp(seg)
+    if background is not None:
+        if background["kind"] == "hiss":
+            y += HISS_RMS * rng.standard_normal(num_samples)
+        else:
+            t = np.arange(num_samples) / SAMPLE_RATE
+            f = background["freq_hz"]
+            y += HUM_AMP * (np.sin(2 * np.pi * f * t) + 0.5 * np.sin(4 * np.pi * f * t)
+                            + 0.25 * np.sin(6 * np.pi * f * t))
+    return np.clip(y, -1.0, 1.0)
+
+
+def make_clip(seed: int, index: int, size: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """One clip: (waveform (T,) float64, labels with the post-crop factors and the caption)."""
+    rng = np.random.default_rng([seed, index])
+    duration = float(rng.uniform(*DURATION_S[size]))
+    scene = draw_scene(rng)
+    events: list[dict[str, Any]] = []
+    for _ in range(20):  # a crop window that keeps at least one event
+        start = float(rng.uniform(0.0, max(0.0, scene["end_s"] - duration * 0.5)))
+        events = crop_scene(scene, start, duration)
+        if events:
+            break
+    else:
+        start = scene["events"][0]["start_s"]
+        events = crop_scene(scene, start, duration)
+    num_samples = int(round(duration * SAMPLE_RATE))
+    u = rng.random()
+    background = None if u < 0.5 else {"kind": "hiss"} if u < 0.8 else {"kind": "hum",
+                                                                         "freq_hz": float(rng.choice([50, 60]))}
+    text = caption(events, background, rng)
+    wave = render(events, background, num_samples, rng)
+    for ev in events:  # labels: rounded, clip-time, no internal fields
+        for k, v in list(ev.items()):
+            if isinstance(v, float):
+                ev[k] = round(v, 4)
+            elif isinstance(v, list):
+                ev[k] = [round(x, 4) for x in v]
+    labels = {"caption": text, "num_samples": num_samples, "duration_s": round(duration, 4),
+              "crop_start_s": round(start, 4), "background": background, "events": events,
+              "num_events": len(events), "kinds": [ev["kind"] for ev in events]}
+    if not math.isfinite(float(np.abs(wave).max())):
+        raise RuntimeError(f"non-finite audio in clip {index}")
+    return wave, labels
+
+
+def generate(out: Path, size: str = "small", seed: int = 0) -> dict[str, Path]:
+    """Write the corpus to `out` (once per (size, seed)) -> {"train": tsv, "valid": tsv}.
+
+    Each manifest has a labels file beside it: `<split>.labels.jsonl`, one JSON object per row.
+    """
+    import soundfile as sf
+
+    check_size(size)
+    config = {"corpus": "captions", "version": VERSION, "size": size, "seed": seed}
+
+    def build(tmp: Path, final: Path) -> dict[str, str]:
+        n = NUM_CLIPS[size]
+        perm = np.random.default_rng(seed).permutation(n)
+        valid = set(perm[: max(1, round(VALID_FRACTION * n))].tolist())
+        rows: dict[str, list] = {"train": [], "valid": []}
+        labels: dict[str, list] = {"train": [], "valid": []}
+        for i in tqdm(range(n), desc="captioned clips", unit="clip"):
+            wave, lab = make_clip(seed, i, size)
+            rel = f"clips/{i // 1000:03d}/{i:05d}.wav"
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(tmp / rel, wave, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+            split = "valid" if i in valid else "train"
+            rows[split].append((rel, lab["num_samples"], lab["caption"]))
+            labels[split].append({"path": rel, **lab})
+        for split in rows:
+            write_manifest(tmp / f"{split}.tsv", final, rows[split])
+            with open(tmp / f"{split}.labels.jsonl", "w", encoding="utf-8") as f:
+                for lab in labels[split]:
+                    f.write(json.dumps(lab, sort_keys=True) + "\n")
+        return {"train": "train.tsv", "valid": "valid.tsv"}
+
+    return cached_generation(Path(out), config, build)

@@ -1,0 +1,141 @@
+"""Embedded text classification task: which family of the standard library a docstring comes from.
+
+Nine classes (`FAMILIES`: gui, concurrency, networking, packaging, formats, numbers_time, devtools, text,
+files_os), each a fixed set of top-level stdlib modules. The split is by *module*: the test split holds every
+docstring of the modules whose name hashes into 1/5 of the hash space (`is_test_module`), so a classifier
+cannot succeed by recognising the identifiers of a module it was trained on; it must generalise from the
+topic of the prose. The test split does not depend on `seed` (fixed across runs); the train/valid sampling
+does. Classes are capped per split so that none dominates (tkinter and idlelib alone hold 1 100 docstrings).
+
+Layout of `out/`: `docs/<k>/<i>.txt`, `train.tsv`, `valid.tsv`, `test.tsv` (root line, then
+`relpath<TAB>num_bytes<TAB>label`), `docs.jsonl` (path, source module, name, label, split).
+Caps per class (train/valid/test): tiny 8/2/4, small 120/15/100, default 400/50/100.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from omnissl.datamodules.common import cached_generation, check_size, stable_hash, write_manifest
+from omnissl.datamodules.corpora.text import MIN_CHARS, Doc, file_docstrings, stdlib_files
+
+VERSION = 1
+TEST_SALT = "omnissl-labeled-text-test"
+CAPS = {"tiny": (8, 2, 4), "small": (120, 15, 100), "default": (400, 50, 100)}
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "gui": ("tkinter", "idlelib", "turtle", "turtledemo", "curses"),
+    "concurrency": ("asyncio", "multiprocessing", "threading", "concurrent", "queue", "sched", "subprocess",
+                    "_threading_local", "selectors", "asynchat", "asyncore", "signal", "contextvars"),
+    "networking": ("email", "http", "urllib", "smtplib", "smtpd", "imaplib", "nntplib", "ftplib", "poplib",
+                   "socket", "socketserver", "ssl", "mailbox", "xmlrpc", "wsgiref", "ipaddress", "mimetypes",
+                   "webbrowser", "cgi", "telnetlib", "mailcap", "netrc", "nturl2path"),
+    "packaging": ("importlib", "distutils", "pkgutil", "zipimport", "modulefinder", "runpy", "site", "sysconfig",
+                  "venv", "compileall", "py_compile", "zipapp", "imp", "lib2to3", "_aix_support", "_osx_support",
+                  "_bootsubprocess"),
+    "formats": ("xml", "json", "csv", "pickle", "pickletools", "_compat_pickle", "copyreg", "tarfile", "zipfile",
+                "gzip", "bz2", "lzma", "_compression", "configparser", "plistlib", "html", "_markupbase", "base64",
+                "codecs", "encodings", "struct", "shelve", "dbm", "sqlite3", "tomllib", "quopri", "uu", "xdrlib",
+                "chunk", "aifc", "sunau", "wave", "sndhdr", "imghdr"),
+    "numbers_time": ("_pydecimal", "decimal", "fractions", "numbers", "statistics", "random", "datetime",
+                     "calendar", "zoneinfo", "_strptime", "colorsys", "secrets", "hashlib", "hmac", "uuid", "heapq",
+                     "bisect", "graphlib"),
+    "devtools": ("unittest", "doctest", "pdb", "bdb", "inspect", "ast", "dis", "opcode", "traceback", "pydoc",
+                 "symtable", "tokenize", "token", "trace", "profile", "cProfile", "pstats", "timeit", "logging",
+                 "warnings", "tracemalloc", "code", "codeop", "cgitb", "tabnanny", "pyclbr", "rlcompleter",
+                 "linecache"),
+    "text": ("string", "re", "sre_compile", "sre_constants", "sre_parse", "textwrap", "difflib", "shlex",
+             "fnmatch", "gettext", "locale", "stringprep", "argparse", "optparse", "getopt", "cmd", "pprint",
+             "reprlib"),
+    "files_os": ("os", "pathlib", "shutil", "glob", "tempfile", "filecmp", "fileinput", "stat", "posixpath",
+                 "ntpath", "genericpath", "io", "_pyio", "pty", "tty", "getpass", "platform"),
+}
+_FAMILY_OF = {top: fam for fam, tops in FAMILIES.items() for top in tops}
+
+
+def family(module: str) -> str | None:
+    """The class of a dotted module name, or None for modules outside the task."""
+    return _FAMILY_OF.get(module.split(".")[0])
+
+
+def is_test_module(module: str) -> bool:
+    """Whether every docstring of `module` belongs to the (fixed) test split."""
+    return family(module) is not None and stable_hash(TEST_SALT, module) % 5 == 0
+
+
+def _family_docs(files: list[tuple[str, Path]], want: int, seen: set[str]) -> list[Doc]:
+    """Docstrings of `files` (visited in a fixed hashed order) until at least `want` are found."""
+    order = sorted(files, key=lambda mp: stable_hash("order", mp[0]))
+    out: list[Doc] = []
+    for module, path in order:
+        for d in file_docstrings(module, path):
+            if len(d.text) >= MIN_CHARS and d.text not in seen:
+                seen.add(d.text)
+                out.append(d)
+        if len(out) >= want:
+            break
+    return out
+
+
+def collect(size: str, seed: int, progress: bool = True) -> dict[str, list[tuple[Doc, str]]]:
+    """{split: [(doc, label)]} for a size; the test split ignores `seed`."""
+    check_size(size)
+    n_train, n_valid, n_test = CAPS[size]
+    files = [(m, p) for m, p in stdlib_files() if family(m) is not None]
+    seen: set[str] = set()
+    splits: dict[str, list[tuple[Doc, str]]] = {"train": [], "valid": [], "test": []}
+    # a generous pool for tiny/small (several x the caps) so sampling is not the first modules' docstrings;
+    # the test pool is collected first and for every size identically up to its cap
+    pool_factor = {"tiny": 3, "small": 4, "default": 10**9}[size]
+    by_family = {fam: [(m, p) for m, p in files if family(m) == fam] for fam in sorted(FAMILIES)}
+    # test pools first and without regard to the train side, so the test split is the same for every
+    # size but tiny and for every seed
+    test_pools = {fam: _family_docs([mp for mp in fam_files if is_test_module(mp[0])],
+                                    n_test if size == "tiny" else 10**9, seen)
+                  for fam, fam_files in by_family.items()}
+    for fam, fam_files in tqdm(by_family.items(), desc="labeled docstrings", unit="class", disable=not progress):
+        test_pool = test_pools[fam]
+        train_pool = _family_docs([mp for mp in fam_files if not is_test_module(mp[0])],
+                                  min(10**9, pool_factor * (n_train + n_valid)), seen)
+        if len(test_pool) == 0 or len(train_pool) < 2:
+            raise RuntimeError(f"labeled_text: class {fam!r} has {len(train_pool)} train and {len(test_pool)} "
+                               f"test docstrings on Python {sys.version.split()[0]}; the task needs both")
+        test_rng = np.random.default_rng(stable_hash(TEST_SALT, fam) % 2**32)
+        test_idx = sorted(test_rng.permutation(len(test_pool))[:n_test].tolist())
+        splits["test"] += [(test_pool[i], fam) for i in test_idx]
+        perm = np.random.default_rng([seed, stable_hash(fam) % 2**32]).permutation(len(train_pool)).tolist()
+        n_v = min(n_valid, max(1, len(train_pool) // 10))
+        splits["valid"] += [(train_pool[i], fam) for i in sorted(perm[:n_v])]
+        splits["train"] += [(train_pool[i], fam) for i in sorted(perm[n_v:n_v + n_train])]
+    return splits
+
+
+def generate(out: Path, size: str = "small", seed: int = 0) -> dict[str, Path]:
+    """Write the task to `out` (once per (size, seed, Python version)) -> {"train", "valid", "test": tsv}."""
+    check_size(size)
+    config = {"corpus": "labeled_text", "version": VERSION, "size": size, "seed": seed,
+              "python": list(sys.version_info[:3])}
+
+    def build(tmp: Path, final: Path) -> dict[str, str]:
+        splits = collect(size, seed)
+        i = 0
+        with open(tmp / "docs.jsonl", "w", encoding="utf-8") as meta:
+            for split, items in splits.items():
+                rows = []
+                for doc, label in items:
+                    rel = f"docs/{i // 1000:03d}/{i:06d}.txt"
+                    data = doc.text.encode("utf-8")
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / rel).write_bytes(data)
+                    rows.append((rel, len(data), label))
+                    meta.write(json.dumps({"path": rel, "source": doc.source, "name": doc.name, "label": label,
+                                           "split": split}, sort_keys=True) + "\n")
+                    i += 1
+                write_manifest(tmp / f"{split}.tsv", final, rows)
+        return {split: f"{split}.tsv" for split in splits}
+
+    return cached_generation(Path(out), config, build)

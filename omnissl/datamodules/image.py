@@ -1,0 +1,221 @@
+"""`ImageDataModule`: image folders or file lists -> MAE-style augmented (B, 3, H, W) float32 batches.
+
+Sources (`train`, `valid`):
+* a folder: every image file below it (png, jpg, jpeg, bmp, gif, tif, tiff, webp), sorted; with class
+  subfolders (`root/<class>/<file>`, torchvision's ImageFolder layout) the subfolder is the item's label,
+  flat folders have none;
+* a file list (`.tsv` / `.txt`): optional root line, then `relpath[<TAB>size[<TAB>label]]` per line;
+* `"embedded:images"`: real images that pip wheels ship (digits and photo crops; see
+  `omnissl.datamodules.corpora.images`), generated into `$OMNISSL_DATA` on first use.
+
+Transforms (torchvision.transforms.v2), as MAE pretraining (`main_pretrain.py`) and evaluation:
+train `RandomResizedCrop(image_size, scale=(0.2, 1.0), bicubic)` + `RandomHorizontalFlip` + `Normalize`;
+eval `Resize(image_size / 0.875, bicubic)` + `CenterCrop(image_size)` + `Normalize`. Any `image_size` works;
+every image is converted to RGB first (grayscale and palette images become 3 equal channels, alpha is
+dropped). `mean`/`std` default to ImageNet's. An undecodable file raises an error naming it, or with
+`on_error="skip"` is replaced by the next decodable item and counted (`skipped`, with a warning naming the
+first few files).
+
+Items are {"id", "image": (3, image_size, image_size) float32} (+ "label" in labeled use).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from omnissl.datamodules.collate import Collate
+from omnissl.datamodules.common import (SkipLog, check_on_error, check_size, embedded_corpus, holdout, is_embedded,
+                                        make_loader, read_manifest)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def list_images(source: str | os.PathLike) -> list[tuple[Path, str | None]]:
+    """(file, label or None) of an image folder or file list; labels from class subfolders or a 3rd column."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        out = []
+        for f in files:
+            rel = f.relative_to(path)
+            out.append((f, rel.parts[0] if len(rel.parts) > 1 else None))
+        return out
+    if path.is_file():
+        root, rows = read_manifest(path, require_root=False)
+        return [(root / row[0], row[2] if len(row) > 2 and row[2] != "" else None) for row in rows]
+    raise FileNotFoundError(f"image source {source} does not exist (expected a folder, a file list, "
+                            f"or 'embedded:images')")
+
+
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float], *, min_scale: float = 0.2,
+                    hflip: bool = True):
+    """MAE's pretraining augmentation: uint8 (3, H, W) tensor -> normalized float32 (3, S, S)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    steps = [v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC,
+                                  antialias=True)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], *, crop_pct: float = 0.875):
+    """Resize the short side to image_size / crop_pct, center-crop image_size, normalize."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    return v2.Compose([
+        v2.Resize(int(round(image_size / crop_pct)), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ])
+
+
+def load_rgb(path: Path) -> torch.Tensor:
+    """Decode an image file -> uint8 (3, H, W); raises ValueError naming the file if it cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # L, P, LA, RGBA, I;16 ... -> 3 channels
+            arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            w, h = im.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot decode image: {e}") from None
+    if w == 0 or h == 0:
+        raise ValueError(f"{path}: empty image ({w}x{h})")
+    return arr.view(h, w, 3).permute(2, 0, 1).contiguous()
+
+
+class ImageDataset(Dataset):
+    """Decoded, transformed images: {"id", "image": (3, S, S) float32} plus "label" when `labels` is given."""
+
+    def __init__(self, files: Sequence[Path], transform, *, labels: Sequence[int] | None = None,
+                 on_error: str = "raise") -> None:
+        check_on_error(on_error)
+        if not files:
+            raise ValueError("ImageDataset needs at least one file")
+        self.files = [str(f) for f in files]
+        self.labels = None if labels is None else [int(x) for x in labels]
+        self.transform, self.on_error = transform, on_error
+        self.skips = SkipLog("image")
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Files skipped so far in this process (each worker process counts its own)."""
+        return self.skips.skipped
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        for attempt in range(len(self.files)):
+            j = (i + attempt) % len(self.files)
+            try:
+                image = load_rgb(Path(self.files[j]))
+            except ValueError as e:
+                if self.on_error == "raise":
+                    raise
+                self.skips.add(self.files[j], str(e))
+                continue
+            item = {"id": j, "image": self.transform(image)}
+            if self.labels is not None:
+                item["label"] = self.labels[j]
+            return item
+        raise ValueError(f"no decodable image among the {len(self.files)} files (on_error='skip')")
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Unlabeled images for MAE / data2vec pretraining (see module doc for sources and transforms)."""
+
+    def __init__(
+        self,
+        *,
+        train: str = "embedded:images",
+        valid: str | None = None,
+        valid_fraction: float = 0.01,
+        embedded_size: str = "small",
+        image_size: int = 224,  # MAE: ViT at 224x224
+        min_scale: float = 0.2,  # MAE: RandomResizedCrop(scale=(0.2, 1.0))
+        hflip: bool = True,
+        eval_crop_pct: float = 0.875,  # 224 / 256
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        batch_size: int = 64,  # MAE: 4096 global = 64 per GPU x 64 GPUs
+        num_workers: int = 4,
+        seed: int = 0,
+        on_error: str = "raise",
+    ) -> None:
+        super().__init__()
+        check_on_error(on_error)
+        if is_embedded(train):
+            check_size(embedded_size)
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.train, self.valid, self.valid_fraction = train, valid, valid_fraction
+        self.embedded_size, self.image_size, self.min_scale, self.hflip = embedded_size, image_size, min_scale, hflip
+        self.eval_crop_pct, self.mean, self.std = eval_crop_pct, tuple(mean), tuple(std)
+        self.batch_size, self.num_workers, self.seed, self.on_error = batch_size, num_workers, seed, on_error
+        self.train_set: ImageDataset | None = None
+        self.val_set: ImageDataset | None = None
+
+    def sources(self) -> dict[str, list[Path]]:
+        """{"train": files, "valid": files}."""
+        if is_embedded(self.train):
+            if self.train != "embedded:images":
+                raise ValueError(f"ImageDataModule reads 'embedded:images', not {self.train!r}")
+            manifests = embedded_corpus(self.train, size=self.embedded_size, seed=self.seed)
+            train = [f for f, _ in list_images(manifests["train"])]
+            return {"train": train, "valid": [f for f, _ in list_images(self.valid or manifests["valid"])]}
+        train = [f for f, _ in list_images(self.train)]
+        if self.valid is not None:
+            return {"train": train, "valid": [f for f, _ in list_images(self.valid)]}
+        keep, held = holdout(len(train), self.valid_fraction, self.seed)
+        return {"train": [train[i] for i in keep], "valid": [train[i] for i in held]}
+
+    def prepare_data(self) -> None:
+        if is_embedded(self.train):
+            embedded_corpus(self.train, size=self.embedded_size, seed=self.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        files = self.sources()
+        if not files["train"]:
+            raise ValueError(f"no images found in {self.train!r} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        self.train_set = ImageDataset(files["train"], train_transform(self.image_size, self.mean, self.std,
+                                                                      min_scale=self.min_scale, hflip=self.hflip),
+                                      on_error=self.on_error)
+        self.val_set = (ImageDataset(files["valid"], eval_transform(self.image_size, self.mean, self.std,
+                                                                    crop_pct=self.eval_crop_pct),
+                                     on_error=self.on_error) if files["valid"] else None)
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Undecodable files skipped in this process (with num_workers > 0 each worker warns on its own)."""
+        out: dict[str, str] = {}
+        for ds in (self.train_set, self.val_set):
+            if ds is not None:
+                out.update(ds.skipped)
+        return out
+
+    def _loader(self, ds: Dataset | None, train: bool) -> DataLoader | list:
+        if ds is None:
+            if train:
+                raise RuntimeError("call setup() before asking for a dataloader")
+            return []
+        return make_loader(ds, trainer=self.trainer, batch_size=self.batch_size, shuffle=train, seed=self.seed,
+                           num_workers=self.num_workers, collate_fn=Collate())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, False)
