@@ -63,7 +63,9 @@ def _embedded_splits(spec: str, expected: str, size: str, seed: int, given: dict
     if spec != expected:
         raise ValueError(f"expected {expected!r}, got {spec!r}")
     found = embedded_corpus(spec, size=size, seed=seed)
-    return {s: given.get(s) or (str(found[s]) if s in found else None) for s in SPLITS}
+    out = {s: given.get(s) or (str(found[s]) if s in found else None) for s in SPLITS}
+    out["train"] = str(found["train"])
+    return out
 
 
 class _LabeledBase(L.LightningDataModule):

@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create or reuse .venv and install the pinned stack (requirements.txt) plus omnissl in editable mode.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.omnissl-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -rs --durations=15
+
+test-fast: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(VENV)/bin/omnissl fit -c recipes/trainer/debug.yaml -c recipes/audio/mae_tiny_synthetic.yaml \
+		--trainer.max_steps 40 --trainer.val_check_interval 20
+
+bench: $(STAMP)
+	$(PY) bench/trunk_vs_hf.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache
