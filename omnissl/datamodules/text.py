@@ -92,8 +92,10 @@ def kind_info(kind: str, vocab_size: int) -> TokenizerInfo:
     """The TokenizerInfo a tokenizer of `kind` trained with `vocab_size` will have (known before training)."""
     if kind not in KINDS:
         raise ValueError(f"tokenizer_kind must be one of {KINDS}, got {kind!r}")
-    if vocab_size < 2 * VOCAB_MULTIPLE:
-        raise ValueError(f"vocab_size must be at least {2 * VOCAB_MULTIPLE}, got {vocab_size}")
+    minimum = 256 + len(SPECIAL_TOKENS[kind]) if kind == "bpe" else 2 * VOCAB_MULTIPLE
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be at least {minimum} for {kind} (byte-level BPE starts from 256 bytes "
+                         f"plus 5 specials), got {vocab_size}")
     ids = {role: i for i, role in enumerate(SPECIAL_TOKENS[kind])}
     return TokenizerInfo(kind, ids["pad"], ids["bos"], ids["eos"], ids["unk"], ids["mask"],
                          round_up(vocab_size), vocab_size)
@@ -148,8 +150,11 @@ def train_tokenizer(texts: Iterable[str], *, kind: str = "bpe", vocab_size: int 
         tok.normalizer = normalizers.BertNormalizer(lowercase=lower, strip_accents=lower)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
+        # BERT's limit of 1 000 initial characters (rarer ones become [UNK]), capped so that the alphabet
+        # cannot push the vocabulary past vocab_size
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=specials, show_progress=False)
+                                            special_tokens=specials, limit_alphabet=min(1000, vocab_size // 2),
+                                            show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     bos, eos = roles["bos"], roles["eos"]
     tok.post_processor = processors.TemplateProcessing(

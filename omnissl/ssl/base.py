@@ -136,6 +136,27 @@ class SSLModule(L.LightningModule, abc.ABC):
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train/grad_norm", grad_norm(self.parameters()), on_step=True, on_epoch=False)
 
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ModelParallelStrategy: shard every transformer block, then each top-level
+        child (so an EMA teacher is sharded like its student). Weight-decay groups are decided by name in
+        configure_optimizers, which runs after this and sees the same parameter names."""
+        if self._trainer is None or type(self.trainer.strategy).__name__ != "ModelParallelStrategy":
+            return
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        from omnissl.backbones.transformer import Block
+
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.modules():
+            if isinstance(module, Block):
+                fully_shard(module, mesh=mesh)
+        for child in self.children():
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child, mesh=mesh)
+                for method in ("embed", "encode"):  # backbone entry points other than forward()
+                    if callable(getattr(type(child), method, None)):
+                        register_fsdp_forward_method(child, method)
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self, self.weight_decay))
         if self.scheduler_factory is None:

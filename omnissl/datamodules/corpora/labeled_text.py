@@ -1,15 +1,14 @@
 """Embedded text classification task: which family of the standard library a docstring comes from.
 
 Nine classes (`FAMILIES`: gui, concurrency, networking, packaging, formats, numbers_time, devtools, text,
-files_os), each a fixed set of top-level stdlib modules. The split is by *module*: the test split holds every
-docstring of the modules whose name hashes into 1/5 of the hash space (`is_test_module`), so a classifier
-cannot succeed by recognising the identifiers of a module it was trained on; it must generalise from the
-topic of the prose. The test split does not depend on `seed` (fixed across runs); the train/valid sampling
-does. Classes are capped per split so that none dominates (tkinter and idlelib alone hold 1 100 docstrings).
+files_os), each a fixed set of top-level stdlib modules. The split is by *module*: 20 % of the modules (by a hash of
+their name; `module_split`) give the test split and 10 % the valid split, so a classifier cannot succeed by
+recognising the identifiers of a module it was trained on; it must generalise from the topic of the prose.
+Valid and test do not depend on `seed` (fixed across runs); the train sampling does. Classes are capped per split so that none dominates (tkinter and idlelib alone hold 1 100 docstrings).
 
 Layout of `out/`: `docs/<k>/<i>.txt`, `train.tsv`, `valid.tsv`, `test.tsv` (root line, then
 `relpath<TAB>num_bytes<TAB>label`), `docs.jsonl` (path, source module, name, label, split).
-Caps per class (train/valid/test): tiny 8/2/4, small 120/15/100, default 400/50/100.
+Caps per class (train/valid/test): tiny 8/2/4, small 120/50/100, default 400/50/100.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from omnissl.datamodules.corpora.text import MIN_CHARS, Doc, file_docstrings, st
 
 VERSION = 1
 TEST_SALT = "omnissl-labeled-text-test"
-CAPS = {"tiny": (8, 2, 4), "small": (120, 15, 100), "default": (400, 50, 100)}
+CAPS = {"tiny": (8, 2, 4), "small": (120, 50, 100), "default": (400, 50, 100)}
 FAMILIES: dict[str, tuple[str, ...]] = {
     "gui": ("tkinter", "idlelib", "turtle", "turtledemo", "curses"),
     "concurrency": ("asyncio", "multiprocessing", "threading", "concurrent", "queue", "sched", "subprocess",
@@ -62,9 +61,18 @@ def family(module: str) -> str | None:
     return _FAMILY_OF.get(module.split(".")[0])
 
 
+def module_split(module: str) -> str | None:
+    """The fixed split of every docstring of `module`: 20 % of the modules (by name hash) are "test", 10 %
+    "valid", the rest "train"; None for modules outside the task."""
+    if family(module) is None:
+        return None
+    bucket = stable_hash(TEST_SALT, module) % 10
+    return "test" if bucket < 2 else "valid" if bucket == 2 else "train"
+
+
 def is_test_module(module: str) -> bool:
     """Whether every docstring of `module` belongs to the (fixed) test split."""
-    return family(module) is not None and stable_hash(TEST_SALT, module) % 5 == 0
+    return module_split(module) == "test"
 
 
 def _family_docs(files: list[tuple[str, Path]], want: int, seen: set[str]) -> list[Doc]:
@@ -82,7 +90,7 @@ def _family_docs(files: list[tuple[str, Path]], want: int, seen: set[str]) -> li
 
 
 def collect(size: str, seed: int, progress: bool = True) -> dict[str, list[tuple[Doc, str]]]:
-    """{split: [(doc, label)]} for a size; the test split ignores `seed`."""
+    """{split: [(doc, label)]} for a size; valid and test ignore `seed`."""
     check_size(size)
     n_train, n_valid, n_test = CAPS[size]
     files = [(m, p) for m, p in stdlib_files() if family(m) is not None]
@@ -92,25 +100,26 @@ def collect(size: str, seed: int, progress: bool = True) -> dict[str, list[tuple
     # the test pool is collected first and for every size identically up to its cap
     pool_factor = {"tiny": 3, "small": 4, "default": 10**9}[size]
     by_family = {fam: [(m, p) for m, p in files if family(m) == fam] for fam in sorted(FAMILIES)}
-    # test pools first and without regard to the train side, so the test split is the same for every
+    # the held-out pools first and without regard to the train side, so valid and test are the same for every
     # size but tiny and for every seed
-    test_pools = {fam: _family_docs([mp for mp in fam_files if is_test_module(mp[0])],
-                                    n_test if size == "tiny" else 10**9, seen)
-                  for fam, fam_files in by_family.items()}
+    held: dict[str, dict[str, list[Doc]]] = {"test": {}, "valid": {}}
+    for split, cap in (("test", n_test), ("valid", n_valid)):
+        for fam, fam_files in by_family.items():
+            held[split][fam] = _family_docs([mp for mp in fam_files if module_split(mp[0]) == split],
+                                            cap if size == "tiny" else 10**9, seen)
     for fam, fam_files in tqdm(by_family.items(), desc="labeled docstrings", unit="class", disable=not progress):
-        test_pool = test_pools[fam]
-        train_pool = _family_docs([mp for mp in fam_files if not is_test_module(mp[0])],
-                                  min(10**9, pool_factor * (n_train + n_valid)), seen)
-        if len(test_pool) == 0 or len(train_pool) < 2:
-            raise RuntimeError(f"labeled_text: class {fam!r} has {len(train_pool)} train and {len(test_pool)} "
-                               f"test docstrings on Python {sys.version.split()[0]}; the task needs both")
-        test_rng = np.random.default_rng(stable_hash(TEST_SALT, fam) % 2**32)
-        test_idx = sorted(test_rng.permutation(len(test_pool))[:n_test].tolist())
-        splits["test"] += [(test_pool[i], fam) for i in test_idx]
+        train_pool = _family_docs([mp for mp in fam_files if module_split(mp[0]) == "train"],
+                                  min(10**9, pool_factor * n_train), seen)
+        sizes = {"train": len(train_pool), "valid": len(held["valid"][fam]), "test": len(held["test"][fam])}
+        if min(sizes.values()) == 0:
+            raise RuntimeError(f"labeled_text: class {fam!r} has {sizes} docstrings on Python "
+                               f"{sys.version.split()[0]}; the task needs all three splits")
+        for split, cap in (("test", n_test), ("valid", n_valid)):
+            pool = held[split][fam]
+            rng = np.random.default_rng(stable_hash(TEST_SALT, split, fam) % 2**32)
+            splits[split] += [(pool[i], fam) for i in sorted(rng.permutation(len(pool))[:cap].tolist())]
         perm = np.random.default_rng([seed, stable_hash(fam) % 2**32]).permutation(len(train_pool)).tolist()
-        n_v = min(n_valid, max(1, len(train_pool) // 10))
-        splits["valid"] += [(train_pool[i], fam) for i in sorted(perm[:n_v])]
-        splits["train"] += [(train_pool[i], fam) for i in sorted(perm[n_v:n_v + n_train])]
+        splits["train"] += [(train_pool[i], fam) for i in sorted(perm[:n_train])]
     return splits
 
 
