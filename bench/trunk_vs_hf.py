@@ -4,7 +4,8 @@ ours: `omnissl.backbones.builders.text_base()` (token embedding + 512 learned po
       768 wide, 12 layers, 12 heads, FFN 3072, dropout 0.1 / attention dropout 0.1 as RoBERTa base).
 peer: `transformers.RobertaModel` with the same dims (vocab 50265, 514 positions, one token type, no pooler,
       layer_norm_eps 1e-5 as roberta-base ships), `attn_implementation="sdpa"`: the fastest attention HF
-      offers on CPU (eager materializes the score matrix; flash-attention 2 / flex need CUDA or compile).
+      offers on CPU ("eager" is matmul + softmax by hand; flash-attention 2 needs CUDA). With attention
+      dropout in train mode, torch's CPU SDPA runs its math kernel on both sides.
 
 One step = `embed + encode` (ours) / `model(input_ids)` (peer) on a full-length batch of random token ids (no
 padding, so neither side builds an attention mask), loss = mean(last hidden state ** 2), backward, then
@@ -15,12 +16,14 @@ from this process: `--warmup` steps each, then `--rounds` rounds of one step eac
 first (ABBA) so load drift on a shared machine hits both; the median step time is reported.
 
 Memory: torch's CPU allocator is plain malloc (no caching), which tracemalloc does not see, so we read the
-kernel's high-water mark of the worker's resident set (VmHWM in /proc/self/status). Both workers import the
-same libraries (torch, transformers, omnissl) and create their inputs before the model, so their baseline RSS
-is the same; we report the peak (VmHWM) and the peak minus that baseline (= parameters + gradients +
-activations + temporaries of the step). Run with the GLIBC_TUNABLES below: glibc then never returns freed
-memory to the kernel and serves big blocks from the heap instead of fresh mmaps, so the high-water mark is
-the step's true peak of live memory (plus fragmentation) and step times are not dominated by page faults.
+kernel's high-water mark of the worker's resident set (VmHWM in /proc/self/status) after all its steps. Both
+workers import the same libraries (torch, transformers, omnissl) and create their inputs before the model, so
+their baseline RSS is the same; we report the peak (VmHWM) and the peak minus that baseline (= parameters +
+gradients + activations + temporaries of the step + allocator fragmentation). Run with the GLIBC_TUNABLES
+below: glibc then never returns freed memory to the kernel and serves big blocks from its heap instead of fresh
+mmaps, so the high-water mark covers every transient peak and step times are not dominated by page faults.
+As a cross-check that does not depend on the allocator, the table also lists the bytes autograd saves for
+backward in the warm-up step (saved_tensors_hooks, each storage once, parameters excluded).
 
 Aggregate (the RESULT line): ours_ms / peer_ms are the SUM over the configs of each side's median step time;
 ratio = peer_ms / ours_ms (> 1: ours is faster); mem_ratio = sum over configs of ours' (peak - baseline) /
@@ -41,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 VOCAB, DIM, DEPTH, HEADS, FFN = 50265, 768, 12, 12, 3072
 
@@ -92,17 +96,31 @@ def worker(a) -> None:
     base = _status("VmRSS")
     model, forward = (build_ours if a.worker == "ours" else build_peer)()
     params = sum(p.numel() for p in model.parameters())
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):  # what autograd keeps for backward (activations), each storage once, parameters excluded
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_storages:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        if line.strip() == "step":
+        cmd = line.strip()
+        if cmd in ("step", "warmup"):
+            if cmd == "warmup":
+                saved.clear()
             t0 = time.perf_counter()
-            loss = forward(ids).pow(2).mean()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if cmd == "warmup" else nullcontext():
+                loss = forward(ids).pow(2).mean()
             loss.backward()
             model.zero_grad(set_to_none=True)
             ms = (time.perf_counter() - t0) * 1e3
             print(json.dumps({"ms": ms}), flush=True)
-        elif line.strip() == "quit":
-            print(json.dumps({"hwm": _status("VmHWM"), "base": base, "params": params}), flush=True)
+        elif cmd == "quit":
+            print(json.dumps({"hwm": _status("VmHWM"), "base": base, "params": params,
+                              "saved": sum(saved.values())}), flush=True)
             return
 
 
@@ -138,7 +156,7 @@ def run_config(batch: int, seq: int, a) -> dict:
     times: dict[str, list[float]] = {"ours": [], "peer": []}
     for _ in range(a.warmup):
         for s in sides.values():
-            s.send("step")
+            s.send("warmup")
     for r in range(a.rounds):
         for name in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
             times[name].append(sides[name].send("step")["ms"])
@@ -149,7 +167,7 @@ def run_config(batch: int, seq: int, a) -> dict:
         name: {
             "median": statistics.median(times[name]), "min": min(times[name]), "max": max(times[name]),
             "hwm": mem[name]["hwm"] / 2**20, "delta": (mem[name]["hwm"] - mem[name]["base"]) / 2**20,
-            "params": mem[name]["params"],
+            "params": mem[name]["params"], "saved": mem[name]["saved"] / 2**20,
         }
         for name in sides
     }
@@ -180,19 +198,20 @@ def main() -> None:
 
     print()
     print("| batch x seq | ours ms (median) | peer ms (median) | peer/ours | ours peak MiB (step) "
-          "| peer peak MiB (step) | ours/peer mem (step) | ours / peer params |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| peer peak MiB (step) | ours/peer mem (step) | saved for backward MiB ours / peer | params ours / peer |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (b, n), r in results.items():
         o, q = r["ours"], r["peer"]
         print(f"| {b} x {n} | {o['median']:.0f} ({o['min']:.0f}-{o['max']:.0f}) | {q['median']:.0f} "
               f"({q['min']:.0f}-{q['max']:.0f}) | {q['median'] / o['median']:.3f} | {o['hwm']:.0f} ({o['delta']:.0f}) "
               f"| {q['hwm']:.0f} ({q['delta']:.0f}) | {o['delta'] / q['delta']:.3f} "
-              f"| {o['params'] / 1e6:.2f}M / {q['params'] / 1e6:.2f}M |")
+              f"| {o['saved']:.0f} / {q['saved']:.0f} | {o['params'] / 1e6:.2f}M / {q['params'] / 1e6:.2f}M |")
     ours_ms = sum(r["ours"]["median"] for r in results.values())
     peer_ms = sum(r["peer"]["median"] for r in results.values())
     mem_ratio = sum(r["ours"]["delta"] for r in results.values()) / sum(r["peer"]["delta"] for r in results.values())
     print(f"\n(ms: median (min-max) per step; peak: VmHWM of the worker, in parentheses minus its RSS before the "
-          f"model was built.) Wall time {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}.")
+          f"model was built; saved for backward: tensors autograd kept in the warm-up step, parameters excluded.) "
+          f"Wall time {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}.")
     print(f"RESULT name=trunk_vs_hf ours_ms={ours_ms:.0f} peer_ms={peer_ms:.0f} ratio={peer_ms / ours_ms:.3f} "
           f"mem_ratio={mem_ratio:.3f}")
 

@@ -9,8 +9,6 @@ The imported encoder reproduces the HF model's `hidden_states` at every layer (t
 test_hf_faithfulness.py) for right-padded batches. It is returned in fp32 and in train mode like any fresh
 module; call `.eval()` for inference. A config option our encoder cannot represent raises ValueError naming it.
 Heads that are not part of the encoder (RoBERTa's pooler, wav2vec 2.0's quantizer) are not imported.
-
-Legend: D width, C conv channels, K kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ if TYPE_CHECKING:  # transformers is a dev extra, imported only by callers that 
     from transformers import HubertModel, RobertaModel, Wav2Vec2Model
 
 
-def _unsupported(config, option: str, value, expected) -> None:
+def _require(config, option: str, value, expected) -> None:
     if value != expected:
         raise ValueError(
             f"{type(config).__name__}.{option}={value!r} is not supported by our Encoder (needs {expected!r})"
@@ -37,7 +35,7 @@ def _unsupported(config, option: str, value, expected) -> None:
 
 def _copy(dst: Tensor, src: Tensor) -> None:
     if dst.shape != src.shape:
-        raise ValueError(f"shape mismatch while copying weights: ours {tuple(dst.shape)}, HF {tuple(src.shape)}")
+        raise ValueError(f"shape mismatch copying weights: {tuple(src.shape)} into {tuple(dst.shape)}")
     dst.copy_(src)
 
 
@@ -53,7 +51,7 @@ def _copy_norm(dst: nn.LayerNorm | nn.GroupNorm, src: nn.LayerNorm | nn.GroupNor
     dst.eps = src.eps
 
 
-def _copy_qkv(dst: Attention, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> None:
+def _fuse_qkv(dst: Attention, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> None:
     """Our fused projection is [q; k; v] along the output axis (see Attention.forward's rearrange)."""
     _copy(dst.qkv.weight, torch.cat([q.weight, k.weight, v.weight], dim=0))
     _copy(dst.qkv.bias, torch.cat([q.bias, k.bias, v.bias], dim=0))
@@ -74,10 +72,10 @@ def encoder_from_hf_roberta(model: RobertaModel) -> Encoder:
     Inputs must be right-padded (HF numbers positions by counting non-pad tokens; we by index).
     """
     cfg = model.config
-    _unsupported(cfg, "is_decoder", cfg.is_decoder, False)
-    _unsupported(cfg, "add_cross_attention", cfg.add_cross_attention, False)
-    _unsupported(cfg, "position_embedding_type", getattr(cfg, "position_embedding_type", "absolute"), "absolute")
-    _unsupported(cfg, "hidden_act", cfg.hidden_act, "gelu")  # ACT2FN["gelu"] is exact erf GELU, like F.gelu
+    _require(cfg, "is_decoder", cfg.is_decoder, False)
+    _require(cfg, "add_cross_attention", cfg.add_cross_attention, False)
+    _require(cfg, "position_embedding_type", getattr(cfg, "position_embedding_type", "absolute"), "absolute")
+    _require(cfg, "hidden_act", cfg.hidden_act, "gelu")  # ACT2FN["gelu"] is exact erf GELU, like F.gelu
     if cfg.pad_token_id is None:
         raise ValueError("RobertaConfig.pad_token_id=None is not supported: RoBERTa positions start after it")
     pad, dim = cfg.pad_token_id, cfg.hidden_size
@@ -99,7 +97,7 @@ def encoder_from_hf_roberta(model: RobertaModel) -> Encoder:
     _copy_norm(trunk.norm, emb.LayerNorm)
     for block, layer in zip(trunk.blocks, model.encoder.layer, strict=True):
         attn = layer.attention
-        _copy_qkv(block.attn, attn.self.query, attn.self.key, attn.self.value)
+        _fuse_qkv(block.attn, attn.self.query, attn.self.key, attn.self.value)
         _copy_linear(block.attn.out, attn.output.dense)
         _copy_norm(block.norm1, attn.output.LayerNorm)
         _copy_linear(block.fc1, layer.intermediate.dense)
@@ -128,11 +126,11 @@ def encoder_from_hf_wav2vec2(model: Wav2Vec2Model | HubertModel) -> Encoder:
     if cfg.feat_extract_norm not in ("group", "layer"):
         raise ValueError(f"{type(cfg).__name__}.feat_extract_norm={cfg.feat_extract_norm!r} is not supported "
                          "by our Encoder (needs 'group' or 'layer')")
-    _unsupported(cfg, "feat_extract_activation", cfg.feat_extract_activation, "gelu")
-    _unsupported(cfg, "hidden_act", cfg.hidden_act, "gelu")
-    _unsupported(cfg, "add_adapter", getattr(cfg, "add_adapter", False), False)
-    _unsupported(cfg, "adapter_attn_dim", getattr(cfg, "adapter_attn_dim", None), None)
-    _unsupported(cfg, "conv_pos_batch_norm", getattr(cfg, "conv_pos_batch_norm", False), False)
+    _require(cfg, "feat_extract_activation", cfg.feat_extract_activation, "gelu")
+    _require(cfg, "hidden_act", cfg.hidden_act, "gelu")
+    _require(cfg, "add_adapter", getattr(cfg, "add_adapter", False), False)
+    _require(cfg, "adapter_attn_dim", getattr(cfg, "adapter_attn_dim", None), None)
+    _require(cfg, "conv_pos_batch_norm", getattr(cfg, "conv_pos_batch_norm", False), False)
     dim = cfg.hidden_size
     has_feature_norm = getattr(cfg, "feat_proj_layer_norm", True)  # HuBERT may drop it; wav2vec 2.0 always has it
 
@@ -175,7 +173,7 @@ def encoder_from_hf_wav2vec2(model: Wav2Vec2Model | HubertModel) -> Encoder:
     _copy_norm(trunk.norm, model.encoder.layer_norm)
     for block, layer in zip(trunk.blocks, model.encoder.layers, strict=True):
         attn = layer.attention
-        _copy_qkv(block.attn, attn.q_proj, attn.k_proj, attn.v_proj)
+        _fuse_qkv(block.attn, attn.q_proj, attn.k_proj, attn.v_proj)
         _copy_linear(block.attn.out, attn.out_proj)
         _copy_norm(block.norm1, layer.layer_norm)
         _copy_linear(block.fc1, layer.feed_forward.intermediate_dense)
