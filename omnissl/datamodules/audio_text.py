@@ -10,9 +10,11 @@ captions (byte-level BPE or WordPiece, specials as in `omnissl.datamodules.text`
 `max_text_tokens` (77, CLIP's context; LAION-CLAP's RoBERTa tower also truncates to 77). All captions are
 tokenized once in `setup()`, so workers never touch the tokenizer.
 
-Audio is decoded with soundfile, averaged to mono, resampled to 16 kHz, and cropped to `max_samples`
-(a random window in training, the start in evaluation; LAION-CLAP's `rand_trunc`). An undecodable file
-raises an error naming it, or with `on_error="skip"` is replaced by the next decodable item and counted.
+Audio is decoded by the speech DataModule's decoder (`omnissl.datamodules.audio.load_audio`: soundfile, mono,
+16 kHz), reading only a window of `max_samples` (random in training, LAION-CLAP's `rand_trunc`; centred in
+evaluation). A caption describes its whole clip, so keep `max_samples` at least as long as the clips for
+exact pairs (the embedded clips are at most 4 s). An undecodable file raises `AudioDataError` naming it, or
+with `on_error="skip"` is replaced by the next decodable item and counted.
 
 Items are {"id", "audio": (T,) float32, "text": (N,) int64}; `Collate(text_pad_id=pad_id)` pads both
 into a `Batch` with `inputs` "audio" (B, T) and "text" (B, N) and their `lengths`.
@@ -30,48 +32,36 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from omnissl.datamodules.audio import AudioDataError, load_audio
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import (SkipLog, check_on_error, check_size, data_root, embedded_corpus, holdout,
                                         is_embedded, make_loader, read_manifest)
-from omnissl.datamodules.text import (CACHE_VERSION, _atomic_dir, _key, _publish, kind_info, load_tokenizer,
-                                      tokenizer_info, train_tokenizer)
+from omnissl.datamodules.text import cached_tokenizer, kind_info, load_tokenizer, tokenizer_info
 
 SAMPLE_RATE = 16_000
 
-try:  # one decoder for the project when the speech DataModule provides it
-    from omnissl.datamodules.audio import load_audio as _shared_load_audio  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on what audio.py exports
-    _shared_load_audio = None
+def load_clip(path: str | os.PathLike, max_samples: int, *, random: bool) -> torch.Tensor:
+    """Decode a window of at most `max_samples` of `path` -> mono float32 (T,) at 16 kHz.
 
-
-def _load_audio_soundfile(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an audio file -> mono float32 (T,) at 16 kHz; ValueError naming the file if it cannot be read."""
+    The window is uniformly placed if `random`, else centred (as `AudioDataModule` does for evaluation); only
+    that span is read, through the speech DataModule's decoder `omnissl.datamodules.audio.load_audio`.
+    Raises `AudioDataError` naming the file.
+    """
     import soundfile as sf
 
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / OSError depending on the failure
-        raise ValueError(f"{path}: cannot decode audio: {e}") from None
-    if data.shape[0] == 0:
-        raise ValueError(f"{path}: empty audio file (0 samples)")
-    x = torch.from_numpy(data.mean(axis=1))
-    if sr != SAMPLE_RATE:
-        import torchaudio.functional as AF
-
-        x = AF.resample(x, sr, SAMPLE_RATE)
-    return x
-
-
-def load_audio(path: str | os.PathLike) -> torch.Tensor:
-    """mono float32 (T,) at 16 kHz; the speech DataModule's decoder when it exports one."""
-    if _shared_load_audio is not None:
-        try:
-            return _shared_load_audio(path)
-        except ValueError:
-            raise
-        except Exception as e:
-            raise ValueError(f"{path}: cannot decode audio: {e}") from None
-    return _load_audio_soundfile(path)
+        info = sf.info(str(path))
+        total = round(info.frames * SAMPLE_RATE / info.samplerate)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError depending on the failure
+        raise AudioDataError(f"{path}: unreadable audio file ({e})") from None
+    start, num = 0, None
+    if 0 < max_samples < total:
+        num = max_samples
+        start = int(torch.randint(0, total - max_samples + 1, ())) if random else (total - max_samples) // 2
+    try:
+        return load_audio(path, start=start, num=num)
+    except AudioDataError as e:
+        raise AudioDataError(f"{path}: {e}") from None
 
 
 def read_caption_manifest(path: str | os.PathLike) -> tuple[list[Path], list[str]]:
@@ -84,14 +74,6 @@ def read_caption_manifest(path: str | os.PathLike) -> tuple[list[Path], list[str
         files.append(root / row[0])
         captions.append(row[2])
     return files, captions
-
-
-def crop(x: torch.Tensor, max_samples: int, *, random: bool) -> torch.Tensor:
-    """A window of at most `max_samples`: uniformly placed if `random`, else the start."""
-    if max_samples <= 0 or len(x) <= max_samples:
-        return x
-    start = int(torch.randint(0, len(x) - max_samples + 1, ())) if random else 0
-    return x[start:start + max_samples]
 
 
 class AudioTextDataset(Dataset):
@@ -118,13 +100,12 @@ class AudioTextDataset(Dataset):
         for attempt in range(len(self.files)):
             j = (i + attempt) % len(self.files)
             try:
-                audio = load_audio(self.files[j])
-            except ValueError as e:
+                audio = load_clip(self.files[j], self.max_samples, random=self.random_crop)
+            except AudioDataError as e:
                 if self.on_error == "raise":
                     raise
                 self.skips.add(self.files[j], str(e))
                 continue
-            audio = crop(audio, self.max_samples, random=self.random_crop)
             return {"id": j, "audio": audio, "text": torch.from_numpy(self.token_ids[j].astype(np.int64))}
         raise ValueError(f"no decodable audio among the {len(self.files)} files (on_error='skip')")
 
@@ -179,13 +160,13 @@ class AudioTextDataModule(L.LightningDataModule):
         if is_embedded(self.train):
             if self.train != "embedded:captions":
                 raise ValueError(f"AudioTextDataModule reads 'embedded:captions', not {self.train!r}")
-            found = embedded_corpus(self.train, size=self.embedded_size, seed=self.seed)
+            found = embedded_corpus(self.train, size=self.embedded_size)
             return {"train": read_caption_manifest(found["train"]),
                     "valid": read_caption_manifest(self.valid or found["valid"])}
         files, caps = read_caption_manifest(self.train)
         if self.valid is not None:
             return {"train": (files, caps), "valid": read_caption_manifest(self.valid)}
-        keep, held = holdout(len(files), self.valid_fraction, self.seed)
+        keep, held = holdout(len(files), self.valid_fraction, 0)  # fixed: the seed orders, it does not split
         return {"train": ([files[i] for i in keep], [caps[i] for i in keep]),
                 "valid": ([files[i] for i in held], [caps[i] for i in held])}
 
@@ -194,15 +175,9 @@ class AudioTextDataModule(L.LightningDataModule):
             path = Path(self.tokenizer)
             return path / "tokenizer.json" if path.is_dir() else path
         digest = hashlib.sha1("\n".join(captions).encode("utf-8")).hexdigest()
-        key = _key(digest, self.tokenizer_kind, self._vocab_arg, self.min_frequency, CACHE_VERSION)
-        path = self.cache_dir / "tokenizers" / f"captions-{self.tokenizer_kind}-{self._vocab_arg}-{key}" / "tokenizer.json"
-        if not path.is_file():
-            tok = train_tokenizer(iter(captions), kind=self.tokenizer_kind, vocab_size=self._vocab_arg,
-                                  min_frequency=self.min_frequency)
-            tmp = _atomic_dir(path.parent)
-            tok.save(str(tmp / "tokenizer.json"))
-            _publish(tmp, path.parent)
-        return path
+        return cached_tokenizer(lambda: iter(captions), key=digest, name="captions", kind=self.tokenizer_kind,
+                                vocab_size=self._vocab_arg, min_frequency=self.min_frequency,
+                                cache_dir=self.cache_dir)
 
     def prepare_data(self) -> None:
         self._tokenizer_path(self.manifests()["train"][1])

@@ -7,7 +7,9 @@ Conventions used by every DataModule here:
 * **Embedded corpora.** A data argument spelled `"embedded:<name>"` (`embedded:text`, `embedded:images`,
   `embedded:captions`, `embedded:labeled_text`, `embedded:labeled_images`) names a default corpus that
   `omnissl.datamodules.corpora.<name>.generate()` writes on first use (in `prepare_data`), from what the
-  Python standard library and installed wheels ship; nothing is downloaded.
+  Python standard library and installed wheels ship; nothing is downloaded. DataModules always use the
+  corpus of seed 0 (their own `seed` orders and augments the data, it does not change the data set), so runs
+  with different seeds see the same train/valid split; `omnissl data generate ... --seed N` writes others.
 * **Manifests.** Tab-separated, fairseq style: the first line is a root folder (absolute, or relative to the
   manifest's own folder), every further line is `relpath<TAB>size[<TAB>third column]`, where size is the
   item's length in its natural unit (audio samples, text UTF-8 bytes, image pixels) and the third column is
@@ -25,9 +27,10 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+if TYPE_CHECKING:  # torch is imported lazily: corpus generators run in light worker processes
+    from torch.utils.data import DataLoader, Dataset
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_NAMES = ("text", "images", "captions", "labeled_text", "labeled_images")
@@ -188,9 +191,11 @@ def holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def make_loader(dataset: Dataset, *, trainer: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                collate_fn: Callable, drop_last: bool = False) -> DataLoader:
+def make_loader(dataset: "Dataset", *, trainer: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                collate_fn: Callable, drop_last: bool = False) -> "DataLoader":
     """A DataLoader whose order is a function of (seed, epoch, rank): see the module docstring."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
                                  drop_last=drop_last)

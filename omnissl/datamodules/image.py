@@ -173,18 +173,18 @@ class ImageDataModule(L.LightningDataModule):
         if is_embedded(self.train):
             if self.train != "embedded:images":
                 raise ValueError(f"ImageDataModule reads 'embedded:images', not {self.train!r}")
-            manifests = embedded_corpus(self.train, size=self.embedded_size, seed=self.seed)
+            manifests = embedded_corpus(self.train, size=self.embedded_size)
             train = [f for f, _ in list_images(manifests["train"])]
             return {"train": train, "valid": [f for f, _ in list_images(self.valid or manifests["valid"])]}
         train = [f for f, _ in list_images(self.train)]
         if self.valid is not None:
             return {"train": train, "valid": [f for f, _ in list_images(self.valid)]}
-        keep, held = holdout(len(train), self.valid_fraction, self.seed)
+        keep, held = holdout(len(train), self.valid_fraction, 0)  # fixed: the seed orders, it does not split
         return {"train": [train[i] for i in keep], "valid": [train[i] for i in held]}
 
     def prepare_data(self) -> None:
         if is_embedded(self.train):
-            embedded_corpus(self.train, size=self.embedded_size, seed=self.seed)
+            embedded_corpus(self.train, size=self.embedded_size)
 
     def setup(self, stage: str | None = None) -> None:
         files = self.sources()

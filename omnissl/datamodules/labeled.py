@@ -29,7 +29,8 @@ from omnissl.datamodules.common import (SkipLog, check_on_error, check_size, dat
                                         file_fingerprint, is_embedded, make_loader, read_manifest)
 from omnissl.datamodules.image import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, eval_transform,
                                        list_images, train_transform)
-from omnissl.datamodules.text import (decode_utf8, kind_info, load_tokenizer, resolve_tokenizer, tokenizer_info)
+from omnissl.datamodules.text import (cached_tokenizer, decode_utf8, kind_info, load_tokenizer, resolve_tokenizer,
+                                      tokenizer_info)
 
 SPLITS = ("train", "valid", "test")
 
@@ -59,10 +60,10 @@ def encode_labels(labels: Sequence[str | None], classes: list[str], source: obje
     return out
 
 
-def _embedded_splits(spec: str, expected: str, size: str, seed: int, given: dict[str, str | None]) -> dict:
+def _embedded_splits(spec: str, expected: str, size: str, given: dict[str, str | None]) -> dict:
     if spec != expected:
         raise ValueError(f"expected {expected!r}, got {spec!r}")
-    found = embedded_corpus(spec, size=size, seed=seed)
+    found = embedded_corpus(spec, size=size)
     out = {s: given.get(s) or (str(found[s]) if s in found else None) for s in SPLITS}
     out["train"] = str(found["train"])
     return out
@@ -138,7 +139,7 @@ class LabeledImageDataModule(_LabeledBase):
     def split_sources(self) -> dict[str, str | None]:
         given = {"train": self.train, "valid": self.valid, "test": self.test}
         if is_embedded(self.train):
-            return _embedded_splits(self.train, "embedded:labeled_images", self.embedded_size, self.seed, given)
+            return _embedded_splits(self.train, "embedded:labeled_images", self.embedded_size, given)
         return given
 
     def prepare_data(self) -> None:
@@ -271,7 +272,7 @@ class LabeledTextDataModule(_LabeledBase):
     def split_sources(self) -> dict[str, str | None]:
         given = {"train": self.train, "valid": self.valid, "test": self.test}
         if is_embedded(self.train):
-            return _embedded_splits(self.train, "embedded:labeled_text", self.embedded_size, self.seed, given)
+            return _embedded_splits(self.train, "embedded:labeled_text", self.embedded_size, given)
         return given
 
     def _train_files(self, source: str) -> list[Path]:
@@ -281,21 +282,11 @@ class LabeledTextDataModule(_LabeledBase):
         return [root / row[0] for row in rows]
 
     def _resolve_tokenizer(self, train_source: str) -> Path:
-        if self.tokenizer is None and Path(train_source).suffix == ".jsonl":
-            texts, _ = read_labeled_texts(train_source, on_error=self.on_error, skips=SkipLog("text"))
-            # inline texts: train on them directly, cached by the file's fingerprint
-            from omnissl.datamodules.text import _atomic_dir, _key, _publish, train_tokenizer
-
-            key = _key(file_fingerprint([Path(train_source)]), self.tokenizer_kind, self._vocab_arg,
-                       self.min_frequency)
-            path = self.cache_dir / "tokenizers" / f"jsonl-{self.tokenizer_kind}-{self._vocab_arg}-{key}" / "tokenizer.json"
-            if not path.is_file():
-                tok = train_tokenizer(iter(texts), kind=self.tokenizer_kind, vocab_size=self._vocab_arg,
-                                      min_frequency=self.min_frequency)
-                tmp = _atomic_dir(path.parent)
-                tok.save(str(tmp / "tokenizer.json"))
-                _publish(tmp, path.parent)
-            return path
+        if self.tokenizer is None and Path(train_source).suffix == ".jsonl":  # inline texts
+            return cached_tokenizer(
+                lambda: read_labeled_texts(train_source, on_error=self.on_error, skips=SkipLog("text"))[0],
+                key=file_fingerprint([Path(train_source)]), name="jsonl", kind=self.tokenizer_kind,
+                vocab_size=self._vocab_arg, min_frequency=self.min_frequency, cache_dir=self.cache_dir)
         return resolve_tokenizer(self.tokenizer, train_files=self._train_files(train_source),
                                  kind=self.tokenizer_kind, vocab_size=self._vocab_arg,
                                  min_frequency=self.min_frequency, lowercase=None, on_error=self.on_error,

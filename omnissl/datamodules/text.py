@@ -36,7 +36,8 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,8 +193,7 @@ class ReadStats:
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason (on_error="skip")
 
     def describe(self) -> str:
-        return (f"{self.files} files read, {self.empty} blank, {len(self.skipped)} skipped as undecodable "
-                f"(on_error='skip')")
+        return f"{self.files} files read, {self.empty} blank, {len(self.skipped)} skipped as undecodable"
 
 
 def decode_utf8(path: Path, data: bytes) -> str:
@@ -251,7 +251,7 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def pretokenize(files: Sequence[Path], tokenizer_file: Path, out: Path, *, on_error: str = "raise",
-                batch_docs: int = 256, progress: bool = True) -> dict:
+                batch_docs: int = 1024, progress: bool = True) -> dict:
     """Tokenize every document once into `out/` (tokens.bin, offsets.npy, meta.json) -> meta.
 
     Ids are stored without specials; `offsets[i]:offsets[i+1]` are document i's tokens.
@@ -269,24 +269,38 @@ def pretokenize(files: Sequence[Path], tokenizer_file: Path, out: Path, *, on_er
     stats = ReadStats()
     offsets = [0]
     n_bytes = 0
-    with open(tmp / "tokens.bin", "wb") as f:
+
+    def batches() -> Iterator[list[str]]:
         batch: list[str] = []
-
-        def flush() -> None:
-            for enc in encode(batch, add_special_tokens=False):
-                ids = np.asarray(enc.ids, dtype=dtype)
-                f.write(ids.tobytes())
-                offsets.append(offsets[-1] + len(ids))
-            batch.clear()
-
         for text in read_documents(files, on_error=on_error, stats=stats,
                                    progress="pre-tokenizing" if progress else None):
-            n_bytes += len(text.encode("utf-8"))
             batch.append(text)
             if len(batch) >= batch_docs:
-                flush()
+                yield batch
+                batch = []
         if batch:
-            flush()
+            yield batch
+
+    def write(f, encodings) -> None:
+        for enc in encodings:
+            ids = np.asarray(enc.ids, dtype=dtype)
+            f.write(ids.tobytes())
+            offsets.append(offsets[-1] + len(ids))
+
+    try:  # encoding (Rust, GIL released) runs in a thread while the next batch of files is read
+        with open(tmp / "tokens.bin", "wb") as f, ThreadPoolExecutor(1) as pool:
+            pending = None
+            for batch in batches():
+                n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+                job = pool.submit(encode, batch, add_special_tokens=False)
+                if pending is not None:
+                    write(f, pending.result())
+                pending = job
+            if pending is not None:
+                write(f, pending.result())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     meta = {"version": CACHE_VERSION, "dtype": dtype.name, "num_docs": len(offsets) - 1, "num_tokens": offsets[-1],
             "num_bytes": n_bytes, "files": stats.files, "empty": stats.empty, "skipped": stats.skipped,
@@ -410,11 +424,22 @@ def resolve_tokenizer(tokenizer: str | None, *, train_files: Sequence[Path], kin
     if tokenizer is not None:
         path = Path(tokenizer)
         return path / "tokenizer.json" if path.is_dir() else path
-    key = _key(file_fingerprint(train_files), kind, vocab_size, min_frequency, lowercase, on_error, CACHE_VERSION)
-    path = cache_dir / "tokenizers" / f"{kind}-{vocab_size}-{key}" / "tokenizer.json"
+    return cached_tokenizer(
+        lambda: read_documents(train_files, on_error=on_error, progress="training tokenizer" if progress else None),
+        key=(file_fingerprint(train_files), on_error), name="docs", kind=kind, vocab_size=vocab_size,
+        min_frequency=min_frequency, lowercase=lowercase, cache_dir=cache_dir)
+
+
+def cached_tokenizer(texts: Callable[[], Iterable[str]], *, key: object, name: str, kind: str, vocab_size: int,
+                     min_frequency: int = 2, lowercase: bool | None = None, cache_dir: Path) -> Path:
+    """`cache_dir/tokenizers/<name>-<kind>-<vocab>-<hash>/tokenizer.json`, trained on `texts()` the first time.
+
+    `key` identifies the training texts (a file fingerprint, a digest of the captions, ...); the hash also
+    covers the training arguments, so a different setting never reuses a stale tokenizer."""
+    digest = _key(key, kind, vocab_size, min_frequency, lowercase, CACHE_VERSION)
+    path = Path(cache_dir) / "tokenizers" / f"{name}-{kind}-{vocab_size}-{digest}" / "tokenizer.json"
     if not path.is_file():
-        texts = read_documents(train_files, on_error=on_error, progress="training tokenizer" if progress else None)
-        tok = train_tokenizer(texts, kind=kind, vocab_size=vocab_size, min_frequency=min_frequency,
+        tok = train_tokenizer(texts(), kind=kind, vocab_size=vocab_size, min_frequency=min_frequency,
                               lowercase=lowercase)
         tmp = _atomic_dir(path.parent)
         tok.save(str(tmp / "tokenizer.json"))
@@ -485,14 +510,14 @@ class TextDataModule(L.LightningDataModule):
         if is_embedded(self.corpus):
             if self.corpus != "embedded:text":
                 raise ValueError(f"TextDataModule reads 'embedded:text', not {self.corpus!r}")
-            manifests = embedded_corpus(self.corpus, size=self.embedded_size, seed=self.seed)
+            manifests = embedded_corpus(self.corpus, size=self.embedded_size)
             train = list_documents(manifests["train"])
             valid = list_documents(self.valid_corpus or manifests["valid"])
             return {"train": train, "valid": valid}
         train = list_documents(self.corpus)
         if self.valid_corpus is not None:
             return {"train": train, "valid": list_documents(self.valid_corpus)}
-        keep, held = holdout(len(train), self.valid_fraction, self.seed)
+        keep, held = holdout(len(train), self.valid_fraction, 0)  # fixed: the seed orders, it does not split
         return {"train": [train[i] for i in keep], "valid": [train[i] for i in held]}
 
     def _prepare(self) -> dict[str, Path]:
@@ -534,8 +559,10 @@ class TextDataModule(L.LightningDataModule):
                     raise ValueError(f"no training documents left in text corpus {self.corpus!r}: "
                                      f"{meta['files']} files read, {meta['empty']} blank, "
                                      f"{len(meta['skipped'])} skipped as undecodable (on_error={self.on_error!r})")
-                warnings.warn(f"text corpus {self.corpus!r}: the validation split is empty; no validation",
-                              stacklevel=2)
+                if meta["files"]:  # files were given, but none is left
+                    warnings.warn(f"text corpus {self.corpus!r}: no validation documents left ({meta['files']} "
+                                  f"files, {meta['empty']} blank, {len(meta['skipped'])} skipped); no validation",
+                                  stacklevel=2)
                 continue
             lengths = np.diff(np.load(cache / "offsets.npy"))
             ranges = self._ranges(cache, lengths)

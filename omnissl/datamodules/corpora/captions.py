@@ -6,12 +6,16 @@ faint background for the whole clip:
 * sweep: a tone gliding up ("rising sweep") or down ("falling sweep") on a log-frequency scale;
 * noise: white, pink (1/f power) or brown (1/f^2 power) noise;
 * beeps: 2-5 short beeps of one pitch;
+* speech: one English word spoken by a man or a woman ('a woman saying "window"'), synthesized by espeak-ng
+  through `omnissl.datamodules.corpora.speech` (a fixed list of 130 common words, four accents, eleven
+  voices, varied rate and pitch); only when its `espeakng-loader` wheel is installed (the cache key
+  records whether it was);
 * background: faint hiss (white noise about 45 dB below full scale) or a low electrical hum (50/60 Hz).
 Events may be quiet (14 dB down). Captions compose event phrases in temporal order ("A, followed by B",
 "A, then B, then C") and name the background ("... over faint hiss").
 
 The scene is laid out on a longer timeline and then cropped to the clip; only then are the events clipped to
-the crop (a remnant shorter than 0.25 s is dropped, a beep cut at all is dropped), rendered, and the caption
+the crop (a remnant shorter than 0.25 s is dropped, a beep or a word cut at all is dropped), rendered, and the caption
 written, so a caption never describes a part that was cut and every rendered event is described. The
 generating factors after the crop (kind, start/end seconds, frequencies, colour, beep count and times, level,
 background) are saved as labels.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,7 @@ from tqdm import tqdm
 
 from omnissl.datamodules.common import cached_generation, check_size, write_manifest
 
-VERSION = 1
+VERSION = 2
 SAMPLE_RATE = 16_000
 NUM_CLIPS = {"tiny": 12, "small": 600, "default": 5000}
 DURATION_S = {"tiny": (1.0, 2.0), "small": (2.0, 4.0), "default": (2.0, 4.0)}
@@ -44,7 +49,10 @@ RAMP_S = 0.005
 PEAK = {"normal": 0.3, "quiet": 0.3 * 10 ** (-14 / 20)}
 HISS_RMS = 10 ** (-45 / 20)
 HUM_AMP = 0.01
-KINDS = ("tone", "sweep", "noise", "beeps")
+KINDS = ("tone", "sweep", "noise", "beeps", "speech")
+SPEECH_ACCENTS = ("en-us", "en", "en-gb-scotland", "en-029")
+SPEECH_VOICES = {"man": ("m1", "m2", "m3", "m4", "m5", "m7"), "woman": ("f1", "f2", "f3", "f4", "f5")}
+SHARD_CLIPS = 200  # clips per generating process when speech is on (espeak-ng keeps state within a process)
 COLORS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f^alpha
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
@@ -57,15 +65,28 @@ def pitch_word(freq_hz: float) -> str:
 # --------------------------------------------------------------------------------------------------- scene
 
 
-def draw_scene(rng: np.random.Generator) -> dict[str, Any]:
-    """A scene on an open timeline: {"events": [...], "end_s"}; beeps carry their onset list."""
+Speaker = Callable[..., np.ndarray]  # (word, voice=, rate=, pitch=, key=) -> float (T,) at 16 kHz
+
+
+def draw_scene(rng: np.random.Generator, speaker: Speaker | None = None,
+               words: Sequence[str] = ()) -> dict[str, Any]:
+    """A scene on an open timeline: {"events": [...], "end_s"}; beeps carry their onset list, speech its
+    waveform (under "samples", never saved). Without a `speaker` there are no speech events."""
+    kinds = KINDS if speaker is not None and words else KINDS[:-1]
     events = []
     t = float(rng.uniform(0.0, 0.4))
     for _ in range(int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))):
-        kind = KINDS[int(rng.integers(len(KINDS)))]
+        kind = kinds[int(rng.integers(len(kinds)))]
         level = "quiet" if rng.random() < 0.2 else "normal"
         ev: dict[str, Any] = {"kind": kind, "level": level, "start_s": t}
-        if kind == "beeps":
+        if kind == "speech":
+            who = "man" if rng.random() < 0.5 else "woman"
+            voice = f"{rng.choice(SPEECH_ACCENTS)}+{rng.choice(SPEECH_VOICES[who])}"
+            word = str(words[int(rng.integers(len(words)))])
+            wave = speaker(word, voice=voice, rate=int(rng.integers(130, 200)), pitch=int(rng.integers(30, 70)),
+                           key=int(rng.integers(2**31)))
+            ev.update(speaker=who, voice=voice, word=word, samples=wave, end_s=t + len(wave) / SAMPLE_RATE)
+        elif kind == "beeps":
             freq = float(np.exp(rng.uniform(np.log(300), np.log(3000))))
             beep_s, gap_s = float(rng.uniform(0.08, 0.15)), float(rng.uniform(0.08, 0.2))
             count = int(rng.integers(2, 6))
@@ -99,6 +120,10 @@ def crop_scene(scene: dict[str, Any], start: float, duration: float) -> list[dic
                 out.append({**ev, "beep_times_s": times, "count": len(times), "start_s": times[0],
                             "end_s": times[-1] + ev["beep_s"]})
             continue
+        if ev["kind"] == "speech":  # a word cut at all is not that word any more: kept only whole
+            if ev["start_s"] >= start and ev["end_s"] <= stop:
+                out.append({**ev, "start_s": ev["start_s"] - start, "end_s": ev["end_s"] - start})
+            continue
         s, e = max(ev["start_s"], start), min(ev["end_s"], stop)
         if e - s < MIN_EVENT_S:
             continue
@@ -117,6 +142,8 @@ def phrase(ev: dict[str, Any], rng: np.random.Generator) -> str:
         return f"a {quiet}{pitch_word(ev['freq_hz'])} {'pure' if ev['timbre'] == 'pure' else 'buzzy'} tone"
     if ev["kind"] == "sweep":
         return f"a {quiet}{ev['direction']} sweep"
+    if ev["kind"] == "speech":
+        return f"a {ev['speaker']} {'softly ' if quiet else ''}saying \"{ev['word']}\""
     if ev["kind"] == "noise":
         dur = ev["end_s"] - ev["start_s"]
         lead = "a short burst of " if dur < 0.8 else str(rng.choice(["steady ", ""]))
@@ -188,6 +215,10 @@ def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_
             continue
         i, j = int(round(ev["start_s"] * SAMPLE_RATE)), min(int(round(ev["end_s"] * SAMPLE_RATE)), num_samples)
         n = j - i
+        if ev["kind"] == "speech":
+            seg = ev["samples"][:n]
+            y[i:i + len(seg)] += amp * seg / (np.max(np.abs(seg)) + 1e-9)
+            continue
         if ev["kind"] == "tone":
             seg = tone(ev["freq_hz"], n, ev["timbre"], float(rng.uniform(0, 2 * np.pi)))
         elif ev["kind"] == "sweep":
@@ -207,11 +238,13 @@ def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_
     return np.clip(y, -1.0, 1.0)
 
 
-def make_clip(seed: int, index: int, size: str) -> tuple[np.ndarray, dict[str, Any]]:
+def make_clip(seed: int, index: int, size: str, speaker: Speaker | None = None,
+              words: Sequence[str] = ()) -> tuple[np.ndarray, dict[str, Any]]:
     """One clip: (waveform (T,) float64, labels with the post-crop factors and the caption)."""
     rng = np.random.default_rng([seed, index])
-    duration = float(rng.uniform(*DURATION_S[size]))
-    scene = draw_scene(rng)
+    num_samples = int(round(float(rng.uniform(*DURATION_S[size])) * SAMPLE_RATE))
+    duration = num_samples / SAMPLE_RATE
+    scene = draw_scene(rng, speaker, words)
     events: list[dict[str, Any]] = []
     for _ in range(20):  # a crop window that keeps at least one event
         start = float(rng.uniform(0.0, max(0.0, scene["end_s"] - duration * 0.5)))
@@ -221,19 +254,19 @@ def make_clip(seed: int, index: int, size: str) -> tuple[np.ndarray, dict[str, A
     else:
         start = scene["events"][0]["start_s"]
         events = crop_scene(scene, start, duration)
-    num_samples = int(round(duration * SAMPLE_RATE))
     u = rng.random()
     background = None if u < 0.5 else {"kind": "hiss"} if u < 0.8 else {"kind": "hum",
                                                                          "freq_hz": float(rng.choice([50, 60]))}
     text = caption(events, background, rng)
     wave = render(events, background, num_samples, rng)
-    for ev in events:  # labels: rounded, clip-time, no internal fields
+    for ev in events:  # labels: rounded, clip-time, no waveforms
+        ev.pop("samples", None)
         for k, v in list(ev.items()):
             if isinstance(v, float):
                 ev[k] = round(v, 4)
-            elif isinstance(v, list):
+            elif isinstance(v, list) and all(isinstance(x, float) for x in v):
                 ev[k] = [round(x, 4) for x in v]
-    labels = {"caption": text, "num_samples": num_samples, "duration_s": round(duration, 4),
+    labels = {"caption": text, "num_samples": num_samples, "duration_s": duration,
               "crop_start_s": round(start, 4), "background": background, "events": events,
               "num_events": len(events), "kinds": [ev["kind"] for ev in events]}
     if not math.isfinite(float(np.abs(wave).max())):
@@ -241,34 +274,111 @@ def make_clip(seed: int, index: int, size: str) -> tuple[np.ndarray, dict[str, A
     return wave, labels
 
 
-def generate(out: Path, size: str = "small", seed: int = 0) -> dict[str, Path]:
-    """Write the corpus to `out` (once per (size, seed)) -> {"train": tsv, "valid": tsv}.
+def speech_available() -> bool:
+    """Whether spoken words can be synthesized (the speech corpus's espeak-ng wheel is installed)."""
+    import importlib.util
 
-    Each manifest has a labels file beside it: `<split>.labels.jsonl`, one JSON object per row.
-    """
+    return importlib.util.find_spec("espeakng_loader") is not None
+
+
+# Concrete, common English words that espeak-ng pronounces clearly (a fixed list: the corpus must not change
+# when another module's vocabulary does).
+WORDS = (
+    "apple", "river", "window", "yellow", "seven", "garden", "music", "orange", "table", "water", "morning",
+    "doctor", "pencil", "silver", "winter", "summer", "button", "candle", "forest", "island", "kitchen",
+    "letter", "market", "number", "paper", "rabbit", "rocket", "school", "station", "thunder", "tiger",
+    "tomato", "valley", "wagon", "zebra", "bottle", "bridge", "camera", "castle", "cloud", "copper", "dragon",
+    "engine", "finger", "flower", "guitar", "hammer", "helmet", "jacket", "ladder", "lemon", "magnet",
+    "mirror", "monkey", "needle", "ocean", "onion", "parrot", "pepper", "pillow", "planet", "pocket",
+    "puzzle", "robot", "saddle", "salmon", "shadow", "spider", "sugar", "tunnel", "turtle", "velvet",
+    "violin", "wallet", "whistle", "wizard", "anchor", "basket", "blanket", "carpet", "cherry", "circle",
+    "coffee", "cookie", "desert", "dinner", "feather", "garlic", "harbor", "honey", "lantern", "meadow",
+    "napkin", "oyster", "pebble", "pirate", "pumpkin", "ribbon", "sandwich", "sparrow", "stone", "train",
+    "one", "two", "three", "four", "five", "six", "eight", "nine", "ten", "hello", "goodbye", "yes", "no",
+    "stop", "go", "left", "right", "up", "down", "open", "close", "red", "green", "blue", "black", "white",
+)  # fmt: skip
+
+
+def spoken_words(seed: int = 0) -> list[str]:
+    """The words speech events draw from (`WORDS`, sorted; `seed` is accepted for symmetry)."""
+    return sorted(WORDS)
+
+
+def _resample_to_16k(x: np.ndarray, rate: int) -> np.ndarray:
+    from math import gcd
+
+    from scipy.signal import resample_poly
+
+    g = gcd(rate, SAMPLE_RATE)
+    return resample_poly(x, SAMPLE_RATE // g, rate // g) if rate != SAMPLE_RATE else x
+
+
+def _speaker(engine_seed: int) -> Speaker:
+    """A `Speaker` over this process's espeak-ng (the speech corpus's wrapper): 16 kHz float64, leading and
+    trailing silence trimmed. Resampled with scipy so a generating process never has to import torch."""
+    from omnissl.datamodules.corpora.speech import espeak
+
+    engine = espeak()
+    engine.seed(engine_seed)
+
+    def speak(word: str, *, voice: str, rate: int, pitch: int, key: int) -> np.ndarray:
+        engine.seed(key)
+        wav, _ = engine.synth(word, voice=voice, rate=rate, pitch=pitch)
+        x = np.clip(_resample_to_16k(wav.astype(np.float64) / 32768.0, engine.sample_rate), -1.0, 1.0)
+        loud = np.flatnonzero(np.abs(x) > 0.02 * (np.abs(x).max() + 1e-9))
+        return ramp(x[loud[0]:loud[-1] + 1].copy()) if len(loud) else x[:1]
+
+    return speak
+
+
+def _write_clips(out: str, seed: int, size: str, indices: list[int], speech: bool) -> list[dict[str, Any]]:
+    """Render and write clips `indices` -> their labels (with "path"). With speech, run in a fresh process."""
     import soundfile as sf
 
+    speaker = _speaker(seed * 1_000_003 + indices[0]) if speech else None
+    words = spoken_words(seed) if speech else []
+    labels = []
+    for i in indices:
+        wave, lab = make_clip(seed, i, size, speaker, words)
+        rel = f"clips/{i // 1000:03d}/{i:05d}.wav"
+        (Path(out) / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(Path(out) / rel, wave, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        labels.append({"path": rel, **lab})
+    return labels
+
+
+def generate(out: Path, size: str = "small", seed: int = 0) -> dict[str, Path]:
+    """Write the corpus to `out` (once per (size, seed, speech on/off)) -> {"train": tsv, "valid": tsv}.
+
+    Each manifest has a labels file beside it: `<split>.labels.jsonl`, one JSON object per row. Spoken words
+    (espeak-ng, through `omnissl.datamodules.corpora.speech`) are one of the event kinds when its wheel is
+    installed; each block of 200 clips is then rendered by a fresh process, so that espeak-ng's internal state
+    and the files are the same on every run.
+    """
     check_size(size)
-    config = {"corpus": "captions", "version": VERSION, "size": size, "seed": seed}
+    speech = speech_available()
+    config = {"corpus": "captions", "version": VERSION, "size": size, "seed": seed, "speech": speech}
 
     def build(tmp: Path, final: Path) -> dict[str, str]:
         n = NUM_CLIPS[size]
         perm = np.random.default_rng(seed).permutation(n)
         valid = set(perm[: max(1, round(VALID_FRACTION * n))].tolist())
-        rows: dict[str, list] = {"train": [], "valid": []}
+        blocks = [list(range(k, min(n, k + SHARD_CLIPS))) for k in range(0, n, SHARD_CLIPS)]
+        if speech:
+            from omnissl.datamodules.corpora.speech import run_shards
+
+            done = run_shards(_write_clips, [(str(tmp), seed, size, b, True) for b in blocks], "captioned clips")
+        else:
+            done = [_write_clips(str(tmp), seed, size, b, False)
+                    for b in tqdm(blocks, desc="captioned clips", unit="block")]
         labels: dict[str, list] = {"train": [], "valid": []}
-        for i in tqdm(range(n), desc="captioned clips", unit="clip"):
-            wave, lab = make_clip(seed, i, size)
-            rel = f"clips/{i // 1000:03d}/{i:05d}.wav"
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            sf.write(tmp / rel, wave, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-            split = "valid" if i in valid else "train"
-            rows[split].append((rel, lab["num_samples"], lab["caption"]))
-            labels[split].append({"path": rel, **lab})
-        for split in rows:
-            write_manifest(tmp / f"{split}.tsv", final, rows[split])
+        for i, lab in enumerate(lab for block in done for lab in block):
+            labels["valid" if i in valid else "train"].append(lab)
+        for split, labs in labels.items():
+            write_manifest(tmp / f"{split}.tsv", final, [(lab["path"], lab["num_samples"], lab["caption"])
+                                                         for lab in labs])
             with open(tmp / f"{split}.labels.jsonl", "w", encoding="utf-8") as f:
-                for lab in labels[split]:
+                for lab in labs:
                     f.write(json.dumps(lab, sort_keys=True) + "\n")
         return {"train": "train.tsv", "valid": "valid.tsv"}
 

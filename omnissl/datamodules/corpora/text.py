@@ -20,6 +20,7 @@ is part of the cache key.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import sys
 import sysconfig
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from omnissl.datamodules.common import cached_generation, check_size, stable_hash, write_manifest
 
-VERSION = 1
+VERSION = 2
 MIN_CHARS = 40
 VALID_FRACTION = 0.05
 SMALL_FRACTION = 0.4
@@ -53,7 +54,8 @@ class Doc:
     text: str
 
 
-def stdlib_files() -> list[tuple[str, Path]]:
+@functools.cache
+def stdlib_files() -> tuple[tuple[str, Path], ...]:
     """(dotted module name, source path) of every pure-Python stdlib module, sorted by name."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found = []
@@ -67,7 +69,7 @@ def stdlib_files() -> list[tuple[str, Path]]:
         if not parts or "-" in parts[-1]:
             continue
         found.append((".".join(parts), path))
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def file_docstrings(module: str, path: Path) -> list[Doc]:

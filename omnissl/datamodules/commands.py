@@ -1,0 +1,168 @@
+"""`omnissl data ...`: generate the embedded corpora, write and inspect manifests.
+
+    omnissl data generate {speech,audio-captions,text,images,labeled-speech,labeled-text,labeled-images}
+                          --size {tiny,small,default} --out DIR [--seed N] [--task {keywords,speakers}]
+    omnissl data manifest FOLDER --out FILE [--on-error {raise,skip}]
+    omnissl data inspect MANIFEST [--on-error {raise,skip}] [--png FILE] [--workers N]
+    omnissl data tokenizer ...          (handled by omnissl.datamodules.text.tokenizer_main)
+
+`cli.py` dispatches `omnissl data <argv>` to `main(argv)`; the return value is the exit status.
+The non-speech generators live in `omnissl.datamodules.corpora.<module>` and are imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+# generate KIND -> module under omnissl.datamodules.corpora (each has generate(out, size, seed))
+GENERATORS = {
+    "speech": "speech",
+    "audio-captions": "captions",
+    "text": "text",
+    "images": "images",
+    "labeled-speech": "labeled_speech",
+    "labeled-text": "labeled_text",
+    "labeled-images": "labeled_images",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omnissl data", description="Embedded corpora and manifests.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate an embedded corpus (nothing is downloaded)")
+    g.add_argument("kind", choices=sorted(GENERATORS))
+    g.add_argument("--size", choices=["tiny", "small", "default"], default="small",
+                   help="tiny: for tests; small: minutes of data; default: the full embedded corpus")  # fmt: skip
+    g.add_argument("--out", type=Path, required=True, help="output folder (manifests + files)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--task", choices=["keywords", "speakers"], default="keywords",
+                   help="labeled-speech only: which downstream task")  # fmt: skip
+
+    m = sub.add_parser("manifest", help="scan a folder of audio files into a fairseq-style manifest")
+    m.add_argument("folder", type=Path)
+    m.add_argument("--out", type=Path, required=True, help="manifest file to write (.tsv)")
+    m.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+
+    i = sub.add_parser("inspect", help="decode every item of an audio manifest (or folder) and report")
+    i.add_argument("manifest", type=Path)
+    i.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="raise: exit 1 at the first bad item; skip: list them all, exit 0")  # fmt: skip
+    i.add_argument("--png", type=Path, default=None, help="save a duration histogram here (needs matplotlib)")
+    i.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for decoding")
+    sub.add_parser("tokenizer", help="tokenizer tools (see `omnissl data tokenizer -h`)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "tokenizer":  # its own parser owns every option after the word
+        from omnissl.datamodules.text import tokenizer_main
+
+        return int(tokenizer_main(argv[1:]) or 0)
+    args = _parser().parse_args(argv)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "manifest":
+        return _manifest(args)
+    return _inspect(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"omnissl.datamodules.corpora.{GENERATORS[args.kind]}")
+    t0 = time.perf_counter()
+    if args.kind == "labeled-speech":
+        result = module.generate(args.out, size=args.size, seed=args.seed, task=args.task)
+    else:
+        result = module.generate(args.out, size=args.size, seed=args.seed)
+    paths = result.values() if isinstance(result, dict) else [result]
+    print(f"generated {args.kind} ({args.size}, seed {args.seed}) in {time.perf_counter() - t0:.1f} s:")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from omnissl.datamodules.audio import AudioDataError, write_audio_manifest
+
+    if not args.folder.is_dir():
+        print(f"error: {args.folder} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        n = write_audio_manifest(args.folder, args.out, on_error=args.on_error)
+    except AudioDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {n} audio files under {args.folder.resolve()}")
+    return 0 if n else 1
+
+
+def _identity(item: dict) -> dict:
+    return item
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from omnissl.datamodules.audio import SAMPLE_RATE, AudioDataError, AudioDataset, read_audio_manifest
+
+    try:
+        manifest = read_audio_manifest(args.manifest, on_error=args.on_error)
+    except (AudioDataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    ds = AudioDataset(manifest, max_samples=None, min_samples=0, crop="center", on_error="skip")
+    loader = DataLoader(ds, batch_size=None, num_workers=args.workers, collate_fn=_identity)
+    durations, bad = [], []
+    for item in tqdm(loader, total=len(ds), desc="decoding", unit="file", file=sys.stderr):
+        if "error" in item:
+            bad.append(item["error"])
+            if args.on_error == "raise":
+                print(f"error: bad item: {item['error']}", file=sys.stderr)
+                return 1
+            continue
+        durations.append(len(item["audio"]) / SAMPLE_RATE)
+    d = np.asarray(durations)
+    print(f"manifest: {manifest.source}")
+    print(f"items: {len(manifest)}  decoded: {len(d)}  bad: {len(bad)}")
+    if len(d):
+        print(f"total: {d.sum() / 3600:.3f} h  duration (s): min {d.min():.2f}  mean {d.mean():.2f}  "
+              f"median {np.median(d):.2f}  max {d.max():.2f}")  # fmt: skip
+        edges = np.array([0, 1, 2, 4, 8, 16, 32, np.inf])
+        counts, _ = np.histogram(d, edges)
+        print("histogram (s): " + "  ".join(f"[{lo:g},{hi:g}): {c}" for lo, hi, c in zip(edges, edges[1:], counts)))
+    if manifest.labels is not None:
+        labels, counts = np.unique(manifest.labels, return_counts=True)
+        print(f"labels: {len(labels)}  " + "  ".join(f"{lab}={c}" for lab, c in zip(labels, counts)))
+    for msg in bad:
+        print(f"skipped: {msg}")
+    if args.png is not None and len(d):
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("error: --png needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 1
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(d, bins=50)
+        ax.set_xlabel("duration (s)")
+        ax.set_ylabel("utterances")
+        ax.set_title(f"{Path(manifest.source).name}: {len(d)} items, {d.sum() / 3600:.2f} h")
+        fig.tight_layout()
+        args.png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.png, dpi=100)
+        plt.close(fig)
+        print(f"histogram: {args.png}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

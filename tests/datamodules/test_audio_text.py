@@ -1,0 +1,133 @@
+"""AudioTextDataModule: captioned audio pairs, caption tokenization, decoding and cropping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from omnissl.batch import Batch
+from omnissl.datamodules.audio import AudioDataError
+from omnissl.datamodules.audio_text import AudioTextDataModule, load_clip
+from omnissl.datamodules.common import embedded_corpus, read_manifest
+from omnissl.datamodules.text import load_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def data_root(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("OMNISSL_DATA", str(tmp_path_factory.getbasetemp() / "omnissl-data"))
+
+
+CAPTIONS = ["A dog barks twice.", "Rain on a tin roof.", "A dog barks, then a car passes.", "Wind over faint hiss."]
+
+
+@pytest.fixture()
+def pairs(tmp_path) -> Path:
+    """Four 16 kHz wavs (0.5-2 s, a distinct ramp each) and a caption manifest."""
+    root = tmp_path / "clips"
+    root.mkdir()
+    rows = []
+    for i, cap in enumerate(CAPTIONS):
+        n = 8000 * (i + 1)
+        wave = (np.arange(n) % 100) / 100.0 * 0.5 * (i + 1) / 4
+        sf.write(root / f"{i}.wav", wave, 16_000, subtype="FLOAT")
+        rows.append(f"{i}.wav\t{n}\t{cap}")
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"{root}\n" + "\n".join(rows) + "\n")
+    return manifest
+
+
+def make(manifest, **kw) -> AudioTextDataModule:
+    args = dict(train=str(manifest), valid_fraction=0.0, vocab_size=320, batch_size=4, num_workers=0,
+                max_samples=16_000)
+    args.update(kw)
+    dm = AudioTextDataModule(**args)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_items_pair_the_audio_with_its_caption(pairs):
+    dm = make(pairs)
+    tok = load_tokenizer(dm.tokenizer_path)
+    root, rows = read_manifest(pairs)
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, Batch) and set(batch.inputs) == {"audio", "text"}
+    for i, audio, n, text, m in zip(batch.ids, batch.inputs["audio"], batch.lengths["audio"], batch.inputs["text"],
+                                    batch.lengths["text"]):
+        rel, num, cap = rows[int(i)]
+        ids = text[:m].tolist()
+        assert ids[0] == dm.bos_id and ids[-1] == dm.eos_id and (text[m:] == dm.pad_id).all()
+        assert tok.decode(ids) == cap
+        full, _ = sf.read(root / rel, dtype="float32")
+        assert int(n) == min(int(num), 16_000)
+        window = audio[:n].numpy()
+        # the (random) crop is a contiguous window of the file
+        starts = [s for s in range(len(full) - len(window) + 1) if np.allclose(full[s:s + 5], window[:5])]
+        assert any(np.allclose(full[s:s + len(window)], window) for s in starts)
+
+
+def test_eval_crop_is_centred_and_captions_truncate(pairs, tmp_path):
+    valid = tmp_path / "valid.tsv"
+    valid.write_text(pairs.read_text())
+    dm = make(pairs, valid=str(valid), max_samples=4000, max_text_tokens=5)
+    root, rows = read_manifest(valid)
+    for i in range(len(dm.val_set)):
+        item = dm.val_set[i]
+        full, _ = sf.read(root / rows[i][0], dtype="float32")
+        start = (len(full) - 4000) // 2
+        assert torch.allclose(item["audio"], torch.from_numpy(full[start:start + 4000]))
+        assert len(item["text"]) == 5 and item["text"][-1] == dm.eos_id
+
+
+def test_resamples_and_mixes_down(tmp_path):
+    t = np.arange(8000) / 8000
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 440 * t)], axis=1) * 0.5
+    sf.write(tmp_path / "s.wav", stereo, 8000)
+    x = load_clip(tmp_path / "s.wav", 0, random=False)
+    assert x.dtype == torch.float32 and x.ndim == 1 and abs(len(x) - 16_000) <= 1
+    spec = torch.fft.rfft(x).abs()
+    assert abs(int(spec.argmax()) * 16_000 / len(x) - 440) < 2
+    torch.manual_seed(1)
+    window = load_clip(tmp_path / "s.wav", 4000, random=True)
+    assert len(window) == 4000
+    # a window of the full clip (away from its edges, where resampling a span sees less context)
+    inner = window[200:-200]
+    assert any(torch.allclose(x[s + 200:s + 3800], inner, atol=1e-2) for s in range(len(x) - 4000 + 1))
+
+
+@pytest.mark.parametrize("content", [b"", b"RIFF\x00\x00\x00\x00WAVEjunk"], ids=["empty", "bad-header"])
+def test_undecodable_audio_is_named_or_skipped(pairs, content):
+    root, _ = read_manifest(pairs)
+    (root / "1.wav").write_bytes(content)
+    dm = make(pairs)
+    with pytest.raises(AudioDataError, match=r"1\.wav: "):
+        dm.train_set[1]
+    dm = make(pairs, on_error="skip")
+    with pytest.warns(UserWarning, match=r"skipping audio file .*1\.wav"):
+        ids = [int(i) for b in dm.train_dataloader() for i in b.ids]
+    assert 1 not in ids and len(ids) == 4 and len(dm.skipped) == 1
+
+
+def test_missing_caption_is_named(tmp_path, pairs):
+    bad = tmp_path / "bad.tsv"
+    root, _ = read_manifest(pairs)
+    bad.write_text(f"{root}\n0.wav\t8000\tA caption.\n1.wav\t16000\n")
+    with pytest.raises(ValueError, match=r"bad\.tsv: line 3 has no caption"):
+        make(bad)
+
+
+def test_given_tokenizer_and_embedded_captions():
+    dm = make("embedded:captions", embedded_size="tiny", valid_fraction=0.01)
+    manifests = embedded_corpus("embedded:captions", size="tiny", seed=0)
+    dm2 = make("embedded:captions", embedded_size="tiny", tokenizer=str(dm.tokenizer_path))
+    assert dm2.tokenizer_path == dm.tokenizer_path and dm2.vocab_size == dm.vocab_size
+    tok = load_tokenizer(dm.tokenizer_path)
+    _, rows = read_manifest(manifests["train"])
+    batch = next(iter(dm.train_dataloader()))
+    for i, text in zip(batch.ids, batch.inputs["text"]):
+        assert tok.decode(text.tolist()) == rows[int(i)][2]
+    assert batch.inputs["audio"].shape[1] <= 16_000 and len(dm.val_set) == 1
