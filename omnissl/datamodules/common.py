@@ -80,6 +80,11 @@ def cached_generation(out: Path, config: dict[str, Any],
     found = _read_marker(out, config)
     if found is not None:
         return found
+    if out.is_dir() and not (out / MARKER).exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} exists, is not empty and holds no omnissl corpus ({MARKER} missing): refusing to replace it; "
+            "choose a new or empty --out folder"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

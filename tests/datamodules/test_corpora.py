@@ -296,3 +296,14 @@ def test_crop_drops_what_was_cut():
     assert [e["kind"] for e in events] == ["beeps"] and events[0]["count"] == 2
     rng = np.random.default_rng(0)
     assert captions.caption(events, None, rng).startswith("Two mid-pitched beeps")
+
+
+def test_generation_never_replaces_a_foreign_folder(tmp_path):
+    from omnissl.datamodules.common import cached_generation
+
+    out = tmp_path / "mydata"
+    out.mkdir()
+    (out / "precious.wav").write_bytes(b"RIFF")
+    with pytest.raises(FileExistsError, match="refusing to replace it"):
+        cached_generation(out, {"kind": "x"}, lambda tmp, final: {})
+    assert (out / "precious.wav").read_bytes() == b"RIFF"
