@@ -39,6 +39,23 @@ def pick_layer(encoder, dm) -> tuple[int, float, float, dict[int, float]]:
     return best, linear_probe_accuracy(tr_x[:, best], tr_y, te_x[:, best], te_y), valid[best], valid
 
 
+def summarize_training(log_dir: str | None) -> None:
+    """Print how the logged training metrics moved: mean of the first and last 10 % of logged steps."""
+    import csv
+
+    files = list(Path(log_dir).glob("**/metrics.csv")) if log_dir else []
+    if not files:
+        return
+    rows = list(csv.DictReader(files[0].open()))
+    keys = [k for k in rows[0] if k.startswith("train/") and k != "train/grad_norm"] + ["train/grad_norm"]
+    print("\n| metric | first 10 % of steps | last 10 % of steps |\n|---|---|---|")
+    for key in keys:
+        vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        if len(vals) >= 4:
+            k = max(1, len(vals) // 10)
+            print(f"| {key} | {sum(vals[:k]) / k:.4g} | {sum(vals[-k:]) / k:.4g} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--objective", required=True, help="recipe stem: recipes/audio/<objective>_tiny_cpu.yaml")
@@ -68,6 +85,7 @@ def main() -> None:
     cli = lightning_cli(["fit", *common])
     pretrain_s = time.perf_counter() - t0
     pretrained = cli.model.encoder
+    summarize_training(cli.trainer.log_dir)
     assert not torch.equal(next(pretrained.parameters()), next(random_encoder.parameters()))
 
     rows = []

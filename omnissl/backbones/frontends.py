@@ -26,6 +26,29 @@ def conv_output_lengths(lengths: Tensor, layers: tuple[tuple[int, int, int], ...
     return lengths.clamp(min=0)
 
 
+class _Windows(torch.autograd.Function):
+    """h (B, T, C) -> (B, T', k * C): the k frames of every stride-s window, tap-major (im2col along time).
+    Backward adds each tap's gradient back with one strided add per tap (torch's `unfold` backward is a
+    generic scatter and several times slower)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, kernel: int, stride: int) -> Tensor:  # type: ignore[override]
+        b, t, c = h.shape
+        n = (t - kernel) // stride + 1
+        ctx.shape, ctx.kernel, ctx.stride, ctx.n = (b, t, c), kernel, stride, n
+        windows = h.as_strided((b, n, kernel, c), (h.stride(0), stride * h.stride(1), h.stride(1), h.stride(2)))
+        return windows.reshape(b, n, kernel * c)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (b, t, c), kernel, stride, n = ctx.shape, ctx.kernel, ctx.stride, ctx.n
+        grad = grad.view(b, n, kernel, c)
+        out = grad.new_zeros(b, t, c)
+        for j in range(kernel):
+            out[:, j : j + stride * (n - 1) + 1 : stride] += grad[:, :, j]
+        return out, None, None
+
+
 class ConvFeatureExtractor(nn.Module):
     """The wav2vec 2.0 convolutional feature encoder on raw 16 kHz audio.
 
@@ -76,16 +99,28 @@ class ConvFeatureExtractor(nn.Module):
         return field
 
     def _group_norm(self, norm: nn.GroupNorm, h: Tensor, valid: Tensor | None) -> Tensor:
-        """Per-channel norm over time (GroupNorm with C groups), in fp32, over valid frames only."""
+        """Per-channel norm over time (GroupNorm with C groups) of channels-last h (B, N, C), in fp32, over
+        valid frames only."""
         h = h.float()
         if valid is None:
-            return F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
-        m = (torch.arange(h.shape[-1], device=h.device)[None] < valid[:, None]).to(h.dtype)[:, None]
-        count = m.sum(-1, keepdim=True).clamp(min=1)
-        mean = (h * m).sum(-1, keepdim=True) / count
-        var = (((h - mean) * m) ** 2).sum(-1, keepdim=True) / count
-        h = (h - mean) / torch.sqrt(var + norm.eps)
-        return h * norm.weight[None, :, None] + norm.bias[None, :, None]
+            var, mean = torch.var_mean(h, dim=1, unbiased=False, keepdim=True)
+        else:
+            m = (torch.arange(h.shape[1], device=h.device)[None] < valid[:, None]).to(h.dtype)[..., None]
+            count = m.sum(1, keepdim=True).clamp(min=1)
+            mean = (h * m).sum(1, keepdim=True) / count
+            var = (((h - mean) * m) ** 2).sum(1, keepdim=True) / count
+        return (h - mean) * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias
+
+    @staticmethod
+    def _conv(conv: nn.Conv1d, h: Tensor, kernel: int, stride: int) -> Tensor:
+        """conv1d on channels-last h (B, T, C_in) -> (B, T', C_out), as one GEMM over the unfolded windows.
+
+        Same weights and result as `conv(h.transpose(1, 2)).transpose(1, 2)`; keeping channels last lets the
+        LayerNorms run without transposing copies, and on CPU the GEMM with `_Windows`' backward is 2-3x
+        faster than mkldnn's 1-D convolution backward at wav2vec 2.0 sizes (bench/wav2vec2_vs_hf.py).
+        """
+        weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, -1)  # (C_out, k * C_in), tap-major
+        return F.linear(_Windows.apply(h.contiguous(), kernel, stride), weight, conv.bias)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None, None]:
         """x (B, T) float -> features (B, N, 512), valid frames (B,) or None."""
@@ -95,20 +130,19 @@ class ConvFeatureExtractor(nn.Module):
         if x.shape[1] < rf:
             raise ValueError(f"audio of {x.shape[1]} samples is shorter than the receptive field ({rf})")
         dtype = x.dtype
-        h = x[:, None]
+        h = x[..., None]  # (B, T, 1): channels last throughout
         valid = lengths
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            h = conv(h)
+            _, kernel, stride = self.layers[i]
+            h = self._conv(conv, h, kernel, stride)
             if valid is not None:
                 valid = conv_output_lengths(valid, (self.layers[i],))
             if isinstance(norm, nn.GroupNorm):
                 h = self._group_norm(norm, h, valid).to(dtype)
             elif isinstance(norm, nn.LayerNorm):
-                h = rearrange(h, "b c n -> b n c")
-                h = F.layer_norm(h.float(), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-                h = rearrange(h.to(dtype), "b n c -> b c n")
+                h = F.layer_norm(h.float(), norm.normalized_shape, norm.weight, norm.bias, norm.eps).to(dtype)
             h = F.gelu(h)
-        return rearrange(h, "b c n -> b n c"), valid, None
+        return h, valid, None
 
 
 class LogMelPatches(nn.Module):

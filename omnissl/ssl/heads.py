@@ -40,3 +40,19 @@ class MAEDecoder(nn.Module):
             pad = torch.cat([padding_mask.new_zeros(b, num_prefix), padding_mask], dim=1)
         x, _, _ = self.trunk(x, pad)
         return self.out(x[:, num_prefix:])
+
+
+class LabelEmbeddings(nn.Module):
+    """One learned embedding per cluster of each label set (HuBERT's `label_embs_concat`, uniform init),
+    behind a forward call so sharding wrappers (FSDP2) gather the weight before it is read.
+
+    forward() -> one (K_s, dim) tensor per label set, in the order of `num_classes`.
+    """
+
+    def __init__(self, num_classes: list[int], dim: int) -> None:
+        super().__init__()
+        self.num_classes = list(num_classes)
+        self.weight = nn.Parameter(torch.empty(sum(self.num_classes), dim).uniform_())
+
+    def forward(self) -> tuple[torch.Tensor, ...]:
+        return self.weight.split(self.num_classes)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from omnissl.backbones.encoder import Encoder
 from omnissl.batch import Batch
 from omnissl.ssl.base import SSLModule, StepOutput
+from omnissl.ssl.heads import LabelEmbeddings
 from omnissl.ssl.losses import cosine_cross_entropy
 from omnissl.ssl.masking import span_mask
 from omnissl.ssl.targets import IGNORE_INDEX, align_units, drop_short, encoder_frames
@@ -35,6 +36,11 @@ class HuBERT(SSLModule):
     align_tolerance: units and encoder frames of an utterance may differ by this many frames (conv edge
     effects); more is an error naming the sample ids. check_unit_files: before training, check every unit
     file the data module names against its manifest (`units.check_units`).
+
+    Metrics: loss_m / loss_u (cross-entropy per masked / unmasked frame, nats), acc_m / acc_u (masked and
+    unmasked accuracy; the model sees unmasked frames, so acc_u should lead acc_m: the reverse signalled an
+    initialization bug in torchaudio's reproduction, pytorch/audio#2716), feature_pen, masked_frac,
+    dropped_short (when any). With several label sets each key gets a `_<label key>` suffix.
     """
 
     def __init__(
@@ -70,7 +76,8 @@ class HuBERT(SSLModule):
             raise ValueError("at least one of masked_weight and unmasked_weight must be positive")
         self.encoder, self.label_keys, self.num_classes = encoder, keys, classes
         self.final_dim = final_dim
-        self.mask_prob, self.mask_length, self.min_spans, self.same_count = mask_prob, mask_length, min_spans, same_count
+        self.mask_prob, self.mask_length, self.min_spans = mask_prob, mask_length, min_spans
+        self.same_count = same_count
         self.logit_temp = logit_temp
         self.masked_weight, self.unmasked_weight = masked_weight, unmasked_weight
         self.feature_penalty_weight, self.feature_grad_mult = feature_penalty_weight, feature_grad_mult
@@ -79,23 +86,39 @@ class HuBERT(SSLModule):
         self.short_utterances, self.check_unit_files = short_utterances, check_unit_files
         self.dropped_short = 0
         self.final_proj = nn.Linear(encoder.dim, final_dim * len(keys))
-        # fairseq `label_embs_concat`: uniform init, one row per cluster of every label set
-        self.label_embs = nn.Parameter(torch.empty(sum(classes), final_dim).uniform_())
+        self.label_embs = LabelEmbeddings(classes, final_dim)  # fairseq `label_embs_concat`, uniform init
 
     # --- data checks before training ---------------------------------------------------------------------
 
     def unit_files(self) -> list[tuple[Path, Path]]:
-        """(manifest, unit file) pairs of the attached data module, when it names them (`unit_files()`)."""
+        """(manifest, unit file) pairs the attached data module reads: its `unit_files()` when it has one,
+        else the `manifest.source` / `units_path` of its datasets (AudioDataModule after setup)."""
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         get = getattr(dm, "unit_files", None)
-        return [(Path(m), Path(u)) for m, u in get()] if callable(get) else []
+        if callable(get):
+            return [(Path(m), Path(u)) for m, u in get()]
+        pairs = []
+        for ds in (getattr(dm, "datasets", None) or {}).values():
+            units, manifest = getattr(ds, "units_path", None), getattr(getattr(ds, "manifest", None), "source", None)
+            if units is not None and manifest is not None:
+                pairs.append((Path(manifest), Path(units)))
+        return pairs
 
     def on_fit_start(self) -> None:
+        """Check the data module's unit files against their manifests before the first step."""
         if not self.check_unit_files:
             return
-        from omnissl.ssl.units import check_units
+        from omnissl.ssl.units import SAMPLE_RATE, check_units
 
         spt = self.encoder.samples_per_token
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "units") and getattr(dm, "units") is None:
+            raise ValueError("HuBERT needs frame-level units: set the data module's units (e.g. units: km) and "
+                             "make them with `omnissl hubert-units --manifest <train manifest>`")
+        rate = getattr(dm, "label_rate", None)
+        if rate is not None and spt and abs(SAMPLE_RATE / float(rate) - spt) > 1e-6:
+            raise ValueError(f"the data module's label_rate {rate} Hz does not match the encoder's frame rate "
+                             f"({SAMPLE_RATE / spt:g} Hz = {spt} samples per frame)")
         for manifest, units in self.unit_files():
             check_units(manifest, units, spt, tolerance=self.align_tolerance)
 
@@ -135,8 +158,10 @@ class HuBERT(SSLModule):
         frames = n - tokens.padding_mask.sum(1) if tokens.padding_mask is not None else torch.full(
             (b,), n, dtype=torch.long, device=x.device)
         labels, keep = self._labels(batch, frames, n)
-        # frames past the last unit are padding from here on (fairseq trims features to the labels)
+        # frames past the last unit (of any label set) are padding from here on (fairseq trims features to
+        # the labels)
         pad = torch.arange(n, device=x.device)[None] >= keep[:, None]
+        labels = [lab.masked_fill(pad, IGNORE_INDEX) for lab in labels]
         tokens = tokens._replace(padding_mask=pad if bool(pad.any()) else None)
 
         mask = span_mask((b, n), padding_mask=tokens.padding_mask, mask_prob=self.mask_prob, span=self.mask_length,
@@ -146,26 +171,25 @@ class HuBERT(SSLModule):
         valid = ~pad
         masked, unmasked = mask & valid, ~mask & valid
 
-        total = tokens.x.new_zeros((), dtype=torch.float32)
+        total = torch.zeros((), device=x.device)
         sample_size = torch.zeros((), device=x.device)
         metrics: dict[str, Tensor | float] = {}
-        weights = self.final_proj.weight.chunk(len(self.label_keys))
-        biases = self.final_proj.bias.chunk(len(self.label_keys))
-        embs = self.label_embs.split(self.num_classes)
-        for i, (key, emb, w, bias) in enumerate(zip(self.label_keys, embs, weights, biases)):
-            suffix = "" if len(self.label_keys) == 1 else f"_{key}"
-            for name, sel, weight in (("m", masked, self.masked_weight), ("u", unmasked, self.unmasked_weight)):
-                sel = sel & (labels[i] != IGNORE_INDEX)
-                with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
-                    pred = nn.functional.linear(out.last[sel], w, bias)
-                    loss_sum, count, correct = cosine_cross_entropy(pred, emb, labels[i][sel],
+        sets = len(self.label_keys)
+        for name, sel, weight in (("m", masked, self.masked_weight), ("u", unmasked, self.unmasked_weight)):
+            # frames with weight 0 are only scored for the accuracy metrics: no graph for them
+            with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
+                preds = self.final_proj(out.last[sel]).chunk(sets, dim=-1)  # per label set (P, E)
+                embs = self.label_embs()
+                for i, key in enumerate(self.label_keys):
+                    loss_sum, count, correct = cosine_cross_entropy(preds[i], embs[i], labels[i][sel],
                                                                     temperature=self.logit_temp)
-                if weight > 0:
-                    total = total + weight * loss_sum
-                    if i == 0:  # fairseq: sample_size counts the frames of the first label set
-                        sample_size = sample_size + count
-                metrics[f"loss_{name}{suffix}"] = loss_sum.detach() / count.clamp(min=1)
-                metrics[f"acc_{name}{suffix}"] = correct.float() / count.clamp(min=1)
+                    if weight > 0:
+                        total = total + weight * loss_sum
+                        if i == 0:  # fairseq: sample_size counts the frames once, not per label set
+                            sample_size = sample_size + count
+                    suffix = "" if sets == 1 else f"_{key}"
+                    metrics[f"loss_{name}{suffix}"] = loss_sum.detach() / count.clamp(min=1)
+                    metrics[f"acc_{name}{suffix}"] = correct.float() / count.clamp(min=1)
 
         pen = None
         if tokens.raw is not None:

@@ -62,6 +62,8 @@ def contrastive_with_distractors(
     NOTE(ref): fairseq and HF gather a (K+1, B, M, D) tensor of negatives and take K+1 cosines per frame;
     we take all M x M cosines per row with one batched matmul and gather the K we need (same values and
     gradients, memory O(B·M·(M+K)) instead of O(B·M·K·D)).
+    NOTE(ref): fairseq counts a frame correct when argmax is the positive and argmin is not (all-equal
+    logits); "strictly above every distractor" is the same except for exact ties, which count as wrong here.
     """
     if pred.shape != target.shape or pred.dim() != 3:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be (B, M, D)")

@@ -60,6 +60,16 @@ def read_audio_manifest(path: str | os.PathLike) -> tuple[Path, list[tuple[str, 
     return root, out
 
 
+def resolve_manifest(spec: str | os.PathLike, split: str) -> Path:
+    """A manifest path, or an embedded corpus ("embedded:small", see omnissl.datamodules.audio) whose
+    `split` manifest is generated on first use."""
+    if isinstance(spec, str) and spec.startswith("embedded:"):
+        from omnissl.datamodules.audio import embedded_manifest
+
+        return embedded_manifest(spec, split, generate=True)
+    return Path(spec)
+
+
 def units_path_for(manifest: str | os.PathLike, ext: str = "km") -> Path:
     """`<manifest folder>/<manifest stem>.<ext>`."""
     manifest = Path(manifest)
@@ -290,7 +300,8 @@ def make_units(
     device: str = "cpu",
 ) -> list[Path]:
     """The whole pipeline; returns the unit files written (train, then valid)."""
-    manifest = Path(manifest)
+    manifest = resolve_manifest(manifest, "train")
+    valid = None if valid is None else resolve_manifest(valid, "valid")
     if iteration == 1:
         extract, tag = mfcc_features, "mfcc39"
     elif iteration == 2:
@@ -336,7 +347,7 @@ def make_units(
 
     # 3. labels of every utterance, in shards, then the unit files
     written = []
-    for man in [manifest] + ([Path(valid)] if valid is not None else []):
+    for man in [manifest] + ([valid] if valid is not None else []):
         root, rows = (root, rows) if man == manifest else read_audio_manifest(man)
         lab_dir = cache / f"labels-{key}" / hashlib.sha1(str(man.resolve()).encode()).hexdigest()[:10]
         lab_dir.mkdir(parents=True, exist_ok=True)
@@ -364,8 +375,9 @@ def make_units(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="omnissl hubert-units", description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", required=True, help="training manifest (fairseq TSV); the k-means fit sample")
-    p.add_argument("--valid", help="another manifest to label with the same k-means model")
+    p.add_argument("--manifest", required=True,
+                   help="training manifest (fairseq TSV, or embedded:<size>); the k-means fit sample")
+    p.add_argument("--valid", help="another manifest (or embedded:<size>) to label with the same k-means model")
     p.add_argument("--iteration", type=int, choices=(1, 2), default=1)
     p.add_argument("--checkpoint", help="iteration 2: the previous iteration's omnissl checkpoint")
     p.add_argument("--config", help="iteration 2: the run's config.yaml (default: found above the checkpoint)")

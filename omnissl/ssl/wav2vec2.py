@@ -34,6 +34,10 @@ class Wav2Vec2(SSLModule):
     the conv stack for its 400-sample receptive field) are dropped and counted ("drop"), or stop the run
     naming their sample ids ("raise"). min_prob_perplexity / collapse_patience_steps: stop the run when the
     codebook's prob_perplexity stays below the threshold for that many optimizer steps (<= 0 disables).
+
+    Metrics: contrastive_bits (the contrastive loss per masked frame, in bits, as fairseq reports it),
+    accuracy (masked frames whose positive beats every distractor), diversity, code_perplexity,
+    prob_perplexity, temp, masked_frac (masked / valid frames), feature_pen, dropped_short (when any).
     """
 
     def __init__(

@@ -56,10 +56,14 @@ def test_generate_is_idempotent(tiny, name):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
 
 
-def test_incomplete_folder_is_rebuilt(tmp_path):
+def test_outdated_corpus_is_rebuilt(tmp_path):
+    import json
+
     out = tmp_path / "digits"
     labeled_images.generate(out, size="tiny")
-    (out / ".complete.json").unlink()
+    marker = json.loads((out / ".complete.json").read_text())
+    marker["config"]["version"] = -1  # written by another version of the generator
+    (out / ".complete.json").write_text(json.dumps(marker))
     (out / "train.tsv").write_text("garbage\n")
     found = labeled_images.generate(out, size="tiny")
     root, rows = read_manifest(found["train"])
