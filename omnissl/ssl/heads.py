@@ -56,3 +56,77 @@ class LabelEmbeddings(nn.Module):
 
     def forward(self) -> tuple[torch.Tensor, ...]:
         return self.weight.split(self.num_classes)
+
+
+class ConvDecoder1d(nn.Module):
+    """data2vec 2.0's light convolutional decoder for sequences (Baevski et al. 2023, sec. 2; fairseq
+    `Decoder1d`, modalities/modules.py): `layers` blocks of [grouped Conv1d(kernel, same padding) ->
+    LayerNorm over channels without affine -> GELU], each added to its input when the widths agree
+    (`decoder_residual`), then Linear(dim -> out_dim). Defaults: the audio base setting (4 layers, 384 wide,
+    kernel 7, 16 groups; `examples/data2vec/config/v2/base_audio_only_task.yaml`, REFERENCE §B.5).
+
+    forward: x (B, N, D) -> (B, N, out_dim). padding_mask (B, N) True at padding: padded positions are
+    zeroed before every convolution so they never leak into valid neighbours.
+    """
+
+    def __init__(self, *, in_dim: int, out_dim: int | None = None, dim: int = 384, layers: int = 4,
+                 kernel: int = 7, groups: int = 16, residual: bool = True) -> None:
+        super().__init__()
+        if kernel % 2 == 0:
+            raise ValueError(f"the decoder kernel must be odd to keep the length, got {kernel}")
+        for c in (in_dim, dim):
+            if c % groups:
+                raise ValueError(f"decoder groups {groups} must divide the widths {in_dim} and {dim}")
+        self.residual = residual
+        self.convs = nn.ModuleList(
+            nn.Conv1d(in_dim if i == 0 else dim, dim, kernel, padding=kernel // 2, groups=groups)
+            for i in range(layers)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, elementwise_affine=False) for _ in range(layers))
+        self.proj = nn.Linear(dim, in_dim if out_dim is None else out_dim)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        valid = None if padding_mask is None else (~padding_mask)[..., None].to(x.dtype)
+        for conv, norm in zip(self.convs, self.norms):
+            if valid is not None:
+                x = x * valid
+            h = conv(x.transpose(1, 2)).transpose(1, 2)  # (B, N, E)
+            h = torch.nn.functional.gelu(norm(h))
+            x = x + h if self.residual and h.shape[-1] == x.shape[-1] else h
+        return self.proj(x)
+
+
+class ConvDecoder2d(nn.Module):
+    """data2vec 2.0's convolutional decoder for patch grids (fairseq `Decoder2d`): as `ConvDecoder1d` with
+    grouped Conv2d(kernel x kernel) over the (rows, cols) grid. Defaults: image base (6 layers, 768 wide,
+    kernel 3, 16 groups; `examples/data2vec/config/v2/base_images_only_task.yaml`, REFERENCE §B.5).
+
+    forward: x (B, rows·cols, D) row-major, grid (rows, cols) -> (B, rows·cols, out_dim).
+    """
+
+    def __init__(self, *, in_dim: int, out_dim: int | None = None, dim: int = 768, layers: int = 6,
+                 kernel: int = 3, groups: int = 16, residual: bool = True) -> None:
+        super().__init__()
+        if kernel % 2 == 0:
+            raise ValueError(f"the decoder kernel must be odd to keep the grid, got {kernel}")
+        for c in (in_dim, dim):
+            if c % groups:
+                raise ValueError(f"decoder groups {groups} must divide the widths {in_dim} and {dim}")
+        self.residual = residual
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_dim if i == 0 else dim, dim, kernel, padding=kernel // 2, groups=groups)
+            for i in range(layers)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, elementwise_affine=False) for _ in range(layers))
+        self.proj = nn.Linear(dim, in_dim if out_dim is None else out_dim)
+
+    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        rows, cols = grid
+        b, n, _ = x.shape
+        if rows * cols != n:
+            raise ValueError(f"grid {grid} does not hold {n} tokens")
+        for conv, norm in zip(self.convs, self.norms):
+            h = conv(x.transpose(1, 2).reshape(b, -1, rows, cols)).flatten(2).transpose(1, 2)  # (B, N, E)
+            h = torch.nn.functional.gelu(norm(h))
+            x = x + h if self.residual and h.shape[-1] == x.shape[-1] else h
+        return self.proj(x)

@@ -93,3 +93,38 @@ def random_keep(
     if padding_mask is not None:
         noise = noise.masked_fill(padding_mask, 2.0)
     return _lowest_k(noise, torch.full((b,), n_keep, device=device))
+
+
+def inverse_block_mask(
+    grid: tuple[int, int],
+    batch: int,
+    *,
+    mask_prob: float = 0.8,
+    block: int = 3,
+    adjust: float = 0.07,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """data2vec 2.0's inverse block masking for a (rows, cols) patch grid (Baevski et al. 2023; fairseq
+    `compute_block_mask_2d` with `inverse_mask`): draw block centres, grow each into a `block` x `block`
+    square of *kept* patches covering about (1 - mask_prob)·(1 + adjust) of the grid, then make every row
+    keep exactly round((1 - mask_prob)·N) patches (`require_same_masks`): surplus kept patches are dropped
+    at random, missing ones added at random. Returns keep (B, N) bool (row-major over the grid); the masked
+    (predicted) patches are ~keep. Defaults: image base (mask_prob 0.8, 3 x 3 blocks, adjust 0.07).
+    """
+    rows, cols = grid
+    n = rows * cols
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    n_keep = int(round((1.0 - mask_prob) * n))
+    if not 1 <= n_keep < n:
+        raise ValueError(f"mask_prob {mask_prob} keeps {n_keep} of {n} patches; need at least one of each")
+    centres = max(1, int(round((1.0 - mask_prob) * (1.0 + adjust) * n / (block * block))))
+    scores = torch.rand(batch, n, generator=generator, device=device)
+    seeds = _lowest_k(scores, torch.full((batch,), centres, device=device)).float().view(batch, 1, rows, cols)
+    pad_lo = (block - 1) // 2
+    grown = torch.nn.functional.max_pool2d(
+        torch.nn.functional.pad(seeds, (pad_lo, block - 1 - pad_lo, pad_lo, block - 1 - pad_lo)), block, stride=1
+    ).view(batch, n) > 0
+    # kept-region patches rank first (in random order), then the others: exactly n_keep per row
+    scores = torch.rand(batch, n, generator=generator, device=device) + (~grown).float() * 2.0
+    return _lowest_k(scores, torch.full((batch,), n_keep, device=device))

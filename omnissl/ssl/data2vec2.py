@@ -1,0 +1,208 @@
+"""data2vec 2.0: efficient self-distillation (Baevski et al. 2023, "Efficient Self-supervised Learning with
+Contextualized Target Representations for Vision, Speech and Language", fairseq `data2vec_multi`).
+
+    x -> student embed -> tokens (B, N, D) --(no grad)--> EMA teacher (once per sample, unmasked)
+                             |                              -> top-K block outputs, instance-normed, averaged
+                             |                              -> target (B, N, D), repeated M times
+                             \\-> M clones (B·M) -> mask -> student trunk on visible tokens only (keep=)
+                                 -> scatter into N(0, 0.01²) noise at masked slots -> conv decoder = pred
+    loss = Σ_masked Σ_D (pred - target)² · scale         (scale 1/√D audio, 1 text)
+
+divided by the global number of masked positions (fairseq `d2v_loss`). Legend: B batch, M clones, N steps,
+K kept steps, D trunk width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from omnissl.backbones.encoder import Encoder
+from omnissl.backbones.protocol import Tokens
+from omnissl.batch import Batch
+from omnissl.ssl.base import SSLModule, StepOutput
+from omnissl.ssl.data2vec import (
+    FRONT_KEYS,
+    VarianceGuards,
+    check_teacher_in_checkpoint,
+    compute_var,
+    load_encoder_weights,
+    regression_loss,
+    shard_teacher,
+)
+from omnissl.ssl.heads import ConvDecoder1d, ConvDecoder2d
+from omnissl.ssl.masking import inverse_block_mask, span_mask
+from omnissl.ssl.targets import EMATeacher, drop_short, encoder_frames, top_k_targets
+
+
+class Data2Vec2(SSLModule):
+    """data2vec 2.0 on an injected sequence `Encoder` (audio; text through the recipe).
+
+    Defaults: audio BASE (`examples/data2vec/config/v2/base_audio_only_task.yaml`, REFERENCE §B.5):
+    M = 8 clones, top-8 block outputs instance-normed, conv decoder 4 x 384 kernel 7 groups 16, L2 / √D,
+    EMA 0.999 -> 0.99999 over 75 k updates, mask noise std 0.01; the teacher is fed the student's features
+    (`ema_local_encoder: false`), set teacher_embeds for a teacher that embeds on its own.
+
+    NOTE(ref): fairseq masks with `compute_block_mask_1d` (p 0.5, length 5, + 0.05 adjust, trimmed to exactly
+    ⌊0.5·N⌋ masked); we draw wav2vec-style overlapping spans (`span_mask`, same count per row), whose
+    coverage with p 0.65, length 5 is 1 - (1 - 0.13)^5 ≈ 50 % before `same_count` trims every row to
+    the batch's smallest count (fairseq masks exactly 50 %); raise mask_prob to mask more.
+    Patch-grid encoders (images; tokens with a grid) take inverse block masks (`inverse_block_mask`: keep
+    `mask_length` x `mask_length` blocks, then exactly (1 - mask_prob)·N kept, `block_adjust` extra centres)
+    and the 2-D decoder (decoder "2d"); image base: mask_prob 0.8, mask_length 3, block_adjust 0.07, M 16,
+    top_k 10 of 10, final_target_norm "layer", decoder 6 x 768 kernel 3, teacher_embeds true.
+    NOTE(ref): as in Data2Vec.targets, the teacher sees the student's tokens after its input dropout.
+    NOTE(ref): fairseq's image model adds `cls_loss 0.01` (the CLS token regresses the mean target); not here.
+
+    Metrics: loss, target_var, pred_var, ema_decay, masked_frac, dropped_short.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        *,
+        modality: str = "audio",
+        mask_prob: float = 0.65,  # see NOTE(ref): ~50 % of frames, as fairseq's mask_prob 0.5 block masks
+        mask_length: int = 5,  # audio base: mask_length 5
+        min_spans: int = 1,
+        clone_batch: int = 8,  # audio base M = 8 (text 8, image 16)
+        top_k: int = 8,  # audio: top 8 of 12 blocks
+        target_norm: str | None = "instance",
+        final_target_norm: str | None = None,
+        decoder_dim: int = 384,  # audio base decoder: 4 layers, 384 wide, kernel 7, 16 groups
+        decoder_layers: int = 4,
+        decoder_kernel: int = 7,
+        decoder_groups: int = 16,
+        decoder_residual: bool = True,
+        decoder: str = "1d",  # "2d" for patch grids (images)
+        block_adjust: float = 0.07,  # image base mask_prob_adjust (inverse block masks only)
+        mask_noise_std: float = 0.01,
+        loss_scale: float | None = None,  # None: 1 / sqrt(D) (audio); text 1
+        ema_decay: float = 0.999,  # audio: 0.999 -> 0.99999 over 75 k updates
+        ema_end_decay: float = 0.99999,
+        ema_anneal_steps: int = 75_000,
+        teacher_embeds: bool = False,  # fairseq ema_local_encoder (audio false; image/text true)
+        min_target_var: float = 0.1,
+        min_pred_var: float = 0.01,
+        var_guard_after_steps: int = 5_000,
+        short_utterances: str = "drop",
+        init_from: str | None = None,
+        **base,
+    ) -> None:
+        super().__init__(**base)
+        if clone_batch < 1:
+            raise ValueError(f"clone_batch must be >= 1, got {clone_batch}")
+        if not 1 <= top_k <= encoder.num_layers:
+            raise ValueError(f"top_k must be in [1, {encoder.num_layers}] for this encoder, got {top_k}")
+        if not 0.0 < mask_prob < 1.0 or mask_length < 1:
+            raise ValueError(f"need 0 < mask_prob < 1 and mask_length >= 1, got {mask_prob}, {mask_length}")
+        if short_utterances not in ("drop", "raise"):
+            raise ValueError(f"short_utterances must be 'drop' or 'raise', got {short_utterances!r}")
+        if init_from:
+            load_encoder_weights(encoder, init_from)
+        # the student sees visible tokens only, so the mask embedding is never used: frozen, so that no
+        # unused parameter reaches DDP's reducer (and the optimizer)
+        encoder.mask_emb.requires_grad_(False)
+        self.encoder, self.modality = encoder, modality
+        self.mask_prob, self.mask_length, self.min_spans = mask_prob, mask_length, min_spans
+        self.clone_batch, self.top_k = clone_batch, top_k
+        self.target_norm, self.final_target_norm = target_norm, final_target_norm
+        self.mask_noise_std, self.teacher_embeds = mask_noise_std, teacher_embeds
+        self.loss_scale = 1.0 / math.sqrt(encoder.dim) if loss_scale is None else loss_scale
+        self.short_utterances, self.dropped_short = short_utterances, 0
+        self.min_frames = max(min_spans + 1, 2 * mask_length)
+        if decoder not in ("1d", "2d"):
+            raise ValueError(f"decoder must be '1d' or '2d', got {decoder!r}")
+        self.block_adjust = block_adjust
+        make = ConvDecoder1d if decoder == "1d" else ConvDecoder2d
+        self.decoder = make(in_dim=encoder.dim, dim=decoder_dim, layers=decoder_layers, kernel=decoder_kernel,
+                            groups=decoder_groups, residual=decoder_residual)
+        self.teacher = EMATeacher(encoder, decay_start=ema_decay, decay_end=ema_end_decay,
+                                  anneal_steps=ema_anneal_steps, skip=() if teacher_embeds else FRONT_KEYS)
+        self.guards = VarianceGuards(min_target=min_target_var, min_pred=min_pred_var,
+                                     after_steps=var_guard_after_steps)
+
+    def _inputs(self, batch: Batch) -> tuple[Tensor, Tensor | None, int]:
+        x, lengths = batch.inputs[self.modality], batch.lengths.get(self.modality)
+        dropped = 0
+        if self.modality == "audio":
+            if lengths is None:
+                lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+                batch = Batch(batch.inputs, {"audio": lengths}, batch.targets, batch.ids)
+            batch, dropped = drop_short(batch, encoder_frames(self.encoder, lengths), self.min_frames,
+                                        policy=self.short_utterances, what="span masking")
+            x, lengths = batch.inputs["audio"], batch.lengths["audio"]
+        return x, lengths, dropped
+
+    @torch.no_grad()
+    def targets(self, tokens: Tokens, x: Tensor, lengths: Tensor | None) -> Tensor:
+        """One teacher pass over the B unmasked samples -> targets (B, N, D) fp32 (top-K block outputs)."""
+        if self.teacher_embeds:
+            tokens = self.teacher.module.embed(x, lengths)
+        else:
+            tokens = tokens._replace(x=tokens.x.detach())
+        out = self.teacher.module.encode(tokens, return_layers=True)
+        p = self.encoder.num_prefix
+        layers = [h[:, p:] for h in out.layers[1:]]
+        return top_k_targets(layers, self.top_k, norm=self.target_norm, final_norm=self.final_target_norm,
+                             padding_mask=tokens.padding_mask)
+
+    def step(self, batch: Batch) -> StepOutput:
+        x, lengths, dropped = self._inputs(batch)
+        self.dropped_short += dropped
+        tokens = self.encoder.embed(x, lengths)
+        b, n, d = tokens.x.shape
+        m = self.clone_batch
+        target = self.targets(tokens, x, lengths).repeat_interleave(m, 0)  # (B·M, N, D)
+
+        xs = tokens.x.repeat_interleave(m, 0)
+        pad = None if tokens.padding_mask is None else tokens.padding_mask.repeat_interleave(m, 0)
+        clones = Tokens(xs, pad, xs, tokens.grid, None)
+        g = self.generator(x.device)
+        if tokens.grid is not None:
+            mask = ~inverse_block_mask(tokens.grid, b * m, mask_prob=self.mask_prob, block=self.mask_length,
+                                       adjust=self.block_adjust, generator=g, device=x.device)
+        else:
+            mask = span_mask((b * m, n), padding_mask=pad, mask_prob=self.mask_prob, span=self.mask_length,
+                             min_spans=self.min_spans, same_count=True, generator=g, device=x.device)
+        # padding is never masked, so ~mask keeps the same count in every row; kept padding stays padding
+        keep = ~mask
+        out = self.encoder.encode(clones, keep=keep)
+        visible = out.last[:, self.encoder.num_prefix:]  # (B·M, K, D)
+        full = torch.randn(b * m, n, d, device=x.device, dtype=visible.dtype,
+                           generator=g) * self.mask_noise_std
+        full = full.masked_scatter(keep[..., None], visible)
+        if isinstance(self.decoder, ConvDecoder2d):
+            if tokens.grid is None or pad is not None:
+                raise ValueError("the 2-D decoder needs an unpadded patch grid (an image or spectrogram encoder)")
+            pred = self.decoder(full, tokens.grid)  # (B·M, N, D)
+        else:
+            pred = self.decoder(full, pad)
+
+        pred_m, target_m = pred[mask], target[mask]
+        count = mask.sum()
+        loss_sum = regression_loss(pred_m, target_m, beta=0.0, scale=self.loss_scale)
+        target_var = compute_var(target[:: m][mask[:: m]], self)  # each sample's targets once
+        pred_var = compute_var(pred_m, self)
+        if self.training and self._trainer is not None:
+            self.guards.check(float(target_var), float(pred_var), self.global_step)
+        valid = n * b if tokens.padding_mask is None else int((~tokens.padding_mask).sum())
+        metrics: dict[str, Tensor | float] = {
+            "target_var": target_var,
+            "pred_var": pred_var,
+            "ema_decay": self.teacher.decay,
+            "masked_frac": float(count) / max(valid * m, 1),
+        }
+        if dropped:
+            metrics["dropped_short"] = float(dropped)
+        return StepOutput(self.normalize(loss_sum, count), metrics, b)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_teacher_in_checkpoint(checkpoint, type(self).__name__)
+
+    def configure_model(self) -> None:
+        """As SSLModule, then shard the teacher's copy like the student (see Data2Vec.configure_model)."""
+        super().configure_model()
+        shard_teacher(self)

@@ -1,0 +1,438 @@
+"""data2vec v1 and 2.0: the EMA teacher (schedule, no gradients, decay 0, shard-local update, once per optimizer
+step under accumulation, checkpoint round trip, init from another objective), top-K targets against a naive
+reference, the 2.0 teacher running once per sample for M clones, collapse guards, loss goes down."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnissl.backbones.builders import tiny
+from omnissl.batch import Batch
+from omnissl.datamodules.synthetic import SyntheticDataModule
+from omnissl.ssl.data2vec import Data2Vec
+from omnissl.ssl.data2vec2 import Data2Vec2
+from omnissl.ssl.heads import ConvDecoder1d
+from omnissl.ssl.targets import CollapseError, EMATeacher, annealed_decay, top_k_targets
+from omnissl.train.optim import param_groups
+
+
+def v1(**kw) -> Data2Vec:
+    kw = {"top_k": 2, **kw}
+    return Data2Vec(tiny("audio"), **kw)
+
+
+def v2(**kw) -> Data2Vec2:
+    kw = {"top_k": 2, "clone_batch": 2, "decoder_dim": 32, "decoder_layers": 2, "decoder_groups": 4, **kw}
+    return Data2Vec2(tiny("audio"), **kw)
+
+
+def audio_batch(lengths, seed=0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    x = torch.randn(len(lengths), t, generator=g) * 0.1
+    lens = torch.tensor(lengths)
+    x = x.masked_fill(torch.arange(t)[None] >= lens[:, None], 0.0)
+    return Batch({"audio": x}, {"audio": lens}, ids=torch.arange(len(lengths)))
+
+
+def trainer(**kw) -> L.Trainer:
+    kw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+          "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0, **kw}
+    return L.Trainer(**kw)
+
+
+def data(**kw) -> SyntheticDataModule:
+    return SyntheticDataModule(**{"modality": "audio", "batch_size": 2, "train_size": 16, **kw})
+
+
+def teacher_state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith("teacher.")}
+
+
+# --- the EMA teacher -----------------------------------------------------------------------------------------
+
+
+def test_ema_decay_schedule_values():
+    t = EMATeacher(torch.nn.Linear(2, 2), decay_start=0.999, decay_end=0.9999, anneal_steps=30_000)
+    want = {0: 0.999, 1: 0.999 + 0.0009 / 30_000, 15_000: 0.99945, 30_000: 0.9999, 90_000: 0.9999}
+    for n, d in want.items():
+        t.num_updates.fill_(n)
+        assert t.decay == pytest.approx(d, abs=1e-12)
+    assert annealed_decay(0.999, 0.99999, 75_000 // 3, 75_000) == pytest.approx(0.999 + 0.00099 / 3)
+
+
+def test_teacher_gets_no_gradients_and_stays_out_of_the_optimizer():
+    for model in (v1(), v2()):
+        model.train()
+        assert not model.teacher.module.training  # eval mode whatever the parent's
+        out = model.step(audio_batch([16000, 12000]))
+        out.loss.backward()
+        assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+        in_opt = {id(p) for g in param_groups(model, 0.01) for p in g["params"]}
+        assert not in_opt & {id(p) for p in model.teacher.parameters()}
+        student = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("teacher.")]
+        assert student and all(dict(model.named_parameters())[n].grad is not None for n in student)
+
+
+def test_decay_zero_copies_the_student_and_decay_is_a_convex_mix():
+    student = tiny("audio")
+    t = EMATeacher(student, skip=())
+    before = {k: v.clone() for k, v in t.module.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    t.update(student, decay=0.25)
+    for (name, p), (_, s) in zip(t.module.named_parameters(), student.named_parameters()):
+        torch.testing.assert_close(p, 0.25 * before[name] + 0.75 * s)
+    t.update(student, decay=0.0)
+    for a, b in zip(t.module.state_dict().values(), student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_skip_and_copy_prefixes():
+    model = v1()  # skips the frontend, copies the positional conv (ema_layers_only)
+    t = model.teacher
+    front = t.module.frontend.convs[0].weight.clone()
+    block = t.module.trunk.blocks[0].fc1.weight.clone()
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    t.update(model.encoder, decay=0.5)
+    torch.testing.assert_close(t.module.frontend.convs[0].weight, front)
+    torch.testing.assert_close(t.module.trunk.blocks[0].fc1.weight, block + 0.5)
+    for a, b in zip(t.module.positions.parameters(), model.encoder.positions.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_update_runs_on_local_shards_of_dtensors():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        student = torch.nn.Linear(4, 6)
+        t = EMATeacher(student)
+        with torch.no_grad():
+            for mod, grad in ((student, True), (t.module, False)):
+                w = distribute_tensor(mod.weight.detach().clone(), mesh, [Shard(0)])
+                mod.weight = torch.nn.Parameter(w, requires_grad=grad)
+            want = 0.5 * t.module.weight.to_local() + 0.5 * (student.weight.to_local() + 1.0)
+            student.weight.add_(1.0)
+        t.update(student, decay=0.5)
+        assert isinstance(t.module.weight, DTensor)
+        torch.testing.assert_close(t.module.weight.to_local(), want)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_update_under_fsdp2_persists_in_the_shards():
+    """The teacher sharded with FSDP2 as configure_model does (blocks, then the encoder copy): after a forward
+    its root keeps unsharded views; the update must land in the sharded parameters and survive the next
+    all-gather (compared with an unsharded twin)."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    from omnissl.backbones.transformer import Block
+    from omnissl.ssl.data2vec import FRONT_KEYS
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = v1()
+        twin = copy.deepcopy(model)
+        twin.teacher.bind(twin.encoder)
+        for m in model.modules():
+            if isinstance(m, Block):
+                fully_shard(m, mesh=mesh)
+        for child in (model.encoder, model.head, model.teacher.module):
+            fully_shard(child, mesh=mesh)
+            if child is not model.head:
+                for method in ("embed", "encode"):
+                    register_fsdp_forward_method(child, method)
+        batch = audio_batch([8000, 8000])
+        for m in (model, twin):
+            m.step(batch).loss.backward()
+            with torch.no_grad():
+                for p in m.encoder.parameters():
+                    p.add_(0.5)
+            m.teacher.update(m.encoder, decay=0.5)
+        # what a checkpoint saves and the next all-gather reads: the sharded parameters
+        for m in model.teacher.module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        got = {n: p.full_tensor() for n, p in model.teacher.module.named_parameters()}
+        for n, p in twin.teacher.module.named_parameters():
+            if not n.startswith(FRONT_KEYS):
+                torch.testing.assert_close(got[n], p, msg=n)
+        with torch.no_grad():
+            tokens = twin.encoder.embed(batch.inputs["audio"])
+            want = twin.teacher.module.encode(tokens).last
+            torch.testing.assert_close(model.teacher.module.encode(tokens).last, want)
+    finally:
+        dist.destroy_process_group()
+
+
+class _Record(L.Callback):
+    def __init__(self) -> None:
+        self.updates, self.steps, self.losses, self.metrics = [], [], [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.updates.append(module.teacher.updates_seen)
+        self.steps.append(trainer.global_step)
+        self.losses.append(float(outputs["loss"]))
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def counting(model):
+    model.teacher.updates_seen = 0
+    orig = model.teacher.update
+
+    def update(student, decay=None):
+        model.teacher.updates_seen += 1
+        assert student is model.encoder
+        orig(student, decay)
+
+    model.teacher.update = update
+    return model
+
+
+def test_teacher_updates_once_per_optimizer_step_with_accumulation():
+    model = counting(v1(ema_decay=0.5, ema_end_decay=1.0, ema_anneal_steps=4))
+    rec = _Record()
+    trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[rec]).fit(model, data())
+    assert rec.steps == [0, 1, 1, 2, 2, 3]  # read after the optimizer step of the 2nd micro-batch
+    assert rec.updates == [0, 0, 1, 1, 2, 2]
+    assert int(model.teacher.num_updates) == 2 and model.teacher.decay == pytest.approx(0.75)
+    assert rec.metrics[-1]["train/ema_decay"] == pytest.approx(0.75)
+
+
+def test_teacher_round_trips_through_a_trainer_checkpoint(tmp_path):
+    model = v1(ema_decay=0.9, ema_end_decay=0.9)
+    t = trainer(max_steps=3, default_root_dir=tmp_path)
+    t.fit(model, data())
+    path = tmp_path / "d2v.ckpt"
+    t.save_checkpoint(path)
+    saved = teacher_state(model)
+    assert int(saved["teacher.num_updates"]) == 2
+    fresh = v1(ema_decay=0.9, ema_end_decay=0.9)
+    assert any(not torch.equal(saved[k], v) for k, v in teacher_state(fresh).items())
+    trainer(max_steps=3, default_root_dir=tmp_path).fit(fresh, data(), ckpt_path=path)  # restores, 0 new steps
+    for k, v in teacher_state(fresh).items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
+
+
+def test_resuming_from_a_checkpoint_without_teacher_fails_clearly(tmp_path):
+    model = v1()
+    t = trainer(max_steps=1, default_root_dir=tmp_path)
+    t.fit(model, data())
+    path = tmp_path / "other.ckpt"
+    t.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("teacher.")}
+    torch.save(ckpt, path)
+    for fresh in (v1(), v2()):
+        with pytest.raises(ValueError, match=r"no EMA teacher.*init_from"):
+            trainer(max_steps=2, default_root_dir=tmp_path).fit(fresh, data(), ckpt_path=path)
+
+
+def test_init_from_another_objectives_encoder_starts_the_teacher_as_its_copy(tmp_path):
+    other = tiny("audio")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in other.state_dict().items()}, "epoch": 3}, path)
+    for model in (v1(init_from=str(path)), v2(init_from=str(path))):
+        for (k, v), w in zip(model.encoder.state_dict().items(), other.state_dict().values()):
+            torch.testing.assert_close(v, w, rtol=0, atol=0)
+        for v, w in zip(model.teacher.module.state_dict().values(), other.state_dict().values()):
+            torch.testing.assert_close(v, w, rtol=0, atol=0)
+    torch.save({"state_dict": {"quantizer.weight": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match="no 'encoder.\\*' weights"):
+        v1(init_from=str(path))
+
+
+# --- targets -------------------------------------------------------------------------------------------------
+
+
+def naive_top_k(layers, k, norm, pad):
+    b, n, d = layers[0].shape
+    out = torch.zeros(b, n, d, dtype=torch.float64)
+    for i in range(b):
+        valid = n if pad is None else int((~pad[i]).sum())
+        for layer in layers[-k:]:
+            y = layer[i, :valid].double()
+            if norm == "instance":
+                y = (y - y.mean(0)) / (y.var(0, unbiased=False) + 1e-5).sqrt()
+            elif norm == "layer":
+                y = (y - y.mean(1, keepdim=True)) / (y.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+            out[i, :valid] += y / k
+    return out.float()
+
+
+@pytest.mark.parametrize("norm", ["instance", "layer", None])
+def test_top_k_targets_match_naive_reference(norm):
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(3, 9, 5, generator=g) * (i + 1) + i for i in range(4)]
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    pad[2, 4:] = True
+    for p in (None, pad):
+        got = top_k_targets(layers, 3, norm=norm, padding_mask=p)
+        torch.testing.assert_close(got, naive_top_k(layers, 3, norm, p), rtol=1e-4, atol=1e-5)
+    # without padding, instance norm is F.instance_norm over time (fairseq instance_norm_target_layer)
+    if norm == "instance":
+        ref = sum(F.instance_norm(h.transpose(1, 2)).transpose(1, 2) for h in layers[-2:]) / 2
+        torch.testing.assert_close(top_k_targets(layers, 2), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert top_k_targets([h.bfloat16() for h in layers], 2, norm=norm).dtype == torch.float32
+
+
+def test_v1_audio_targets_are_the_teachers_ffn_outputs():
+    model = v1().eval()
+    tokens = model.encoder.embed(torch.randn(2, 8000) * 0.1)
+    out = model.teacher.module.encode(tokens, return_layers="ffn")
+    torch.testing.assert_close(model.targets(tokens), top_k_targets(out.ffn, 2))
+
+
+def test_conv_decoder_shapes_and_padding_isolation():
+    dec = ConvDecoder1d(in_dim=16, dim=8, layers=3, kernel=3, groups=2)
+    x = torch.randn(2, 10, 16)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 7:] = True
+    y = dec(x, pad)
+    assert y.shape == (2, 10, 16)
+    x2 = x.clone()
+    x2[1, 7:] = 100.0  # what sits in padding never reaches valid positions
+    torch.testing.assert_close(dec(x2, pad)[1, :7], y[1, :7])
+
+
+# --- data2vec 2.0 --------------------------------------------------------------------------------------------
+
+
+def test_v2_teacher_runs_once_per_sample_for_m_clones():
+    model = v2(clone_batch=4)
+    calls = {"teacher": [], "student": []}
+    t_encode, s_encode = model.teacher.module.encode, model.encoder.encode
+    model.teacher.module.encode = lambda tok, **kw: calls["teacher"].append(tok.x.shape[0]) or t_encode(tok, **kw)
+    model.encoder.encode = lambda tok, **kw: calls["student"].append(tok.x.shape[0]) or s_encode(tok, **kw)
+    out = model.step(audio_batch([16000, 12000, 9000]))
+    assert calls == {"teacher": [3], "student": [12]}
+    assert torch.isfinite(out.loss) and 0.2 < out.metrics["masked_frac"] < 0.7
+
+
+def test_v2_masked_positions_only_and_same_target_for_every_clone():
+    model = v2(clone_batch=3).eval()
+    batch = audio_batch([16000, 12000])
+    tokens = model.encoder.embed(batch.inputs["audio"], batch.lengths["audio"])
+    target = model.targets(tokens, batch.inputs["audio"], batch.lengths["audio"])
+    assert target.shape == tokens.x.shape
+    assert (target[1][tokens.padding_mask[1]] == 0).all()
+
+
+# --- guards and training -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, metric", [({"min_target_var": 1e9}, "target_var"), ({"min_pred_var": 1e9}, "pred_var")])
+def test_variance_guards_stop_a_run_naming_the_metric(kw, metric):
+    model = v1(var_guard_after_steps=1, **kw)
+    with pytest.raises(CollapseError, match=metric):
+        trainer(max_steps=4).fit(model, data())
+
+
+def _train_and_check(make, steps, dm):
+    torch.manual_seed(0)
+    model = make(optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), var_guard_after_steps=0)
+    rec = _Record()
+    counting(model)
+    trainer(max_steps=steps, callbacks=[rec]).fit(model, dm)
+    first, last = sum(rec.losses[:5]) / 5, sum(rec.losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert min(m["train/target_var"] for m in rec.metrics) > 0.1  # the guard (active from step 0) never fired
+
+
+@pytest.mark.parametrize("make", [v1, v2], ids=["data2vec", "data2vec2"])
+def test_loss_goes_down_on_synthetic_audio(make):
+    _train_and_check(make, 20, data(batch_size=2, train_size=16, min_samples=4000, max_samples=6000))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [v1, v2], ids=["data2vec", "data2vec2"])
+def test_loss_goes_down_on_longer_synthetic_audio(make):
+    _train_and_check(make, 40, data(batch_size=4, train_size=32))
+
+
+@pytest.mark.parametrize("which", ["data2vec", "data2vec2"])
+def test_text_through_constructor_arguments_alone(which):
+    """data2vec on text: the text base settings (REFERENCE §B.4/§B.5) on a tiny text encoder, one training step."""
+    enc = tiny("text", vocab_size=64)
+    if which == "data2vec":
+        model = Data2Vec(enc, modality="text", mask_prob=0.35, mask_length=4, min_spans=1, top_k=2,
+                         target_source="layers", target_norm="layer", head_layers=2, loss_beta=4.0, loss_scale=1.0)
+    else:
+        model = Data2Vec2(enc, modality="text", mask_prob=0.48, mask_length=1, top_k=2, clone_batch=2,
+                          decoder_dim=32, decoder_layers=2, decoder_kernel=9, decoder_groups=1,
+                          decoder_residual=False, loss_scale=1.0, teacher_embeds=True)
+    rec = _Record()
+    counting(model)
+    trainer(max_steps=2, callbacks=[rec]).fit(model, data(modality="text", vocab_size=64, seq_len=32))
+    assert all(torch.isfinite(torch.tensor(rec.losses))) and rec.updates == [0, 1]
+
+
+# --- images: inverse block masks and the 2-D decoder -------------------------------------------------------
+
+
+def test_inverse_block_mask_keeps_exactly_and_in_blocks():
+    from omnissl.ssl.masking import inverse_block_mask
+
+    keep = inverse_block_mask((14, 14), 8, mask_prob=0.8, block=3, generator=torch.Generator().manual_seed(0))
+    assert keep.shape == (8, 196) and keep.dtype == torch.bool
+    assert (keep.sum(1) == round(0.2 * 196)).all()
+    # kept patches come in blocks: most have a kept 4-neighbour (i.i.d. keeping at 20 % would give ~59 %)
+    k = keep.view(8, 14, 14).float()
+    nb = F.max_pool2d(F.pad(k, (1, 1, 1, 1))[:, None], 3, stride=1)[:, 0]  # any kept in the 3x3 window
+    neighbours = F.conv2d(k[:, None], torch.tensor([[[[0, 1, 0], [1, 0, 1], [0, 1, 0.]]]]), padding=1)[:, 0]
+    frac = ((neighbours > 0) & (k > 0)).sum() / k.sum()
+    assert frac > 0.85 and (nb >= k).all()
+    a = inverse_block_mask((14, 14), 2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, inverse_block_mask((14, 14), 2, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="keeps"):
+        inverse_block_mask((2, 2), 1, mask_prob=0.99)
+
+
+def test_conv_decoder_2d_shape_and_locality():
+    from omnissl.ssl.heads import ConvDecoder2d
+
+    dec = ConvDecoder2d(in_dim=8, dim=8, layers=1, kernel=3, groups=2)
+    x = torch.randn(2, 5 * 6, 8)
+    y = dec(x, (5, 6))
+    assert y.shape == (2, 30, 8)
+    x2 = x.clone()
+    x2[:, 0] += 10.0  # patch (0, 0) reaches only its 3 x 3 neighbourhood in one layer
+    changed = (dec(x2, (5, 6)) - y).abs().sum(-1).view(2, 5, 6) > 0
+    assert changed[:, :2, :2].all() and not changed[:, 2:].any() and not changed[:, :, 2:].any()
+    with pytest.raises(ValueError, match="grid"):
+        dec(x, (4, 6))
+
+
+def test_v2_on_images_runs_with_inverse_block_masks():
+    model = Data2Vec2(tiny("image"), modality="image", mask_prob=0.8, mask_length=3, clone_batch=2, top_k=2,
+                      decoder="2d", decoder_dim=32, decoder_layers=2, decoder_kernel=3, decoder_groups=4,
+                      final_target_norm="layer", teacher_embeds=True, loss_scale=1.0)
+    rec = _Record()
+    counting(model)
+    trainer(max_steps=2, callbacks=[rec]).fit(model, data(modality="image", image_size=32))
+    assert all(torch.isfinite(torch.tensor(rec.losses))) and rec.updates == [0, 1]
+    assert rec.metrics[-1]["train/masked_frac"] == pytest.approx(1 - round(0.2 * 64) / 64)
