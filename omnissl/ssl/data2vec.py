@@ -22,7 +22,7 @@ from omnissl.backbones.encoder import Encoder
 from omnissl.batch import Batch
 from omnissl.ssl.base import SSLModule, StepOutput
 from omnissl.ssl.masking import span_mask
-from omnissl.ssl.targets import CollapseGuard, EMATeacher, drop_short, encoder_frames, top_k_targets
+from omnissl.ssl.targets import CollapseGuard, EMATeacher, maskable_batch, top_k_targets
 
 # Parts of the teacher's Encoder copy it never runs: it is fed the student's projected features
 # (fairseq `ema_transformer_only`), so only positions and trunk take part in the average.
@@ -183,16 +183,9 @@ class Data2Vec(SSLModule):
     # --- the objective ------------------------------------------------------------------------------------
 
     def _inputs(self, batch: Batch) -> tuple[Tensor, Tensor | None, int]:
-        x, lengths = batch.inputs[self.modality], batch.lengths.get(self.modality)
-        dropped = 0
-        if self.modality == "audio":
-            if lengths is None:
-                lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
-                batch = Batch(batch.inputs, {"audio": lengths}, batch.targets, batch.ids)
-            batch, dropped = drop_short(batch, encoder_frames(self.encoder, lengths), self.min_frames,
-                                        policy=self.short_utterances, what="span masking")
-            x, lengths = batch.inputs["audio"], batch.lengths["audio"]
-        return x, lengths, dropped
+        batch, dropped = maskable_batch(batch, self.modality, self.encoder, self.min_frames,
+                                        policy=self.short_utterances)
+        return batch.inputs[self.modality], batch.lengths.get(self.modality), dropped
 
     @torch.no_grad()
     def targets(self, tokens) -> Tensor:

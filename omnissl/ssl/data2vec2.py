@@ -34,7 +34,7 @@ from omnissl.ssl.data2vec import (
 )
 from omnissl.ssl.heads import ConvDecoder1d, ConvDecoder2d
 from omnissl.ssl.masking import inverse_block_mask, span_mask
-from omnissl.ssl.targets import EMATeacher, drop_short, encoder_frames, top_k_targets
+from omnissl.ssl.targets import EMATeacher, maskable_batch, top_k_targets
 
 
 class Data2Vec2(SSLModule):
@@ -125,16 +125,9 @@ class Data2Vec2(SSLModule):
                                      after_steps=var_guard_after_steps)
 
     def _inputs(self, batch: Batch) -> tuple[Tensor, Tensor | None, int]:
-        x, lengths = batch.inputs[self.modality], batch.lengths.get(self.modality)
-        dropped = 0
-        if self.modality == "audio":
-            if lengths is None:
-                lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
-                batch = Batch(batch.inputs, {"audio": lengths}, batch.targets, batch.ids)
-            batch, dropped = drop_short(batch, encoder_frames(self.encoder, lengths), self.min_frames,
-                                        policy=self.short_utterances, what="span masking")
-            x, lengths = batch.inputs["audio"], batch.lengths["audio"]
-        return x, lengths, dropped
+        batch, dropped = maskable_batch(batch, self.modality, self.encoder, self.min_frames,
+                                        policy=self.short_utterances)
+        return batch.inputs[self.modality], batch.lengths.get(self.modality), dropped
 
     @torch.no_grad()
     def targets(self, tokens: Tokens, x: Tensor, lengths: Tensor | None) -> Tensor:

@@ -22,7 +22,7 @@ from omnissl.ssl.base import SSLModule, StepOutput
 from omnissl.ssl.heads import LabelEmbeddings
 from omnissl.ssl.losses import cosine_cross_entropy
 from omnissl.ssl.masking import span_mask
-from omnissl.ssl.targets import IGNORE_INDEX, align_units, drop_short, encoder_frames
+from omnissl.ssl.targets import IGNORE_INDEX, align_units, maskable_batch
 
 
 class HuBERT(SSLModule):
@@ -143,13 +143,7 @@ class HuBERT(SSLModule):
         return labels, keep
 
     def step(self, batch: Batch) -> StepOutput:
-        x = batch.inputs["audio"]
-        lengths = batch.lengths.get("audio")
-        if lengths is None:
-            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
-            batch = Batch(batch.inputs, {"audio": lengths}, batch.targets, batch.ids)
-        batch, dropped = drop_short(batch, encoder_frames(self.encoder, lengths), self.min_frames,
-                                    policy=self.short_utterances, what="span masking")
+        batch, dropped = maskable_batch(batch, "audio", self.encoder, self.min_frames, policy=self.short_utterances)
         self.dropped_short += dropped
         x, lengths = batch.inputs["audio"], batch.lengths["audio"]
 

@@ -208,6 +208,20 @@ def encoder_frames(encoder: nn.Module, lengths: Tensor) -> Tensor:
     return torch.div(lengths, encoder.samples_per_token, rounding_mode="floor")
 
 
+def maskable_batch(batch: Batch, modality: str, encoder: nn.Module, min_frames: int, *, policy: str,
+                   what: str = "span masking") -> tuple[Batch, int]:
+    """Audio batches: fill in missing lengths and drop (or reject, naming the ids) utterances with fewer than
+    `min_frames` encoder frames, before they reach masking or the quantizer. Other modalities pass through.
+    Returns (batch, rows dropped)."""
+    if modality != "audio":
+        return batch, 0
+    x, lengths = batch.inputs["audio"], batch.lengths.get("audio")
+    if lengths is None:
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+        batch = Batch(batch.inputs, {**batch.lengths, "audio": lengths}, batch.targets, batch.ids)
+    return drop_short(batch, encoder_frames(encoder, lengths), min_frames, policy=policy, what=what)
+
+
 def drop_short(batch: Batch, frames: Tensor, min_frames: int, *, policy: str, what: str) -> tuple[Batch, int]:
     """Remove rows with fewer than `min_frames` encoder frames (policy "drop") or raise a ValueError naming
     their sample ids (policy "raise", or when every row is too short). Returns (batch, rows dropped)."""

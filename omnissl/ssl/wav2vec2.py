@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
 from omnissl.backbones.encoder import Encoder
@@ -20,7 +19,7 @@ from omnissl.batch import Batch
 from omnissl.ssl.base import SSLModule, StepOutput
 from omnissl.ssl.losses import contrastive_with_distractors
 from omnissl.ssl.masking import span_mask
-from omnissl.ssl.targets import CollapseGuard, GumbelQuantizer, drop_short, encoder_frames
+from omnissl.ssl.targets import CollapseGuard, GumbelQuantizer, maskable_batch
 
 
 class Wav2Vec2(SSLModule):
@@ -109,13 +108,7 @@ class Wav2Vec2(SSLModule):
         return (sq * valid).sum() / valid.sum().clamp(min=1.0)
 
     def step(self, batch: Batch) -> StepOutput:
-        x = batch.inputs["audio"]
-        lengths = batch.lengths.get("audio")
-        if lengths is None:
-            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
-            batch = Batch(batch.inputs, {"audio": lengths}, batch.targets, batch.ids)
-        batch, dropped = drop_short(batch, encoder_frames(self.encoder, lengths), self.min_frames,
-                                    policy=self.short_utterances, what="span masking")
+        batch, dropped = maskable_batch(batch, "audio", self.encoder, self.min_frames, policy=self.short_utterances)
         self.dropped_short += dropped
         x, lengths = batch.inputs["audio"], batch.lengths["audio"]
 
