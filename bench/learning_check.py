@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--size", default="small", choices=["tiny", "small", "default"], help="labeled task size")
     ap.add_argument("--task", default="keywords", choices=["keywords", "speakers"])
-    ap.add_argument("--extra", nargs="*", default=[], help="more LightningCLI arguments for the pretraining run")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="one more LightningCLI argument for the pretraining run, e.g. --extra=--model.init_args.x=1")
     args = ap.parse_args()
 
     from omnissl.cli import lightning_cli
