@@ -84,7 +84,10 @@ def main() -> None:
         units.main(["--manifest", "embedded:small", "--valid", "embedded:small", "--iteration", "1", "--clusters",
                     "50", "--sample-fraction", "0.5", "--seed", "0", "--out-ext", "km50"])
     common = ["-c", str(ROOT / "recipes/trainer/cpu.yaml"), "-c", str(recipe), "--trainer.max_steps",
-              str(args.steps), "--trainer.logger.init_args.mode", "csv", *args.extra]
+              str(args.steps), "--trainer.logger.init_args.mode", "csv"]
+    if "total_steps:" in recipe.read_text():  # the LR schedule must end with the run, not freeze it midway
+        common += ["--model.init_args.lr_scheduler.init_args.total_steps", str(args.steps)]
+    common += args.extra
     t0 = time.perf_counter()
     init = lightning_cli(common, run=False).model  # same seed -> the exact starting weights
     random_encoder = copy.deepcopy(init.encoder)
