@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from omnissl.datamodules.audio import AudioDataError, load_audio
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import (SkipLog, check_on_error, check_size, data_root, embedded_corpus, holdout,
-                                        is_embedded, make_loader, read_manifest)
+                                        is_embedded, read_manifest, split_loader)
 from omnissl.datamodules.text import cached_tokenizer, kind_info, load_tokenizer, tokenizer_info
 
 SAMPLE_RATE = 16_000
@@ -212,12 +212,7 @@ class AudioTextDataModule(L.LightningDataModule):
         return out
 
     def _loader(self, ds: Dataset | None, train: bool) -> DataLoader | list:
-        if ds is None:
-            if train:
-                raise RuntimeError("call setup() before asking for a dataloader")
-            return []
-        return make_loader(ds, trainer=self.trainer, batch_size=self.batch_size, shuffle=train, seed=self.seed,
-                           num_workers=self.num_workers, collate_fn=Collate(text_pad_id=self.pad_id))
+        return split_loader(self, ds, train, Collate(text_pad_id=self.pad_id))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)

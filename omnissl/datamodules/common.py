@@ -196,6 +196,16 @@ def holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
 # ------------------------------------------------------------------------------------------------- loading
 
 
+def split_loader(dm: Any, ds: "Dataset | None", train: bool, collate_fn: Callable) -> "DataLoader | list":
+    """The loader of one split of DataModule `dm` (batch_size, seed, num_workers, trainer); no valid split -> []."""
+    if ds is None:
+        if train:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return []
+    return make_loader(ds, trainer=dm.trainer, batch_size=dm.batch_size, shuffle=train, seed=dm.seed,
+                       num_workers=dm.num_workers, collate_fn=collate_fn)
+
+
 def make_loader(dataset: "Dataset", *, trainer: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int,
                 collate_fn: Callable, drop_last: bool = False) -> "DataLoader":
     """A DataLoader whose order is a function of (seed, epoch, rank): see the module docstring."""

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import (SkipLog, check_on_error, check_size, embedded_corpus, holdout, is_embedded,
-                                        make_loader, read_manifest)
+                                        read_manifest, split_loader)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -207,12 +207,7 @@ class ImageDataModule(L.LightningDataModule):
         return out
 
     def _loader(self, ds: Dataset | None, train: bool) -> DataLoader | list:
-        if ds is None:
-            if train:
-                raise RuntimeError("call setup() before asking for a dataloader")
-            return []
-        return make_loader(ds, trainer=self.trainer, batch_size=self.batch_size, shuffle=train, seed=self.seed,
-                           num_workers=self.num_workers, collate_fn=Collate())
+        return split_loader(self, ds, train, Collate())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)

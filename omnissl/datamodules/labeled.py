@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import (SkipLog, check_on_error, check_size, data_root, embedded_corpus,
-                                        file_fingerprint, is_embedded, make_loader, read_manifest)
+                                        file_fingerprint, is_embedded, read_manifest, split_loader)
 from omnissl.datamodules.image import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, eval_transform,
                                        list_images, train_transform)
 from omnissl.datamodules.text import (cached_tokenizer, decode_utf8, kind_info, load_tokenizer, resolve_tokenizer,
@@ -73,12 +73,7 @@ class _LabeledBase(L.LightningDataModule):
     classes: list[str]
 
     def _loader(self, ds: Dataset | None, train: bool) -> DataLoader | list:
-        if ds is None:
-            if train:
-                raise RuntimeError("call setup() before asking for a dataloader")
-            return []
-        return make_loader(ds, trainer=self.trainer, batch_size=self.batch_size, shuffle=train, seed=self.seed,
-                           num_workers=self.num_workers, collate_fn=self.collate)
+        return split_loader(self, ds, train, self.collate)
 
     @property
     def num_classes(self) -> int:

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import (check_on_error, check_size, data_root, embedded_corpus, file_fingerprint,
-                                        file_sha1, holdout, is_embedded, make_loader, read_manifest)
+                                        file_sha1, holdout, is_embedded, read_manifest, split_loader)
 
 KINDS = ("bpe", "wordpiece")
 # role -> token; both layouts put the five specials at ids 0..4 (RoBERTa's and BERT's orders)
@@ -581,12 +581,7 @@ class TextDataModule(L.LightningDataModule):
         return ranges
 
     def _loader(self, ds: Dataset | None, train: bool) -> DataLoader | list:
-        if ds is None:
-            if train:
-                raise RuntimeError("call setup() before asking for a dataloader")
-            return []
-        return make_loader(ds, trainer=self.trainer, batch_size=self.batch_size, shuffle=train, seed=self.seed,
-                           num_workers=self.num_workers, collate_fn=Collate(text_pad_id=self.pad_id))
+        return split_loader(self, ds, train, Collate(text_pad_id=self.pad_id))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)
