@@ -72,10 +72,13 @@ class Encoder(nn.Module):
         return 0 if self.cls_token is None else 1
 
     def embed(self, x: Tensor, lengths: Tensor | None = None, *, grad_scale: float = 1.0) -> Tokens:
-        """Raw input -> Tokens. grad_scale multiplies the gradient reaching the frontend."""
+        """Raw input -> Tokens. grad_scale multiplies the gradient reaching the frontend; 0.0 runs the frontend
+        under no_grad (fairseq `feature_grad_mult: 0.0`), so its weights get no gradient at all (None, not
+        zeros: AdamW would still move zero-gradient weights by weight decay and momentum)."""
         if lengths is not None and lengths.shape != (x.shape[0],):
             raise ValueError(f"lengths must have shape ({x.shape[0]},), got {tuple(lengths.shape)}")
-        feats, valid, grid = self.frontend(x, lengths)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and grad_scale != 0.0):
+            feats, valid, grid = self.frontend(x, lengths)
         if grad_scale != 1.0 and torch.is_grad_enabled():
             feats = GradMultiply.apply(feats, grad_scale)
         normed = self.feature_norm(feats)
