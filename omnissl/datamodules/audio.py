@@ -10,7 +10,8 @@ Inputs
   opus/mp3 where libsndfile decodes them); `omnissl data manifest FOLDER --out FILE` writes the manifest once.
 * **Embedded corpora** (generated on first use under `$OMNISSL_DATA`, default `~/.cache/omnissl`, in
   `prepare_data`; see `omnissl.datamodules.corpora.speech` / `.labeled_speech`):
-  `"embedded:small"`, `"embedded:default"`, `"embedded:tiny"` (= `"embedded:speech:<size>"`): espeak-ng speech;
+  `"embedded:small"`, `"embedded:default"`, `"embedded:tiny"` (= `"embedded:speech:<size>"`): espeak-ng speech
+  (with `.wrd`/`.ltr` transcripts beside each split's manifest, for the CTC probe);
   `"embedded:keywords:<size>"`, `"embedded:speakers:<size>"`: labeled sets. The split is taken from the
   argument: `train_manifest` -> train.tsv, `valid_manifest` -> valid.tsv, `test_manifest` -> test.tsv.
 * **Frame-level units** (HuBERT targets): with `units="km"`, `train.tsv` is paired with `train.km` beside it,
@@ -541,8 +542,6 @@ def resolve_embedded(spec: str, split: str) -> tuple[str, str, str]:
             f"unknown embedded audio corpus {spec!r}; expected embedded:<size> or embedded:<name>:<size> with "
             "name in speech, keywords, speakers and size in tiny, small, default"
         )
-    if name == "speech" and split == "test":
-        raise ValueError(f"{spec!r} has no test split (only train and valid)")
     return name, size, f"{split}.tsv"
 
 

@@ -375,8 +375,7 @@ def test_embedded_spec_parsing():
     assert resolve_embedded("embedded:speech", "valid") == ("speech", "default", "valid.tsv")
     with pytest.raises(ValueError, match="unknown embedded"):
         AudioDataModule(train_manifest="embedded:huge")
-    with pytest.raises(ValueError, match="no test split"):
-        AudioDataModule(test_manifest="embedded:small")
+    assert resolve_embedded("embedded:small", "test") == ("speech", "small", "test.tsv")
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ def digest(folder: Path) -> dict[str, str]:
     for p in sorted(folder.rglob("*")):
         if p.suffix == ".wav":
             out[p.relative_to(folder).as_posix()] = hashlib.sha1(p.read_bytes()).hexdigest()
-        elif p.suffix == ".tsv":
+        elif p.suffix in (".tsv", ".wrd", ".ltr"):
             out[p.name] = hashlib.sha1("\n".join(p.read_text().splitlines()[1:]).encode()).hexdigest()
     return out
 
@@ -56,16 +56,35 @@ def test_espeak_synth_and_word_events():
 
 
 def test_tiny_corpus_layout(tiny_corpus):
-    train, valid = read_audio_manifest(tiny_corpus / "train.tsv"), read_audio_manifest(tiny_corpus / "valid.tsv")
-    assert len(train) >= 4 and len(valid) >= 2  # utterance 0 of every shard is validation
+    train, valid, test = (read_audio_manifest(tiny_corpus / f"{s}.tsv") for s in ("train", "valid", "test"))
+    assert len(train) >= 4 and len(valid) == len(test) == 2  # utterances 0 and 1 of each shard are held out
     assert train.root == tiny_corpus
-    total = (train.sizes.sum() + valid.sizes.sum()) / 16_000
+    total = (train.sizes.sum() + valid.sizes.sum() + test.sizes.sum()) / 16_000
     assert 55 < total < 100
+    for split, m in (("train", train), ("valid", valid), ("test", test)):
+        wrd = (tiny_corpus / f"{split}.wrd").read_text().splitlines()
+        ltr = (tiny_corpus / f"{split}.ltr").read_text().splitlines()
+        assert len(wrd) == len(ltr) == len(m)  # one transcript per manifest line
+        for w, letter_line in zip(wrd, ltr):
+            assert w and set(w) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ") and "  " not in w
+            assert letter_line.replace(" ", "").replace("|", " ").strip() == w
+            assert letter_line.endswith("|") and letter_line.count("|") == len(w.split())
+        # about 10-20 characters per second of espeak speech: the transcript belongs to this audio
+        rates = [len(w) / (n / 16_000) for w, n in zip(wrd, m.sizes)]
+        assert all(5 < r < 30 for r in rates), rates
     for rel, n in zip(train.paths, train.sizes):
         info = sf.info(str(tiny_corpus / rel))
         assert (info.samplerate, info.channels, info.frames, info.subtype) == (16_000, 1, n, "PCM_16")
     x, _ = sf.read(tiny_corpus / train.paths[0], dtype="float32")
     assert 0.01 < np.abs(x).max() <= 1.0 and np.sqrt(np.mean(x**2)) > 1e-3
+
+
+def test_transcript_normalization():
+    assert speech.normalize_transcript("However, the 'password' argument is low-level.") == (
+        "HOWEVER THE PASSWORD ARGUMENT IS LOW LEVEL")
+    assert speech.normalize_transcript("You don't care about the caller's frame; b'' at EOF!") == (
+        "YOU DON'T CARE ABOUT THE CALLER'S FRAME B AT EOF")
+    assert speech.letters("HI THERE") == "H I | T H E R E |"
 
 
 def test_generation_is_byte_identical_and_idempotent(tiny_corpus, tmp_path):
@@ -159,7 +178,7 @@ def test_manifest_and_inspect_commands(tiny_corpus, tmp_path, capsys):
     out = tmp_path / "scan.tsv"
     assert main(["manifest", str(tiny_corpus / "wav"), "--out", str(out)]) == 0
     m = read_audio_manifest(out)
-    listed = [read_audio_manifest(tiny_corpus / f"{s}.tsv") for s in ("train", "valid")]
+    listed = [read_audio_manifest(tiny_corpus / f"{s}.tsv") for s in ("train", "valid", "test")]
     assert len(m) == sum(len(x) for x in listed)
     png = tmp_path / "hist.png"
     assert main(["inspect", str(out), "--png", str(png)]) == 0

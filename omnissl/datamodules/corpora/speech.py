@@ -9,8 +9,15 @@ three sentences (about 2-16 s). The native rate is 22050 Hz; audio is resampled 
 16-bit PCM wav files with a fairseq-style manifest:
 
     OUT/wav/<shard>/<utterance>.wav
-    OUT/train.tsv, OUT/valid.tsv   first line: the root directory; then "relative_path<TAB>num_samples"
+    OUT/{train,valid,test}.tsv     first line: the root directory; then "relative_path<TAB>num_samples"
+    OUT/{train,valid,test}.wrd     the transcript of each manifest line: upper-case words (fairseq's `.wrd`)
+    OUT/{train,valid,test}.ltr     the same as letters, "|" ending each word: "H I | T H E R E |" (fairseq's `.ltr`)
     OUT/.complete.json             written last (see `common.cached_generation`): the corpus is complete
+
+Transcripts are the spoken text normalized by `normalize_transcript` (hyphens split words, other punctuation
+and quoting apostrophes dropped, word-internal apostrophes kept: "DON'T"). Splits: utterance i of each shard
+goes to valid when i % 20 == 0, to test when i % 20 == 1 (5 % each; the CTC probe's held-out sets), else to
+train.
 
 Determinism: espeak-ng keeps state between utterances inside one process (echo and filter memories that
 `espeak_Terminate`/`espeak_Initialize` do not reset), and seeds its noise generator from the clock. So each
@@ -40,7 +47,7 @@ import numpy as np
 from omnissl.datamodules.common import cached_generation, write_manifest
 
 SAMPLE_RATE = 16_000
-VERSION = 2
+VERSION = 3  # 3: test split, .wrd/.ltr transcripts
 
 # size -> (number of shards, seconds of audio per shard). One shard = one fresh synthesis process.
 SIZES: dict[str, tuple[int, float]] = {
@@ -48,7 +55,8 @@ SIZES: dict[str, tuple[int, float]] = {
     "small": (4, 300.0),
     "default": (16, 510.0),
 }
-VALID_EVERY = 20  # utterance i of a shard with i % VALID_EVERY == 0 goes to valid.tsv (5 %)
+VALID_EVERY = 20  # utterance i of a shard goes to valid.tsv when i % 20 == 0, to test.tsv when i % 20 == 1
+SPLITS = ("train", "valid", "test")
 
 # Accent voices of the shipped espeak-ng data (`lang/gmw/en*`; en-Shaw is the Shavian script, left out).
 ACCENTS = (
@@ -235,6 +243,20 @@ def sentences(seed: int = 0) -> list[str]:
     return out
 
 
+_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
+
+
+def normalize_transcript(text: str) -> str:
+    """Spoken text -> upper-case words separated by single spaces: hyphens split words ("low-level" ->
+    "LOW LEVEL"), punctuation and quoting apostrophes go, word-internal apostrophes stay ("DON'T")."""
+    return " ".join(w.upper() for w in _WORD.findall(text.replace("-", " ")))
+
+
+def letters(transcript: str) -> str:
+    """fairseq's `.ltr` form of a normalized transcript: letters separated by spaces, "|" after each word."""
+    return " ".join(" ".join(w) + " |" for w in transcript.split())
+
+
 def words(seed: int = 0) -> list[str]:
     """The distinct lower-case words (>= 2 letters) of `sentences()`, shuffled by `seed`."""
     vocab = sorted({w.lower() for s in _stdlib_sentences() for w in re.findall(r"[A-Za-z]{2,}", s)})
@@ -321,8 +343,9 @@ def _worker_setup(seed: int) -> Espeak:
     return engine
 
 
-def _speech_shard(out: str, shard: int, seed: int, seconds: float, texts: list[str]) -> list[tuple[str, int]]:
-    """Synthesize one shard: utterances until `seconds` of audio. Returns [(relative path, num_samples)]."""
+def _speech_shard(out: str, shard: int, seed: int, seconds: float, texts: list[str]) -> list[tuple[str, int, str]]:
+    """Synthesize one shard: utterances until `seconds` of audio. Returns [(relative path, num_samples,
+    spoken text)]."""
     import soundfile as sf
 
     engine = _worker_setup(seed * 1_000_003 + shard)
@@ -342,7 +365,7 @@ def _speech_shard(out: str, shard: int, seed: int, seconds: float, texts: list[s
         audio = to_16k(wav, engine.sample_rate).clamp(-1.0, 1.0).numpy()
         rel = f"wav/{shard:03d}/{i:05d}.wav"
         sf.write(Path(out) / rel, audio, SAMPLE_RATE, subtype="PCM_16")
-        rows.append((rel, len(audio)))
+        rows.append((rel, len(audio), text))
         total += len(audio) / SAMPLE_RATE
         i += 1
     return rows
@@ -351,7 +374,7 @@ def _speech_shard(out: str, shard: int, seed: int, seconds: float, texts: list[s
 def generate(out: Path, size: str = "small", seed: int = 0) -> Path:
     """Generate the embedded speech corpus into `out` (idempotent: returns at once when a complete corpus with
     the same size, seed and stack is there; see `common.cached_generation`). Returns `out/train.tsv`;
-    `out/valid.tsv` sits beside it."""
+    `valid.tsv`, `test.tsv` and the transcripts (`<split>.wrd`, `<split>.ltr`) sit beside it."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     config = {"kind": "speech", "size": size, "seed": seed, "version": VERSION, "python": sys.version[:4]}
@@ -360,12 +383,15 @@ def generate(out: Path, size: str = "small", seed: int = 0) -> Path:
         shards, seconds = SIZES[size]
         texts = sentences(seed)
         jobs = [(str(tmp), s, seed, seconds, texts) for s in range(shards)]
-        train, valid = [], []
+        split_rows: dict[str, list[tuple[str, int, str]]] = {s: [] for s in SPLITS}
         for rows in run_shards(_speech_shard, jobs, desc=f"speech corpus ({size})"):
             for i, row in enumerate(rows):
-                (valid if i % VALID_EVERY == 0 else train).append(row)
-        write_manifest(tmp / "train.tsv", final, train)
-        write_manifest(tmp / "valid.tsv", final, valid)
-        return {"train": "train.tsv", "valid": "valid.tsv"}
+                split_rows[SPLITS[{0: 1, 1: 2}.get(i % VALID_EVERY, 0)]].append(row)
+        for split, rows in split_rows.items():
+            write_manifest(tmp / f"{split}.tsv", final, [(rel, n) for rel, n, _ in rows])
+            transcripts = [normalize_transcript(text) for _, _, text in rows]
+            for ext, lines in (("wrd", transcripts), ("ltr", [letters(t) for t in transcripts])):
+                (tmp / f"{split}.{ext}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        return {s: f"{s}.tsv" for s in SPLITS}
 
     return cached_generation(Path(out).expanduser(), config, build)["train"]
