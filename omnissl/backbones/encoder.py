@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from omnissl.backbones.config import recorded
 from omnissl.backbones.protocol import BackboneOutput, Tokens
 from omnissl.backbones.transformer import Transformer
 
@@ -33,11 +34,13 @@ def padding_mask_from_lengths(lengths: Tensor | None, n: int) -> Tensor | None:
     return torch.arange(n, device=lengths.device)[None] >= lengths[:, None]
 
 
+@recorded
 class Encoder(nn.Module):
     """frontend -> [LayerNorm] -> [Linear C->D] -> dropout ... mask / positions / keep ... -> trunk.
 
     feature_norm / project: wav2vec 2.0's `layer_norm` + `post_extract_proj` (the projection is added
-    automatically when the frontend width differs from the trunk's). positions: ConvPositions,
+    automatically when the frontend width differs from the trunk's); feature_norm_eps: that LayerNorm's eps
+    (HF wav2vec 2.0 / HuBERT use the trunk's `layer_norm_eps`). positions: ConvPositions,
     LearnedPositions, SinCosPositions or None. cls_token: prepend a learned CLS token (ViT, MAE) that is
     never masked or dropped and sits at index 0 of every output.
     """
@@ -49,6 +52,7 @@ class Encoder(nn.Module):
         *,
         positions: nn.Module | None = None,
         feature_norm: bool = True,
+        feature_norm_eps: float = 1e-5,
         project: bool | None = None,
         dropout_input: float = 0.0,
         cls_token: bool = False,
@@ -56,7 +60,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.frontend, self.trunk, self.positions = frontend, trunk, positions
         c, d = frontend.out_dim, trunk.dim
-        self.feature_norm = nn.LayerNorm(c) if feature_norm else nn.Identity()
+        self.feature_norm = nn.LayerNorm(c, eps=feature_norm_eps) if feature_norm else nn.Identity()
         project = (c != d) if project is None else project
         if not project and c != d:
             raise ValueError(f"frontend width {c} != trunk width {d}: a projection is required")

@@ -14,6 +14,8 @@ import torchaudio
 from einops import rearrange
 from torch import Tensor, nn
 
+from omnissl.backbones.config import recorded
+
 # wav2vec 2.0's feature encoder: (channels, kernel, stride) per layer; stride 320, receptive field 400
 # samples (25 ms) at 16 kHz (Baevski et al. 2020, sec. 2; fairseq `conv_feature_layers`).
 WAV2VEC2_CONV = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
@@ -49,6 +51,7 @@ class _Windows(torch.autograd.Function):
         return out, None, None
 
 
+@recorded
 class ConvFeatureExtractor(nn.Module):
     """The wav2vec 2.0 convolutional feature encoder on raw 16 kHz audio.
 
@@ -145,6 +148,7 @@ class ConvFeatureExtractor(nn.Module):
         return h, valid, None
 
 
+@recorded
 class LogMelPatches(nn.Module):
     """Log-mel filterbank of 16 kHz audio cut into (time × frequency) patches (AST / AudioMAE / SSAST).
 
@@ -219,6 +223,7 @@ class LogMelPatches(nn.Module):
                          pf=self.patch_freq)
 
 
+@recorded
 class ImagePatches(nn.Module):
     """ViT patch embedding: non-overlapping `patch`×`patch` patches by a strided Conv2d, any image size
     divisible by the patch (Dosovitskiy et al. 2021)."""
@@ -244,6 +249,7 @@ class ImagePatches(nn.Module):
         return rearrange(x, "b c (gh p) (gw q) -> b (gh gw) (p q c)", p=self.patch, q=self.patch)
 
 
+@recorded
 class TokenEmbedding(nn.Module):
     """Token ids -> embeddings (BERT/RoBERTa word embeddings); `pad_id` rows stay zero."""
 

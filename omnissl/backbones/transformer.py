@@ -18,6 +18,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from omnissl.backbones.config import recorded
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with one fused input projection."""
@@ -79,6 +81,7 @@ class Block(nn.Module):
         return self.norm2(x + h), h
 
 
+@recorded
 class Transformer(nn.Module):
     """A stack of blocks with the input LayerNorm (post-LN) or final LayerNorm (pre-LN) of fairseq/HF.
 
@@ -178,6 +181,7 @@ def init_bert_params(module: nn.Module) -> None:
 # Positional options. Each maps x (B, N, D) -> x + positions, given the padding mask and the 2-D grid.
 
 
+@recorded
 class ConvPositions(nn.Module):
     """wav2vec 2.0's convolutional relative position embedding: a weight-normed grouped Conv1d (kernel 128,
     16 groups), same-padding, GELU, added to the input (Baevski et al. 2020, sec. 2)."""
@@ -201,34 +205,56 @@ class ConvPositions(nn.Module):
         return x + rearrange(F.gelu(h), "b d n -> b n d")
 
 
+@recorded
 class LearnedPositions(nn.Module):
-    """Learned absolute positions (RoBERTa, BERT), N(0, 0.02) init."""
+    """Learned absolute positions (RoBERTa, BERT), N(0, 0.02) init.
+
+    grid: (rows, cols) of a fixed patch layout (ViT's table, max_len = rows * cols): inputs must have exactly
+    that grid, since the first N rows of a row-major table are not the positions of a smaller grid.
+    frozen: the table is not trained (requires_grad False), e.g. a fixed sin-cos table imported as values
+    (HF ViTMAE).
+    """
 
     relative = False
 
-    def __init__(self, dim: int, *, max_len: int = 512) -> None:
+    def __init__(self, dim: int, *, max_len: int = 512, grid: tuple[int, int] | None = None,
+                 frozen: bool = False) -> None:
         super().__init__()
-        self.max_len = max_len
-        self.weight = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        if grid is not None:
+            grid = (int(grid[0]), int(grid[1]))
+            if grid[0] * grid[1] != max_len:
+                raise ValueError(f"grid {grid} must hold max_len = {max_len} positions")
+        self.max_len, self.grid = max_len, grid
+        self.weight = nn.Parameter(torch.randn(max_len, dim) * 0.02, requires_grad=not frozen)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None, grid: tuple[int, int] | None = None) -> Tensor:
         n = x.shape[1]
+        if self.grid is not None and (grid is None or tuple(grid) != self.grid):
+            raise ValueError(f"these learned positions are for a {self.grid} patch grid, got {grid}")
         if n > self.max_len:
             raise ValueError(f"sequence of {n} tokens exceeds the {self.max_len} learned positions")
         return x + self.weight[:n].to(x.dtype)
 
 
+@recorded
 class SinCosPositions(nn.Module):
     """Fixed sin-cos positions: 1-D over the sequence (Vaswani et al. 2017), or 2-D over a (rows, cols)
-    patch grid with half the channels per axis (MAE, He et al. 2022). Computed for any size."""
+    patch grid with half the channels per axis (MAE, He et al. 2022). Computed for any size.
+
+    2-D layout: [sin | cos of the row index | sin | cos of the column index]; cols_first puts the column half
+    first, the layout of MAE's released `get_2d_sincos_pos_embed` (its h/w naming swap) and so of HF ViTMAE
+    checkpoints.
+    """
 
     relative = False
 
-    def __init__(self, dim: int, *, two_d: bool = False) -> None:
+    def __init__(self, dim: int, *, two_d: bool = False, cols_first: bool = False) -> None:
         super().__init__()
         if dim % (4 if two_d else 2):
             raise ValueError(f"sin-cos positions need a width divisible by {4 if two_d else 2}, got {dim}")
-        self.dim, self.two_d = dim, two_d
+        if cols_first and not two_d:
+            raise ValueError("cols_first only applies to 2-D sin-cos positions (two_d=True)")
+        self.dim, self.two_d, self.cols_first = dim, two_d, cols_first
 
     @staticmethod
     def table(dim: int, pos: Tensor) -> Tensor:
@@ -247,5 +273,6 @@ class SinCosPositions(nn.Module):
             torch.arange(grid[0], device=x.device), torch.arange(grid[1], device=x.device), indexing="ij"
         )
         half = self.dim // 2
-        pe = torch.cat([self.table(half, rows.flatten()), self.table(half, cols.flatten())], dim=1)
+        axes = (cols, rows) if self.cols_first else (rows, cols)
+        pe = torch.cat([self.table(half, axes[0].flatten()), self.table(half, axes[1].flatten())], dim=1)
         return x + pe.to(x.dtype)
