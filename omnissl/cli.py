@@ -3,6 +3,7 @@
     omnissl fit -c recipes/trainer/default.yaml -c recipes/audio/wav2vec2_base.yaml
     omnissl data generate speech --size small --out DIR
     omnissl hubert-units --manifest train.tsv --iteration 1 --clusters 100
+    omnissl export runs/.../last.ckpt out/ [--hf] [--heads]
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         from omnissl.ssl.units import main as units_main
 
         sys.exit(units_main(args[1:]))
+    if args and args[0] == "export":
+        from omnissl.eval.export import main as export_main
+
+        sys.exit(export_main(args[1:]))
     lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
 
 

@@ -1,185 +1,358 @@
-"""Weight conversion between Hugging Face `transformers` models and our `Encoder`.
+"""Encoder packages, checkpoint export, and the Hugging Face conversions (omnissl/eval/hf.py).
 
-Import (HF -> ours), by copying weights into an encoder built from our own classes:
+An encoder package is a directory
 
-    encoder_from_hf_roberta(model)    transformers.RobertaModel          -> text Encoder (post-LN)
-    encoder_from_hf_wav2vec2(model)   transformers.Wav2Vec2Model / HubertModel -> audio Encoder
+    config.json        {"format": "omnissl-backbone", "version": 1, "encoder": {"class", "args"}, "heads": {...},
+                        "info": {...}}: the module tree as constructor arguments (backbones/config.py)
+    model.safetensors  "encoder.*" weights (frontend included) and, when asked, "heads.<name>.*"; its metadata
+                       holds a copy of config.json's "encoder" and "heads" entries
 
-The imported encoder reproduces the HF model's `hidden_states` at every layer (tests/eval/
-test_hf_faithfulness.py) for right-padded batches. It is returned in fp32 and in train mode like any fresh
-module; call `.eval()` for inference. A config option our encoder cannot represent raises ValueError naming it.
-Heads that are not part of the encoder (RoBERTa's pooler, wav2vec 2.0's quantizer) are not imported.
+    save_backbone(encoder, dir, heads=None)   write one (heads: objective modules whose weights ride along)
+    load_backbone(dir) -> Encoder             rebuild it (train mode, like any fresh module; call .eval())
+    load_head_weights(dir) -> {name: state}   the heads' weights (never instantiated here)
+
+Loading is data-only: JSON and safetensors, no pickle, and only `@recorded` omnissl.backbones classes are ever
+instantiated. config.json must agree with the copy in model.safetensors (an edited option is named), and
+the weights must match the rebuilt module key for key and shape for shape (a missing, unexpected or
+mis-shaped key is named). "info" (widths, frame rate, where the package came from) is informational only.
+
+    omnissl export CHECKPOINT DIR [--hf] [--heads] [--image-size H [W]] [--overwrite]
+
+reads a Lightning checkpoint of any objective with `torch.load(weights_only=True)` (a checkpoint holding
+pickled objects other than tensors and plain data is refused), rebuilds the objective's encoder from the
+description SSLModule stores in every checkpoint (`checkpoint["omnissl"]`), and writes a package, or with
+--hf a transformers directory (`from_pretrained(dir)` offline; families and unmapped options in hf.py).
+--heads adds the objective's other modules (package: all of them, e.g. quantizer, decoder, teacher; --hf:
+wav2vec 2.0's quantizer, project_q and final_proj -> Wav2Vec2ForPreTraining).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import argparse
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from omnissl.backbones.config import build_module, module_config
 from omnissl.backbones.encoder import Encoder
-from omnissl.backbones.frontends import ConvFeatureExtractor, TokenEmbedding
-from omnissl.backbones.transformer import Attention, ConvPositions, LearnedPositions, Transformer
+from omnissl.eval.hf import (  # noqa: F401  (re-exported: the public conversion API lives here too)
+    WAV2VEC2_PRETRAINING_OPTIONS,
+    encoder_from_hf,
+    encoder_from_hf_hubert,
+    encoder_from_hf_roberta,
+    encoder_from_hf_vit,
+    encoder_from_hf_wav2vec2,
+    encoder_to_hf,
+    encoder_to_hf_roberta,
+    encoder_to_hf_vit,
+    encoder_to_hf_wav2vec2,
+    hf_model_to_encoder,
+    lm_head_from_hf_roberta,
+    wav2vec2_heads_from_hf,
+)
+from omnissl.ssl.targets import GumbelQuantizer
 
-if TYPE_CHECKING:  # transformers is a dev extra, imported only by callers that pass its models
-    from transformers import HubertModel, RobertaModel, Wav2Vec2Model
-
-
-def _require(config, option: str, value, expected) -> None:
-    if value != expected:
-        raise ValueError(
-            f"{type(config).__name__}.{option}={value!r} is not supported by our Encoder (needs {expected!r})"
-        )
-
-
-def _copy(dst: Tensor, src: Tensor) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(f"shape mismatch copying weights: {tuple(src.shape)} into {tuple(dst.shape)}")
-    dst.copy_(src)
-
-
-def _copy_linear(dst: nn.Linear, src: nn.Linear) -> None:
-    _copy(dst.weight, src.weight)
-    _copy(dst.bias, src.bias)
+FORMAT, VERSION = "omnissl-backbone", 1
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+_HEAD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _copy_norm(dst: nn.LayerNorm | nn.GroupNorm, src: nn.LayerNorm | nn.GroupNorm) -> None:
-    """Affine parameters and eps of a LayerNorm / GroupNorm."""
-    _copy(dst.weight, src.weight)
-    _copy(dst.bias, src.bias)
-    dst.eps = src.eps
+def _qualname(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _fuse_qkv(dst: Attention, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> None:
-    """Our fused projection is [q; k; v] along the output axis (see Attention.forward's rearrange)."""
-    _copy(dst.qkv.weight, torch.cat([q.weight, k.weight, v.weight], dim=0))
-    _copy(dst.qkv.bias, torch.cat([q.bias, k.bias, v.bias], dim=0))
+def _info(encoder: Encoder, **extra) -> dict:
+    return {"dim": encoder.dim, "num_layers": encoder.num_layers, "samples_per_token": encoder.samples_per_token,
+            "frontend": type(encoder.frontend).__name__, **extra}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# RoBERTa
+def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if key not in a or key not in b:
+                return f"{path}.{key}", a.get(key, "<absent>"), b.get(key, "<absent>")
+            found = _first_difference(a[key], b[key], f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = _first_difference(x, y, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if (a == b and type(a) is type(b)) else (path, a, b)
 
 
-@torch.no_grad()
-def encoder_from_hf_roberta(model: RobertaModel) -> Encoder:
-    """transformers.RobertaModel -> our text Encoder (TokenEmbedding + LearnedPositions + post-LN trunk).
-
-    HF embeds `word + token_type + position -> LayerNorm -> dropout`; we embed `word + position`, and the
-    embedding LayerNorm is our post-LN trunk's input norm (`Transformer.norm`). RoBERTa numbers positions from
-    `pad_token_id + 1`, so our table is `ours[i] = hf_pos[i + pad + 1] + token_type[0]`: token type 0 (the only
-    one RoBERTa uses) is folded in and `max_len = max_position_embeddings - pad - 1` (512 for roberta-base).
-    Inputs must be right-padded (HF numbers positions by counting non-pad tokens; we by index).
-    """
-    cfg = model.config
-    _require(cfg, "is_decoder", cfg.is_decoder, False)
-    _require(cfg, "add_cross_attention", cfg.add_cross_attention, False)
-    _require(cfg, "position_embedding_type", getattr(cfg, "position_embedding_type", "absolute"), "absolute")
-    _require(cfg, "hidden_act", cfg.hidden_act, "gelu")  # ACT2FN["gelu"] is exact erf GELU, like F.gelu
-    if cfg.pad_token_id is None:
-        raise ValueError("RobertaConfig.pad_token_id=None is not supported: RoBERTa positions start after it")
-    pad, dim = cfg.pad_token_id, cfg.hidden_size
-
-    trunk = Transformer(
-        dim=dim, depth=cfg.num_hidden_layers, heads=cfg.num_attention_heads, ffn_dim=cfg.intermediate_size,
-        pre_norm=False, dropout=cfg.hidden_dropout_prob, attn_dropout=cfg.attention_probs_dropout_prob,
-        act_dropout=0.0, eps=cfg.layer_norm_eps,
-    )
-    encoder = Encoder(
-        TokenEmbedding(vocab_size=cfg.vocab_size, dim=dim, pad_id=pad), trunk,
-        positions=LearnedPositions(dim, max_len=cfg.max_position_embeddings - pad - 1),
-        feature_norm=False, project=False,
-    )
-
-    emb = model.embeddings
-    _copy(encoder.frontend.embed.weight, emb.word_embeddings.weight)
-    _copy(encoder.positions.weight, emb.position_embeddings.weight[pad + 1 :] + emb.token_type_embeddings.weight[0])
-    _copy_norm(trunk.norm, emb.LayerNorm)
-    for block, layer in zip(trunk.blocks, model.encoder.layer, strict=True):
-        attn = layer.attention
-        _fuse_qkv(block.attn, attn.self.query, attn.self.key, attn.self.value)
-        _copy_linear(block.attn.out, attn.output.dense)
-        _copy_norm(block.norm1, attn.output.LayerNorm)
-        _copy_linear(block.fc1, layer.intermediate.dense)
-        _copy_linear(block.fc2, layer.output.dense)
-        _copy_norm(block.norm2, layer.output.LayerNorm)
-    return encoder
+def load_strict(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """load_state_dict that names every missing, unexpected or mis-shaped key, with `source` in the message."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the module: missing keys {missing}, unexpected keys "
+                         f"{unexpected}")
+    for key, value in expected.items():
+        if state[key].shape != value.shape:
+            raise ValueError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, the module expects "
+                             f"{tuple(value.shape)}")
+    module.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# wav2vec 2.0 / HuBERT
+# Packages
 
 
-@torch.no_grad()
-def encoder_from_hf_wav2vec2(model: Wav2Vec2Model | HubertModel) -> Encoder:
-    """transformers.Wav2Vec2Model (or HubertModel, same layout) -> our audio Encoder.
+def _write_package(path: str | Path, encoder_config: dict, state: dict[str, Tensor], heads: dict[str, str],
+                   info: dict, overwrite: bool = True) -> Path:
+    from safetensors.torch import save_file
 
-    feature_extractor -> ConvFeatureExtractor (feat_extract_norm "group"/"layer", conv_bias),
-    feature_projection.layer_norm / .projection -> Encoder.feature_norm / Encoder.proj,
-    masked_spec_embed -> Encoder.mask_emb, encoder.pos_conv_embed -> ConvPositions (weight-normed grouped conv),
-    encoder.layer_norm -> Transformer.norm (input norm when post-LN, final norm when do_stable_layer_norm).
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; pass --overwrite to replace its files")
+    out.mkdir(parents=True, exist_ok=True)
+    described = {"encoder": encoder_config, "heads": heads}
+    # clone: safetensors refuses tensors that share storage (views of a fused weight, tied heads)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT, "config": json.dumps(described)})
+    config = {"format": FORMAT, "version": VERSION, **described, "info": info}
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
 
-    With padded batches our extractor's GroupNorm uses valid frames only (see the NOTE(ref) in frontends.py):
-    the imported encoder equals HF on each utterance alone, not HF on the padded batch.
+
+def save_backbone(encoder: Encoder, path: str | Path, *, heads: dict[str, nn.Module] | None = None) -> Path:
+    """Write `encoder` (and the weights of `heads`, e.g. {"quantizer": objective.quantizer}) as a package.
+
+    Raises ValueError when the encoder cannot be rebuilt exactly from its constructor arguments (a part that
+    is not an omnissl.backbones class, or a module changed after construction, e.g. a LayerNorm eps set by
+    hand), naming the part.
     """
-    cfg = model.config
-    if cfg.feat_extract_norm not in ("group", "layer"):
-        raise ValueError(f"{type(cfg).__name__}.feat_extract_norm={cfg.feat_extract_norm!r} is not supported "
-                         "by our Encoder (needs 'group' or 'layer')")
-    _require(cfg, "feat_extract_activation", cfg.feat_extract_activation, "gelu")
-    _require(cfg, "hidden_act", cfg.hidden_act, "gelu")
-    _require(cfg, "add_adapter", getattr(cfg, "add_adapter", False), False)
-    _require(cfg, "adapter_attn_dim", getattr(cfg, "adapter_attn_dim", None), None)
-    _require(cfg, "conv_pos_batch_norm", getattr(cfg, "conv_pos_batch_norm", False), False)
-    dim = cfg.hidden_size
-    has_feature_norm = getattr(cfg, "feat_proj_layer_norm", True)  # HuBERT may drop it; wav2vec 2.0 always has it
+    if not isinstance(encoder, Encoder):
+        raise ValueError(f"save_backbone writes omnissl Encoders, got {_qualname(encoder)}")
+    config = module_config(encoder)
+    rebuilt = build_module(json.loads(json.dumps(config)))
+    mine, theirs = repr(encoder).splitlines(), repr(rebuilt).splitlines()
+    if mine != theirs:
+        line = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), min(len(mine), len(theirs)))
+        raise ValueError(f"the encoder differs from what its constructor arguments build (changed after "
+                         f"construction?): {mine[line].strip() if line < len(mine) else '<end>'} vs "
+                         f"{theirs[line].strip() if line < len(theirs) else '<end>'}")
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    names = {}
+    for name, module in (heads or {}).items():
+        if not _HEAD_NAME.match(name) or name == "encoder":
+            raise ValueError(f"head name {name!r} must be a Python identifier other than 'encoder'")
+        names[name] = _qualname(module)
+        state.update({f"heads.{name}.{k}": v for k, v in module.state_dict().items()})
+    return _write_package(path, config, state, names, _info(encoder))
 
-    frontend = ConvFeatureExtractor(
-        layers=tuple(zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride)), mode=cfg.feat_extract_norm,
-        bias=cfg.conv_bias,
-    )
-    trunk = Transformer(
-        dim=dim, depth=cfg.num_hidden_layers, heads=cfg.num_attention_heads, ffn_dim=cfg.intermediate_size,
-        pre_norm=cfg.do_stable_layer_norm, dropout=cfg.hidden_dropout, attn_dropout=cfg.attention_dropout,
-        act_dropout=cfg.activation_dropout, layerdrop=cfg.layerdrop, eps=cfg.layer_norm_eps,
-    )
-    positions = ConvPositions(dim, kernel=cfg.num_conv_pos_embeddings, groups=cfg.num_conv_pos_embedding_groups)
-    encoder = Encoder(frontend, trunk, positions=positions, feature_norm=has_feature_norm, project=True,
-                      dropout_input=cfg.feat_proj_dropout)
 
-    for conv, norm, hf in zip(frontend.convs, frontend.norms, model.feature_extractor.conv_layers, strict=True):
-        _copy(conv.weight, hf.conv.weight)
-        if cfg.conv_bias:
-            _copy(conv.bias, hf.conv.bias)
-        if not isinstance(norm, nn.Identity):
-            _copy_norm(norm, hf.layer_norm)
-    proj = model.feature_projection
-    if has_feature_norm:
-        _copy_norm(encoder.feature_norm, proj.layer_norm)
-    _copy_linear(encoder.proj, proj.projection)
-    if getattr(model, "masked_spec_embed", None) is not None:  # only built when mask_time/feature_prob > 0
-        _copy(encoder.mask_emb, model.masked_spec_embed)
+def _read_package(path: str | Path) -> tuple[dict, dict[str, Tensor], Path]:
+    from safetensors import SafetensorError, safe_open
 
-    src = model.encoder.pos_conv_embed.conv
-    if hasattr(src, "parametrizations"):  # torch parametrizations (HF 5.x): original0 = g, original1 = v
-        g, v = src.parametrizations.weight.original0, src.parametrizations.weight.original1
-    else:  # legacy nn.utils.weight_norm
-        g, v = src.weight_g, src.weight_v
-    dst = positions.conv.parametrizations.weight
-    _copy(dst.original0, g)
-    _copy(dst.original1, v)
-    _copy(positions.conv.bias, src.bias)
+    root = Path(path)
+    config_file, weights_file = root / CONFIG, root / WEIGHTS
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{root} is not an omnissl backbone package: {f.name} is missing")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        got = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_file}: format={got!r}, expected {FORMAT!r} (a transformers directory loads "
+                         "with encoder_from_hf)")
+    if config.get("version") != VERSION:
+        raise ValueError(f"{config_file}: version={config.get('version')!r}, this omnissl reads version {VERSION}")
+    for key, kind in (("encoder", dict), ("heads", dict)):
+        if not isinstance(config.get(key), kind):
+            raise ValueError(f"{config_file}: '{key}' must be an object")
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{weights_file}: not a safetensors file ({e})") from e
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise ValueError(f"{weights_file}: no omnissl package metadata (format / config)")
+    written = json.loads(metadata["config"])
+    diff = _first_difference({"encoder": config["encoder"], "heads": config["heads"]}, written, "config")
+    if diff:
+        where, now, then = diff
+        raise ValueError(f"{config_file}: {where[len('config.'):]} is {now!r} but the weights were exported with "
+                         f"{then!r}; the config was edited after export (it must describe these weights)")
+    return config, tensors, weights_file
 
-    _copy_norm(trunk.norm, model.encoder.layer_norm)
-    for block, layer in zip(trunk.blocks, model.encoder.layers, strict=True):
-        attn = layer.attention
-        _fuse_qkv(block.attn, attn.q_proj, attn.k_proj, attn.v_proj)
-        _copy_linear(block.attn.out, attn.out_proj)
-        _copy_norm(block.norm1, layer.layer_norm)
-        _copy_linear(block.fc1, layer.feed_forward.intermediate_dense)
-        _copy_linear(block.fc2, layer.feed_forward.output_dense)
-        _copy_norm(block.norm2, layer.final_layer_norm)
+
+def load_backbone(path: str | Path) -> Encoder:
+    """Rebuild the Encoder of a package written by save_backbone / `omnissl export` (weights only).
+
+    Usable from a recipe: `encoder: {class_path: omnissl.eval.export.load_backbone, init_args: {path: DIR}}`.
+    """
+    config, tensors, weights_file = _read_package(path)
+    encoder = build_module(config["encoder"], "encoder")
+    if not isinstance(encoder, Encoder):
+        raise ValueError(f"{Path(path) / CONFIG}: encoder.class must be omnissl.backbones.encoder.Encoder")
+    heads = config["heads"]
+    stray = sorted(k for k in tensors if not k.startswith("encoder.")
+                   and not (k.startswith("heads.") and k.split(".")[1] in heads))
+    if stray:
+        raise ValueError(f"{weights_file}: unexpected keys {stray} (neither encoder.* nor a listed head)")
+    load_strict(encoder, {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")},
+                str(weights_file))
     return encoder
 
 
-encoder_from_hf_hubert = encoder_from_hf_wav2vec2
+def load_head_weights(path: str | Path) -> dict[str, dict[str, Tensor]]:
+    """{head name: state dict} of the heads a package carries (empty when exported without heads)."""
+    config, tensors, _ = _read_package(path)
+    return {name: {k[len(f"heads.{name}."):]: v for k, v in tensors.items() if k.startswith(f"heads.{name}.")}
+            for name in config["heads"]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lightning checkpoints
+
+
+class Checkpoint(NamedTuple):
+    """What `read_checkpoint` returns: the rebuilt encoder with its weights, the other top-level modules'
+    weights by name, and `checkpoint["omnissl"]` (objective, head classes, objective metadata)."""
+
+    encoder: Encoder
+    heads: dict[str, dict[str, Tensor]]
+    info: dict
+    global_step: int | None
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """A Lightning checkpoint written by an omnissl objective -> Checkpoint, loaded weights-only."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory (a distributed checkpoint?); export reads single-file Lightning "
+                         "checkpoints: consolidate it first (lightning.pytorch.utilities.consolidate_checkpoint)")
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to load: it holds pickled objects other than tensors and plain data, "
+                         f"and export never unpickles code (torch.load weights_only=True said: {e})") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    info = ckpt.get("omnissl")
+    if not isinstance(info, dict) or "encoder" not in info:
+        why = info.get("encoder_error") if isinstance(info, dict) else None
+        raise ValueError(f"{path} has no encoder description (checkpoint['omnissl']['encoder']): "
+                         + (why or "it was not written by an omnissl objective, or by a version before export"))
+    encoder = build_module(info["encoder"], "checkpoint.omnissl.encoder")
+    state = ckpt["state_dict"]
+    load_strict(encoder, {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")},
+                f"{path} (state_dict encoder.*)")
+    heads: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        name, _, rest = key.partition(".")
+        if name != "encoder":
+            heads.setdefault(name, {})[rest] = value
+    step = ckpt.get("global_step")
+    return Checkpoint(encoder, heads, info, int(step) if isinstance(step, int) else None)
+
+
+def _wav2vec2_heads(ckpt: Checkpoint) -> tuple[dict[str, nn.Module], dict]:
+    """Rebuild a Wav2Vec2 objective's quantizer / project_q / final_proj from their weights' shapes, and the
+    HF config values from the objective's checkpoint metadata."""
+    need = ("quantizer", "project_q", "final_proj")
+    missing = [n for n in need if n not in ckpt.heads]
+    if missing:
+        raise ValueError(f"--heads: the checkpoint has no {missing} weights (objective {ckpt.info.get('objective')}); "
+                         "only a wav2vec 2.0 objective's quantizer maps to a Hugging Face pretraining model")
+    q_state = ckpt.heads["quantizer"]
+    groups, entries, d = q_state["codebook"].shape
+    quantizer = GumbelQuantizer(in_dim=q_state["weight_proj.weight"].shape[1], vq_dim=groups * d, groups=groups,
+                                entries=entries)
+    load_strict(quantizer, q_state, "checkpoint quantizer.*")
+    linears = {}
+    for name in ("project_q", "final_proj"):
+        out_dim, in_dim = ckpt.heads[name]["weight"].shape
+        linears[name] = nn.Linear(in_dim, out_dim)
+        load_strict(linears[name], ckpt.heads[name], f"checkpoint {name}.*")
+    meta = ckpt.info.get("metadata", {})
+    if "gumbel_temperature" in meta:
+        quantizer.temperature = float(meta["gumbel_temperature"])
+    names = {"dropout_features": "feat_quantizer_dropout", "num_distractors": "num_negatives",
+             "logit_temp": "contrastive_logits_temperature", "diversity_weight": "diversity_loss_weight",
+             "gumbel_temperature": "omnissl_gumbel_temperature"}
+    extra = {hf: meta[ours] for ours, hf in names.items() if ours in meta}
+    return {"quantizer": quantizer, **linears}, extra
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, hf: bool = False, heads: bool = False,
+                      image_size: int | tuple[int, int] | None = None, overwrite: bool = True) -> Path:
+    """`omnissl export`: a Lightning checkpoint -> an encoder package, or a transformers directory (hf)."""
+    ckpt = read_checkpoint(checkpoint)
+    objective = str(ckpt.info.get("objective", ""))
+    out = Path(out)
+    if not hf:
+        state = {f"encoder.{k}": v for k, v in ckpt.encoder.state_dict().items()}
+        classes = {}
+        if heads:
+            head_classes = ckpt.info.get("heads", {})
+            for name, weights in ckpt.heads.items():
+                classes[name] = str(head_classes.get(name, "unknown"))
+                state.update({f"heads.{name}.{k}": v for k, v in weights.items()})
+        info = _info(ckpt.encoder, objective=objective, checkpoint=str(checkpoint), global_step=ckpt.global_step)
+        return _write_package(out, ckpt.info["encoder"], state, classes, info, overwrite=overwrite)
+
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; pass --overwrite to replace its files")
+    short = objective.rsplit(".", 1)[-1]
+    hf_heads, extra = None, None
+    if heads:
+        if short != "Wav2Vec2":
+            raise ValueError(f"--heads with --hf: objective {objective or '<unknown>'} has no Hugging Face "
+                             "pretraining class of ours (only wav2vec 2.0 -> Wav2Vec2ForPreTraining); drop --heads "
+                             "or export a package")
+        hf_heads, extra = _wav2vec2_heads(ckpt)
+    model = encoder_to_hf(ckpt.encoder, hubert=short == "HuBERT", mae=short == "MAE", heads=hf_heads,
+                          image_size=image_size, extra_config=extra)
+    model.save_pretrained(str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="omnissl export",
+        description="Export the encoder of an omnissl Lightning checkpoint as an omnissl package "
+                    "(config.json + model.safetensors, load_backbone) or a Hugging Face transformers directory.",
+    )
+    parser.add_argument("checkpoint", help="Lightning .ckpt written by `omnissl fit`")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--hf", action="store_true", help="write a transformers directory (from_pretrained)")
+    parser.add_argument("--heads", action="store_true",
+                        help="include the objective's heads (package: all non-encoder modules; --hf: wav2vec 2.0 "
+                             "quantizer -> Wav2Vec2ForPreTraining)")
+    parser.add_argument("--image-size", type=int, nargs="+", metavar="N",
+                        help="image encoders with --hf: H [W] of the fixed-size ViT position table")
+    parser.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")
+    args = parser.parse_args(argv)
+    size = None
+    if args.image_size is not None:
+        if len(args.image_size) > 2:
+            parser.error("--image-size takes H or H W")
+        size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, hf=args.hf, heads=args.heads, image_size=size,
+                                overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"omnissl export: error: {e}\n")
+    kind = "transformers directory" if args.hf else "omnissl package"
+    print(f"wrote {kind} {out}")
+    return 0

@@ -132,6 +132,29 @@ class SSLModule(L.LightningModule, abc.ABC):
         if torch.isfinite(out.loss):
             self._log_metrics("val", out)
 
+    def checkpoint_metadata(self) -> dict:
+        """Objective settings an export needs beyond the weights (e.g. wav2vec 2.0's current Gumbel τ);
+        plain JSON-able values, stored in every checkpoint under checkpoint["omnissl"]["metadata"]."""
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Describe the encoder by its constructor arguments (backbones/config.py) so `omnissl export` can
+        rebuild it from a weights-only load, without the recipe and without unpickling code."""
+        from omnissl.backbones.config import module_config
+
+        info: dict = {
+            "objective": f"{type(self).__module__}.{type(self).__qualname__}",
+            "heads": {name: f"{type(m).__module__}.{type(m).__qualname__}"
+                      for name, m in self.named_children() if name != "encoder"},
+            "metadata": self.checkpoint_metadata(),
+        }
+        encoder = getattr(self, "encoder", None)
+        try:
+            info["encoder"] = module_config(encoder)
+        except ValueError as e:  # e.g. a timm backbone: still checkpointed, just not exportable
+            info["encoder_error"] = str(e)
+        checkpoint["omnissl"] = info
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train/grad_norm", grad_norm(self.parameters()), on_step=True, on_epoch=False)

@@ -42,6 +42,29 @@ class MAEDecoder(nn.Module):
         return self.out(x[:, num_prefix:])
 
 
+class MaskedLMHead(nn.Module):
+    """RoBERTa's masked-LM head (Liu et al. 2019; fairseq `RobertaLMHead`, HF `RobertaLMHead`):
+    Linear D->D -> GELU -> LayerNorm -> logits against the token embedding matrix (tied: passed to forward,
+    not owned, so the weight has one home in the encoder) plus a per-token bias.
+
+    forward: x (..., D), embedding (V, D) -> logits (..., V). Defaults: fairseq's LayerNorm eps 1e-5
+    (HF: the model's `layer_norm_eps`).
+    """
+
+    def __init__(self, *, dim: int, vocab_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
+        if embedding.shape != (self.bias.shape[0], x.shape[-1]):
+            raise ValueError(f"tied embedding must be (vocab {self.bias.shape[0]}, width {x.shape[-1]}), got "
+                             f"{tuple(embedding.shape)}")
+        h = self.norm(torch.nn.functional.gelu(self.dense(x)))
+        return torch.nn.functional.linear(h, embedding, self.bias)
+
+
 class LabelEmbeddings(nn.Module):
     """One learned embedding per cluster of each label set (HuBERT's `label_embs_concat`, uniform init),
     behind a forward call so sharding wrappers (FSDP2) gather the weight before it is read.

@@ -95,6 +95,14 @@ class Wav2Vec2(SSLModule):
             "(max_tokens / accumulate_grad_batches, the paper uses ~1.6 h of audio per update).",
         )
 
+    def checkpoint_metadata(self) -> dict:
+        """What a Hugging Face Wav2Vec2ForPreTraining export needs beyond the weights (omnissl export --hf)."""
+        step = self.global_step if self._trainer is not None else 0
+        # τ of the next update (the one a resumed run or a continued HF run starts from)
+        return {"gumbel_temperature": self.quantizer.temperature_at(step), "dropout_features": self.dropout_features.p,
+                "num_distractors": self.num_distractors, "logit_temp": self.logit_temp,
+                "diversity_weight": self.diversity_weight}
+
     def feature_penalty(self, raw: Tensor, padding_mask: Tensor | None) -> Tensor:
         """mean(z²) over valid frames of the frontend output before its LayerNorm, in fp32.
 
