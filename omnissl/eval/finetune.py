@@ -1,0 +1,252 @@
+"""Full fine-tuning of a pretrained `Encoder`: utterance classification (mean pooling + linear) and CTC
+character recognition, with layer-wise learning-rate decay and a frozen-then-trained feature extractor.
+
+    omnissl fit -c recipes/trainer/cpu.yaml -c recipes/audio/finetune_keywords_tiny_cpu.yaml \
+        --model.init_args.pretrained runs/cpu/.../checkpoints/last.ckpt
+
+Parts, each usable alone:
+  * `mean_pool`: mean over valid tokens (CLS excluded).
+  * `layer_id` / `llrd_param_groups`: BEiT / data2vec 2.0 / MAE layer-wise lr decay. Layer ids: 0 for
+    everything below the first block (frontend, feature norm and projection, positions, mask embedding, CLS
+    token, and the input LayerNorm of a post-LN trunk), i + 1 for block i, L + 1 for the final LayerNorm of a
+    pre-LN trunk and every parameter outside the encoder (the head). Group lr = lr * decay ** (L + 1 - id).
+    Each layer is split into a weight-decay group and a no-decay group by `omnissl.train.optim.no_decay`.
+  * `FineTune`: the shared LightningModule (encoder forward with freezing and optional masking, LLRD
+    optimizer, checks). `UtteranceClassifier` and `CTCRecognizer` add a head and a loss.
+
+Freezing (fairseq `wav2vec2_asr`, REFERENCE §B.2 fine-tuning):
+  * `freeze_encoder_steps` = fairseq `freeze_finetune_updates`: for the first N optimizer steps the whole
+    encoder runs under `no_grad` (still in train mode: dropout, layerdrop and masking apply) and only the head
+    learns.
+  * `freeze_frontend_steps`: the feature extractor (the encoder's `frontend`) runs under `no_grad` for the
+    first N optimizer steps, then trains like the rest (at its decayed lr). `None` freezes it for the whole run,
+    fairseq's `feature_grad_mult: 0.0`, which every wav2vec 2.0 fine-tuning config uses; then its parameters are
+    set `requires_grad=False` once (so DDP never waits for their gradients). With N > 0 the extractor's
+    parameters get no gradient (`None`: AdamW neither decays nor moves them) until step N; under multi-GPU DDP
+    that needs `strategy: ddp_find_unused_parameters_true`, which `setup` checks.
+    The feature norm and projection after the extractor always train (fairseq keeps `layer_norm` and
+    `post_extract_proj` outside the frozen `feature_extractor`).
+
+Legend: B batch, N tokens, D width, K classes, V vocabulary (blank included), L layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omnissl.backbones.encoder import Encoder
+from omnissl.backbones.protocol import BackboneOutput
+from omnissl.batch import Batch
+from omnissl.ssl.base import SSLModule, StepOutput
+from omnissl.train.optim import no_decay
+
+# --------------------------------------------------------------------------------------------------- parts
+
+
+def mean_pool(x: Tensor, padding_mask: Tensor | None, prefix: int = 0) -> Tensor:
+    """(B, N, D) tokens -> (B, D) mean over valid tokens; the first `prefix` tokens (CLS) are left out.
+    padding_mask (B, N) bool, True at padding, or None. Computed in fp32."""
+    x = x[:, prefix:].float()
+    if padding_mask is None:
+        return x.mean(1)
+    valid = (~padding_mask[:, prefix:]).float()[..., None]  # (B, N - prefix, 1)
+    return (x * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+
+
+def layer_id(name: str, *, num_layers: int, pre_norm: bool) -> int:
+    """Layer index of an encoder parameter named relative to the encoder ("trunk.blocks.3.fc1.weight")
+    for layer-wise lr decay: 0 = below the first block, i + 1 = block i, L + 1 = above the last block."""
+    if name.startswith("trunk.blocks."):
+        return int(name.split(".")[2]) + 1
+    if name.startswith("trunk.norm."):
+        # NOTE(ref): BEiT has no post-LN input norm; a post-LN trunk's `norm` acts on the embeddings (id 0),
+        # a pre-LN trunk's is the final norm, which BEiT puts with the head (L + 1).
+        return num_layers + 1 if pre_norm else 0
+    return 0
+
+
+def llrd_param_groups(model: nn.Module, *, encoder: Encoder, layer_decay: float, weight_decay: float,
+                      encoder_prefix: str = "encoder.") -> list[dict]:
+    """Parameter groups of `model` for layer-wise lr decay, by parameter name.
+
+    Each group: {"params", "weight_decay", "lr_scale", "layer", "name"}; `lr_scale` = layer_decay ** (L + 1 -
+    id) (BEiT `LayerDecayValueAssigner`), where parameters under `encoder_prefix` get `layer_id` and every
+    other parameter (the head) id L + 1, i.e. scale 1. Frozen (`requires_grad=False`) parameters are left
+    out. Groups are ordered by layer, decay group first.
+    """
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    depth, pre_norm = encoder.num_layers, encoder.trunk.pre_norm
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(encoder_prefix):
+            lid = layer_id(name[len(encoder_prefix):], num_layers=depth, pre_norm=pre_norm)
+        else:
+            lid = depth + 1
+        decay = not no_decay(name, p)
+        group = groups.setdefault((lid, decay), {
+            "params": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - lid), "layer": lid,
+            "name": f"layer{lid}.{'decay' if decay else 'no_decay'}",
+        })
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
+# ---------------------------------------------------------------------------------------------- modules
+
+
+class FineTune(SSLModule):
+    """Shared part of the fine-tuning modules: a pretrained encoder run with freezing and optional masking,
+    optimized with layer-wise lr decay. Subclasses implement `step` with a head on `self.features(batch)`.
+
+    encoder: the Encoder to fine-tune (a builder in a recipe, or a loaded package).
+    pretrained: a Lightning checkpoint of any objective (its `encoder.*` weights) or a bare encoder state
+        dict, loaded strictly into `encoder` at construction; None: keep the encoder's weights.
+    modality: the Batch input to read.
+    layer_decay: lr factor per layer below the head (1.0: none, as in fairseq's wav2vec 2.0 fine-tuning;
+        BEiT-B uses 0.65, MAE ViT-B 0.75). freeze_encoder_steps / freeze_frontend_steps: see the module docstring.
+    mask_prob / mask_length: wav2vec 2.0-style span masking of the encoder input during training only
+        (fairseq fine-tuning `mask_prob` 0.65 / `mask_length` 10 for ASR; 0.0 = off, the default here).
+    Optimizer, scheduler, weight_decay, seed: as in SSLModule (the optimizer's lr is the head's lr).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        *,
+        pretrained: str | None = None,
+        modality: str = "audio",
+        layer_decay: float = 1.0,  # fairseq wav2vec 2.0 fine-tuning uses none
+        freeze_encoder_steps: int = 0,  # fairseq base_100h freeze_finetune_updates 0 (base_10m: 10000)
+        freeze_frontend_steps: int | None = None,  # None: always (fairseq feature_grad_mult 0.0)
+        mask_prob: float = 0.0,
+        mask_length: int = 10,
+        **base,
+    ) -> None:
+        super().__init__(**base)
+        if not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        if freeze_encoder_steps < 0:
+            raise ValueError(f"freeze_encoder_steps must be >= 0, got {freeze_encoder_steps}")
+        if freeze_frontend_steps is not None and freeze_frontend_steps < 0:
+            raise ValueError(f"freeze_frontend_steps must be >= 0 or null (always), got {freeze_frontend_steps}")
+        if not 0.0 <= mask_prob < 1.0 or mask_length < 1:
+            raise ValueError(f"need 0 <= mask_prob < 1 and mask_length >= 1, got {mask_prob}, {mask_length}")
+        if pretrained is not None:
+            from omnissl.ssl.data2vec import load_encoder_weights
+
+            load_encoder_weights(encoder, pretrained)
+        self.encoder, self.modality = encoder, modality
+        self.layer_decay = layer_decay
+        self.freeze_encoder_steps, self.freeze_frontend_steps = freeze_encoder_steps, freeze_frontend_steps
+        self.mask_prob, self.mask_length = mask_prob, mask_length
+        if freeze_frontend_steps is None:
+            encoder.frontend.requires_grad_(False)
+        if mask_prob == 0.0:
+            encoder.mask_emb.requires_grad_(False)  # never used: no parameter without a gradient under DDP
+
+    # --- encoder forward ------------------------------------------------------------------------------
+
+    def encoder_frozen(self) -> bool:
+        return self.global_step < self.freeze_encoder_steps if self._trainer is not None else False
+
+    def frontend_frozen(self) -> bool:
+        if self.freeze_frontend_steps is None:
+            return True
+        return self.global_step < self.freeze_frontend_steps if self._trainer is not None else False
+
+    def features(self, batch: Batch, *, return_layers: bool = False) -> BackboneOutput:
+        """Encode the batch's input with the freezing and masking in force at this step."""
+        x, lengths = batch.inputs[self.modality], batch.lengths.get(self.modality)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen()):
+            tokens = self.encoder.embed(x, lengths, grad_scale=0.0 if self.frontend_frozen() else 1.0)
+            mask = None
+            if self.training and self.mask_prob > 0.0:
+                from omnissl.ssl.masking import span_mask
+
+                b, n, _ = tokens.x.shape
+                mask = span_mask((b, n), padding_mask=tokens.padding_mask, mask_prob=self.mask_prob,
+                                 span=self.mask_length, min_spans=1, same_count=False,
+                                 generator=self.generator(x.device), device=x.device)
+            return self.encoder.encode(tokens, mask=mask, return_layers=return_layers)
+
+    # --- Lightning hooks ------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        temporary = self.freeze_encoder_steps > 0 or (self.freeze_frontend_steps or 0) > 0
+        strategy = self.trainer.strategy
+        if temporary and self.trainer.world_size > 1 and type(strategy).__name__ == "DDPStrategy":
+            if not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
+                raise ValueError(
+                    f"freeze_encoder_steps={self.freeze_encoder_steps} / freeze_frontend_steps="
+                    f"{self.freeze_frontend_steps} leave parameters without gradients for some steps, which DDP "
+                    "rejects: set trainer.strategy: ddp_find_unused_parameters_true"
+                )
+
+    def configure_optimizers(self):
+        groups = llrd_param_groups(self, encoder=self.encoder, layer_decay=self.layer_decay,
+                                   weight_decay=self.weight_decay)
+        optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:  # the optimizer's lr is the head's; lower layers get a fraction
+            group["lr"] = group["lr"] * group["lr_scale"]
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)  # schedules scale each group's own initial lr
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._micro = 0
+        self._log_metrics("test", self.step(batch))
+
+
+class UtteranceClassifier(FineTune):
+    """Utterance classification: mean-pooled output of one encoder layer -> Linear(D, K), cross-entropy.
+
+    num_classes: K; must equal the DataModule's `num_classes` when it has one (checked at setup).
+    layer: which of the L + 1 layer outputs to pool (-1: the last, as in HF `Wav2Vec2ForSequenceClassification`
+    without its weighted layer sum).
+    Metrics: acc (top-1). Batches need `targets["label"]` (B,) int64.
+    """
+
+    def __init__(self, encoder: Encoder, *, num_classes: int, layer: int = -1, **base) -> None:
+        super().__init__(encoder, **base)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not -(encoder.num_layers + 1) <= layer <= encoder.num_layers:
+            raise ValueError(f"layer {layer} out of range for an encoder with {encoder.num_layers} + 1 layer outputs")
+        self.num_classes, self.layer = num_classes, layer
+        self.head = nn.Linear(encoder.dim, num_classes)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = self.trainer.datamodule
+        found = getattr(dm, "num_classes", None) if dm is not None else None
+        if dm is not None and hasattr(dm, "num_classes") and found is None:
+            raise ValueError(f"{type(dm).__name__} has no labels (num_classes is None): fine-tuning a classifier "
+                             "needs a labeled manifest (a third column) or a labeled DataModule")
+        if found is not None and found != self.num_classes:
+            raise ValueError(f"model.init_args.num_classes={self.num_classes} but the data has {found} classes "
+                             f"({type(dm).__name__})")
+
+    def logits(self, batch: Batch) -> Tensor:
+        """(B, K) fp32 logits."""
+        out = self.features(batch, return_layers=self.layer != -1)
+        h = out.last if self.layer == -1 else out.layers[self.layer]
+        return self.head(mean_pool(h, out.padding_mask, self.encoder.num_prefix)).float()
+
+    def step(self, batch: Batch) -> StepOutput:
+        if "label" not in batch.targets:
+            raise ValueError("UtteranceClassifier needs targets['label'] in every batch: use labeled data")
+        labels = batch.targets["label"]
+        logits = self.logits(batch)
+        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
+            raise ValueError(f"labels {sorted(set(labels.tolist()))} outside [0, {self.num_classes}) "
+                             f"for samples {[] if batch.ids is None else batch.ids.tolist()}")
+        loss = self.normalize(F.cross_entropy(logits, labels, reduction="sum"), labels.numel())
+        acc = (logits.argmax(-1) == labels).float().mean()
+        return StepOutput(loss, {"acc": acc}, labels.numel())
