@@ -40,8 +40,7 @@ from torch import Tensor, nn
 
 from omnissl.backbones.config import build_module, module_config
 from omnissl.backbones.encoder import Encoder
-from omnissl.eval.hf import (  # noqa: F401  (re-exported: the public conversion API lives here too)
-    WAV2VEC2_PRETRAINING_OPTIONS,
+from omnissl.eval.hf import (  # re-exported: recipes and users reach the conversions through this module
     encoder_from_hf,
     encoder_from_hf_hubert,
     encoder_from_hf_roberta,
@@ -56,6 +55,13 @@ from omnissl.eval.hf import (  # noqa: F401  (re-exported: the public conversion
     wav2vec2_heads_from_hf,
 )
 from omnissl.ssl.targets import GumbelQuantizer
+
+__all__ = [
+    "save_backbone", "load_backbone", "load_head_weights", "load_strict", "read_checkpoint", "export_checkpoint",
+    "main", "encoder_from_hf", "encoder_from_hf_hubert", "encoder_from_hf_roberta", "encoder_from_hf_vit",
+    "encoder_from_hf_wav2vec2", "encoder_to_hf", "encoder_to_hf_roberta", "encoder_to_hf_vit",
+    "encoder_to_hf_wav2vec2", "hf_model_to_encoder", "lm_head_from_hf_roberta", "wav2vec2_heads_from_hf",
+]
 
 FORMAT, VERSION = "omnissl-backbone", 1
 CONFIG, WEIGHTS = "config.json", "model.safetensors"

@@ -511,6 +511,12 @@ def encoder_to_hf_roberta(encoder: Encoder, *, lm_head: MaskedLMHead | None = No
 
 def _vit_pairs(encoder: Encoder, model: ViTModel | ViTMAEModel) -> Pairs:
     """Everything but CLS and positions (folded, handled per direction)."""
+    if not hasattr(model, "layers"):
+        import transformers
+
+        raise ValueError(f"{type(model).__name__} of transformers {transformers.__version__} has the older "
+                         "encoder.layer layout; omnissl converts the ViT layout of transformers 5.x "
+                         "(layers.N.attention.q_proj)")
     proj = model.embeddings.patch_embeddings.projection
     pairs = _linear(encoder.frontend.proj, proj) + _norm(encoder.trunk.norm, model.layernorm)
     for block, layer in zip(encoder.trunk.blocks, model.layers, strict=True):
