@@ -3,6 +3,7 @@
     omnissl fit -c recipes/trainer/default.yaml -c recipes/audio/wav2vec2_base.yaml
     omnissl data generate speech --size small --out DIR
     omnissl hubert-units --manifest train.tsv --iteration 1 --clusters 100
+    omnissl probe ENCODER_DIR --train embedded:keywords:small --valid ... --test ... [--report DIR]
     omnissl export runs/.../last.ckpt out/ [--hf] [--heads]
 """
 
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
         from omnissl.ssl.units import main as units_main
 
         sys.exit(units_main(args[1:]))
+    if args and args[0] == "probe":
+        from omnissl.eval.probe import main as probe_main
+
+        sys.exit(probe_main(args[1:]))
     if args and args[0] == "export":
         from omnissl.eval.export import main as export_main
 
