@@ -144,7 +144,12 @@ def save_backbone(encoder: Encoder, path: str | Path, *, heads: dict[str, nn.Mod
     if not isinstance(encoder, Encoder):
         raise ValueError(f"save_backbone writes omnissl Encoders, got {_qualname(encoder)}")
     config = module_config(encoder)
-    rebuilt = build_module(json.loads(json.dumps(config)))
+    plain = json.loads(json.dumps(config))
+    try:
+        with torch.device("meta"):  # structure only: no second copy of the weights in memory
+            rebuilt = build_module(plain)
+    except (RuntimeError, NotImplementedError):  # a frontend that computes values at init (torchaudio mel)
+        rebuilt = build_module(plain)
     mine, theirs = repr(encoder).splitlines(), repr(rebuilt).splitlines()
     if mine != theirs:
         line = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), min(len(mine), len(theirs)))
@@ -248,7 +253,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: a large checkpoint's optimizer state is not read into memory just to be ignored
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused to load: it holds pickled objects other than tensors and plain data, "
                          f"and export never unpickles code (torch.load weights_only=True said: {e})") from e

@@ -276,7 +276,8 @@ def wav2vec2_heads_from_hf(model: Wav2Vec2ForPreTraining) -> dict[str, nn.Module
 def _wav2vec2_export(encoder: Encoder, model: Wav2Vec2Model | HubertModel) -> None:
     _export(_wav2vec2_pairs(encoder, model))
     if isinstance(encoder.proj, nn.Identity):
-        # HF always projects; an identity matrix and zero bias give the same values exactly (x·1 + 0)
+        # NOTE(ref): HF always projects (feature_projection.projection); without a projection of ours we write
+        # an identity matrix and zero bias, which give the same values exactly (x·1 + 0)
         projection = model.feature_projection.projection
         projection.weight.copy_(torch.eye(projection.out_features, projection.in_features))
         projection.bias.zero_()
@@ -495,6 +496,8 @@ def encoder_to_hf_roberta(encoder: Encoder, *, lm_head: MaskedLMHead | None = No
         _export(_lm_head_pairs(lm_head, model))
     _export(_roberta_pairs(encoder, base))
     emb = base.embeddings
+    # NOTE(ref): RoBERTa adds token_type_embeddings[0] and numbers positions from pad + 1; we have neither, so
+    # the token-type row and positions 0..pad are written as zeros (same outputs for right-padded ids).
     emb.position_embeddings.weight.zero_()
     _copy(emb.position_embeddings.weight[pad + 1 :], pos.weight)
     emb.token_type_embeddings.weight.zero_()
@@ -622,6 +625,8 @@ def encoder_to_hf_vit(encoder: Encoder, *, image_size: int | tuple[int, int], ma
         model = transformers.ViTModel(transformers.ViTConfig(**kw), add_pooling_layer=False)
     _export(_vit_pairs(encoder, model))
     emb = model.embeddings
+    # NOTE(ref): HF ViT adds position_embeddings[0] to the CLS token; ours has no CLS position, so that row
+    # is zero and HF's cls_token is ours (import folds a non-zero row into our cls_token instead).
     _copy(emb.cls_token, encoder.cls_token)
     emb.position_embeddings.zero_()
     _copy(emb.position_embeddings[0, 1:], table)
@@ -646,6 +651,11 @@ def encoder_to_hf(
     RobertaForMaskedLM (heads={"lm_head": MaskedLMHead}), image patches -> ViTModel / ViTMAEModel (mae;
     needs image_size). Anything else raises ValueError naming the frontend."""
     f = encoder.frontend
+    for option, value, applies in (("hubert", hubert, ConvFeatureExtractor), ("mae", mae, ImagePatches),
+                                   ("image_size", image_size, ImagePatches)):
+        if value not in (None, False) and not isinstance(f, applies):
+            raise ValueError(f"{option}={value!r} only applies to {applies.__name__} encoders, this one has "
+                             f"{type(f).__name__}")
     if isinstance(f, ConvFeatureExtractor):
         return encoder_to_hf_wav2vec2(encoder, hubert=hubert, heads=heads, extra_config=extra_config)
     if extra_config:
