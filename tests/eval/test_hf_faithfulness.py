@@ -514,6 +514,8 @@ def _sincos_audio() -> Encoder:
                          positions=ConvPositions(48, kernel=16, groups=4), feature_norm_eps=1e-6), {},
          "feature_norm_eps=1e-06"),
         (lambda: _our_audio(False), {"hubert": True, "heads": {"final_proj": nn.Linear(48, 4)}}, "heads"),
+        (lambda: tiny("text"), {"image_size": 16}, "image_size=16 only applies to ImagePatches"),
+        (lambda: tiny("text"), {"hubert": True}, "hubert=True only applies to ConvFeatureExtractor"),
         (lambda: tiny("text", pre_norm=True), {}, "trunk pre_norm=True"),
         (lambda: _with(tiny("text"), trunk__blocks__0__act_drop=nn.Dropout(0.1)), {}, "trunk act_dropout=0.1"),
         (lambda: tiny("text", layerdrop=0.1), {}, "trunk layerdrop=0.1"),
