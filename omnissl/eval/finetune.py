@@ -78,7 +78,14 @@ def llrd_param_groups(model: nn.Module, *, encoder: Encoder, layer_decay: float,
     """
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-    depth, pre_norm = encoder.num_layers, encoder.trunk.pre_norm
+    depth = encoder.num_layers
+    trunk = getattr(encoder, "trunk", None)
+    if trunk is None or not hasattr(trunk, "blocks"):
+        if layer_decay < 1.0:
+            raise ValueError(f"layer_decay={layer_decay} needs an omnissl Encoder (blocks at trunk.blocks.<i>); "
+                             f"{type(encoder).__name__} has none: use layer_decay 1.0")
+        trunk = None
+    pre_norm = bool(getattr(trunk, "pre_norm", True))
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
