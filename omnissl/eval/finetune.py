@@ -257,3 +257,134 @@ class UtteranceClassifier(FineTune):
         loss = self.normalize(F.cross_entropy(logits, labels, reduction="sum"), labels.numel())
         acc = (logits.argmax(-1) == labels).float().mean()
         return StepOutput(loss, {"acc": acc}, labels.numel())
+
+
+class CTCRecognizer(FineTune):
+    """Character recognition with CTC (wav2vec 2.0 fine-tuning, Baevski et al. 2020 sec. 4.3): a linear layer
+    over the last encoder layer's frames -> V = blank + `alphabet` characters, CTC loss summed over utterances
+    and divided by the number of target characters (fairseq's `ctc` criterion), greedy best-path decoding.
+
+    alphabet: the output characters in fairseq letter format ("|" ends a word); index 0 is the blank. The
+        default is fairseq's LibriSpeech letter dictionary (26 letters, apostrophe, word boundary). Fixed at
+        construction so the head, its checkpoint and its outputs do not depend on the data; `setup` checks
+        that every training transcript fits it.
+    Transcripts: fairseq `.ltr` letter files (or `.wrd` word files) beside each manifest of an AudioDataModule
+        (`omnissl.eval.probe.read_transcripts`), one line per manifest line; the embedded speech corpora ship
+        them. Read once at setup and looked up by the batch's sample ids.
+    Metrics: `val/cer`, `val/wer` (`test/...`): corpus-level rates (total edits / total reference length over
+        the whole split and all ranks, `omnissl.eval.metrics`), plus the per-batch loss.
+    """
+
+    def __init__(self, encoder: Encoder, *, alphabet: str = "|'ABCDEFGHIJKLMNOPQRSTUVWXYZ", **base) -> None:
+        super().__init__(encoder, **base)
+        from omnissl.eval.probe import CharVocab
+
+        if len(set(alphabet)) != len(alphabet) or not alphabet or any(c.isspace() for c in alphabet):
+            raise ValueError(f"alphabet must be distinct non-space characters, got {alphabet!r}")
+        self.alphabet = alphabet
+        self.vocab = CharVocab(["<blank>", *alphabet])
+        self.head = nn.Linear(encoder.dim, len(self.vocab))
+        self._targets: dict[str, list[Tensor]] = {}  # split -> (M,) int64 per dataset index
+        self._texts: dict[str, list[str]] = {}  # split -> reference words per dataset index
+        self._split = "train"
+        self._errors: dict[str, Tensor] = {}
+
+    # --- transcripts ------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        from omnissl.eval.probe import WORD_SEP, read_transcripts
+
+        dm = self.trainer.datamodule
+        datasets = getattr(dm, "datasets", None)
+        if not isinstance(datasets, dict) or not datasets:
+            raise ValueError(f"CTCRecognizer needs an AudioDataModule (manifests with transcripts beside them), "
+                             f"got {type(dm).__name__}")
+        for split, ds in datasets.items():
+            source, lines = read_transcripts(ds.manifest.source)
+            if len(lines) != len(ds.manifest):
+                raise ValueError(f"{source} has {len(lines)} lines but {ds.manifest.source} lists "
+                                 f"{len(ds.manifest)} utterances")
+            rows = [lines[int(r)] for r in ds.rows]
+            unknown = sorted({c for line in rows for c in line.split()} - set(self.alphabet))
+            if unknown and split == "train":
+                raise ValueError(f"{source}: characters {unknown} are not in model.init_args.alphabet="
+                                 f"{self.alphabet!r}")
+            keep = set(self.alphabet)  # held-out splits: characters outside the alphabet cannot be produced
+            self._targets[split] = [self.vocab.encode(" ".join(c for c in line.split() if c in keep),
+                                                      f"{source}:{int(r) + 1}") for line, r in zip(rows, ds.rows)]
+            self._texts[split] = [" ".join(line.replace(" ", "").replace(WORD_SEP, " ").split()) for line in rows]
+
+    def _lookup(self, batch: Batch) -> tuple[list[Tensor], list[str]]:
+        if batch.ids is None:
+            raise ValueError("CTCRecognizer needs batch.ids to find each utterance's transcript")
+        if self._split not in self._targets:
+            raise RuntimeError(f"no transcripts for the {self._split} split: setup() has not read them")
+        ids = batch.ids.tolist()
+        return [self._targets[self._split][i] for i in ids], [self._texts[self._split][i] for i in ids]
+
+    # --- steps --------------------------------------------------------------------------------------------
+
+    def log_probs(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """-> ((B, N, V) fp32 log-probabilities, (B,) valid frame counts)."""
+        out = self.features(batch)
+        x = out.last[:, self.encoder.num_prefix:]
+        b, n = x.shape[:2]
+        pad = out.padding_mask
+        lengths = torch.full((b,), n, device=x.device) if pad is None else (~pad[:, self.encoder.num_prefix:]).sum(1)
+        return F.log_softmax(self.head(x).float(), dim=-1), lengths
+
+    def step(self, batch: Batch) -> StepOutput:
+        targets, texts = self._lookup(batch)
+        lp, lengths = self.log_probs(batch)
+        target_lengths = torch.tensor([len(t) for t in targets], device=lp.device)
+        too_long = (target_lengths > lengths).nonzero().flatten().tolist()
+        if too_long:
+            raise ValueError(f"samples {[int(batch.ids[i]) for i in too_long]} have more characters than encoder "
+                             f"frames ({self.encoder.samples_per_token} samples per frame): CTC cannot align them")
+        # NOTE(ref): fairseq's ctc criterion uses zero_infinity=True as well; we keep the sum (not mean) and
+        # divide by all ranks' target characters, fairseq's sample_size with sentence_avg=False.
+        loss_sum = F.ctc_loss(lp.transpose(0, 1), torch.cat(targets).to(lp.device), lengths, target_lengths,
+                              blank=self.vocab.blank, reduction="sum", zero_infinity=True)
+        loss = self.normalize(loss_sum, target_lengths.sum())
+        if self._split != "train":
+            self._score(lp, lengths, texts)
+        return StepOutput(loss, {}, len(targets))
+
+    def _score(self, lp: Tensor, lengths: Tensor, refs: list[str]) -> None:
+        from omnissl.eval.metrics import edit_distance
+        from omnissl.eval.probe import greedy_decode
+
+        hyps = [self.vocab.text(ids) for ids in greedy_decode(lp, lengths, self.vocab.blank)]
+        counts = torch.tensor([
+            sum(edit_distance(r, h) for r, h in zip(refs, hyps)), sum(len(r) for r in refs),
+            sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps)), sum(len(r.split()) for r in refs),
+        ], dtype=torch.float64)
+        self._errors[self._split] = self._errors.get(self._split, torch.zeros(4, dtype=torch.float64)) + counts
+
+    def _log_rates(self, stage: str, split: str) -> None:
+        counts = self._errors.pop(split, torch.zeros(4, dtype=torch.float64)).to(self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        if counts[1] > 0:
+            self.log(f"{stage}/cer", float(counts[0] / counts[1]), rank_zero_only=True)
+        if counts[3] > 0:
+            self.log(f"{stage}/wer", float(counts[2] / counts[3]), rank_zero_only=True)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        self._split = "train"
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._split = "valid"
+        super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._split = "test"
+        super().test_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_rates("val", "valid")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_rates("test", "test")
