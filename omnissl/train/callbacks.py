@@ -283,8 +283,8 @@ class OnlineProbe(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
                            ) -> None:
-        step = trainer.global_step
-        if step == self.last_step or step % self.every_n_steps:
+        step = trainer.global_step  # optimizer steps; unchanged over the micro-batches of an accumulated step
+        if step == 0 or step == self.last_step or step % self.every_n_steps:
             return
         self.last_step = step
         self.metrics = self.run(trainer, pl_module)

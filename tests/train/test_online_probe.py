@@ -209,3 +209,17 @@ def test_probe_on_two_processes_merges_the_shards(strategy, env, tmp_path):
     s = json.loads(out.read_text())
     assert s["shard_items"] == [24, 24] and s["items"] == s["dataset"] == 48
     assert s["max_feature_diff"] < 1e-4 and s["labels_equal"] and s["ranks_equal"] and s["num_probes"] == 1
+
+
+def test_probes_once_per_n_optimizer_steps_under_gradient_accumulation(monkeypatch):
+    from types import SimpleNamespace
+
+    from omnissl.datamodules.audio import AudioDataModule
+
+    cb = OnlineProbe(AudioDataModule(train_manifest=KW, valid_manifest=KW), every_n_steps=2)
+    ran = []
+    monkeypatch.setattr(cb, "run", lambda trainer, pl_module: ran.append(trainer.global_step) or {})
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=0))
+    for step in [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]:  # global_step seen after each of 10 micro-batches (accumulate 2)
+        cb.on_train_batch_end(SimpleNamespace(global_step=step, loggers=[], fit_loop=loop), None, None, None, 0)
+    assert ran == [2, 4] and cb.num_probes == 2 and cb.last_step == 4
