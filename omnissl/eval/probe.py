@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -567,9 +568,12 @@ def fit_ctc(train: Features, valid: Features | None, test: Features, vocab: Char
     if train.targets is None:
         raise ValueError(f"{train.source}: training transcripts need the vocabulary (attach_transcripts(vocab=))")
     too_short = [int(i) for i, x, t in zip(train.ids, train.x, train.targets) if len(x) < len(t)]
-    if too_short:
-        raise ValueError(f"{train.source}: {len(too_short)} utterances have fewer frames than characters "
-                         f"(e.g. id {too_short[0]}): the upstream's frame rate is too low for character CTC")
+    if 2 * len(too_short) > len(train):
+        raise ValueError(f"{train.source}: {len(too_short)} of {len(train)} utterances have fewer frames than "
+                         f"characters (e.g. id {too_short[0]}): the upstream's frame rate is too low for character CTC")
+    if too_short:  # no CTC alignment exists: their loss is infinite and zeroed (zero_infinity), as in fairseq
+        warnings.warn(f"{train.source}: {len(too_short)} training utterances have fewer frames than characters "
+                      f"(e.g. id {too_short[0]}); they do not contribute to the CTC loss", stacklevel=2)
     dim = train.x[0].shape[-1]
     with _seeded(seed):
         feat = Featurizer(train.num_states, dim, layer=layer)
@@ -666,11 +670,16 @@ def source_modality(spec: str) -> str:
     if path.suffix == ".jsonl":
         return "text"
     if path.is_dir():
-        return "image"  # labeled folders are class subfolders of images; audio folders carry no labels
-    _, rows = read_manifest(path)
-    if not rows:
-        raise ValueError(f"{path}: the manifest lists no items")
-    ext = Path(rows[0][0]).suffix.lower()
+        first = next((p for p in sorted(path.rglob("*"))
+                      if p.suffix.lower() in AUDIO_EXTENSIONS + tuple(IMAGE_EXTENSIONS)), None)
+        if first is None:
+            raise ValueError(f"{path}: the folder holds no audio or image files")
+        ext = first.suffix.lower()
+    else:
+        _, rows = read_manifest(path)
+        if not rows:
+            raise ValueError(f"{path}: the manifest lists no items")
+        ext = Path(rows[0][0]).suffix.lower()
     return "audio" if ext in AUDIO_EXTENSIONS else "image" if ext in IMAGE_EXTENSIONS else "text"
 
 

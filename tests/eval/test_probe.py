@@ -16,7 +16,8 @@ from omnissl.datamodules.synthetic import SyntheticDataModule
 from omnissl.eval.probe import (CharVocab, CTCHead, EncoderStates, Features, Featurizer, LogMelStates,
                                 attach_transcripts, baseline_states, extract, extract_splits, fit_classifier, fit_ctc, frozen,
                                 greedy_decode, layer_normalize, linear_probe_accuracy, load_probe_data, main,
-                                pooled_features, probe_layers, read_transcripts, reinitialized, run_probe)
+                                pooled_features, probe_layers, read_transcripts, reinitialized, run_probe,
+                                source_modality)
 
 
 @pytest.fixture(autouse=True)
@@ -168,6 +169,10 @@ def test_unseen_test_label_and_missing_labels_name_file_and_label(tmp_path):
         load_probe_data(str(paths["train"]), str(unlabeled))
     with pytest.raises(ValueError, match=rf"{re.escape(str(unlabeled))}: no labels .* train split"):
         load_probe_data(str(unlabeled), str(paths["test"]))
+    folder = root / "wav" / "test"  # a folder of audio files: detected as audio, and it carries no labels
+    assert source_modality(str(folder)) == "audio" and source_modality(str(paths["train"])) == "audio"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(folder))}: no labels"):
+        load_probe_data(str(paths["train"]), str(folder))
     # text: the labeled DataModule's own checks, reached through the probe
     (tmp_path / "tr.jsonl").write_text('{"text": "a b c", "label": "x"}\n{"text": "d e f", "label": "y"}\n')
     (tmp_path / "te.jsonl").write_text('{"text": "a b", "label": "z"}\n')
