@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from omnissl.backbones.encoder import Encoder
 from omnissl.batch import Batch
 from omnissl.ssl.base import SSLModule, StepOutput
-from omnissl.ssl.masking import span_mask
+from omnissl.ssl.masking import block_mask, span_mask
 from omnissl.ssl.targets import CollapseGuard, EMATeacher, maskable_batch, top_k_targets
 
 # Parts of the teacher's Encoder copy it never runs: it is fed the student's projected features
@@ -64,6 +64,14 @@ def regression_loss(pred: Tensor, target: Tensor, *, beta: float, scale: float) 
     else:
         err = F.smooth_l1_loss(p, t, reduction="none", beta=beta)
     return err.sum() * scale
+
+
+@torch.no_grad()
+def loss_vs_zero(loss_sum: Tensor, target: Tensor, *, beta: float, scale: float) -> Tensor:
+    """The regression loss relative to predicting zeros, the per-sample mean of normalized targets (< 1: the
+    student predicts more than the trivial answer; a shrinking-prediction phase alone cannot bring it below 1)."""
+    zero = regression_loss(torch.zeros_like(target), target, beta=beta, scale=scale)
+    return loss_sum.detach().float() / zero.clamp(min=1e-12)
 
 
 class VarianceGuards:
@@ -125,7 +133,8 @@ class Data2Vec(SSLModule):
     ema_layers_only copies the positional conv from the student instead of averaging it (fairseq default).
     init_from: a checkpoint whose `encoder.*` weights start the student; the teacher starts as its copy.
 
-    Metrics: loss, target_var, pred_var (fairseq `compute_var`), ema_decay, masked_frac, dropped_short.
+    Metrics: loss, target_var, pred_var (fairseq `compute_var`), ema_decay, masked_frac, loss_vs_zero,
+    dropped_short.
     """
 
     def __init__(
@@ -209,9 +218,14 @@ class Data2Vec(SSLModule):
         self.dropped_short += dropped
         tokens = self.encoder.embed(x, lengths)
         b, n, _ = tokens.x.shape
-        mask = span_mask((b, n), padding_mask=tokens.padding_mask, mask_prob=self.mask_prob, span=self.mask_length,
-                         min_spans=self.min_spans, same_count=True, generator=self.generator(x.device),
-                         device=x.device)
+        gen = self.generator(x.device)
+        if tokens.grid is not None:  # patch grids (images): block-wise masks of mask_length x mask_length squares
+            mask = block_mask(tokens.grid, b, mask_prob=self.mask_prob, block=self.mask_length, generator=gen,
+                              device=x.device)  # over the patches; the CLS token is added later, never masked
+        else:
+            mask = span_mask((b, n), padding_mask=tokens.padding_mask, mask_prob=self.mask_prob,
+                             span=self.mask_length, min_spans=self.min_spans, same_count=True, generator=gen,
+                             device=x.device)
         out = self.encoder.encode(tokens, mask=mask)
         target = self.targets(tokens)[mask]  # (B·M, D)
         pred = self.head(out.last[:, self.encoder.num_prefix:][mask])  # (B·M, D)
@@ -227,6 +241,7 @@ class Data2Vec(SSLModule):
             "pred_var": pred_var,
             "ema_decay": self.teacher.decay,
             "masked_frac": float(count) / max(valid, 1),
+            "loss_vs_zero": loss_vs_zero(loss_sum, target, beta=self.loss_beta, scale=self.loss_scale),
         }
         if dropped:
             metrics["dropped_short"] = float(dropped)

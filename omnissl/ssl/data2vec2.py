@@ -27,6 +27,7 @@ from omnissl.ssl.data2vec import (
     FRONT_KEYS,
     VarianceGuards,
     check_teacher_in_checkpoint,
+    loss_vs_zero,
     compute_var,
     load_encoder_weights,
     regression_loss,
@@ -187,6 +188,7 @@ class Data2Vec2(SSLModule):
             "pred_var": pred_var,
             "ema_decay": self.teacher.decay,
             "masked_frac": float(count) / max(valid * m, 1),
+            "loss_vs_zero": loss_vs_zero(loss_sum, target_m, beta=0.0, scale=self.loss_scale),
         }
         if dropped:
             metrics["dropped_short"] = float(dropped)

@@ -95,6 +95,33 @@ def random_keep(
     return _lowest_k(noise, torch.full((b,), n_keep, device=device))
 
 
+def _block_select(
+    grid: tuple[int, int], batch: int, n_select: int, block: int, adjust: float,
+    generator: torch.Generator | None, device: torch.device,
+) -> Tensor:
+    """Exactly `n_select` patches per row of a (rows, cols) grid, chosen in `block` x `block` squares: draw
+    block centres to cover about n_select·(1 + adjust) patches, grow them into squares, then take the
+    covered patches first (in random order) and fill up / cut down at random to exactly n_select."""
+    rows, cols = grid
+    n = rows * cols
+    centres = max(1, int(round(n_select * (1.0 + adjust) / (block * block))))
+    scores = torch.rand(batch, n, generator=generator, device=device)
+    seeds = _lowest_k(scores, torch.full((batch,), centres, device=device)).float().view(batch, 1, rows, cols)
+    pad_lo = (block - 1) // 2
+    grown = torch.nn.functional.max_pool2d(
+        torch.nn.functional.pad(seeds, (pad_lo, block - 1 - pad_lo, pad_lo, block - 1 - pad_lo)), block, stride=1
+    ).view(batch, n) > 0
+    scores = torch.rand(batch, n, generator=generator, device=device) + (~grown).float() * 2.0
+    return _lowest_k(scores, torch.full((batch,), n_select, device=device))
+
+
+def _check_grid_counts(mask_prob: float, n: int) -> int:
+    n_mask = int(round(mask_prob * n))
+    if not 1 <= n_mask < n:
+        raise ValueError(f"mask_prob {mask_prob} keeps {n - n_mask} of {n} patches; need at least one of each")
+    return n_mask
+
+
 def inverse_block_mask(
     grid: tuple[int, int],
     batch: int,
@@ -112,19 +139,31 @@ def inverse_block_mask(
     at random, missing ones added at random. Returns keep (B, N) bool (row-major over the grid); the masked
     (predicted) patches are ~keep. Defaults: image base (mask_prob 0.8, 3 x 3 blocks, adjust 0.07).
     """
-    rows, cols = grid
-    n = rows * cols
+    n = grid[0] * grid[1]
+    n_keep = n - _check_grid_counts(mask_prob, n)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    n_keep = int(round((1.0 - mask_prob) * n))
-    if not 1 <= n_keep < n:
-        raise ValueError(f"mask_prob {mask_prob} keeps {n_keep} of {n} patches; need at least one of each")
-    centres = max(1, int(round((1.0 - mask_prob) * (1.0 + adjust) * n / (block * block))))
-    scores = torch.rand(batch, n, generator=generator, device=device)
-    seeds = _lowest_k(scores, torch.full((batch,), centres, device=device)).float().view(batch, 1, rows, cols)
-    pad_lo = (block - 1) // 2
-    grown = torch.nn.functional.max_pool2d(
-        torch.nn.functional.pad(seeds, (pad_lo, block - 1 - pad_lo, pad_lo, block - 1 - pad_lo)), block, stride=1
-    ).view(batch, n) > 0
-    # kept-region patches rank first (in random order), then the others: exactly n_keep per row
-    scores = torch.rand(batch, n, generator=generator, device=device) + (~grown).float() * 2.0
-    return _lowest_k(scores, torch.full((batch,), n_keep, device=device))
+    return _block_select(grid, batch, n_keep, block, adjust, generator, device)
+
+
+def block_mask(
+    grid: tuple[int, int],
+    batch: int,
+    *,
+    mask_prob: float = 0.6,
+    block: int = 3,
+    adjust: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Block-wise masking of a patch grid (data2vec v1 vision, which uses BEiT's masking at 60 %): exactly
+    round(mask_prob·N) *masked* patches per row, drawn in `block` x `block` squares. Returns mask (B, N) bool,
+    True at masked patches.
+
+    NOTE(ref): BEiT's generator grows rectangles of random area (>= 16 patches) and aspect ratio (0.3-3.3)
+    one at a time until the budget is met; we draw fixed squares in one vectorized pass (no Python loop per
+    sample) and make the count exact, as data2vec 2.0's `compute_block_mask_2d` does.
+    """
+    n = grid[0] * grid[1]
+    n_mask = _check_grid_counts(mask_prob, n)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _block_select(grid, batch, n_mask, block, adjust, generator, device)

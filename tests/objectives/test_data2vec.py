@@ -352,26 +352,62 @@ def test_variance_guards_stop_a_run_naming_the_metric(kw, metric):
         trainer(max_steps=4).fit(model, data())
 
 
-def _train_and_check(make, steps, dm):
+def _embedded(modality: str):
+    """The real embedded corpora at their smallest size (generated on first use)."""
+    if modality == "audio":
+        from omnissl.datamodules.audio import AudioDataModule
+
+        return AudioDataModule(train_manifest="embedded:tiny", valid_manifest=None, max_samples=32000,
+                               min_samples=16000, max_tokens=None, batch_size=4, num_workers=0)
+    if modality == "text":
+        from omnissl.datamodules.text import TextDataModule
+
+        return TextDataModule(embedded_size="tiny", vocab_size=512, block_size=64, batch_size=8, num_workers=0,
+                              progress=False)
+    from omnissl.datamodules.image import ImageDataModule
+
+    return ImageDataModule(embedded_size="tiny", image_size=32, batch_size=8, num_workers=0)
+
+
+def _embedded_model(which: str, modality: str):
+    """Each modality's base settings (REFERENCE §B.4/§B.5) on a tiny encoder."""
+    enc = tiny(modality, vocab_size=512) if modality == "text" else tiny(modality)
+    common = dict(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), var_guard_after_steps=0, min_pred_var=0.0)
+    if which == "data2vec":
+        kw = {"audio": dict(mask_prob=0.65, mask_length=5, target_source="ffn", target_norm="instance"),
+              "text": dict(mask_prob=0.35, mask_length=4, min_spans=1, target_source="layers", target_norm="layer",
+                           head_layers=2, loss_beta=4.0, loss_scale=1.0),
+              "image": dict(mask_prob=0.6, mask_length=2, target_source="layers", target_norm=None,
+                            final_target_norm="layer", loss_beta=2.0, loss_scale=1.0)}[modality]
+        return Data2Vec(enc, modality=modality, top_k=2, **common, **kw)
+    kw = {"audio": dict(mask_prob=0.5, mask_length=5),
+          "text": dict(mask_prob=0.48, mask_length=1, decoder_kernel=9, decoder_groups=1, decoder_residual=False,
+                       loss_scale=1.0, teacher_embeds=True),
+          "image": dict(mask_prob=0.8, mask_length=2, decoder="2d", decoder_kernel=3, final_target_norm="layer",
+                        loss_scale=1.0, teacher_embeds=True)}[modality]
+    return Data2Vec2(enc, modality=modality, top_k=2, clone_batch=2, decoder_dim=32, decoder_layers=2,
+                     **common, **{"decoder_groups": 4, **kw})
+
+
+@pytest.mark.parametrize("modality", ["audio", "text", "image"])
+@pytest.mark.parametrize("which", ["data2vec", "data2vec2"])
+def test_loss_goes_down_on_the_embedded_corpus(which, modality):
+    """Real data of each modality (espeak-ng speech, stdlib text, the images pip wheels ship), 30 updates: the
+    regression loss falls, the target variance stays above fairseq's collapse guard, and on text and images the
+    student already beats the trivial prediction (zeros, the mean of normalized targets: loss_vs_zero < 1).
+    Early on a falling loss mostly means shrinking predictions; on speech the tiny model needs longer to pass
+    the trivial predictor (measured: ~1.0 after 80 updates), which bench/learning_check.py covers."""
     torch.manual_seed(0)
-    model = make(optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), var_guard_after_steps=0)
+    model = _embedded_model(which, modality)
     rec = _Record()
     counting(model)
-    trainer(max_steps=steps, callbacks=[rec]).fit(model, dm)
+    trainer(max_steps=30, callbacks=[rec]).fit(model, _embedded(modality))
     first, last = sum(rec.losses[:5]) / 5, sum(rec.losses[-5:]) / 5
-    assert last < 0.8 * first, (first, last)
-    assert min(m["train/target_var"] for m in rec.metrics) > 0.1  # the guard (active from step 0) never fired
-
-
-@pytest.mark.parametrize("make", [v1, v2], ids=["data2vec", "data2vec2"])
-def test_loss_goes_down_on_synthetic_audio(make):
-    _train_and_check(make, 20, data(batch_size=2, train_size=16, min_samples=4000, max_samples=6000))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("make", [v1, v2], ids=["data2vec", "data2vec2"])
-def test_loss_goes_down_on_longer_synthetic_audio(make):
-    _train_and_check(make, 40, data(batch_size=4, train_size=32))
+    assert last < (0.9 if modality == "audio" else 1.0) * first, (first, last)
+    assert min(m["train/target_var"] for m in rec.metrics) > 0.1
+    rel = [float(m["train/loss_vs_zero"]) for m in rec.metrics]
+    if modality != "audio":
+        assert sum(rel[-5:]) / 5 < 0.97, rel
 
 
 @pytest.mark.parametrize("which", ["data2vec", "data2vec2"])
@@ -410,6 +446,23 @@ def test_inverse_block_mask_keeps_exactly_and_in_blocks():
     assert torch.equal(a, inverse_block_mask((14, 14), 2, generator=torch.Generator().manual_seed(1)))
     with pytest.raises(ValueError, match="keeps"):
         inverse_block_mask((2, 2), 1, mask_prob=0.99)
+
+
+def test_block_mask_masks_exactly_and_in_blocks():
+    """data2vec v1 vision: 60 % of the patches masked, in blocks (BEiT-style), the same count in every row."""
+    from omnissl.ssl.masking import block_mask
+
+    mask = block_mask((14, 14), 8, mask_prob=0.6, block=3, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (8, 196) and (mask.sum(1) == round(0.6 * 196)).all()
+    m = mask.view(8, 14, 14).float()
+    neighbours = F.conv2d(m[:, None], torch.tensor([[[[0, 1, 0], [1, 0, 1], [0, 1, 0.]]]]), padding=1)[:, 0]
+    surrounded = ((neighbours == 4) & (m > 0)).sum() / m.sum()  # masked with all 4 neighbours masked
+    assert surrounded > 0.2  # measured 0.28 over 64 rows; i.i.d. masking at 60 % gives 0.09
+    model = Data2Vec(tiny("image"), modality="image", mask_prob=0.6, mask_length=2, top_k=2,
+                     target_source="layers", target_norm=None, final_target_norm="layer", loss_beta=2.0)
+    batch = Batch({"image": torch.randn(2, 3, 32, 32)}, {}, ids=torch.arange(2))
+    out = model.step(batch)
+    assert torch.isfinite(out.loss) and out.metrics["masked_frac"] == pytest.approx(round(0.6 * 64) / 64)
 
 
 def test_conv_decoder_2d_shape_and_locality():
