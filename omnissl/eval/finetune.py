@@ -176,6 +176,8 @@ class FineTune(SSLModule):
             if self.training and self.mask_prob > 0.0:
                 from omnissl.ssl.masking import span_mask
 
+                # NOTE(ref): fairseq's fine-tuning also masks feature channels (mask_channel_prob/length) and
+                # uses min_masks 2; we mask time spans only, with at least one span, which short clips allow.
                 b, n, _ = tokens.x.shape
                 mask = span_mask((b, n), padding_mask=tokens.padding_mask, mask_prob=self.mask_prob,
                                  span=self.mask_length, min_spans=1, same_count=False,
@@ -227,6 +229,8 @@ class UtteranceClassifier(FineTune):
         if not -(encoder.num_layers + 1) <= layer <= encoder.num_layers:
             raise ValueError(f"layer {layer} out of range for an encoder with {encoder.num_layers} + 1 layer outputs")
         self.num_classes, self.layer = num_classes, layer
+        # NOTE(ref): HF Wav2Vec2ForSequenceClassification projects to 256 before pooling, then classifies; the
+        # issue asks for pooling + linear, and a linear map commutes with mean pooling, so one Linear suffices.
         self.head = nn.Linear(encoder.dim, num_classes)
 
     def setup(self, stage: str) -> None:

@@ -333,6 +333,9 @@ class OnlineProbe(Callback):
         bad = sorted({int(v) for v in torch.cat([tr_y, va_y]).tolist() if not 0 <= v < self.num_classes})
         if bad:
             raise ValueError(f"OnlineProbe: labels {bad[:10]} outside [0, {self.num_classes}) (num_classes)")
+        # NOTE(ref): DINO and solo-learn run kNN on L2-normalized raw features; we standardize with the memory's
+        # mean and std first (as for the linear classifier), since mean-pooled speech features share a large
+        # common component that makes raw cosine similarities all close to 1.
         mean, std = tr_x.mean(0), tr_x.std(0).clamp(min=1e-6)
         tr_z, va_z = (tr_x - mean) / std, (va_x - mean) / std
         clf = self._ensure_classifier(device)
