@@ -335,7 +335,7 @@ class OnlineProbe(Callback):
             raise ValueError(f"OnlineProbe: labels {bad[:10]} outside [0, {self.num_classes}) (num_classes)")
         # NOTE(ref): DINO and solo-learn run kNN on L2-normalized raw features; we standardize with the memory's
         # mean and std first (as for the linear classifier): mean-pooled speech features share a common
-        # component (mean cosine of keywords-small valid to train clips 0.69 for the 1,500-step wav2vec 2.0
+        # component (mean cosine of keywords-small valid to train clips 0.69 for the step-1,400 wav2vec 2.0
         # tiny encoder, 0.86 at random init); standardized, kNN accuracy was 0.175 vs 0.150 raw (120 clips).
         mean, std = tr_x.mean(0), tr_x.std(0).clamp(min=1e-6)
         tr_z, va_z = (tr_x - mean) / std, (va_x - mean) / std
