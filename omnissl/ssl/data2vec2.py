@@ -57,7 +57,7 @@ class Data2Vec2(SSLModule):
     NOTE(ref): as in Data2Vec.targets, the teacher sees the student's tokens after its input dropout.
     NOTE(ref): fairseq's image model adds `cls_loss 0.01` (the CLS token regresses the mean target); not here.
 
-    Metrics: loss, target_var, pred_var, ema_decay, masked_frac, dropped_short.
+    Metrics: loss, target_var, pred_var, ema_decay, masked_frac, loss_vs_zero, dropped_short.
     """
 
     def __init__(
