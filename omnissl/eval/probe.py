@@ -474,10 +474,14 @@ def _seeded(seed: int) -> Iterator[None]:
 
 def _fit(model: nn.Module, loss_of, score_of, train_n: int, *, valid: bool, higher_is_better: bool, epochs: int,
          lr: float, batch_size: int, seed: int, weight_decay: float = 0.0) -> int:
-    """Adam over shuffled mini-batches of `train_n` items for `epochs`; after each epoch `score_of("valid")`
+    """Adam over shuffled mini-batches of `train_n` items for `epochs` (weight decay on the head only, not on
+    the featurizer's layer logits); after each epoch `score_of("valid")`
     selects the best state (kept in `model` at the end). Without a valid split the last epoch is kept.
     Returns the selected epoch (1-based)."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if not n.endswith("logits")], "weight_decay": weight_decay},
+              {"params": [p for n, p in params if n.endswith("logits")], "weight_decay": 0.0}]  # layer weights
+    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     g = torch.Generator().manual_seed(seed)
     best, best_state, best_epoch = None, None, epochs
     for epoch in range(1, epochs + 1):
@@ -872,8 +876,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also probe the non-learned baseline (log-mel, bag of tokens, raw pixels)")
     parser.add_argument("--wandb", action="store_true",
                         help="log the report to a new W&B run (offline without credentials or with WANDB_MODE=offline)")
-    parser.add_argument("--epochs", type=int, default=None, help="head training epochs (classify 50, ctc 40)")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (classify 5e-3, ctc 2e-3)")
+    parser.add_argument("--epochs", type=int, default=None, help="head training epochs (classify 60, ctc 40)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (classify 1e-2, ctc 1e-3)")
     parser.add_argument("--batch-size", type=int, default=16, help="utterances per extraction batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -332,7 +333,14 @@ def test_report_is_logged_to_an_offline_wandb_run(tmp_path, monkeypatch):
     run = wandb.init(project="omnissl-test", dir=str(tmp_path), mode="offline")
     try:
         assert log_report(rows, paths)
+        assert run.summary["probe/pretrained/test_accuracy"] == pytest.approx(0.8)
+        assert {"probe/table", "probe/layers"} <= set(run.summary.keys())
+        media = Path(run.dir) / "media"  # written by the client when logged (the .wandb stream is asynchronous)
+        table = json.loads(next(media.glob("table/probe/table_*.table.json")).read_text())
+        image = next(media.glob("images/probe/layers_*.png")).read_bytes()
     finally:
         run.finish()
-    data = next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()
-    assert b"probe/table" in data and b"probe/layers" in data and b"probe/pretrained/test_accuracy" in data
+    assert table["columns"] == ["upstream", "layer", "metric", "test", "valid", "weight"]
+    assert ["pretrained", "2", "accuracy", 0.7, 0.7, 0.5] in table["data"]
+    assert ["log-mel baseline", "weighted", "accuracy", 0.4, 0.4, None] in table["data"]
+    assert image[:8] == b"\x89PNG\r\n\x1a\n"
