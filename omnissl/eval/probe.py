@@ -9,7 +9,7 @@ picks one layer; a *downstream* head is trained on top while the upstream stays 
     result = fit_classifier(train, valid, test, head="linear")   # ProbeResult: test accuracy, layer weights
 
     train = extract(states, loader, frames=True, transcripts=...) # per-utterance (N_u, S, D) frames
-    result = fit_ctc(train, valid, test, vocab, head="lstm")      # ProbeResult: test CER (and WER)
+    result = fit_ctc(train, valid, test, vocab, head="linear")    # ProbeResult: test CER (and WER)
 
 Frozen features are computed once per utterance and cached, so the head trains for many epochs in seconds.
 Utterance classification mean-pools each state over valid frames *before* the weighted sum; that equals
@@ -342,11 +342,17 @@ def classifier_head(dim: int, num_classes: int, kind: str = "linear", *, hidden:
 
 
 class CTCHead(nn.Module):
-    """Frame classifier over V = vocabulary + blank for CTC: "linear" (D -> V) or "lstm" (a small
-    bidirectional LSTM, then D' -> V; SUPERB's ASR downstream uses 2 x 1024, we default to 1 x 256 for
-    speed). x (B, N, D), lengths (B,) -> log-probabilities (B, N, V)."""
+    """Frame classifier over V = vocabulary + blank for CTC. x (B, N, D), lengths (B,) -> log-probabilities
+    (B, N, V).
 
-    def __init__(self, dim: int, vocab_size: int, kind: str = "lstm", *, hidden: int = 256, layers: int = 1,
+    "linear" (D -> V): SUPERB's phoneme-recognition downstream (and wav2vec 2.0 fine-tuning's output layer);
+    the default, since it measures what the frames themselves encode and trains in seconds on a CPU.
+    "lstm": a bidirectional LSTM, then 2 x hidden -> V; SUPERB's ASR downstream (2 x 1024). It adds context
+    the upstream may lack, and is slow without a GPU (1 x 256 wide: 12 s per batch of 8 x 10 s utterances,
+    forward and backward, measured on one shared CPU core).
+    """
+
+    def __init__(self, dim: int, vocab_size: int, kind: str = "linear", *, hidden: int = 256, layers: int = 1,
                  dropout: float = 0.1) -> None:
         super().__init__()
         if kind not in ("linear", "lstm"):
@@ -561,7 +567,7 @@ def _pad_frames(xs: Sequence[Tensor], device) -> tuple[Tensor, Tensor]:
     return out.to(device).float(), lengths.to(device)
 
 
-def fit_ctc(train: Features, valid: Features | None, test: Features, vocab: CharVocab, *, head: str = "lstm",
+def fit_ctc(train: Features, valid: Features | None, test: Features, vocab: CharVocab, *, head: str = "linear",
             layer: int | None = None, epochs: int = 40, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
             hidden: int = 256, device: torch.device | str = "cpu") -> ProbeResult:
     """Featurizer + CTC head on frame features with label sequences (`attach_transcripts`); greedy decoding;
@@ -827,7 +833,7 @@ def run_probe(states, data: ProbeData, name: str, *, task: str = "classify", hea
                                   layer=k, num_classes=len(data.classes), seed=seed, device=device, **opts)
     else:
         def fit(k):
-            return fit_ctc(feats["train"], feats.get("valid"), feats["test"], vocab, head=head or "lstm", layer=k,
+            return fit_ctc(feats["train"], feats.get("valid"), feats["test"], vocab, head=head or "linear", layer=k,
                            seed=seed, device=device, **opts)
     result = fit(layer)
     num_states = feats["train"].num_states
@@ -864,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=["classify", "ctc"], default="classify",
                         help="utterance classification (mean pooling) or character CTC (speech + .ltr/.wrd)")
     parser.add_argument("--head", choices=["linear", "mlp", "lstm"], default=None,
-                        help="classify: linear (default) or mlp; ctc: lstm (default, BiLSTM) or linear")
+                        help="classify: linear (default) or mlp; ctc: linear (default) or lstm (BiLSTM; GPU)")
     parser.add_argument("--layer", type=int, default=None, help="probe one fixed hidden state instead of the "
                                                                   "weighted sum (0 = trunk input)")
     parser.add_argument("--layer-norm", action="store_true", help="s3prl's per-frame LayerNorm of every state")
