@@ -306,6 +306,15 @@ def test_cli_ctc_prints_cer_last(speech_tiny, tmp_path, capsys):
     assert re.fullmatch(r"test CER: \d\.\d{4}", last), last
 
 
+def test_omnissl_cli_dispatches_probe(capsys):
+    from omnissl.cli import main as omnissl_main
+
+    with pytest.raises(SystemExit) as e:
+        omnissl_main(["probe", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: omnissl probe") and "--random-init" in out
+
+
 def test_cli_refuses_bad_combinations(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--train", "x", "--test", "y", "--task", "ctc", "--head", "mlp"])
