@@ -25,9 +25,14 @@ test-fast: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
 
 # Speech pretraining on the embedded corpus (generated on first use), then the linear probe vs random init and
-# the log-mel baseline on the embedded keyword-spotting task. About 10-12 minutes on 2 cores.
+# the log-mel baseline on the embedded keyword-spotting task, then the SUPERB-style report (learned layer
+# weights, accuracy per layer, pretrained vs random init vs log-mel) in runs/demo/report (probe.md + PNG, W&B).
 demo: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/learning_check.py --objective wav2vec2 --steps 1500
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/learning_check.py --objective wav2vec2 --steps 1500 \
+		--export runs/demo/encoder
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/omnissl probe runs/demo/encoder --train embedded:keywords:small \
+		--valid embedded:keywords:small --test embedded:keywords:small --random-init --baseline \
+		--report runs/demo/report --wandb
 
 bench: $(STAMP)
 	$(PY) bench/trunk_vs_hf.py

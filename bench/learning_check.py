@@ -8,7 +8,7 @@ logistic regression per layer) on the embedded keyword-spotting task (held-out v
   - the non-learned baseline (pooled log-mel + logistic regression, bench/baseline_speech.py).
 The probe layer is chosen on the valid split; test accuracy at that layer is reported.
 
-    python bench/learning_check.py --objective wav2vec2 [--steps 600] [--size small]
+    python bench/learning_check.py --objective wav2vec2 [--steps 600] [--size small] [--export DIR]
 
 Ends with: RESULT name=learning_check objective=... probe_pretrained=... probe_random=... baseline=...
 """
@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--size", default="small", choices=["tiny", "small", "default"], help="labeled task size")
     ap.add_argument("--task", default="keywords", choices=["keywords", "speakers"])
+    ap.add_argument("--export", default=None, help="also save the pretrained encoder as a package in this folder "
+                    "(omnissl.eval.export.save_backbone), e.g. for `omnissl probe DIR --report ...`")
     ap.add_argument("--extra", action="append", default=[],
                     help="one more LightningCLI argument for the pretraining run, e.g. --extra=--model.init_args.x=1")
     args = ap.parse_args()
@@ -94,6 +96,10 @@ def main() -> None:
     cli = lightning_cli(["fit", *common])
     pretrain_s = time.perf_counter() - t0
     pretrained = cli.model.encoder
+    if args.export:
+        from omnissl.eval.export import save_backbone
+
+        print(f"pretrained encoder package: {save_backbone(pretrained, args.export)}")
     summarize_training(cli.trainer.log_dir)
     # (not just the first parameter: data2vec 2.0 never uses the mask embedding, which stays at its init)
     assert any(not torch.equal(a, b) for a, b in zip(pretrained.parameters(), random_encoder.parameters()))
