@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,12 @@ def test_offline_wandb_run_holds_resolved_config(tmp_path):
            "--model.init_args.mask_ratio", "0.7"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = list(tmp_path.glob("runs/wandb/offline-run-*/run-*.wandb"))
-    assert len(runs) == 1
+    runs: list[Path] = []
+    for _ in range(60):  # W&B's service process may still be flushing the offline run after the command exits
+        runs = list(tmp_path.glob("runs/wandb/offline-run-*/run-*.wandb"))
+        if runs and b"mask_ratio" in runs[0].read_bytes():
+            break
+        time.sleep(1)
+    assert len(runs) == 1, sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))[:40]
     assert b"mask_ratio" in runs[0].read_bytes() and b"0.7" in runs[0].read_bytes()
     assert "mask_ratio: 0.7" in (tmp_path / "runs/config.yaml").read_text()
