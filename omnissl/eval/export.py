@@ -258,6 +258,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused to load: it holds pickled objects other than tensors and plain data, "
                          f"and export never unpickles code (torch.load weights_only=True said: {e})") from e
+    except RuntimeError as e:  # not a torch zip file: truncated, corrupt, or another format
+        raise ValueError(f"{path} is not a readable torch checkpoint (truncated or another format?): {e}") from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     info = ckpt.get("omnissl")

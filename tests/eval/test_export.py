@@ -331,6 +331,11 @@ def test_export_command_refuses_what_it_cannot_do(fitted, tmp_path, capsys):
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
     with pytest.raises(ValueError, match="image_size is required"):
         export_checkpoint(_mae_checkpoint(tmp_path), tmp_path / "vit", hf=True)
+    for name, content in (("garbage.ckpt", b"not a checkpoint"), ("truncated.ckpt", fitted.read_bytes()[:4096])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit) as e:
+            main(["export", str(tmp_path / name), str(tmp_path / "out")])
+        assert e.value.code == 2 and f"{name} is not a readable torch checkpoint" in capsys.readouterr().err
 
 
 def _mae_checkpoint(tmp_path: Path) -> Path:
