@@ -33,6 +33,9 @@ def test_auto_logger_choice(monkeypatch, tmp_path):
 def test_offline_wandb_run_holds_resolved_config(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     env.pop("WANDB_API_KEY", None)
+    # an earlier test's wandb.init left WANDB_SERVICE (the pytest process's own W&B service socket) in os.environ;
+    # inherited, it makes the child hand its run to that service, which never writes it where we look
+    env.pop("WANDB_SERVICE", None)
     cmd = [str(Path(sys.executable).parent / "omnissl"), "fit", "-c", str(ROOT / "recipes/trainer/default.yaml"),
            "-c", str(ROOT / "recipes/audio/mae_tiny_synthetic.yaml"), "--trainer.max_steps", "2",
            "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
