@@ -74,6 +74,27 @@ def loss_vs_zero(loss_sum: Tensor, target: Tensor, *, beta: float, scale: float)
     return loss_sum.detach().float() / zero.clamp(min=1e-12)
 
 
+def monitors(module: SSLModule, *, pred: Tensor, target: Tensor, loss_sum: Tensor, beta: float, scale: float,
+             masked_frac: float, dropped: int, var_target: Tensor | None = None) -> dict[str, Tensor | float]:
+    """The collapse monitors both data2vec versions log, with the variance guards applied during training:
+    target_var / pred_var (fairseq `compute_var`; var_target: the rows to measure the targets on, default
+    `target`), ema_decay, masked_frac, loss_vs_zero and, when utterances were dropped, dropped_short."""
+    target_var = compute_var(target if var_target is None else var_target, module)
+    pred_var = compute_var(pred, module)
+    if module.training and module._trainer is not None:
+        module.guards.check(float(target_var), float(pred_var), module.global_step)
+    metrics: dict[str, Tensor | float] = {
+        "target_var": target_var,
+        "pred_var": pred_var,
+        "ema_decay": module.teacher.decay,
+        "masked_frac": masked_frac,
+        "loss_vs_zero": loss_vs_zero(loss_sum, target, beta=beta, scale=scale),
+    }
+    if dropped:
+        metrics["dropped_short"] = float(dropped)
+    return metrics
+
+
 class VarianceGuards:
     """fairseq's data2vec collapse check: after `after_steps` updates, stop when target_var < min_target or
     pred_var < min_pred (<= 0 disables one)."""
@@ -232,19 +253,9 @@ class Data2Vec(SSLModule):
         count = mask.sum()
         loss_sum = regression_loss(pred, target, beta=self.loss_beta, scale=self.loss_scale)
 
-        target_var, pred_var = compute_var(target, self), compute_var(pred, self)
-        if self.training and self._trainer is not None:
-            self.guards.check(float(target_var), float(pred_var), self.global_step)
         valid = n * b if tokens.padding_mask is None else int((~tokens.padding_mask).sum())
-        metrics: dict[str, Tensor | float] = {
-            "target_var": target_var,
-            "pred_var": pred_var,
-            "ema_decay": self.teacher.decay,
-            "masked_frac": float(count) / max(valid, 1),
-            "loss_vs_zero": loss_vs_zero(loss_sum, target, beta=self.loss_beta, scale=self.loss_scale),
-        }
-        if dropped:
-            metrics["dropped_short"] = float(dropped)
+        metrics = monitors(self, pred=pred, target=target, loss_sum=loss_sum, beta=self.loss_beta,
+                           scale=self.loss_scale, masked_frac=float(count) / max(valid, 1), dropped=dropped)
         return StepOutput(self.normalize(loss_sum, count), metrics, b)
 
     # --- checkpoints and sharding ---------------------------------------------------------------------------

@@ -27,9 +27,8 @@ from omnissl.ssl.data2vec import (
     FRONT_KEYS,
     VarianceGuards,
     check_teacher_in_checkpoint,
-    loss_vs_zero,
-    compute_var,
     load_encoder_weights,
+    monitors,
     regression_loss,
     shard_teacher,
 )
@@ -178,20 +177,10 @@ class Data2Vec2(SSLModule):
         pred_m, target_m = pred[mask], target[mask]
         count = mask.sum()
         loss_sum = regression_loss(pred_m, target_m, beta=0.0, scale=self.loss_scale)
-        target_var = compute_var(target[:: m][mask[:: m]], self)  # each sample's targets once
-        pred_var = compute_var(pred_m, self)
-        if self.training and self._trainer is not None:
-            self.guards.check(float(target_var), float(pred_var), self.global_step)
         valid = n * b if tokens.padding_mask is None else int((~tokens.padding_mask).sum())
-        metrics: dict[str, Tensor | float] = {
-            "target_var": target_var,
-            "pred_var": pred_var,
-            "ema_decay": self.teacher.decay,
-            "masked_frac": float(count) / max(valid * m, 1),
-            "loss_vs_zero": loss_vs_zero(loss_sum, target_m, beta=0.0, scale=self.loss_scale),
-        }
-        if dropped:
-            metrics["dropped_short"] = float(dropped)
+        metrics = monitors(self, pred=pred_m, target=target_m, loss_sum=loss_sum, beta=0.0, scale=self.loss_scale,
+                           masked_frac=float(count) / max(valid * m, 1), dropped=dropped,
+                           var_target=target[::m][mask[::m]])  # target_var over each sample's targets once
         return StepOutput(self.normalize(loss_sum, count), metrics, b)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
