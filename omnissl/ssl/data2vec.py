@@ -74,6 +74,14 @@ def loss_vs_zero(loss_sum: Tensor, target: Tensor, *, beta: float, scale: float)
     return loss_sum.detach().float() / zero.clamp(min=1e-12)
 
 
+def maskable_inputs(module: SSLModule, batch: Batch) -> tuple[Tensor, Tensor | None, int]:
+    """The objective's input, lengths and the number of utterances dropped as too short to mask (both data2vec
+    versions: `module.modality`, `.encoder`, `.min_frames`, `.short_utterances`)."""
+    batch, dropped = maskable_batch(batch, module.modality, module.encoder, module.min_frames,
+                                    policy=module.short_utterances)
+    return batch.inputs[module.modality], batch.lengths.get(module.modality), dropped
+
+
 def monitors(module: SSLModule, *, pred: Tensor, target: Tensor, loss_sum: Tensor, beta: float, scale: float,
              masked_frac: float, dropped: int, var_target: Tensor | None = None) -> dict[str, Tensor | float]:
     """The collapse monitors both data2vec versions log, with the variance guards applied during training:
@@ -212,11 +220,6 @@ class Data2Vec(SSLModule):
 
     # --- the objective ------------------------------------------------------------------------------------
 
-    def _inputs(self, batch: Batch) -> tuple[Tensor, Tensor | None, int]:
-        batch, dropped = maskable_batch(batch, self.modality, self.encoder, self.min_frames,
-                                        policy=self.short_utterances)
-        return batch.inputs[self.modality], batch.lengths.get(self.modality), dropped
-
     @torch.no_grad()
     def targets(self, tokens) -> Tensor:
         """Teacher targets (B, N, D) fp32 from the student's unmasked tokens.
@@ -235,7 +238,7 @@ class Data2Vec(SSLModule):
                              padding_mask=tokens.padding_mask)
 
     def step(self, batch: Batch) -> StepOutput:
-        x, lengths, dropped = self._inputs(batch)
+        x, lengths, dropped = maskable_inputs(self, batch)
         self.dropped_short += dropped
         tokens = self.encoder.embed(x, lengths)
         b, n, _ = tokens.x.shape

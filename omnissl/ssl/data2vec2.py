@@ -28,13 +28,14 @@ from omnissl.ssl.data2vec import (
     VarianceGuards,
     check_teacher_in_checkpoint,
     load_encoder_weights,
+    maskable_inputs,
     monitors,
     regression_loss,
     shard_teacher,
 )
 from omnissl.ssl.heads import ConvDecoder1d, ConvDecoder2d
 from omnissl.ssl.masking import inverse_block_mask, span_mask
-from omnissl.ssl.targets import EMATeacher, maskable_batch, top_k_targets
+from omnissl.ssl.targets import EMATeacher, top_k_targets
 
 
 class Data2Vec2(SSLModule):
@@ -124,11 +125,6 @@ class Data2Vec2(SSLModule):
         self.guards = VarianceGuards(min_target=min_target_var, min_pred=min_pred_var,
                                      after_steps=var_guard_after_steps)
 
-    def _inputs(self, batch: Batch) -> tuple[Tensor, Tensor | None, int]:
-        batch, dropped = maskable_batch(batch, self.modality, self.encoder, self.min_frames,
-                                        policy=self.short_utterances)
-        return batch.inputs[self.modality], batch.lengths.get(self.modality), dropped
-
     @torch.no_grad()
     def targets(self, tokens: Tokens, x: Tensor, lengths: Tensor | None) -> Tensor:
         """One teacher pass over the B unmasked samples -> targets (B, N, D) fp32 (top-K block outputs)."""
@@ -143,7 +139,7 @@ class Data2Vec2(SSLModule):
                              padding_mask=tokens.padding_mask)
 
     def step(self, batch: Batch) -> StepOutput:
-        x, lengths, dropped = self._inputs(batch)
+        x, lengths, dropped = maskable_inputs(self, batch)
         self.dropped_short += dropped
         tokens = self.encoder.embed(x, lengths)
         b, n, d = tokens.x.shape

@@ -92,17 +92,19 @@ class ConvDecoder1d(nn.Module):
     zeroed before every convolution so they never leak into valid neighbours.
     """
 
+    conv = nn.Conv1d
+
     def __init__(self, *, in_dim: int, out_dim: int | None = None, dim: int = 384, layers: int = 4,
                  kernel: int = 7, groups: int = 16, residual: bool = True) -> None:
         super().__init__()
         if kernel % 2 == 0:
-            raise ValueError(f"the decoder kernel must be odd to keep the length, got {kernel}")
+            raise ValueError(f"the decoder kernel must be odd to keep the length / grid, got {kernel}")
         for c in (in_dim, dim):
             if c % groups:
                 raise ValueError(f"decoder groups {groups} must divide the widths {in_dim} and {dim}")
         self.residual = residual
         self.convs = nn.ModuleList(
-            nn.Conv1d(in_dim if i == 0 else dim, dim, kernel, padding=kernel // 2, groups=groups)
+            self.conv(in_dim if i == 0 else dim, dim, kernel, padding=kernel // 2, groups=groups)
             for i in range(layers)
         )
         self.norms = nn.ModuleList(nn.LayerNorm(dim, elementwise_affine=False) for _ in range(layers))
@@ -119,7 +121,7 @@ class ConvDecoder1d(nn.Module):
         return self.proj(x)
 
 
-class ConvDecoder2d(nn.Module):
+class ConvDecoder2d(ConvDecoder1d):
     """data2vec 2.0's convolutional decoder for patch grids (fairseq `Decoder2d`): as `ConvDecoder1d` with
     grouped Conv2d(kernel x kernel) over the (rows, cols) grid. Defaults: image base (6 layers, 768 wide,
     kernel 3, 16 groups; `examples/data2vec/config/v2/base_images_only_task.yaml`, REFERENCE §B.5).
@@ -127,21 +129,12 @@ class ConvDecoder2d(nn.Module):
     forward: x (B, rows·cols, D) row-major, grid (rows, cols) -> (B, rows·cols, out_dim).
     """
 
+    conv = nn.Conv2d
+
     def __init__(self, *, in_dim: int, out_dim: int | None = None, dim: int = 768, layers: int = 6,
                  kernel: int = 3, groups: int = 16, residual: bool = True) -> None:
-        super().__init__()
-        if kernel % 2 == 0:
-            raise ValueError(f"the decoder kernel must be odd to keep the grid, got {kernel}")
-        for c in (in_dim, dim):
-            if c % groups:
-                raise ValueError(f"decoder groups {groups} must divide the widths {in_dim} and {dim}")
-        self.residual = residual
-        self.convs = nn.ModuleList(
-            nn.Conv2d(in_dim if i == 0 else dim, dim, kernel, padding=kernel // 2, groups=groups)
-            for i in range(layers)
-        )
-        self.norms = nn.ModuleList(nn.LayerNorm(dim, elementwise_affine=False) for _ in range(layers))
-        self.proj = nn.Linear(dim, in_dim if out_dim is None else out_dim)
+        super().__init__(in_dim=in_dim, out_dim=out_dim, dim=dim, layers=layers, kernel=kernel, groups=groups,
+                         residual=residual)
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         rows, cols = grid
