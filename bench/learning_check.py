@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--size", default="small", choices=["tiny", "small", "default"], help="labeled task size")
     ap.add_argument("--task", default="keywords", choices=["keywords", "speakers"])
     ap.add_argument("--export", default=None, help="also save the pretrained encoder as a package in this folder "
-                    "(omnissl.eval.export.save_backbone), e.g. for `omnissl probe DIR --report ...`")
+                    "(omnissl.checkpoints.save_backbone), e.g. for `omnissl probe DIR --report ...`")
     ap.add_argument("--extra", action="append", default=[],
                     help="one more LightningCLI argument for the pretraining run, e.g. --extra=--model.init_args.x=1")
     args = ap.parse_args()
@@ -97,7 +97,7 @@ def main() -> None:
     pretrain_s = time.perf_counter() - t0
     pretrained = cli.model.encoder
     if args.export:
-        from omnissl.eval.export import save_backbone
+        from omnissl.checkpoints import save_backbone
 
         print(f"pretrained encoder package: {save_backbone(pretrained, args.export)}")
     summarize_training(cli.trainer.log_dir)

@@ -66,7 +66,7 @@ def build_ours(a):
     from omnissl.backbones.transformer import ConvPositions, Transformer
     from omnissl.batch import Batch
     from omnissl.ssl.wav2vec2 import Wav2Vec2
-    from omnissl.train.optim import param_groups
+    from omnissl.optim import param_groups
 
     trunk = Transformer(dim=a.dim, depth=a.layers, heads=a.heads, ffn_dim=a.ffn, pre_norm=True, dropout=0.0,
                         attn_dropout=0.0)

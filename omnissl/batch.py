@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 MODALITIES = ("audio", "text", "image")
+SAMPLE_RATE = 16_000  # Hz of every "audio" input; DataModules resample to it
+IGNORE_INDEX = -100  # padding value of frame-level targets, as torch's cross_entropy ignores it
 
 
 @dataclass

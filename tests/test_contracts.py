@@ -37,7 +37,8 @@ def test_batch_validates_shapes_and_modalities():
 
 
 def test_collate_pads_and_keeps_content():
-    from omnissl.datamodules.collate import IGNORE_INDEX, Collate
+    from omnissl.batch import IGNORE_INDEX
+    from omnissl.datamodules.collate import Collate
 
     items = [
         {"id": 5, "audio": torch.arange(4.0), "text": torch.tensor([7, 8, 9]), "units": torch.tensor([1, 2]), "label": 1},

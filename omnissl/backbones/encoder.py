@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from omnissl.backbones.config import recorded
 from omnissl.backbones.protocol import BackboneOutput, Tokens
 from omnissl.backbones.transformer import Transformer
+from omnissl.ops import padding_mask_from_lengths
 
 
 class GradMultiply(torch.autograd.Function):
@@ -25,13 +26,6 @@ class GradMultiply(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return grad * ctx.scale, None
-
-
-def padding_mask_from_lengths(lengths: Tensor | None, n: int) -> Tensor | None:
-    """(B,) valid lengths -> (B, N) bool True at padding, or None when nothing is padded."""
-    if lengths is None or bool((lengths >= n).all()):
-        return None
-    return torch.arange(n, device=lengths.device)[None] >= lengths[:, None]
 
 
 @recorded

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from omnissl.batch import Batch
+from omnissl.batch import IGNORE_INDEX, Batch
 
-IGNORE_INDEX = -100  # padding value of frame-level targets, as torch's cross_entropy ignores it
 
 
 def pad_right(seqs: Sequence[Tensor], value: float | int) -> tuple[Tensor, Tensor]:

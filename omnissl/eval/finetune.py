@@ -10,7 +10,7 @@ Parts, each usable alone:
     everything below the first block (frontend, feature norm and projection, positions, mask embedding, CLS
     token, and the input LayerNorm of a post-LN trunk), i + 1 for block i, L + 1 for the final LayerNorm of a
     pre-LN trunk and every parameter outside the encoder (the head). Group lr = lr * decay ** (L + 1 - id).
-    Each layer is split into a weight-decay group and a no-decay group by `omnissl.train.optim.no_decay`.
+    Each layer is split into a weight-decay group and a no-decay group by `omnissl.optim.no_decay`.
   * `FineTune`: the shared LightningModule (encoder forward with freezing and optional masking, LLRD
     optimizer, checks). `UtteranceClassifier` and `CTCRecognizer` add a head and a loss.
 
@@ -39,20 +39,12 @@ from torch import Tensor, nn
 from omnissl.backbones.encoder import Encoder
 from omnissl.backbones.protocol import BackboneOutput
 from omnissl.batch import Batch
+from omnissl.checkpoints import load_encoder_weights
+from omnissl.ops import mean_pool
 from omnissl.ssl.base import SSLModule, StepOutput
-from omnissl.train.optim import no_decay
+from omnissl.optim import no_decay
 
 # --------------------------------------------------------------------------------------------------- parts
-
-
-def mean_pool(x: Tensor, padding_mask: Tensor | None, prefix: int = 0) -> Tensor:
-    """(B, N, D) tokens -> (B, D) mean over valid tokens; the first `prefix` tokens (CLS) are left out.
-    padding_mask (B, N) bool, True at padding, or None. Computed in fp32."""
-    x = x[:, prefix:].float()
-    if padding_mask is None:
-        return x.mean(1)
-    valid = (~padding_mask[:, prefix:]).float()[..., None]  # (B, N - prefix, 1)
-    return (x * valid).sum(1) / valid.sum(1).clamp(min=1.0)
 
 
 def layer_id(name: str, *, num_layers: int, pre_norm: bool) -> int:
@@ -145,8 +137,6 @@ class FineTune(SSLModule):
         if not 0.0 <= mask_prob < 1.0 or mask_length < 1:
             raise ValueError(f"need 0 <= mask_prob < 1 and mask_length >= 1, got {mask_prob}, {mask_length}")
         if pretrained is not None:
-            from omnissl.ssl.data2vec import load_encoder_weights
-
             load_encoder_weights(encoder, pretrained)
         self.encoder, self.modality = encoder, modality
         self.layer_decay = layer_decay

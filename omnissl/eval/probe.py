@@ -898,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--head {args.head} does not fit --task {args.task} (choose {' or '.join(valid_heads)})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        from omnissl.eval.export import load_backbone
+        from omnissl.checkpoints import load_backbone
 
         encoder = load_backbone(args.encoder).to(device)
         tokenizer = args.tokenizer

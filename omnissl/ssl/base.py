@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from omnissl.batch import Batch
-from omnissl.train.optim import global_normalize, grad_norm, param_groups
+from omnissl.optim import global_normalize, grad_norm, param_groups
 
 
 class StepOutput(NamedTuple):
@@ -44,7 +44,7 @@ class SSLModule(L.LightningModule, abc.ABC):
 
     optimizer / lr_scheduler: callables injected by LightningCLI (`optimizer: class_path: torch.optim.AdamW`);
     the scheduler steps per optimizer step. weight_decay: applied to the decay group only (see
-    train/optim.py). seed: mask generators are seeded by (seed, update, rank, micro-batch).
+    omnissl/optim.py). seed: mask generators are seeded by (seed, update, rank, micro-batch).
     on_nonfinite: "raise" stops the run naming the step and sample ids; "skip" zeroes the batch's loss
     and counts it.
     """

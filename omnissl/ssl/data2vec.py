@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from omnissl.backbones.encoder import Encoder
 from omnissl.batch import Batch
+from omnissl.checkpoints import load_encoder_weights
 from omnissl.ssl.base import SSLModule, StepOutput
 from omnissl.ssl.masking import block_mask, span_mask
 from omnissl.ssl.targets import CollapseGuard, EMATeacher, maskable_batch, top_k_targets
@@ -27,17 +28,6 @@ from omnissl.ssl.targets import CollapseGuard, EMATeacher, maskable_batch, top_k
 # Parts of the teacher's Encoder copy it never runs: it is fed the student's projected features
 # (fairseq `ema_transformer_only`), so only positions and trunk take part in the average.
 FRONT_KEYS = ("frontend.", "feature_norm.", "proj.", "mask_emb", "cls_token")
-
-
-def load_encoder_weights(encoder: nn.Module, path: str) -> None:
-    """Load `encoder.*` weights of a checkpoint (any objective's Lightning checkpoint, or a bare state dict)
-    into `encoder`, strictly. Used to initialize a student (and so its teacher) from another objective."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt)
-    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    if not enc:
-        raise ValueError(f"{path} holds no 'encoder.*' weights to initialize the student from")
-    encoder.load_state_dict(enc, strict=True)
 
 
 def compute_var(y: Tensor, module: SSLModule | None = None) -> Tensor:

@@ -22,7 +22,8 @@ from omnissl.ssl.base import SSLModule, StepOutput
 from omnissl.ssl.heads import LabelEmbeddings
 from omnissl.ssl.losses import cosine_cross_entropy
 from omnissl.ssl.masking import span_mask
-from omnissl.ssl.targets import IGNORE_INDEX, align_units, maskable_batch
+from omnissl.batch import IGNORE_INDEX
+from omnissl.ssl.targets import align_units, maskable_batch
 
 
 class HuBERT(SSLModule):

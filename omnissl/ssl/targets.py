@@ -16,8 +16,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from omnissl.backbones.frontends import conv_output_lengths
-from omnissl.batch import Batch
-from omnissl.datamodules.collate import IGNORE_INDEX
+from omnissl.batch import IGNORE_INDEX, Batch
+from omnissl.ops import masked_instance_norm
 
 
 def perplexity(probs: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -401,22 +401,11 @@ class EMATeacher(nn.Module):
                 self._local(b).copy_(self._local(theirs_b[name]))
 
 
-def _masked_instance_norm(x: Tensor, valid: Tensor | None, eps: float = 1e-5) -> Tensor:
-    """x (B, N, D) fp32 normalized over N per (B, D), over valid positions only (valid (B, N) bool)."""
-    if valid is None:
-        return rearrange(F.instance_norm(rearrange(x, "b n d -> b d n"), eps=eps), "b d n -> b n d")
-    w = valid[..., None].to(x.dtype)
-    count = w.sum(1, keepdim=True).clamp(min=1.0)
-    mean = (x * w).sum(1, keepdim=True) / count
-    var = ((x - mean).pow(2) * w).sum(1, keepdim=True) / count  # biased, as F.instance_norm
-    return (x - mean) / (var + eps).sqrt() * w
-
-
 def _normalize(x: Tensor, how: str | None, valid: Tensor | None) -> Tensor:
     if how is None or how == "none":
         return x
     if how == "instance":
-        return _masked_instance_norm(x, valid)
+        return masked_instance_norm(x, valid)
     if how == "layer":
         return F.layer_norm(x, x.shape[-1:])
     raise ValueError(f"target norm must be 'instance', 'layer' or None, got {how!r}")

@@ -16,6 +16,8 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import Tensor, nn
 
+from omnissl.ops import mean_pool
+
 
 def _wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -295,7 +297,6 @@ class OnlineProbe(Callback):
     @torch.no_grad()
     def features(self, trainer: L.Trainer, encoder: nn.Module, loader, device: torch.device) -> tuple[Tensor, Tensor]:
         """Mean-pooled features of one split, in sample-id order: ((U, D) fp32, (U,) labels)."""
-        from omnissl.eval.finetune import mean_pool
 
         was_training = encoder.training
         encoder.eval()

@@ -22,7 +22,7 @@ from omnissl.datamodules.audio import (
     resolve_embedded,
     write_audio_manifest,
 )
-from omnissl.datamodules.collate import IGNORE_INDEX
+from omnissl.batch import IGNORE_INDEX
 
 SPU = 320  # samples per unit at 50 Hz
 

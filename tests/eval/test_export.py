@@ -24,13 +24,8 @@ from omnissl.backbones.builders import tiny
 from omnissl.backbones.encoder import Encoder
 from omnissl.cli import main
 from omnissl.datamodules.synthetic import SyntheticDataModule
-from omnissl.eval.export import (
-    export_checkpoint,
-    load_backbone,
-    load_head_weights,
-    read_checkpoint,
-    save_backbone,
-)
+from omnissl.checkpoints import load_backbone, load_head_weights, read_checkpoint, save_backbone
+from omnissl.eval.export import export_checkpoint
 from omnissl.ssl.data2vec import Data2Vec
 from omnissl.ssl.heads import MaskedLMHead
 from omnissl.ssl.mae import MAE
@@ -403,7 +398,7 @@ def test_recipe_encoder_from_a_package(tmp_path):
 
     save_backbone(_perturb(tiny("audio")), tmp_path / "pkg")
     cli = lightning_cli(["--model", "omnissl.ssl.hubert.HuBERT", "--model.init_args.encoder",
-                         "omnissl.eval.export.load_backbone", "--model.init_args.encoder.init_args.path",
+                         "omnissl.checkpoints.load_backbone", "--model.init_args.encoder.init_args.path",
                          str(tmp_path / "pkg"), "--data", "omnissl.datamodules.synthetic.SyntheticDataModule"],
                         run=False)
     assert torch.equal(cli.model.encoder.mask_emb, load_backbone(tmp_path / "pkg").mask_emb)

@@ -9,7 +9,8 @@ import torch
 
 from omnissl.backbones import builders
 from omnissl.datamodules.synthetic import SyntheticDataModule
-from omnissl.eval.finetune import UtteranceClassifier, layer_id, mean_pool
+from omnissl.eval.finetune import UtteranceClassifier, layer_id
+from omnissl.ops import mean_pool
 from omnissl.train.schedules import WarmupPolynomial
 
 

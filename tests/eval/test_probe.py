@@ -275,7 +275,7 @@ def test_image_and_text_probes_take_the_modality_from_the_data():
 
 
 def test_cli_prints_accuracy_last_and_writes_report(tmp_path, capsys):
-    from omnissl.eval.export import save_backbone
+    from omnissl.checkpoints import save_backbone
 
     paths = speakers_subset(tmp_path, {"train": 9, "valid": 3, "test": 6})
     torch.manual_seed(0)
@@ -297,7 +297,7 @@ def test_cli_prints_accuracy_last_and_writes_report(tmp_path, capsys):
 
 
 def test_cli_ctc_prints_cer_last(speech_tiny, tmp_path, capsys):
-    from omnissl.eval.export import save_backbone
+    from omnissl.checkpoints import save_backbone
 
     save_backbone(builders.tiny("audio"), tmp_path / "enc")
     assert main([str(tmp_path / "enc"), "--train", "embedded:tiny", "--test", "embedded:tiny", "--task", "ctc",

@@ -16,7 +16,7 @@ from omnissl.ssl.data2vec import Data2Vec
 from omnissl.ssl.data2vec2 import Data2Vec2
 from omnissl.ssl.heads import ConvDecoder1d
 from omnissl.ssl.targets import CollapseError, EMATeacher, annealed_decay, top_k_targets
-from omnissl.train.optim import param_groups
+from omnissl.optim import param_groups
 
 
 def v1(**kw) -> Data2Vec:

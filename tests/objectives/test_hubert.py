@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from omnissl.backbones.builders import tiny
 from omnissl.batch import Batch
-from omnissl.datamodules.collate import IGNORE_INDEX, Collate
+from omnissl.batch import IGNORE_INDEX
+from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.synthetic import SyntheticDataset
 from omnissl.ssl.hubert import HuBERT
 from omnissl.ssl.losses import cosine_cross_entropy

@@ -11,7 +11,7 @@ import torch
 
 from omnissl.backbones import builders
 from omnissl.datamodules.audio import AudioDataModule
-from omnissl.eval.finetune import mean_pool
+from omnissl.ops import mean_pool
 from omnissl.ssl.wav2vec2 import Wav2Vec2
 from omnissl.train.callbacks import OnlineProbe
 

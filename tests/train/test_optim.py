@@ -1,7 +1,7 @@
 import torch
 
 from omnissl.backbones import builders
-from omnissl.train.optim import global_normalize, param_groups
+from omnissl.optim import global_normalize, param_groups
 
 
 def test_weight_decay_groups_by_name():

@@ -1,0 +1,40 @@
+"""Padding-aware tensor operations shared by every layer above (backbones, parts, objectives, evaluation).
+
+Conventions: a padding mask is (B, N) bool, True at padding (None when nothing is padded); `valid` is its
+complement. Statistics over padded sequences are computed in fp32 over valid positions only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+
+def padding_mask_from_lengths(lengths: Tensor | None, n: int) -> Tensor | None:
+    """(B,) valid lengths -> (B, N) bool True at padding, or None when nothing is padded."""
+    if lengths is None or bool((lengths >= n).all()):
+        return None
+    return torch.arange(n, device=lengths.device)[None] >= lengths[:, None]
+
+
+def mean_pool(x: Tensor, padding_mask: Tensor | None, prefix: int = 0) -> Tensor:
+    """(B, N, D) tokens -> (B, D) mean over valid tokens; the first `prefix` tokens (CLS) are left out.
+    padding_mask (B, N) bool, True at padding, or None. Computed in fp32."""
+    x = x[:, prefix:].float()
+    if padding_mask is None:
+        return x.mean(1)
+    valid = (~padding_mask[:, prefix:]).float()[..., None]  # (B, N - prefix, 1)
+    return (x * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+
+
+def masked_instance_norm(x: Tensor, valid: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """x (B, N, D) fp32 normalized over N per (B, D), over valid positions only (valid (B, N) bool)."""
+    if valid is None:
+        return rearrange(F.instance_norm(rearrange(x, "b n d -> b d n"), eps=eps), "b d n -> b n d")
+    w = valid[..., None].to(x.dtype)
+    count = w.sum(1, keepdim=True).clamp(min=1.0)
+    mean = (x * w).sum(1, keepdim=True) / count
+    var = ((x - mean).pow(2) * w).sum(1, keepdim=True) / count  # biased, as F.instance_norm
+    return (x - mean) / (var + eps).sqrt() * w
