@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine: `make demo` (the main job) and `make test`.
-# Both create or reuse .venv and install the pinned stack (requirements.txt) plus omnissl in editable mode.
+# Both create or reuse .venv (`make setup` alone does only that) and install the pinned stack (requirements.txt,
+# plus pytest from requirements-dev.txt) and omnissl in editable mode.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,9 +13,9 @@ export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.tri
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $(STAMP)
 
