@@ -310,7 +310,8 @@ class CTCRecognizer(FineTune):
 
     def split(self) -> str:
         """The data split of the running stage ("train" outside a Trainer)."""
-        return SPLIT_OF_STAGE.get(str(self.trainer.state.stage), "train") if self._trainer is not None else "train"
+        stage = self.trainer.state.stage if self._trainer is not None else None
+        return "train" if stage is None else SPLIT_OF_STAGE.get(stage.value, "train")
 
     def _lookup(self, batch: Batch, split: str) -> tuple[list[Tensor], list[str]]:
         if batch.ids is None:
