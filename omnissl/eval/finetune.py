@@ -185,7 +185,8 @@ class FineTune(SSLModule):
         # after the strategy wrapped the model: DDP says itself whether it accepts parameters without gradients
         temporary = self.freeze_encoder_steps > 0 or (self.freeze_frontend_steps or 0) > 0
         ddp = self.trainer.strategy.model
-        if temporary and isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters:
+        if (temporary and self.trainer.world_size > 1 and isinstance(ddp, DistributedDataParallel)
+                and not ddp.find_unused_parameters):
             raise ValueError(
                 f"freeze_encoder_steps={self.freeze_encoder_steps} / freeze_frontend_steps="
                 f"{self.freeze_frontend_steps} leave parameters without gradients for some steps, which DDP "

@@ -260,3 +260,20 @@ def test_ctc_alphabet_must_cover_the_training_transcripts(speech_tiny):
         _trainer(1).fit(model, speech_tiny)
     with pytest.raises(ValueError, match="alphabet"):
         CTCRecognizer(builders.tiny("audio"), alphabet="AAB")
+
+
+def test_temporary_freezing_under_ddp_needs_find_unused_parameters():
+    from types import SimpleNamespace
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = UtteranceClassifier(builders.tiny("audio"), num_classes=4, freeze_encoder_steps=2)
+    ddp = DistributedDataParallel.__new__(DistributedDataParallel)  # the wrapped model, as the strategy holds it
+    ddp.__dict__["find_unused_parameters"] = False
+    model._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(model=ddp))
+    with pytest.raises(ValueError, match="freeze_encoder_steps=2 .* ddp_find_unused_parameters_true"):
+        model.on_fit_start()
+    ddp.__dict__["find_unused_parameters"] = True
+    model.on_fit_start()
+    model._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(model=model))  # not DDP (e.g. FSDP)
+    model.on_fit_start()
