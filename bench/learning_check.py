@@ -1,8 +1,9 @@
 """Learning check: does pretraining help downstream?
 
 A short CPU pretraining run of one objective on the embedded speech corpus (its `*_tiny_cpu.yaml` recipe with
-recipes/trainer/cpu.yaml), then a linear probe (omnissl/eval/probe.py: mean-pooled frozen features, one
-logistic regression per layer) on the embedded keyword-spotting task (held-out voices, noise, reverb), for
+recipes/trainer/cpu.yaml), then a linear probe (the first probe version, kept here: mean-pooled frozen features
+from omnissl/eval/upstream.py, one scikit-learn logistic regression per layer) on the embedded keyword-spotting
+task (held-out voices, noise, reverb), for
   - the pretrained encoder,
   - the same architecture at its random initialization (the very weights pretraining started from),
   - the non-learned baseline (pooled log-mel + logistic regression, bench/baseline_speech.py).
@@ -21,16 +22,50 @@ import sys
 import time
 from pathlib import Path
 
+from collections.abc import Iterable, Iterator
+
+import numpy as np
 import torch
+from torch import Tensor, nn
+
+from omnissl.batch import Batch
+from omnissl.eval.upstream import EncoderStates, batch_modality, extract, frozen
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def pooled_features(encoder: nn.Module, batches: Iterable[Batch], modality: str) -> tuple[Tensor, Tensor]:
+    """Mean-pool every layer's output over valid tokens (CLS excluded). -> ((U, L + 1, D) float32, (U,) labels),
+    in dataset-id order. The encoder runs frozen (see `omnissl.eval.upstream.frozen`)."""
+    def checked(batches: Iterable[Batch]) -> Iterator[Batch]:
+        for b in batches:
+            if batch_modality(b) != modality:
+                raise ValueError(f"expected {modality} batches, got {batch_modality(b)}")
+            yield b
+
+    with frozen(encoder):
+        feats = extract(EncoderStates(encoder), checked(batches), frames=False)
+    return feats.x, feats.labels
+
+
+def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *, c: float = 1.0,
+                          seed: int = 0) -> float:
+    """Standardized features -> multinomial logistic regression (L2, strength 1/c) -> test accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    unseen = sorted(set(test_y.tolist()) - set(train_y.tolist()))
+    if unseen:
+        raise ValueError(f"test labels {unseen} never occur in the training split")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+    clf.fit(train_x.numpy().astype(np.float64), train_y.numpy())
+    return float(clf.score(test_x.numpy().astype(np.float64), test_y.numpy()))
+
+
 def pick_layer(encoder, dm) -> tuple[int, float, float, dict[int, float]]:
     """-> (layer chosen on valid, its test accuracy, its valid accuracy, valid accuracy per layer)."""
-    from omnissl.eval.probe import linear_probe_accuracy, pooled_features
-
     tr_x, tr_y = pooled_features(encoder, dm.train_dataloader(), "audio")
     va_x, va_y = pooled_features(encoder, dm.val_dataloader(), "audio")
     te_x, te_y = pooled_features(encoder, dm.test_dataloader(), "audio")

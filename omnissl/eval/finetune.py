@@ -35,14 +35,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from omnissl.backbones.encoder import Encoder
 from omnissl.backbones.protocol import BackboneOutput
 from omnissl.batch import Batch
 from omnissl.checkpoints import load_encoder_weights
+from omnissl.eval.ctc import WORD_SEP, CharVocab, greedy_decode, read_transcripts
+from omnissl.eval.metrics import edit_distance
 from omnissl.ops import mean_pool
-from omnissl.ssl.base import SSLModule, StepOutput
 from omnissl.optim import no_decay
+from omnissl.ssl.base import SSLModule, StepOutput
+from omnissl.ssl.masking import span_mask
+
+# the data split a Lightning stage reads (a sanity check runs the valid split)
+SPLIT_OF_STAGE = {"train": "train", "sanity_check": "valid", "validate": "valid", "test": "test"}
 
 # --------------------------------------------------------------------------------------------------- parts
 
@@ -164,8 +171,6 @@ class FineTune(SSLModule):
             tokens = self.encoder.embed(x, lengths, grad_scale=0.0 if self.frontend_frozen() else 1.0)
             mask = None
             if self.training and self.mask_prob > 0.0:
-                from omnissl.ssl.masking import span_mask
-
                 # NOTE(ref): fairseq's fine-tuning also masks feature channels (mask_channel_prob/length) and
                 # uses min_masks 2; we mask time spans only, with at least one span, which short clips allow.
                 b, n, _ = tokens.x.shape
@@ -176,16 +181,17 @@ class FineTune(SSLModule):
 
     # --- Lightning hooks ------------------------------------------------------------------------------
 
-    def setup(self, stage: str) -> None:
+    def on_fit_start(self) -> None:
+        # after the strategy wrapped the model: DDP says itself whether it accepts parameters without gradients
         temporary = self.freeze_encoder_steps > 0 or (self.freeze_frontend_steps or 0) > 0
-        strategy = self.trainer.strategy
-        if temporary and self.trainer.world_size > 1 and type(strategy).__name__ == "DDPStrategy":
-            if not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
-                raise ValueError(
-                    f"freeze_encoder_steps={self.freeze_encoder_steps} / freeze_frontend_steps="
-                    f"{self.freeze_frontend_steps} leave parameters without gradients for some steps, which DDP "
-                    "rejects: set trainer.strategy: ddp_find_unused_parameters_true"
-                )
+        ddp = self.trainer.strategy.model
+        if (temporary and self.trainer.world_size > 1 and isinstance(ddp, DistributedDataParallel)
+                and not ddp.find_unused_parameters):
+            raise ValueError(
+                f"freeze_encoder_steps={self.freeze_encoder_steps} / freeze_frontend_steps="
+                f"{self.freeze_frontend_steps} leave parameters without gradients for some steps, which DDP "
+                "rejects: set trainer.strategy: ddp_find_unused_parameters_true"
+            )
 
     def configure_optimizers(self):
         groups = llrd_param_groups(self, encoder=self.encoder, layer_decay=self.layer_decay,
@@ -263,7 +269,7 @@ class CTCRecognizer(FineTune):
         construction so the head, its checkpoint and its outputs do not depend on the data; `setup` checks
         that every training transcript fits it.
     Transcripts: fairseq `.ltr` letter files (or `.wrd` word files) beside each manifest of an AudioDataModule
-        (`omnissl.eval.probe.read_transcripts`), one line per manifest line; the embedded speech corpora ship
+        (`omnissl.eval.ctc.read_transcripts`), one line per manifest line; the embedded speech corpora ship
         them. Read once at setup and looked up by the batch's sample ids.
     Metrics: `val/cer`, `val/wer` (`test/...`): corpus-level rates (total edits / total reference length over
         the whole split and all ranks, `omnissl.eval.metrics`), plus the per-batch loss.
@@ -271,8 +277,6 @@ class CTCRecognizer(FineTune):
 
     def __init__(self, encoder: Encoder, *, alphabet: str = "|'ABCDEFGHIJKLMNOPQRSTUVWXYZ", **base) -> None:
         super().__init__(encoder, **base)
-        from omnissl.eval.probe import CharVocab
-
         if len(set(alphabet)) != len(alphabet) or not alphabet or any(c.isspace() for c in alphabet):
             raise ValueError(f"alphabet must be distinct non-space characters, got {alphabet!r}")
         self.alphabet = alphabet
@@ -280,15 +284,11 @@ class CTCRecognizer(FineTune):
         self.head = nn.Linear(encoder.dim, len(self.vocab))
         self._targets: dict[str, list[Tensor]] = {}  # split -> (M,) int64 per dataset index
         self._texts: dict[str, list[str]] = {}  # split -> reference words per dataset index
-        self._split = "train"
         self._errors: dict[str, Tensor] = {}
 
     # --- transcripts ------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        super().setup(stage)
-        from omnissl.eval.probe import WORD_SEP, read_transcripts
-
         dm = self.trainer.datamodule
         datasets = getattr(dm, "datasets", None)
         if not isinstance(datasets, dict) or not datasets:
@@ -309,13 +309,18 @@ class CTCRecognizer(FineTune):
                                                       f"{source}:{int(r) + 1}") for line, r in zip(rows, ds.rows)]
             self._texts[split] = [" ".join(line.replace(" ", "").replace(WORD_SEP, " ").split()) for line in rows]
 
-    def _lookup(self, batch: Batch) -> tuple[list[Tensor], list[str]]:
+    def split(self) -> str:
+        """The data split of the running stage ("train" outside a Trainer)."""
+        stage = self.trainer.state.stage if self._trainer is not None else None
+        return "train" if stage is None else SPLIT_OF_STAGE.get(stage.value, "train")
+
+    def _lookup(self, batch: Batch, split: str) -> tuple[list[Tensor], list[str]]:
         if batch.ids is None:
             raise ValueError("CTCRecognizer needs batch.ids to find each utterance's transcript")
-        if self._split not in self._targets:
-            raise RuntimeError(f"no transcripts for the {self._split} split: setup() has not read them")
+        if split not in self._targets:
+            raise RuntimeError(f"no transcripts for the {split} split: setup() has not read them")
         ids = batch.ids.tolist()
-        return [self._targets[self._split][i] for i in ids], [self._texts[self._split][i] for i in ids]
+        return [self._targets[split][i] for i in ids], [self._texts[split][i] for i in ids]
 
     # --- steps --------------------------------------------------------------------------------------------
 
@@ -329,7 +334,8 @@ class CTCRecognizer(FineTune):
         return F.log_softmax(self.head(x).float(), dim=-1), lengths
 
     def step(self, batch: Batch) -> StepOutput:
-        targets, texts = self._lookup(batch)
+        split = self.split()
+        targets, texts = self._lookup(batch, split)
         lp, lengths = self.log_probs(batch)
         target_lengths = torch.tensor([len(t) for t in targets], device=lp.device)
         too_long = (target_lengths > lengths).nonzero().flatten().tolist()
@@ -341,20 +347,18 @@ class CTCRecognizer(FineTune):
         loss_sum = F.ctc_loss(lp.transpose(0, 1), torch.cat(targets).to(lp.device), lengths, target_lengths,
                               blank=self.vocab.blank, reduction="sum", zero_infinity=True)
         loss = self.normalize(loss_sum, target_lengths.sum())
-        if self._split != "train":
-            self._score(lp, lengths, texts)
+        if split != "train":
+            self.score(lp, lengths, texts, split)
         return StepOutput(loss, {}, len(targets))
 
-    def _score(self, lp: Tensor, lengths: Tensor, refs: list[str]) -> None:
-        from omnissl.eval.metrics import edit_distance
-        from omnissl.eval.probe import greedy_decode
-
+    def score(self, lp: Tensor, lengths: Tensor, refs: list[str], split: str) -> None:
+        """Add a batch's character and word edits (and reference lengths) to the split's running counts."""
         hyps = [self.vocab.text(ids) for ids in greedy_decode(lp, lengths, self.vocab.blank)]
         counts = torch.tensor([
             sum(edit_distance(r, h) for r, h in zip(refs, hyps)), sum(len(r) for r in refs),
             sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps)), sum(len(r.split()) for r in refs),
         ], dtype=torch.float64)
-        self._errors[self._split] = self._errors.get(self._split, torch.zeros(4, dtype=torch.float64)) + counts
+        self._errors[split] = self._errors.get(split, torch.zeros(4, dtype=torch.float64)) + counts
 
     def _log_rates(self, stage: str, split: str) -> None:
         counts = self._errors.pop(split, torch.zeros(4, dtype=torch.float64)).to(self.device)
@@ -364,18 +368,6 @@ class CTCRecognizer(FineTune):
             self.log(f"{stage}/cer", float(counts[0] / counts[1]), rank_zero_only=True)
         if counts[3] > 0:
             self.log(f"{stage}/wer", float(counts[2] / counts[3]), rank_zero_only=True)
-
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        self._split = "train"
-        return super().training_step(batch, batch_idx)
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._split = "valid"
-        super().validation_step(batch, batch_idx)
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._split = "test"
-        super().test_step(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_rates("val", "valid")

@@ -12,22 +12,11 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from omnissl.eval.probe import ProbeResult
+from omnissl.eval.results import UpstreamScores
 
 METRIC_NAMES = {"accuracy": "accuracy", "cer": "CER"}
-
-
-@dataclass
-class UpstreamScores:
-    """name: what was probed; result: the weighted-sum (or fixed-layer) probe; per_layer: one probe per
-    hidden state 0..S-1 (None when not measured)."""
-
-    name: str
-    result: ProbeResult
-    per_layer: list[ProbeResult] | None = None
 
 
 def _fmt(x: float | None) -> str:

@@ -212,11 +212,10 @@ def test_ctc_error_rates_are_corpus_level_over_batches():
     def lp_of(paths):  # (B, N) frame labels -> log-probs whose best path is exactly them
         return torch.nn.functional.one_hot(torch.tensor(paths), 4).float().log_softmax(-1) * 10
 
-    model._split = "valid"
     # batch 1: "AB" read as "AB" (0 char edits / 2; 0 word edits / 1)
-    model._score(lp_of([[2, 0, 3, 3, 0]]), torch.tensor([5]), ["AB"])
+    model.score(lp_of([[2, 0, 3, 3, 0]]), torch.tensor([5]), ["AB"], "valid")
     # batch 2: "A B BA" read as "A BB" ("A B BA" -> "A BB": 2 char edits / 6; 2 word edits / 3) and "B" as ""
-    model._score(lp_of([[2, 1, 3, 0, 3, 0], [0, 0, 0, 0, 0, 0]]), torch.tensor([6, 6]), ["A B BA", "B"])
+    model.score(lp_of([[2, 1, 3, 0, 3, 0], [0, 0, 0, 0, 0, 0]]), torch.tensor([6, 6]), ["A B BA", "B"], "valid")
     edits, chars, word_edits, words = model._errors["valid"].tolist()
     assert (edits, chars, word_edits, words) == (3, 9, 3, 5)  # CER 3/9 over the split, not the mean of 0 and 3/7
 
@@ -261,3 +260,20 @@ def test_ctc_alphabet_must_cover_the_training_transcripts(speech_tiny):
         _trainer(1).fit(model, speech_tiny)
     with pytest.raises(ValueError, match="alphabet"):
         CTCRecognizer(builders.tiny("audio"), alphabet="AAB")
+
+
+def test_temporary_freezing_under_ddp_needs_find_unused_parameters():
+    from types import SimpleNamespace
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = UtteranceClassifier(builders.tiny("audio"), num_classes=4, freeze_encoder_steps=2)
+    ddp = DistributedDataParallel.__new__(DistributedDataParallel)  # the wrapped model, as the strategy holds it
+    ddp.__dict__["find_unused_parameters"] = False
+    model._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(model=ddp))
+    with pytest.raises(ValueError, match="freeze_encoder_steps=2 .* ddp_find_unused_parameters_true"):
+        model.on_fit_start()
+    ddp.__dict__["find_unused_parameters"] = True
+    model.on_fit_start()
+    model._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(model=model))  # not DDP (e.g. FSDP)
+    model.on_fit_start()

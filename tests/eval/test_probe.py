@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -14,11 +15,17 @@ from omnissl.batch import Batch
 from omnissl.datamodules.audio import AudioDataError, embedded_manifest
 from omnissl.datamodules.common import read_manifest
 from omnissl.datamodules.synthetic import SyntheticDataModule
-from omnissl.eval.probe import (CharVocab, CTCHead, EncoderStates, Features, Featurizer, LogMelStates,
-                                attach_transcripts, baseline_states, extract, extract_splits, fit_classifier, fit_ctc, frozen,
-                                greedy_decode, layer_normalize, linear_probe_accuracy, load_probe_data, main,
-                                pooled_features, probe_layers, read_transcripts, reinitialized, run_probe,
-                                source_modality)
+from omnissl.commands.probe import main
+from omnissl.eval.ctc import CharVocab, attach_transcripts, greedy_decode, read_transcripts
+from omnissl.eval.featurizer import CTCHead, Featurizer
+from omnissl.eval.probe import extract_splits, fit_classifier, fit_ctc, run_probe
+from omnissl.eval.probe_data import load_probe_data, source_modality
+from omnissl.eval.report import log_report, write_report
+from omnissl.eval.results import ProbeResult, UpstreamScores
+from omnissl.eval.upstream import (EncoderStates, Features, LogMelStates, baseline_states, extract, frozen,
+                                   layer_normalize, reinitialized)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +123,17 @@ def test_frozen_encoder_gets_no_gradient_and_runs_without_layerdrop():
             p.grad = torch.zeros_like(p)
 
 
-def test_pooled_features_ignore_padding_and_need_no_grad():
+@pytest.fixture(scope="module")
+def learning_check():
+    """bench/learning_check.py, which keeps the first probe version (pooled features + scikit-learn)."""
+    spec = importlib.util.spec_from_file_location("learning_check", ROOT / "bench" / "learning_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pooled_features_ignore_padding_and_need_no_grad(learning_check):
+    pooled_features = learning_check.pooled_features
     enc = builders.tiny("audio")
     dm = SyntheticDataModule(modality="audio", train_size=8, batch_size=4)
     feats, labels = pooled_features(enc, dm.train_dataloader(), "audio")
@@ -134,10 +151,14 @@ def test_pooled_features_ignore_padding_and_need_no_grad():
     torch.testing.assert_close(f_alone[0], f_batch[j], atol=1e-4, rtol=1e-4)
 
 
-def test_sklearn_probe_separates_synthetic_classes_and_rejects_unseen_labels():
+def test_sklearn_probe_separates_synthetic_classes_and_rejects_unseen_labels(learning_check):
+    pooled_features, linear_probe_accuracy = learning_check.pooled_features, learning_check.linear_probe_accuracy
     dm = SyntheticDataModule(modality="audio", train_size=48, val_size=24, batch_size=8)
-    acc = probe_layers(builders.tiny("audio"), dm.train_dataloader(), dm.val_dataloader(), "audio", layers=[0])
-    assert acc[0] > 0.9  # pitch classes are linearly separable even from random features
+    enc = builders.tiny("audio")
+    tr_x, tr_y = pooled_features(enc, dm.train_dataloader(), "audio")
+    te_x, te_y = pooled_features(enc, dm.val_dataloader(), "audio")
+    acc = linear_probe_accuracy(tr_x[:, 0], tr_y, te_x[:, 0], te_y)
+    assert acc > 0.9  # pitch classes are linearly separable even from random features
     with pytest.raises(ValueError, match=r"test labels \[7\] never occur"):
         linear_probe_accuracy(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.randn(2, 2), torch.tensor([7, 0]))
 
@@ -274,18 +295,28 @@ def test_image_and_text_probes_take_the_modality_from_the_data():
     assert 0.0 <= scores.result.test <= 1.0 and len(scores.result.layer_weights) == 3
 
 
-def test_cli_prints_accuracy_last_and_writes_report(tmp_path, capsys):
+def test_cli_prints_accuracy_last_and_writes_report(tmp_path, capsys, monkeypatch):
+    import wandb
+
     from omnissl.checkpoints import save_backbone
 
     paths = speakers_subset(tmp_path, {"train": 9, "valid": 3, "test": 6})
     torch.manual_seed(0)
     save_backbone(builders.tiny("audio"), tmp_path / "enc")
     report = tmp_path / "report"
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # --wandb then says so and starts no run
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("wandb.init called under WANDB_MODE=disabled")
+
+    monkeypatch.setattr(wandb, "init", no_run)
     code = main([str(tmp_path / "enc"), "--train", str(paths["train"]), "--valid", str(paths["valid"]),
                  "--test", str(paths["test"]), "--random-init", "--baseline", "--report", str(report),
-                 "--epochs", "5", "--device", "cpu"])
+                 "--epochs", "5", "--device", "cpu", "--wandb"])
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    assert "WANDB_MODE=disabled: not logging the report to W&B" in lines
+    assert not (report / "wandb").exists()
     assert re.fullmatch(r"test accuracy: (0|1)\.\d{4}", lines[-1]), lines[-1]
     first = next(line for line in lines if line.startswith("pretrained: test accuracy"))
     assert f"test accuracy {lines[-1].split(': ')[1]}" in first  # the last line is the pretrained encoder's
@@ -329,9 +360,6 @@ def test_cli_refuses_bad_combinations(tmp_path, capsys):
 
 def test_report_is_logged_to_an_offline_wandb_run(tmp_path, monkeypatch):
     import wandb
-
-    from omnissl.eval.probe import ProbeResult
-    from omnissl.eval.report import UpstreamScores, log_report, write_report
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     res = lambda t: ProbeResult("accuracy", t, t, 1.0, [0.2, 0.3, 0.5], 3)  # noqa: E731

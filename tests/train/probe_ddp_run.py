@@ -13,7 +13,7 @@ from omnissl.backbones import builders
 from omnissl.datamodules.audio import AudioDataModule
 from omnissl.ops import mean_pool
 from omnissl.ssl.wav2vec2 import Wav2Vec2
-from omnissl.train.callbacks import OnlineProbe
+from omnissl.eval.online_probe import OnlineProbe
 
 KW = "embedded:keywords:tiny"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from omnissl.train.callbacks import auto_logger
+from omnissl.train.loggers import auto_logger, wandb_mode
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,6 +27,21 @@ def test_auto_logger_choice(monkeypatch, tmp_path):
     assert isinstance(auto_logger(mode="csv", save_dir=str(tmp_path)), CSVLogger)
     with pytest.raises(ValueError, match="logger mode"):
         auto_logger(mode="tensorboard")
+
+
+def test_wandb_mode(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_mode() == "offline"  # no credentials
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
 
 
 @pytest.mark.slow

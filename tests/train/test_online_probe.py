@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnissl.train.callbacks import OnlineProbe, knn_predict, unique_by_id
+from omnissl.eval.online_probe import OnlineProbe, knn_predict, unique_by_id
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG = str(ROOT / "recipes/trainer/debug.yaml")
@@ -219,7 +219,6 @@ def test_probes_once_per_n_optimizer_steps_under_gradient_accumulation(monkeypat
     cb = OnlineProbe(AudioDataModule(train_manifest=KW, valid_manifest=KW), every_n_steps=2)
     ran = []
     monkeypatch.setattr(cb, "run", lambda trainer, pl_module: ran.append(trainer.global_step) or {})
-    loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=0))
     for step in [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]:  # global_step seen after each of 10 micro-batches (accumulate 2)
-        cb.on_train_batch_end(SimpleNamespace(global_step=step, loggers=[], fit_loop=loop), None, None, None, 0)
+        cb.on_train_batch_end(SimpleNamespace(global_step=step, loggers=[]), None, None, None, 0)
     assert ran == [2, 4] and cb.num_probes == 2 and cb.last_step == 4

@@ -1,64 +1,25 @@
-"""Logging set-up and callbacks used by the CLI, and the online probe / kNN monitor of pretraining."""
+"""The online probe / kNN monitor of pretraining: every N optimizer steps, a linear classifier and a cosine kNN
+on mean-pooled features of the encoder being pretrained (solo-learn's online linear evaluation, DINO's kNN).
+
+    trainer.callbacks: [OnlineProbe(data=AudioDataModule(...), every_n_steps=100)]   # probe/acc, probe/knn_acc
+
+Legend: M memory (train) rows, Q queries, U items, D width, K classes, W ranks.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import netrc
-import os
-from pathlib import Path
+import random
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import Tensor, nn
 
 from omnissl.ops import mean_pool
-
-
-def _wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
-def auto_logger(*, project: str = "omnissl", name: str | None = None, save_dir: str = "runs",
-                mode: str = "auto") -> Logger:
-    """W&B when it can log, else CSV.
-
-    mode="auto": CSV when WANDB_MODE=disabled; W&B online with credentials (WANDB_API_KEY or ~/.netrc),
-    offline otherwise (or when WANDB_MODE=offline; `wandb sync` uploads later). mode="wandb"/"csv" force one.
-    """
-    if mode not in ("auto", "wandb", "csv"):
-        raise ValueError(f"logger mode must be auto, wandb or csv, got {mode!r}")
-    env = os.environ.get("WANDB_MODE", "")
-    if mode == "csv" or (mode == "auto" and env == "disabled"):
-        return CSVLogger(save_dir=save_dir, name=name or project)
-    from lightning.pytorch.loggers import WandbLogger  # imported lazily: `import omnissl` stays light
-
-    Path(save_dir).mkdir(parents=True, exist_ok=True)
-    offline = env == "offline" or not _wandb_credentials()
-    return WandbLogger(project=project, name=name, save_dir=save_dir, offline=offline)
-
-
-class SaveConfigToRun(SaveConfigCallback):
-    """Writes the resolved config next to the checkpoints and into the W&B run's config."""
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
-
-
-# ------------------------------------------------------------------------------------------------ online probe
 
 
 def knn_predict(memory: Tensor, memory_labels: Tensor, queries: Tensor, *, k: int, num_classes: int,
@@ -91,7 +52,7 @@ def unique_by_id(ids: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
     return (uniq, *(r[first] for r in rows))
 
 
-def _gather_rows(strategy, rows: Tensor) -> list[Tensor]:
+def gather_rows(strategy, rows: Tensor) -> list[Tensor]:
     """All-gather (n_rank, ...) tensors of different lengths from every rank -> list of W tensors."""
     count = torch.tensor([rows.shape[0]], device=rows.device)
     counts = strategy.all_gather(count).flatten().tolist()
@@ -107,10 +68,6 @@ def isolated_rng(device: torch.device):
     Python's and NumPy's global generators are restored afterwards. (DataLoader iterators draw their base
     seed from the global torch generator, so merely iterating the probe's data would shift the run's
     dropout and masks otherwise.)"""
-    import random
-
-    import numpy as np
-
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
@@ -291,8 +248,10 @@ class OnlineProbe(Callback):
         self.last_step = step
         self.metrics = self.run(trainer, pl_module)
         self.num_probes += 1
+        # the step axis of train/loss: Lightning logs this batch's train metrics after this hook, at the number of
+        # optimizer steps before this batch's (global_step has already counted it)
         for logger in trainer.loggers:
-            logger.log_metrics(self.metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+            logger.log_metrics(self.metrics, step=step - 1)
 
     @torch.no_grad()
     def features(self, trainer: L.Trainer, encoder: nn.Module, loader, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -319,7 +278,7 @@ class OnlineProbe(Callback):
             if bool((u_ids < 0).any()):
                 raise ValueError("OnlineProbe under several processes needs batch.ids to merge the ranks' features")
             strategy = trainer.strategy
-            u_ids, u_feats, u_labels = (torch.cat(_gather_rows(strategy, t)) for t in (u_ids, u_feats, u_labels))
+            u_ids, u_feats, u_labels = (torch.cat(gather_rows(strategy, t)) for t in (u_ids, u_feats, u_labels))
         if bool((u_ids >= 0).all()):
             u_ids, u_feats, u_labels = unique_by_id(u_ids, u_feats, u_labels)
         return u_feats, u_labels
