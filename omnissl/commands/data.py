@@ -32,7 +32,7 @@ GENERATORS = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     fmt = HelpFormatter
     p = argparse.ArgumentParser(prog="omnissl data", description="Embedded corpora and manifests.", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         from omnissl.datamodules.text import tokenizer_main
 
         return int(tokenizer_main(argv[1:]) or 0)
-    p = _parser()
+    p = parser()
     args = p.parse_args(argv)
     if args.command == "generate":
         try:
