@@ -22,3 +22,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default is None or isinstance(action, argparse._StoreTrueAction):
             return action.help
         return super()._get_help_string(action)
+
+
+def device(requested: str | None) -> str:
+    """--device: as given, else cuda when available, else cpu."""
+    import torch
+
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")

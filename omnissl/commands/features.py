@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from omnissl.commands import HelpFormatter
+from omnissl.commands import HelpFormatter, device
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,22 +35,19 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
 
-    import torch
-
     from omnissl.checkpoints import load_encoder
     from omnissl.datamodules.audio import AudioDataError
     from omnissl.eval.export import trained_with_normalized_audio
     from omnissl.eval.features import dump_features
     from omnissl.eval.units import resolve_manifest
 
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         encoder = load_encoder(a.encoder)
         normalize = a.normalize
         if normalize is None:
             normalize = not Path(a.encoder).is_dir() and trained_with_normalized_audio(a.encoder)
         paths = dump_features(encoder, resolve_manifest(a.manifest, a.split), a.out, layer=a.layer,
-                              fmt=a.format, normalize=normalize, device=device)
+                              fmt=a.format, normalize=normalize, device=device(a.device))
     except (ValueError, FileNotFoundError, AudioDataError) as e:
         p.exit(2, f"omnissl features: error: {e}\n")
     print(f"wrote {len(paths)} arrays (layer {a.layer}, {a.format}) under {a.out}")

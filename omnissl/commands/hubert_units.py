@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from omnissl.commands import HelpFormatter
+from omnissl.commands import HelpFormatter, device
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,17 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
 
-    import torch
-
     from omnissl.datamodules.audio import AudioDataError
     from omnissl.eval.units import make_units
 
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         make_units(a.manifest, valid=a.valid, iteration=a.iteration, checkpoint=a.checkpoint, layer=a.layer,
                    clusters=a.clusters, sample_fraction=a.sample_fraction, seed=a.seed, out_ext=a.out_ext,
                    cache_dir=a.cache_dir, shard_size=a.shard_size, n_init=a.n_init,
-                   kmeans_batch_size=a.kmeans_batch_size, max_iter=a.max_iter, device=device)
+                   kmeans_batch_size=a.kmeans_batch_size, max_iter=a.max_iter, device=device(a.device))
     except (ValueError, FileNotFoundError, AudioDataError) as e:
         p.exit(2, f"omnissl hubert-units: error: {e}\n")
     return 0
