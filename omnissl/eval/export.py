@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from omnissl.batch import SAMPLE_RATE
 from omnissl.backbones.frontends import ConvFeatureExtractor
-
+from omnissl.batch import SAMPLE_RATE
 from omnissl.checkpoints import Checkpoint, encoder_info, load_strict, read_checkpoint, write_package
 from omnissl.eval.hf import (  # re-exported: recipes and users reach the conversions through this module
     encoder_from_hf,
@@ -47,8 +46,8 @@ from omnissl.eval.hf import (  # re-exported: recipes and users reach the conver
 from omnissl.ssl.targets import GumbelQuantizer
 
 __all__ = [
-    "export_checkpoint", "trained_with_normalized_audio", "feature_extractor", "encoder_from_hf", "encoder_from_hf_hubert", "encoder_from_hf_roberta",
-    "encoder_from_hf_vit", "encoder_from_hf_wav2vec2", "encoder_to_hf", "encoder_to_hf_roberta", "encoder_to_hf_vit",
+    "export_checkpoint", "trained_with_normalized_audio", "feature_extractor", "encoder_from_hf",
+    "encoder_from_hf_hubert", "encoder_from_hf_roberta", "encoder_from_hf_vit", "encoder_from_hf_wav2vec2", "encoder_to_hf", "encoder_to_hf_roberta", "encoder_to_hf_vit",
     "encoder_to_hf_wav2vec2", "hf_model_to_encoder", "lm_head_from_hf_roberta", "wav2vec2_heads_from_hf",
 ]
 

@@ -47,7 +47,8 @@ from torch import Tensor
 
 from omnissl.batch import SAMPLE_RATE
 from omnissl.checkpoints import read_checkpoint
-from omnissl.datamodules.audio import AudioDataError, AudioManifest, embedded_manifest, load_audio, read_audio_manifest
+from omnissl.datamodules.audio import (AudioDataError, AudioManifest, embedded_manifest, load_audio,
+                                      read_audio_manifest)
 from omnissl.datamodules.units import units_path_for, write_atomic
 
 
