@@ -1,15 +1,51 @@
-"""The `omnissl` command: LightningCLI (fit / validate / test / predict) plus data and tool subcommands.
+"""The `omnissl` command: a dispatch table. Training goes to LightningCLI (fit / validate / test); every other
+subcommand is an argparse `main(argv) -> int` in omnissl/commands/.
 
     omnissl fit -c recipes/trainer/default.yaml -c recipes/audio/wav2vec2_base.yaml
     omnissl data generate speech --size small --out DIR
     omnissl hubert-units --manifest train.tsv --iteration 1 --clusters 100
-    omnissl probe ENCODER_DIR --train embedded:keywords:small --valid ... --test ... [--report DIR]
     omnissl export runs/.../last.ckpt out/ [--hf] [--heads]
+    omnissl probe ENCODER --train embedded:keywords:small --valid ... --test ... [--report DIR]
+    omnissl features ENCODER MANIFEST --layer K --out DIR [--format npy|safetensors]
+
+`omnissl --help` lists them, `omnissl <command> --help` shows each one's options with their defaults.
+LightningCLI's `predict` is not offered: no objective defines predict_step (`omnissl features` dumps
+representations).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+# LightningCLI subcommands -> one line of help
+LIGHTNING = {
+    "fit": "train an objective: omnissl fit -c recipes/trainer/X.yaml -c recipes/<modality>/Y.yaml",
+    "validate": "run the validation loop of a recipe (and --ckpt_path) once",
+    "test": "run the test loop of a recipe (and --ckpt_path) once",
+}
+# argparse subcommands -> ("module:function", one line of help)
+COMMANDS = {
+    "data": ("omnissl.commands.data:main", "generate embedded corpora, write and inspect manifests, tokenizers"),
+    "hubert-units": ("omnissl.commands.hubert_units:main", "HuBERT k-means targets (MFCC or a checkpoint's layer)"),
+    "export": ("omnissl.commands.export:main", "checkpoint -> omnissl package or Hugging Face directory"),
+    # NOTE: -> "omnissl.commands.probe:main" once commands/probe.py is merged
+    "probe": ("omnissl.eval.probe:main", "frozen-encoder probes (linear / MLP / attentive) with a report"),
+    "features": ("omnissl.commands.features:main", "dump one layer's hidden states per utterance of a manifest"),
+}
+REMOVED = {
+    "predict": "no omnissl objective defines predict_step; use `omnissl features` to dump an encoder's outputs",
+}
+
+
+def usage() -> str:
+    width = max(map(len, [*LIGHTNING, *COMMANDS]))
+    lines = ["usage: omnissl [-h] [--version] COMMAND ...", "",
+             "Self-supervised pretraining of speech, audio, text and image encoders.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`omnissl COMMAND --help` shows a command's options and their defaults."]
+    return "\n".join(lines)
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):
@@ -19,7 +55,12 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     from omnissl.ssl.base import SSLModule
     from omnissl.train.callbacks import SaveConfigToRun
 
-    return LightningCLI(
+    class OmnisslCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING}
+
+    return OmnisslCLI(
         SSLModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -32,26 +73,27 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     )
 
 
+def fail(message: str) -> None:
+    print(f"{usage().splitlines()[0]}\nomnissl: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "data":
-        from omnissl.datamodules.commands import main as data_main
+    first = args[0] if args else None
+    if first in (None, "-h", "--help"):
+        print(usage())
+        sys.exit(0)
+    if first == "--version":
+        from omnissl import __version__
 
-        sys.exit(data_main(args[1:]))
-    if args and args[0] == "hubert-units":
-        from omnissl.ssl.units import main as units_main
-
-        sys.exit(units_main(args[1:]))
-    if args and args[0] == "probe":
-        from omnissl.eval.probe import main as probe_main
-
-        sys.exit(probe_main(args[1:]))
-    if args and args[0] == "export":
-        from omnissl.eval.export import main as export_main
-
-        sys.exit(export_main(args[1:]))
+        print(f"omnissl {__version__}")
+        sys.exit(0)
+    if first in COMMANDS:
+        module, _, function = COMMANDS[first][0].partition(":")
+        sys.exit(getattr(importlib.import_module(module), function)(args[1:]))
+    if first in REMOVED:
+        fail(f"{first} is not supported: {REMOVED[first]}")
+    if first not in LIGHTNING and not first.startswith("-"):
+        fail(f"unknown command {first!r} (choose from {', '.join([*LIGHTNING, *COMMANDS])})")
     lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
-
-
-if __name__ == "__main__":
-    main()

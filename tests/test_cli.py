@@ -90,3 +90,60 @@ def test_every_trainer_recipe_parses(recipe, tmp_path, monkeypatch):
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
     cli = lightning_cli(args, run=False)
     assert cli.trainer is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The dispatch table: every subcommand listed, helps with defaults, known failures in one line
+
+COMMANDS = ["fit", "validate", "test", "data", "hubert-units", "export", "probe", "features"]
+
+
+def test_help_lists_every_subcommand_and_version():
+    out = _run([OMNISSL, "--help"], cwd=ROOT).stdout
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert listed == COMMANDS
+    assert all(len(line.split()) > 1 for line in out.splitlines() if line.startswith("  "))  # one line of help each
+    from omnissl import __version__
+
+    assert _run([OMNISSL, "--version"], cwd=ROOT).stdout.strip() == f"omnissl {__version__}"
+
+
+@pytest.mark.parametrize("argv", [["data", "generate"], ["data", "manifest"], ["data", "inspect"], ["hubert-units"],
+                                  ["export"], ["features"]])
+def test_every_argparse_option_has_help_and_shows_its_default(argv):
+    import argparse
+
+    from omnissl.commands import data, export, features, hubert_units
+
+    parser = {"data": data.parser, "hubert-units": hubert_units.parser, "export": export.parser,
+              "features": features.parser}[argv[0]]()
+    if argv[0] == "data":
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[1]]
+    text = " ".join(parser.format_help().split())  # unwrapped
+    for action in parser._actions:
+        assert action.help, f"{argv}: {action.option_strings or action.dest} has no help"
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS) and action.nargs != 0:
+            assert f"(default: {action.default})" in text, f"{argv}: {action.option_strings} hides its default"
+
+
+def test_predict_and_unknown_commands_fail_in_one_line(tmp_path):
+    for argv, needle in ((["predict", "-c", DEBUG, "-c", SMALL], "predict is not supported"),
+                         (["frobnicate"], "unknown command 'frobnicate'")):
+        out = _run([OMNISSL] + argv, cwd=tmp_path, check=False)
+        assert out.returncode == 2 and f"omnissl: error: {needle}" in out.stderr and "Traceback" not in out.stderr
+    from omnissl.cli import lightning_cli
+
+    with pytest.raises(SystemExit):  # LightningCLI itself no longer offers predict
+        lightning_cli(["predict", "-c", DEBUG, "-c", SMALL])
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["export", "missing.ckpt", "out"], "omnissl export: error: no checkpoint at missing.ckpt"),
+    (["features", "missing.ckpt", "x.tsv", "--layer", "1", "--out", "f"], "omnissl features: error: "),
+    (["hubert-units", "--manifest", "missing.tsv"], "omnissl hubert-units: error: manifest missing.tsv does not exist"),
+    (["data", "manifest", "nowhere", "--out", "m.tsv"], "omnissl data manifest: error: nowhere is not a folder"),
+])
+def test_known_failures_are_one_line_not_a_traceback(tmp_path, argv, needle):
+    out = _run([OMNISSL] + argv, cwd=tmp_path, check=False)
+    assert out.returncode != 0 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -1,4 +1,5 @@
-"""`omnissl export`: a Lightning checkpoint -> an omnissl encoder package, or a Hugging Face directory.
+"""A Lightning checkpoint -> an omnissl encoder package, or a Hugging Face directory (`omnissl export`,
+omnissl/commands/export.py).
 
     omnissl export CHECKPOINT DIR [--hf] [--heads] [--image-size H [W]] [--overwrite]
 
@@ -8,15 +9,25 @@ checkpoint holding pickled objects other than tensors and plain data is refused)
 offline; families and unmapped options in hf.py). --heads adds the objective's other modules (package: all of
 them, e.g. quantizer, decoder, teacher; --hf: wav2vec 2.0's quantizer, project_q and final_proj ->
 Wav2Vec2ForPreTraining).
+
+An audio --hf export also writes preprocessor_config.json (Wav2Vec2FeatureExtractor, 16 kHz), so that
+`AutoFeatureExtractor.from_pretrained(dir)` prepares raw audio as training did: do_normalize is the training data
+module's `normalize` (checkpoint["datamodule_hyper_parameters"]; False when absent: raw-waveform base models train
+without normalization), return_attention_mask follows HF's convention (True for the layer-norm extractor only:
+zero padding changes a group-norm extractor's statistics, so base models are run unpadded, one utterance at a time).
+NOTE(ref): our normalization is fairseq's `F.layer_norm(wav, wav.shape)` (eps 1e-5), HF's
+zero_mean_unit_var_norm uses eps 1e-7: the same up to ~1e-5 relative for audio of ordinary loudness.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from omnissl.backbones.frontends import ConvFeatureExtractor
+from omnissl.batch import SAMPLE_RATE
 from omnissl.checkpoints import Checkpoint, encoder_info, load_strict, read_checkpoint, write_package
 from omnissl.eval.hf import (  # re-exported: recipes and users reach the conversions through this module
     encoder_from_hf,
@@ -35,8 +46,8 @@ from omnissl.eval.hf import (  # re-exported: recipes and users reach the conver
 from omnissl.ssl.targets import GumbelQuantizer
 
 __all__ = [
-    "export_checkpoint", "main", "encoder_from_hf", "encoder_from_hf_hubert", "encoder_from_hf_roberta",
-    "encoder_from_hf_vit", "encoder_from_hf_wav2vec2", "encoder_to_hf", "encoder_to_hf_roberta", "encoder_to_hf_vit",
+    "export_checkpoint", "trained_with_normalized_audio", "feature_extractor", "encoder_from_hf",
+    "encoder_from_hf_hubert", "encoder_from_hf_roberta", "encoder_from_hf_vit", "encoder_from_hf_wav2vec2", "encoder_to_hf", "encoder_to_hf_roberta", "encoder_to_hf_vit",
     "encoder_to_hf_wav2vec2", "hf_model_to_encoder", "lm_head_from_hf_roberta", "wav2vec2_heads_from_hf",
 ]
 
@@ -99,35 +110,25 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, hf: bool = Fal
     model = encoder_to_hf(ckpt.encoder, hubert=short == "HuBERT", mae=short == "MAE", heads=hf_heads,
                           image_size=image_size, extra_config=extra)
     model.save_pretrained(str(out))
+    if isinstance(ckpt.encoder.frontend, ConvFeatureExtractor):
+        feature_extractor(normalize=trained_with_normalized_audio(checkpoint),
+                          attention_mask=model.config.feat_extract_norm == "layer").save_pretrained(str(out))
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="omnissl export",
-        description="Export the encoder of an omnissl Lightning checkpoint as an omnissl package "
-                    "(config.json + model.safetensors, load_backbone) or a Hugging Face transformers directory.",
-    )
-    parser.add_argument("checkpoint", help="Lightning .ckpt written by `omnissl fit`")
-    parser.add_argument("out", help="output directory")
-    parser.add_argument("--hf", action="store_true", help="write a transformers directory (from_pretrained)")
-    parser.add_argument("--heads", action="store_true",
-                        help="include the objective's heads (package: all non-encoder modules; --hf: wav2vec 2.0 "
-                             "quantizer -> Wav2Vec2ForPreTraining)")
-    parser.add_argument("--image-size", type=int, nargs="+", metavar="N",
-                        help="image encoders with --hf: H [W] of the fixed-size ViT position table")
-    parser.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")
-    args = parser.parse_args(argv)
-    size = None
-    if args.image_size is not None:
-        if len(args.image_size) > 2:
-            parser.error("--image-size takes H or H W")
-        size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, hf=args.hf, heads=args.heads, image_size=size,
-                                overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"omnissl export: error: {e}\n")
-    kind = "transformers directory" if args.hf else "omnissl package"
-    print(f"wrote {kind} {out}")
-    return 0
+def trained_with_normalized_audio(checkpoint: str | Path) -> bool:
+    """Whether the run that wrote `checkpoint` fed its encoder per-utterance normalized waveforms: the data
+    module's `normalize` hyperparameter (AudioDataModule saves it); False when the checkpoint records none.
+    Read weights-only (mmap: the weights are not read again)."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    data = ckpt.get("datamodule_hyper_parameters") or {}
+    return bool(data.get("normalize", False)) if isinstance(data, dict) else False
+
+
+def feature_extractor(*, normalize: bool, attention_mask: bool):
+    """transformers' Wav2Vec2FeatureExtractor for our audio encoders (raw 16 kHz mono waveforms); its
+    save_pretrained writes preprocessor_config.json."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
+                                    do_normalize=normalize, return_attention_mask=attention_mask)

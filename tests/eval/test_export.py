@@ -2,7 +2,8 @@
 
 Packages must rebuild bit-identical encoders for every frontend, refuse edited or mismatched files naming
 the option or key, and never unpickle anything; `omnissl export` runs on a checkpoint written by a real
-2-step `omnissl fit`.
+2-step `omnissl fit`; an audio --hf export works through AutoFeatureExtractor + AutoModel; `omnissl features`
+dumps what the encoder computes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -412,3 +415,131 @@ def test_masked_lm_head_is_tied_to_the_given_embedding():
     assert torch.allclose(head(x, embedding), h @ embedding.T + head.bias)
     with pytest.raises(ValueError, match="tied embedding"):
         head(x, torch.randn(4, 8))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An audio --hf export loads with AutoFeatureExtractor + AutoModel and gives our hidden states on raw audio
+
+
+def _speech_corpus(folder: Path, n: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        num = 12000 + 1000 * i
+        x = 0.3 * np.sin(2 * np.pi * (150 + 40 * i) * np.arange(num) / 16000) + 0.02 * rng.standard_normal(num)
+        sf.write(folder / f"{i}.wav", x.astype(np.float32), 16000, subtype="PCM_16")
+        rows.append(f"{i}.wav\t{num}\n")
+    (folder / "train.tsv").write_text(f"{folder}\n" + "".join(rows))
+    return folder / "train.tsv"
+
+
+def audio_checkpoint(tmp_path: Path, *, normalize: bool) -> Path:
+    """A 1-step wav2vec 2.0 fit on a tiny speech corpus through AudioDataModule(normalize=...)."""
+    from omnissl.datamodules.audio import AudioDataModule
+
+    manifest = _speech_corpus(tmp_path / "corpus")
+    torch.manual_seed(0)
+    model = Wav2Vec2(_perturb(tiny("audio")), num_distractors=5, codebook_entries=8)
+    dm = AudioDataModule(train_manifest=str(manifest), max_samples=8000, min_samples=4000, max_tokens=None,
+                         batch_size=2, num_workers=0, normalize=normalize)
+    t = _trainer(tmp_path, max_steps=1)
+    t.fit(model, dm)
+    t.save_checkpoint(tmp_path / "w2v.ckpt")
+    return tmp_path / "w2v.ckpt"
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+def test_hf_audio_export_runs_as_a_user_would_call_it(tmp_path, normalize):
+    pytest.importorskip("transformers")
+    ckpt = audio_checkpoint(tmp_path, normalize=normalize)
+    export_checkpoint(ckpt, tmp_path / "hf", hf=True)
+    config = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert config["sampling_rate"] == 16000 and config["do_normalize"] is normalize
+
+    # what a user of the directory writes
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    extractor = AutoFeatureExtractor.from_pretrained(tmp_path / "hf", local_files_only=True)
+    model = AutoModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    raw, sr = sf.read(tmp_path / "corpus" / "1.wav", dtype="float32")
+    inputs = extractor(raw, sampling_rate=sr, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+
+    # ours, on the waveform as training fed it (AudioDataset: layer_norm over the utterance when normalize)
+    wav = torch.from_numpy(np.ascontiguousarray(raw))
+    if normalize:
+        wav = torch.nn.functional.layer_norm(wav, wav.shape)
+    with torch.no_grad():
+        ours = read_checkpoint(ckpt).encoder.eval()(wav[None]).layers
+    assert len(hidden) == len(ours)
+    for i, (theirs, mine) in enumerate(zip(hidden, ours)):
+        assert (theirs - mine).abs().max() <= 1e-5, f"layer {i}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `omnissl features` (omnissl/eval/features.py): one layer's hidden states per manifest row, equal to the
+# encoder's own forward on that utterance, from a package or a checkpoint (normalized like its training)
+
+
+def _features_corpus(folder: Path) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, rel in enumerate(["a/0.wav", "a/1.flac", "b/0.wav"]):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        num = 6000 + 1500 * i
+        sf.write(folder / rel, (0.1 * rng.standard_normal(num)).astype(np.float32), 16000, subtype="PCM_16")
+        rows.append(f"{rel}\t{num}\n")
+    (folder / "m.tsv").write_text(f"{folder}\n" + "".join(rows))
+    return folder / "m.tsv"
+
+
+def _exit(argv) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code
+
+
+def _wav(path) -> torch.Tensor:
+    return torch.from_numpy(sf.read(path, dtype="float32")[0])
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors"])
+def test_features_of_a_package_equal_the_encoders_forward(tmp_path, fmt):
+    torch.manual_seed(0)
+    enc = tiny("audio").eval()
+    save_backbone(enc, tmp_path / "pkg")
+    manifest = _features_corpus(tmp_path / "data")
+    assert _exit(["features", str(tmp_path / "pkg"), str(manifest), "--layer", "1", "--out", str(tmp_path / "f"),
+                 "--format", fmt]) == 0
+    for rel in ["a/0.wav", "a/1.flac", "b/0.wav"]:
+        path = (tmp_path / "f" / rel).with_suffix(f".{fmt}")
+        got = torch.from_numpy(np.load(path)) if fmt == "npy" else load_file(str(path))["features"]
+        with torch.no_grad():
+            want = enc(_wav(tmp_path / "data" / rel)[None]).layers[1][0]
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-6), rel
+
+
+def test_features_of_a_checkpoint_normalize_as_its_training_did(tmp_path):
+    ckpt = audio_checkpoint(tmp_path, normalize=True)
+    manifest = _features_corpus(tmp_path / "data")
+    assert _exit(["features", str(ckpt), str(manifest), "--layer", "2", "--out", str(tmp_path / "f")]) == 0
+    enc = read_checkpoint(ckpt).encoder.eval()
+    wav = _wav(tmp_path / "data" / "b/0.wav")
+    with torch.no_grad():
+        want = enc(torch.nn.functional.layer_norm(wav, wav.shape)[None]).layers[2][0]
+    assert torch.allclose(torch.from_numpy(np.load(tmp_path / "f" / "b" / "0.npy")), want, atol=1e-6)
+
+
+def test_features_refuses_what_it_cannot_do(tmp_path, capsys):
+    save_backbone(tiny("text"), tmp_path / "text")
+    manifest = _features_corpus(tmp_path / "data")
+    argv = [str(manifest), "--layer", "1", "--out", str(tmp_path / "f")]
+    assert _exit(["features", str(tmp_path / "text")] + argv) == 2
+    assert "omnissl features: error: features reads audio manifests" in capsys.readouterr().err
+    save_backbone(tiny("audio"), tmp_path / "audio")
+    argv[2] = "9"
+    assert _exit(["features", str(tmp_path / "audio")] + argv) == 2
+    assert "layer 9 out of range" in capsys.readouterr().err

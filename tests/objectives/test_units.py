@@ -1,17 +1,26 @@
-"""HuBERT unit pipeline (omnissl/ssl/units.py): frame alignment of MFCC features, k-means determinism,
-resumability, unit-file checks, iteration 2 from a checkpoint, the CLI."""
+"""HuBERT unit pipeline (omnissl/eval/units.py, unit files in omnissl/datamodules/units.py, the command in
+omnissl/commands/hubert_units.py): frame alignment of MFCC features, k-means determinism, resumability,
+unit-file checks, iteration 2 from a real HuBERT checkpoint (weights only: a planted pickled object is refused),
+other sample rates, the CLI."""
 
 from __future__ import annotations
 
+import pathlib
+
+import lightning as L
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import yaml
 
 from omnissl.backbones.builders import tiny
 from omnissl.backbones.frontends import WAV2VEC2_CONV, conv_output_lengths
-from omnissl.ssl import units as U
+from omnissl.checkpoints import read_checkpoint
+from omnissl.cli import main
+from omnissl.datamodules.audio import AudioDataModule
+from omnissl.datamodules.units import check_units, read_units
+from omnissl.eval import units as U
+from omnissl.ssl.hubert import HuBERT
 
 FAST = {"clusters": 6, "sample_fraction": 0.5, "n_init": 1, "shard_size": 2}
 
@@ -42,9 +51,9 @@ def test_units_written_checked_and_deterministic(tmp_path):
     train, valid, sizes = make_corpus(tmp_path / "a")
     out = U.make_units(train, valid=valid, seed=0, **FAST)
     assert [p.name for p in out] == ["train.km", "valid.km"]
-    U.check_units(train, out[0], 320)
-    U.check_units(valid, out[1], 320)
-    lines = U.read_units(out[0])
+    check_units(train, out[0], 320)
+    check_units(valid, out[1], 320)
+    lines = read_units(out[0])
     assert [len(x) for x in lines] == [(n - 400) // 320 + 1 for n in sizes[:4]]
     assert all(((x >= 0) & (x < 6)).all() for x in lines)
     # the same seed on a copy of the corpus gives the same units
@@ -71,38 +80,103 @@ def test_check_units_names_the_file(tmp_path):
     train, _, sizes = make_corpus(tmp_path)
     km = tmp_path / "train.km"
     with pytest.raises(FileNotFoundError, match="train.km"):
-        U.check_units(train, km)
+        check_units(train, km)
     km.write_text("1 2 3\n")
     with pytest.raises(ValueError, match="train.km has 1 lines but manifest .*train.tsv lists 4"):
-        U.check_units(train, km)
+        check_units(train, km)
     km.write_text("".join(" ".join(["0"] * (n // 320)) + "\n" for n in sizes[:3]) + "0 0\n")
     with pytest.raises(ValueError, match=r"train.km does not match .*line 4 \(wav/3.wav\): 2 units"):
-        U.check_units(train, km)
+        check_units(train, km)
+
+
+def hubert_checkpoint(folder, train, clusters=6):
+    """last.ckpt of a 1-step HuBERT fit on iteration-1 units of `train`, written by Lightning."""
+    U.make_units(train, seed=0, **dict(FAST, clusters=clusters))
+    torch.manual_seed(0)
+    model = HuBERT(tiny("audio"), num_classes=clusters, final_dim=16, check_unit_files=False)
+    dm = AudioDataModule(train_manifest=str(train), max_samples=8000, min_samples=400, max_tokens=None,
+                         batch_size=2, num_workers=0, units="km")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=folder)
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(folder / "last.ckpt")
+    return folder / "last.ckpt", model
 
 
 def test_iteration_2_clusters_layer_outputs_of_a_checkpoint(tmp_path):
     train, valid, sizes = make_corpus(tmp_path / "data")
-    torch.manual_seed(0)
-    enc = tiny("audio")
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    cfg = {"model": {"class_path": "omnissl.ssl.hubert.HuBERT", "init_args": {
-        "encoder": {"class_path": "omnissl.backbones.builders.tiny", "init_args": {"modality": "audio"}}}}}
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    ckpt = run / "checkpoints" / "last.ckpt"
-    torch.save({"state_dict": {f"encoder.{k}": v for k, v in enc.state_dict().items()}}, ckpt)
-    loaded = U.load_encoder(ckpt)
-    for k, v in enc.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v)
+    ckpt, model = hubert_checkpoint(tmp_path, train)
     out = U.make_units(train, iteration=2, checkpoint=ckpt, layer=1, **FAST)[0]
-    assert [len(x) for x in U.read_units(out)] == [(n - 400) // 320 + 1 for n in sizes[:4]]
+    assert [len(x) for x in read_units(out)] == [(n - 400) // 320 + 1 for n in sizes[:4]]
+    # the features clustered are the trained encoder's own layer-1 outputs
+    wav = torch.from_numpy(sf.read(tmp_path / "data" / "wav" / "0.wav", dtype="float32")[0])
+    with torch.no_grad():
+        want = model.encoder.eval()(wav[None]).layers[1][0]
+    assert torch.allclose(U.LayerFeatures(read_checkpoint(ckpt).encoder, 1)(wav), want, atol=1e-6)
     with pytest.raises(ValueError, match="layer 3 out of range"):
         U.make_units(train, iteration=2, checkpoint=ckpt, layer=3, **FAST)
 
 
-def test_cli(tmp_path):
-    from omnissl.cli import main
+class _Payload:
+    """Unpickling this runs code: it creates the marker file."""
 
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_iteration_2_refuses_a_checkpoint_with_pickled_objects(tmp_path, capsys):
+    train, _, _ = make_corpus(tmp_path / "data")
+    ckpt, _ = hubert_checkpoint(tmp_path, train)
+    state = torch.load(ckpt, weights_only=True)
+    marker = tmp_path / "UNPICKLED"
+    state["hyper_parameters"] = {"extra": _Payload(marker)}
+    evil = tmp_path / "evil.ckpt"
+    torch.save(state, evil)
+    with pytest.raises(SystemExit) as e:
+        main(["hubert-units", "--manifest", str(train), "--iteration", "2", "--checkpoint", str(evil), "--layer",
+              "1", "--clusters", "4", "--n-init", "1", "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and not marker.exists()
+    assert f"omnissl hubert-units: error: {evil}: refused to load" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        main(["hubert-units", "--manifest", str(train), "--iteration", "2", "--checkpoint", str(tmp_path / "no.ckpt")])
+    assert e.value.code == 2 and "no.ckpt" in capsys.readouterr().err
+
+
+def test_other_sample_rates_are_resampled_as_training_does(tmp_path, capsys):
+    """A 22.05 kHz corpus (manifest by `omnissl data manifest`): decoded and resampled like AudioDataModule."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "wav").mkdir()
+    for i in range(3):
+        x = 0.3 * np.sin(2 * np.pi * 200 * np.arange(22050) / 22050) + 0.02 * rng.standard_normal(22050)
+        sf.write(tmp_path / "wav" / f"{i}.wav", x.astype(np.float32), 22050, subtype="PCM_16")
+    assert main_exit(["data", "manifest", str(tmp_path / "wav"), "--out", str(tmp_path / "train.tsv")]) == 0
+    assert main_exit(["hubert-units", "--manifest", str(tmp_path / "train.tsv"), "--clusters", "4",
+                      "--sample-fraction", "1.0", "--n-init", "1"]) == 0
+    check_units(tmp_path / "train.tsv", tmp_path / "train.km")
+    assert [len(x) for x in read_units(tmp_path / "train.km")] == [(16000 - 400) // 320 + 1] * 3
+    # a broken file is one line naming the manifest row, not a traceback
+    (tmp_path / "wav" / "1.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    (tmp_path / "bad.tsv").write_text((tmp_path / "train.tsv").read_text())
+    capsys.readouterr()
+    assert main_exit(["hubert-units", "--manifest", str(tmp_path / "bad.tsv"), "--clusters", "4",
+                      "--sample-fraction", "1.0", "--n-init", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "omnissl hubert-units: error: " in err and "bad.tsv:3: " in err and "1.wav" in err
+    assert "Traceback" not in err
+
+
+def main_exit(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code
+
+
+def test_cli(tmp_path):
     train, _, _ = make_corpus(tmp_path)
     with pytest.raises(SystemExit) as e:
         main(["hubert-units", "--manifest", str(train), "--clusters", "4", "--sample-fraction", "1.0",

@@ -6,8 +6,8 @@
     omnissl data inspect MANIFEST [--on-error {raise,skip}] [--png FILE] [--workers N]
     omnissl data tokenizer ...          (handled by omnissl.datamodules.text.tokenizer_main)
 
-`cli.py` dispatches `omnissl data <argv>` to `main(argv)`; the return value is the exit status.
-The non-speech generators live in `omnissl.datamodules.corpora.<module>` and are imported only when asked for.
+omnissl/cli.py dispatches `omnissl data <argv>` to `main(argv)`; the return value is the exit status.
+The generators live in `omnissl.datamodules.corpora.<module>` and are imported only when asked for.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import importlib
 import sys
 import time
 from pathlib import Path
+
+from omnissl.commands import HelpFormatter
 
 # generate KIND -> module under omnissl.datamodules.corpora (each has generate(out, size, seed))
 GENERATORS = {
@@ -30,26 +32,30 @@ GENERATORS = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omnissl data", description="Embedded corpora and manifests.")
+def parser() -> argparse.ArgumentParser:
+    fmt = HelpFormatter
+    p = argparse.ArgumentParser(prog="omnissl data", description="Embedded corpora and manifests.", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate an embedded corpus (nothing is downloaded)")
-    g.add_argument("kind", choices=sorted(GENERATORS))
+    g = sub.add_parser("generate", help="generate an embedded corpus (nothing is downloaded)", formatter_class=fmt)
+    g.add_argument("kind", choices=sorted(GENERATORS), help="which corpus")
     g.add_argument("--size", choices=["tiny", "small", "default"], default="small",
                    help="tiny: for tests; small: minutes of data; default: the full embedded corpus")  # fmt: skip
     g.add_argument("--out", type=Path, required=True, help="output folder (manifests + files)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="generation seed")
     g.add_argument("--task", choices=["keywords", "speakers"], default="keywords",
                    help="labeled-speech only: which downstream task")  # fmt: skip
 
-    m = sub.add_parser("manifest", help="scan a folder of audio files into a fairseq-style manifest")
-    m.add_argument("folder", type=Path)
+    m = sub.add_parser("manifest", help="scan a folder of audio files into a fairseq-style manifest",
+                       formatter_class=fmt)
+    m.add_argument("folder", type=Path, help="folder scanned recursively for audio files")
     m.add_argument("--out", type=Path, required=True, help="manifest file to write (.tsv)")
-    m.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    m.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="raise: stop at the first unreadable file; skip: leave it out (logged)")
 
-    i = sub.add_parser("inspect", help="decode every item of an audio manifest (or folder) and report")
-    i.add_argument("manifest", type=Path)
+    i = sub.add_parser("inspect", help="decode every item of an audio manifest (or folder) and report",
+                       formatter_class=fmt)
+    i.add_argument("manifest", type=Path, help="manifest (.tsv) or folder of audio files")
     i.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="raise: exit 1 at the first bad item; skip: list them all, exit 0")  # fmt: skip
     i.add_argument("--png", type=Path, default=None, help="save a duration histogram here (needs matplotlib)")
@@ -64,9 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         from omnissl.datamodules.text import tokenizer_main
 
         return int(tokenizer_main(argv[1:]) or 0)
-    args = _parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.command == "generate":
-        return _generate(args)
+        try:
+            return _generate(args)
+        except (ValueError, FileExistsError, OSError) as e:
+            p.exit(2, f"omnissl data generate: error: {e}\n")
     if args.command == "manifest":
         return _manifest(args)
     return _inspect(args)
@@ -90,12 +100,12 @@ def _manifest(args: argparse.Namespace) -> int:
     from omnissl.datamodules.audio import AudioDataError, write_audio_manifest
 
     if not args.folder.is_dir():
-        print(f"error: {args.folder} is not a folder", file=sys.stderr)
+        print(f"omnissl data manifest: error: {args.folder} is not a folder", file=sys.stderr)
         return 2
     try:
         n = write_audio_manifest(args.folder, args.out, on_error=args.on_error)
     except AudioDataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"omnissl data manifest: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}: {n} audio files under {args.folder.resolve()}")
     return 0 if n else 1
@@ -115,7 +125,7 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         manifest = read_audio_manifest(args.manifest, on_error=args.on_error)
     except (AudioDataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"omnissl data inspect: error: {e}", file=sys.stderr)
         return 1
     ds = AudioDataset(manifest, max_samples=None, min_samples=0, crop="center", on_error="skip")
     loader = DataLoader(ds, batch_size=None, num_workers=args.workers, collate_fn=_identity)
@@ -124,7 +134,7 @@ def _inspect(args: argparse.Namespace) -> int:
         if "error" in item:
             bad.append(item["error"])
             if args.on_error == "raise":
-                print(f"error: bad item: {item['error']}", file=sys.stderr)
+                print(f"omnissl data inspect: error: bad item: {item['error']}", file=sys.stderr)
                 return 1
             continue
         durations.append(len(item["audio"]) / SAMPLE_RATE)
@@ -149,7 +159,7 @@ def _inspect(args: argparse.Namespace) -> int:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            print("error: --png needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            print("omnissl data inspect: error: --png needs matplotlib (pip install matplotlib)", file=sys.stderr)
             return 1
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.hist(d, bins=50)
