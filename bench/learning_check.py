@@ -116,9 +116,9 @@ def main() -> None:
     probe_dm.setup()
 
     if args.objective.startswith("hubert"):  # iteration-1 MFCC k-means units, as the recipe's header says
-        from omnissl.ssl import units
+        from omnissl.commands import hubert_units
 
-        units.main(["--manifest", "embedded:small", "--valid", "embedded:small", "--iteration", "1", "--clusters",
+        hubert_units.main(["--manifest", "embedded:small", "--valid", "embedded:small", "--iteration", "1", "--clusters",
                     "50", "--sample-fraction", "0.5", "--seed", "0", "--out-ext", "km50"])
     common = ["-c", str(ROOT / "recipes/trainer/cpu.yaml"), "-c", str(recipe), "--trainer.max_steps",
               str(args.steps), "--trainer.logger.init_args.mode", "csv"]

@@ -29,8 +29,7 @@ COMMANDS = {
     "data": ("omnissl.commands.data:main", "generate embedded corpora, write and inspect manifests, tokenizers"),
     "hubert-units": ("omnissl.commands.hubert_units:main", "HuBERT k-means targets (MFCC or a checkpoint's layer)"),
     "export": ("omnissl.commands.export:main", "checkpoint -> omnissl package or Hugging Face directory"),
-    # NOTE: -> "omnissl.commands.probe:main" once commands/probe.py is merged
-    "probe": ("omnissl.eval.probe:main", "frozen-encoder probes (linear / MLP / attentive) with a report"),
+    "probe": ("omnissl.commands.probe:main", "frozen-encoder probes (linear / MLP / attentive) with a report"),
     "features": ("omnissl.commands.features:main", "dump one layer's hidden states per utterance of a manifest"),
 }
 REMOVED = {
@@ -53,7 +52,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from omnissl.ssl.base import SSLModule
-    from omnissl.train.callbacks import SaveConfigToRun
+    from omnissl.train.loggers import SaveConfigToRun
 
     class OmnisslCLI(LightningCLI):
         @staticmethod

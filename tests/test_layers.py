@@ -128,7 +128,7 @@ def test_no_module_imports_upward(path: Path):
     ("omnissl.ssl.targets", "omnissl.datamodules.collate", "from omnissl.datamodules.collate import Collate\n"),
     ("omnissl.ssl.losses", "omnissl.ssl.wav2vec2", "def f():\n    from omnissl.ssl.wav2vec2 import Wav2Vec2\n"),
     ("omnissl.ssl.data2vec2", "omnissl.ssl.data2vec", "from omnissl.ssl.data2vec import Data2Vec\n"),
-    ("omnissl.eval.probe", "omnissl.train.callbacks", "import omnissl.train.callbacks\n"),
+    ("omnissl.eval.probe", "omnissl.train.loggers", "import omnissl.train.loggers\n"),
     ("omnissl.datamodules.audio", "omnissl.backbones.encoder", "from omnissl.backbones.encoder import Encoder\n"),
     ("omnissl.backbones.encoder", "omnissl.checkpoints", "from omnissl.checkpoints import load_backbone\n"),
 ])

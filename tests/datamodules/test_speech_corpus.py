@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from omnissl.datamodules.audio import read_audio_manifest
-from omnissl.datamodules.commands import main
+from omnissl.commands.data import main
 from omnissl.datamodules.corpora import labeled_speech, speech
 
 

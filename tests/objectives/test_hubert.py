@@ -191,10 +191,10 @@ def test_fit_fails_before_training_on_units_that_do_not_match(tmp_path):
 
 @pytest.mark.slow
 def test_loss_goes_down_on_embedded_speech_with_mfcc_units(tmp_path):
-    """Iteration 1 end to end on the embedded speech corpus: MFCC k-means units (omnissl.ssl.units) written
+    """Iteration 1 end to end on the embedded speech corpus: MFCC k-means units (omnissl.eval.units) written
     beside a copy of the manifest, AudioDataModule with units, HuBERT accuracy and loss improve."""
     from omnissl.datamodules.audio import AudioDataModule, embedded_manifest
-    from omnissl.ssl.units import make_units
+    from omnissl.eval.units import make_units
 
     src = embedded_manifest("embedded:small", "train")
     lines = src.read_text().splitlines()
