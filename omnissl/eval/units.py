@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +139,16 @@ def fit_sample(n: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
+def nearest_centroid(feats: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(N, D) features -> (N,) int64 index of the nearest centroid (squared Euclidean, first on ties), as
+    MiniBatchKMeans.predict assigns them."""
+    if len(feats) == 0:
+        return np.zeros(0, np.int64)
+    x, c = torch.from_numpy(np.ascontiguousarray(feats, np.float32)), torch.from_numpy(centroids)
+    d = x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)[None]
+    return d.argmin(1).numpy().astype(np.int64)
+
+
 def fit_kmeans(feats: np.ndarray, clusters: int, *, seed: int, n_init: int = 20, batch_size: int = 10_000,
                max_iter: int = 100):
     """sklearn MiniBatchKMeans with fairseq `learn_kmeans.py`'s settings."""
@@ -217,15 +226,16 @@ def make_units(
             _save_npy(path, feats)
 
     # 2. k-means
-    model_path = cache / f"kmeans-{key}.pkl"
+    model_path = cache / f"kmeans-{key}.npy"  # the centroids only: a cache is data, never unpickled code
     if model_path.exists():
-        km = pickle.loads(model_path.read_bytes())
+        centroids = np.load(model_path, allow_pickle=False)
     else:
         feats = np.concatenate([np.load(fit_dir / f"shard{s:05d}.npy") for s in range(len(parts))])
         print(f"fitting MiniBatchKMeans K={clusters} on {len(feats)} frames of {len(sample)} utterances",
               file=sys.stderr)
         km = fit_kmeans(feats, clusters, seed=seed, n_init=n_init, batch_size=kmeans_batch_size, max_iter=max_iter)
-        write_atomic(model_path, lambda p: p.write_bytes(pickle.dumps(km)))
+        centroids = km.cluster_centers_.astype(np.float32)
+        _save_npy(model_path, centroids)
 
     # 3. labels of every utterance, in shards, then the unit files
     written = []
@@ -238,7 +248,7 @@ def make_units(
             path = lab_dir / f"shard{s:05d}.npz"
             if not path.exists():
                 feats, lens = _features_of(rows, part, extract)
-                labels = km.predict(feats.astype(np.float32)) if len(feats) else np.zeros(0, np.int64)
+                labels = nearest_centroid(feats, centroids)
                 _save_npz(path, labels=labels.astype(np.int64), lens=lens)
         out = units_path_for(man, out_ext)
 

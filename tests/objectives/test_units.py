@@ -182,3 +182,14 @@ def test_cli(tmp_path):
         main(["hubert-units", "--manifest", str(train), "--clusters", "4", "--sample-fraction", "1.0",
               "--n-init", "1", "--seed", "3"])
     assert e.value.code == 0 and (tmp_path / "train.km").is_file()
+
+
+def test_nearest_centroid_assigns_as_kmeans_predict():
+    """The k-means cache holds centroids (data, never a pickle); labels from them equal MiniBatchKMeans.predict."""
+    from omnissl.eval.units import fit_kmeans, nearest_centroid
+
+    rng = np.random.default_rng(0)
+    feats = np.concatenate([rng.normal(c, 1.0, size=(200, 13)) for c in (-4, 0, 4)]).astype(np.float32)
+    km = fit_kmeans(feats, 3, seed=0, n_init=2, batch_size=256)
+    assert np.array_equal(nearest_centroid(feats, km.cluster_centers_.astype(np.float32)), km.predict(feats))
+    assert nearest_centroid(feats[:0], km.cluster_centers_).shape == (0,)
