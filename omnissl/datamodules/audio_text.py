@@ -32,11 +32,9 @@ import torch
 from torch.utils.data import Dataset
 
 from omnissl.datamodules.audio_io import AudioDataError, load_clip
-from omnissl.datamodules.base import DataModule
+from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, data_root, holdout, is_embedded,
-                                        load_or_next, read_manifest)
-from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
+from omnissl.datamodules.common import SkipLog, check_data_args, check_on_error, data_root, load_or_next, read_manifest
 from omnissl.datamodules.tokenizers import cached_tokenizer, check_tokenizer, expected_info, set_token_ids
 
 
@@ -125,23 +123,10 @@ class AudioTextDataModule(DataModule):
 
     def manifests(self) -> dict[str, tuple[list[Path], list[str]]]:
         """{"train": (files, captions), "valid": (files, captions)[, "test": ...]}."""
-        if is_embedded(self.train):
-            if parse_embedded(self.train)[0] != "captions":
-                raise ValueError(f"AudioTextDataModule reads 'embedded:captions', not {self.train!r}")
-            found = embedded_corpus(self.train, size=self.embedded_size)
-            out = {"train": read_caption_manifest(found["train"]),
-                   "valid": read_caption_manifest(self.valid or found["valid"])}
-        else:
-            files, caps = read_caption_manifest(self.train)
-            if self.valid is not None:
-                out = {"train": (files, caps), "valid": read_caption_manifest(self.valid)}
-            else:
-                keep, held = holdout(len(files), self.valid_fraction, 0)  # fixed: the seed orders, not splits
-                out = {"train": ([files[i] for i in keep], [caps[i] for i in keep]),
-                       "valid": ([files[i] for i in held], [caps[i] for i in held])}
-        if self.test is not None:
-            out["test"] = read_caption_manifest(self.test)
-        return out
+        pairs = pretraining_splits(self.train, self.valid, self.test, corpus="captions", size=self.embedded_size,
+                                   valid_fraction=self.valid_fraction,
+                                   read=lambda src: list(zip(*read_caption_manifest(src))))
+        return {s: ([f for f, _ in ps], [c for _, c in ps]) for s, ps in pairs.items()}
 
     def _tokenizer_path(self, captions: list[str]) -> Path:
         if self.tokenizer is not None:

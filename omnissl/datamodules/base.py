@@ -15,11 +15,14 @@ fills `self.datasets` (and `self.classes`) in `setup()` and sets `collate`, `bat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import SkipLog, make_loader
+from omnissl.datamodules.common import SkipLog, holdout, is_embedded, make_loader
+from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
 
 
 class DataModule(L.LightningDataModule):
@@ -76,3 +79,26 @@ class DataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self.loader("test")
+
+
+def pretraining_splits(train: str, valid: str | None, test: str | None, *, corpus: str, size: str,
+                       valid_fraction: float, read: Callable[[object], list]) -> dict[str, list]:
+    """{"train", "valid"[, "test"]: items} of an unlabeled DataModule, `read(source)` listing a source's items.
+
+    An embedded `train` ("embedded:<corpus>[:<size>]") brings its own valid split unless `valid` is given;
+    otherwise, without `valid`, a fixed `valid_fraction` of train is held out (always with seed 0: the
+    DataModule's seed orders and augments, it does not change the split)."""
+    if is_embedded(train):
+        if parse_embedded(train)[0] != corpus:
+            raise ValueError(f"this DataModule reads 'embedded:{corpus}', not {train!r}")
+        found = embedded_corpus(train, size=size)
+        out = {"train": read(found["train"]), "valid": read(valid or found["valid"])}
+    elif valid is not None:
+        out = {"train": read(train), "valid": read(valid)}
+    else:
+        items = read(train)
+        keep, held = holdout(len(items), valid_fraction, 0)
+        out = {"train": [items[i] for i in keep], "valid": [items[i] for i in held]}
+    if test is not None:
+        out["test"] = read(test)
+    return out

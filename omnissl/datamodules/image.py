@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from omnissl.datamodules.base import DataModule
+from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, holdout, is_embedded, load_or_next,
+from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, is_embedded, load_or_next,
                                         read_manifest)
-from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
+from omnissl.datamodules.corpora import embedded_corpus
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -176,22 +176,8 @@ class ImageDataModule(DataModule):
 
     def split_files(self) -> dict[str, list[Path]]:
         """{"train": files, "valid": files[, "test": files]}."""
-        if is_embedded(self.train):
-            if parse_embedded(self.train)[0] != "images":
-                raise ValueError(f"ImageDataModule reads 'embedded:images', not {self.train!r}")
-            manifests = embedded_corpus(self.train, size=self.embedded_size)
-            files = {"train": [f for f, _ in list_images(manifests["train"])],
-                     "valid": [f for f, _ in list_images(self.valid or manifests["valid"])]}
-        else:
-            train = [f for f, _ in list_images(self.train)]
-            if self.valid is not None:
-                files = {"train": train, "valid": [f for f, _ in list_images(self.valid)]}
-            else:
-                keep, held = holdout(len(train), self.valid_fraction, 0)  # fixed: the seed orders, not splits
-                files = {"train": [train[i] for i in keep], "valid": [train[i] for i in held]}
-        if self.test is not None:
-            files["test"] = [f for f, _ in list_images(self.test)]
-        return files
+        return pretraining_splits(self.train, self.valid, self.test, corpus="images", size=self.embedded_size,
+                                  valid_fraction=self.valid_fraction, read=lambda src: [f for f, _ in list_images(src)])
 
     def prepare_data(self) -> None:
         if is_embedded(self.train):

@@ -5,12 +5,11 @@ A labeled manifest is the unlabeled one with a third column `label`: a root line
 folders with class subfolders. Text may also come inline as `.jsonl` ({"text": ..., "label": ...} per line).
 `classes` is the train split's label set in the one label policy (`common.class_index`: numeric-aware order;
 index = position); a valid or test label that does not occur in training is an error naming the file and the
-label. Items carry "label" (int); `Collate` puts
-them in `Batch.targets["label"]` (B,) int64.
+label. Items carry "label" (int); `Collate` puts them in `Batch.targets["label"]` (B,) int64.
 
 Embedded tasks: `"embedded:labeled_text[:<size>]"` (which stdlib family a docstring comes from; test split by
-module) and `"embedded:labeled_images[:<size>]"` (scikit-learn's 8x8 digits); see `omnissl.datamodules.corpora`. The labeled
-audio DataModule lives in `omnissl.datamodules.audio`.
+module) and `"embedded:labeled_images[:<size>]"` (scikit-learn's 8x8 digits); see `omnissl.datamodules.corpora`.
+The labeled audio DataModule is `omnissl.datamodules.audio.AudioDataModule` (same label policy).
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from omnissl.datamodules.common import (SPLITS, SkipLog, check_data_args, class_
                                         file_fingerprint, is_embedded, read_manifest)
 from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
 from omnissl.datamodules.documents import decode_utf8
-from omnissl.datamodules.image import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, list_images, transforms
+from omnissl.datamodules.image import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, list_images,
+                                       transforms)
 from omnissl.datamodules.tokenizers import (cached_tokenizer, check_tokenizer, expected_info, resolve_tokenizer,
                                             set_token_ids)
 

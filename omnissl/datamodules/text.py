@@ -1,11 +1,11 @@
 """`TextDataModule`: a text corpus, a trained subword tokenizer, a pre-tokenized memmap, packed blocks.
 
-Pipeline (RoBERTa pretraining data, fairseq `examples/roberta`):
 Modules: `documents` (reading), `tokenizers` (training, loading, cache), `token_cache` (pre-tokenization and
 block packing); this one holds the DataModule and the `omnissl data tokenizer` command (`tokenizer_main`).
 
-1. Documents (`train`, `valid`, `test`): a corpus is a folder (every `*.txt` below it, sorted; one document per file), a manifest
-   (`.tsv`: root line, then `relpath[<TAB>...]`), a single text file (one document), or `"embedded:text"`
+Pipeline (RoBERTa pretraining data, fairseq `examples/roberta`):
+1. Documents (`train`, `valid`, `test`): a corpus is a folder (every `*.txt` below it, sorted; one document
+   per file), a manifest (`.tsv`: root line, then `relpath[<TAB>...]`), a single text file (one document), or `"embedded:text"`
    (the standard library's docstrings, generated into `$OMNISSL_DATA` on first use; see
    `omnissl.datamodules.corpora`). Files must be UTF-8: by default an undecodable file stops preparation with
    an error naming it; `on_error="skip"` leaves such files out and reports how many. Blank documents are
@@ -40,11 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from omnissl.datamodules.base import DataModule
+from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import (atomic_file, check_data_args, data_root, file_fingerprint, file_sha1, holdout,
-                                        is_embedded)
-from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
+from omnissl.datamodules.common import atomic_file, check_data_args, data_root, file_fingerprint, file_sha1, is_embedded
+from omnissl.datamodules.corpora import embedded_corpus
 from omnissl.datamodules.documents import ReadStats, list_documents, read_documents
 from omnissl.datamodules.token_cache import BREAK_MODES, TokenBlockDataset, block_ranges, pretokenize
 from omnissl.datamodules.tokenizers import (CACHE_VERSION, KINDS, cache_key, check_tokenizer, expected_info,
@@ -106,22 +105,8 @@ class TextDataModule(DataModule):
 
     def split_files(self) -> dict[str, list[Path]]:
         """{"train": files, "valid": files[, "test": files]} (generating the embedded corpus if needed)."""
-        if is_embedded(self.train):
-            if parse_embedded(self.train)[0] != "text":
-                raise ValueError(f"TextDataModule reads 'embedded:text', not {self.train!r}")
-            manifests = embedded_corpus(self.train, size=self.embedded_size)
-            files = {"train": list_documents(manifests["train"]),
-                     "valid": list_documents(self.valid or manifests["valid"])}
-        else:
-            train = list_documents(self.train)
-            if self.valid is not None:
-                files = {"train": train, "valid": list_documents(self.valid)}
-            else:
-                keep, held = holdout(len(train), self.valid_fraction, 0)  # fixed: the seed orders, not splits
-                files = {"train": [train[i] for i in keep], "valid": [train[i] for i in held]}
-        if self.test is not None:
-            files["test"] = list_documents(self.test)
-        return files
+        return pretraining_splits(self.train, self.valid, self.test, corpus="text", size=self.embedded_size,
+                                  valid_fraction=self.valid_fraction, read=list_documents)
 
     def _prepare(self) -> dict[str, Path]:
         """Tokenizer + pre-tokenized caches (idempotent) -> {split: cache folder}."""
