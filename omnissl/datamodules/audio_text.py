@@ -10,8 +10,8 @@ captions (byte-level BPE or WordPiece, specials as in `omnissl.datamodules.text`
 `max_text_tokens` (77, CLIP's context; LAION-CLAP's RoBERTa tower also truncates to 77). All captions are
 tokenized once in `setup()`, so workers never touch the tokenizer.
 
-Audio is decoded by the speech DataModule's decoder (`omnissl.datamodules.audio.load_audio`: soundfile, mono,
-16 kHz), reading only a window of `max_samples` (random in training, LAION-CLAP's `rand_trunc`; centred in
+Audio is decoded by the one audio decoder (`omnissl.datamodules.audio_io.load_clip` / `load_audio`: soundfile,
+mono, 16 kHz), reading only a window of `max_samples` (random in training, LAION-CLAP's `rand_trunc`; centred in
 evaluation). A caption describes its whole clip, so keep `max_samples` at least as long as the clips for
 exact pairs (the embedded clips are at most 4 s). An undecodable file raises `AudioDataError` naming it, or
 with `on_error="skip"` is replaced by the next decodable item and counted.
@@ -27,41 +27,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from omnissl.datamodules.audio import AudioDataError, load_audio
+from omnissl.datamodules.audio_io import AudioDataError, load_clip
+from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import (SkipLog, check_on_error, check_size, data_root, embedded_corpus, holdout,
-                                        is_embedded, read_manifest, split_loader)
-from omnissl.datamodules.text import cached_tokenizer, kind_info, load_tokenizer, tokenizer_info
-
-SAMPLE_RATE = 16_000
-
-def load_clip(path: str | os.PathLike, max_samples: int, *, random: bool) -> torch.Tensor:
-    """Decode a window of at most `max_samples` of `path` -> mono float32 (T,) at 16 kHz.
-
-    The window is uniformly placed if `random`, else centred (as `AudioDataModule` does for evaluation); only
-    that span is read, through the speech DataModule's decoder `omnissl.datamodules.audio.load_audio`.
-    Raises `AudioDataError` naming the file.
-    """
-    import soundfile as sf
-
-    try:
-        info = sf.info(str(path))
-        total = round(info.frames * SAMPLE_RATE / info.samplerate)
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError depending on the failure
-        raise AudioDataError(f"{path}: unreadable audio file ({e})") from None
-    start, num = 0, None
-    if 0 < max_samples < total:
-        num = max_samples
-        start = int(torch.randint(0, total - max_samples + 1, ())) if random else (total - max_samples) // 2
-    try:
-        return load_audio(path, start=start, num=num)
-    except AudioDataError as e:
-        raise AudioDataError(f"{path}: {e}") from None
+from omnissl.datamodules.common import SkipLog, check_data_args, check_on_error, data_root, load_or_next, read_manifest
+from omnissl.datamodules.tokenizers import cached_tokenizer, check_tokenizer, expected_info, set_token_ids
 
 
 def read_caption_manifest(path: str | os.PathLike) -> tuple[list[Path], list[str]]:
@@ -80,14 +54,15 @@ class AudioTextDataset(Dataset):
     """(audio, caption ids) items: {"id", "audio": (T,) float32, "text": (N,) int64}."""
 
     def __init__(self, files: Sequence[Path], token_ids: Sequence[np.ndarray], *, max_samples: int,
-                 random_crop: bool, on_error: str = "raise") -> None:
+                 random_crop: bool, on_error: str = "raise", skips: SkipLog | None = None,
+                 source: object = "the caption manifest") -> None:
         check_on_error(on_error)
         if len(files) != len(token_ids) or not files:
             raise ValueError(f"need as many captions as files (got {len(files)} files, {len(token_ids)} captions)")
         self.files = [str(f) for f in files]
         self.token_ids = list(token_ids)
-        self.max_samples, self.random_crop, self.on_error = max_samples, random_crop, on_error
-        self.skips = SkipLog("audio file")
+        self.max_samples, self.random_crop, self.on_error, self.source = max_samples, random_crop, on_error, source
+        self.skips = skips if skips is not None else SkipLog("audio file")
 
     @property
     def skipped(self) -> dict[str, str]:
@@ -97,28 +72,26 @@ class AudioTextDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
-        for attempt in range(len(self.files)):
-            j = (i + attempt) % len(self.files)
-            try:
-                audio = load_clip(self.files[j], self.max_samples, random=self.random_crop)
-            except AudioDataError as e:
-                if self.on_error == "raise":
-                    raise
-                self.skips.add(self.files[j], str(e))
-                continue
-            return {"id": j, "audio": audio, "text": torch.from_numpy(self.token_ids[j].astype(np.int64))}
-        raise ValueError(f"no decodable audio among the {len(self.files)} files (on_error='skip')")
+        return load_or_next(i, len(self.files), self._load, errors=(AudioDataError,), on_error=self.on_error,
+                            skips=self.skips, name=lambda j: self.files[j], source=self.source)
+
+    def _load(self, j: int) -> dict:
+        audio = load_clip(self.files[j], self.max_samples, random=self.random_crop)
+        return {"id": j, "audio": audio, "text": torch.from_numpy(self.token_ids[j].astype(np.int64))}
 
 
-class AudioTextDataModule(L.LightningDataModule):
-    """Captioned audio (see module doc). Attributes known at construction: `vocab_size` (padded to 64),
-    `pad_id`, `mask_id`, `bos_id`, `eos_id`, `special_ids`; after `setup()`: `tokenizer_path`."""
+class AudioTextDataModule(DataModule):
+    """Captioned audio (see module doc). train / valid / test: caption manifests or "embedded:captions";
+    without `valid`, a fixed `valid_fraction` of train. Attributes known at construction: `vocab_size`
+    (padded to 64), `pad_id`, `mask_id`, `bos_id`, `eos_id`, `special_ids`; after `setup()`, besides the
+    `DataModule` surface: `tokenizer_path`."""
 
     def __init__(
         self,
         *,
         train: str = "embedded:captions",
         valid: str | None = None,
+        test: str | None = None,
         valid_fraction: float = 0.01,
         embedded_size: str = "small",
         tokenizer: str | None = None,
@@ -133,42 +106,27 @@ class AudioTextDataModule(L.LightningDataModule):
         on_error: str = "raise",
         cache_dir: str | None = None,
     ) -> None:
-        super().__init__()
-        check_on_error(on_error)
-        if is_embedded(train):
-            check_size(embedded_size)
+        super().__init__(skipping="audio file")
+        check_data_args(on_error, train, embedded_size)
         if max_text_tokens < 3:
             raise ValueError(f"max_text_tokens must be at least 3 (<s> x </s>), got {max_text_tokens}")
-        self.train, self.valid, self.valid_fraction = train, valid, valid_fraction
+        self.train, self.valid, self.test, self.valid_fraction = train, valid, test, valid_fraction
         self.embedded_size, self.tokenizer = embedded_size, tokenizer
         self.tokenizer_kind, self.min_frequency = tokenizer_kind, min_frequency
         self.max_text_tokens, self.max_samples = max_text_tokens, max_samples
         self.batch_size, self.num_workers, self.seed, self.on_error = batch_size, num_workers, seed, on_error
         self.cache_dir = Path(cache_dir) if cache_dir else data_root() / "cache"
-        info = tokenizer_info(load_tokenizer(tokenizer)) if tokenizer else kind_info(tokenizer_kind, vocab_size)
-        self.info = info
-        self.vocab_size, self.pad_id, self.mask_id = info.vocab_size, info.pad_id, info.mask_id
-        self.bos_id, self.eos_id, self.unk_id = info.bos_id, info.eos_id, info.unk_id
-        self.special_ids = info.special_ids
+        set_token_ids(self, expected_info(tokenizer, tokenizer_kind, vocab_size))
         self._vocab_arg = vocab_size
+        self.collate = Collate(text_pad_id=self.pad_id)
         self.tokenizer_path: Path | None = None
-        self.train_set: AudioTextDataset | None = None
-        self.val_set: AudioTextDataset | None = None
 
     def manifests(self) -> dict[str, tuple[list[Path], list[str]]]:
-        """{"train": (files, captions), "valid": (files, captions)}."""
-        if is_embedded(self.train):
-            if self.train != "embedded:captions":
-                raise ValueError(f"AudioTextDataModule reads 'embedded:captions', not {self.train!r}")
-            found = embedded_corpus(self.train, size=self.embedded_size)
-            return {"train": read_caption_manifest(found["train"]),
-                    "valid": read_caption_manifest(self.valid or found["valid"])}
-        files, caps = read_caption_manifest(self.train)
-        if self.valid is not None:
-            return {"train": (files, caps), "valid": read_caption_manifest(self.valid)}
-        keep, held = holdout(len(files), self.valid_fraction, 0)  # fixed: the seed orders, it does not split
-        return {"train": ([files[i] for i in keep], [caps[i] for i in keep]),
-                "valid": ([files[i] for i in held], [caps[i] for i in held])}
+        """{"train": (files, captions), "valid": (files, captions)[, "test": ...]}."""
+        pairs = pretraining_splits(self.train, self.valid, self.test, corpus="captions", size=self.embedded_size,
+                                   valid_fraction=self.valid_fraction,
+                                   read=lambda src: list(zip(*read_caption_manifest(src))))
+        return {s: ([f for f, _ in ps], [c for _, c in ps]) for s, ps in pairs.items()}
 
     def _tokenizer_path(self, captions: list[str]) -> Path:
         if self.tokenizer is not None:
@@ -187,35 +145,15 @@ class AudioTextDataModule(L.LightningDataModule):
         if not splits["train"][0]:
             raise ValueError(f"no (audio, caption) pairs in {self.train!r}")
         self.tokenizer_path = self._tokenizer_path(splits["train"][1])
-        tok = load_tokenizer(self.tokenizer_path)
-        info = tokenizer_info(tok)
-        if info.vocab_size > self.vocab_size or info.pad_id != self.pad_id:
-            raise ValueError(f"tokenizer {self.tokenizer_path} ({info}) disagrees with vocab_size/pad_id "
-                             f"({self.vocab_size}/{self.pad_id})")
+        tok = check_tokenizer(self.tokenizer_path, self.info)
         tok.no_padding()
         tok.enable_truncation(self.max_text_tokens)
-        sets = {}
+        sources = {"train": self.train, "valid": self.valid or self.train, "test": self.test}
+        self.datasets = {}
         for split, (files, caps) in splits.items():
             if not files:
                 continue
             ids = [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(caps, add_special_tokens=True)]
-            sets[split] = AudioTextDataset(files, ids, max_samples=self.max_samples, random_crop=split == "train",
-                                           on_error=self.on_error)
-        self.train_set, self.val_set = sets["train"], sets.get("valid")
-
-    @property
-    def skipped(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for ds in (self.train_set, self.val_set):
-            if ds is not None:
-                out.update(ds.skipped)
-        return out
-
-    def _loader(self, ds: Dataset | None, train: bool) -> DataLoader | list:
-        return split_loader(self, ds, train, Collate(text_pad_id=self.pad_id))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, False)
+            self.datasets[split] = AudioTextDataset(files, ids, max_samples=self.max_samples,
+                                                    random_crop=split == "train", on_error=self.on_error,
+                                                    skips=self.skips, source=sources[split])

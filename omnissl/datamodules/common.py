@@ -4,12 +4,14 @@ Conventions used by every DataModule here:
 
 * **Cache root.** Generated corpora and caches (trained tokenizers, pre-tokenized memmaps) live under
   `$OMNISSL_DATA` (default `~/.cache/omnissl`): `corpora/<name>-<size>-seed<seed>/` and `cache/...`.
-* **Embedded corpora.** A data argument spelled `"embedded:<name>"` (`embedded:text`, `embedded:images`,
-  `embedded:captions`, `embedded:labeled_text`, `embedded:labeled_images`) names a default corpus that
-  `omnissl.datamodules.corpora.<name>.generate()` writes on first use (in `prepare_data`), from what the
-  Python standard library and installed wheels ship; nothing is downloaded. DataModules always use the
-  corpus of seed 0 (their own `seed` orders and augments the data, it does not change the data set), so runs
-  with different seeds see the same train/valid split; `omnissl data generate ... --seed N` writes others.
+* **Embedded corpora.** A data argument spelled `"embedded:<name>[:<size>]"` names a corpus of the one
+  registry `omnissl.datamodules.corpora.CORPORA` (speech, keywords, speakers, captions, text, images,
+  labeled_text, labeled_images; `"embedded:<size>"` is speech), written on first use (in `prepare_data`)
+  from what the Python standard library and installed wheels ship; nothing is downloaded. DataModules always
+  use the corpus of seed 0 (their own `seed` orders and augments the data, it does not change the data set),
+  so runs with different seeds see the same splits; `omnissl data generate ... --seed N` writes others.
+* **Labels.** `class_index` (the train split's labels, numeric-aware order) and `encode_labels` are the one
+  label policy of every labeled DataModule; `classes` is None when a DataModule has no labels.
 * **Manifests.** Tab-separated, fairseq style: the first line is a root folder (absolute, or relative to the
   manifest's own folder), every further line is `relpath<TAB>size[<TAB>third column]`, where size is the
   item's length in its natural unit (audio samples, text UTF-8 bytes, image pixels) and the third column is
@@ -21,11 +23,13 @@ Conventions used by every DataModule here:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +37,7 @@ if TYPE_CHECKING:  # torch is imported lazily: corpus generators run in light wo
     from torch.utils.data import DataLoader, Dataset
 
 EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_NAMES = ("text", "images", "captions", "labeled_text", "labeled_images")
+SPLITS = ("train", "valid", "test")
 SIZES = ("tiny", "small", "default")
 MARKER = ".complete.json"
 
@@ -45,18 +49,6 @@ def data_root() -> Path:
 
 def is_embedded(spec: str | os.PathLike | None) -> bool:
     return isinstance(spec, str) and spec.startswith(EMBEDDED_PREFIX)
-
-
-def embedded_corpus(spec: str, *, size: str = "small", seed: int = 0) -> dict[str, Path]:
-    """Generate (once) the embedded corpus named by `spec` ("embedded:<name>") -> {split: manifest path}."""
-    import importlib
-
-    name = spec[len(EMBEDDED_PREFIX):]
-    if name not in EMBEDDED_NAMES:
-        raise ValueError(f"unknown embedded corpus {spec!r}; expected one of "
-                         + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_NAMES))
-    module = importlib.import_module(f"omnissl.datamodules.corpora.{name}")
-    return module.generate(data_root() / "corpora" / f"{name}-{size}-seed{seed}", size=size, seed=seed)
 
 
 def check_size(size: str) -> None:
@@ -73,8 +65,9 @@ def cached_generation(out: Path, config: dict[str, Any],
 
     Idempotent: a marker file (`.complete.json`, holding `config`) is written last; a folder with a matching
     marker is returned as is, one with a different or missing marker is rebuilt. The corpus is built in a
-    sibling temporary folder and renamed into place, so concurrent generators (several nodes on one file
-    system) never see a half-written corpus. `build` must write manifests whose root line is `out`.
+    sibling temporary folder and renamed into place (`atomic_dir`, `publish`), so concurrent generators
+    (several nodes on one file system) never see a half-written corpus. `build` must write manifests whose
+    root line is `out`.
     """
     out = Path(out).absolute()
     found = _read_marker(out, config)
@@ -85,27 +78,14 @@ def cached_generation(out: Path, config: dict[str, Any],
             f"{out} exists, is not empty and holds no omnissl corpus ({MARKER} missing): refusing to replace it; "
             "choose a new or empty --out folder"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = atomic_dir(out)
     try:
         manifests = build(tmp, out)
         (tmp / MARKER).write_text(json.dumps({"config": config, "manifests": manifests}, indent=1, sort_keys=True))
-        if out.exists():
-            found = _read_marker(out, config)
-            if found is not None:  # another process finished first
-                return found
-            shutil.rmtree(out)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            found = _read_marker(out, config)
-            if found is None:
-                raise
-            return found
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, out, done=lambda p: _read_marker(p, config) is not None)
     found = _read_marker(out, config)
     assert found is not None
     return found
@@ -139,6 +119,47 @@ def stable_hash(*parts: object) -> int:
     """A 63-bit hash of `parts` that, unlike `hash()`, is the same in every process."""
     digest = hashlib.sha1(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ------------------------------------------------------------------------------------------- atomic writes
+
+
+def atomic_dir(final: Path) -> Path:
+    """A fresh empty sibling folder of `final` to build into; `publish` renames it into place."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, final: Path, *, done: Callable[[Path], bool] = Path.exists) -> None:
+    """Rename the folder `tmp` to `final` atomically. When `done(final)` (a concurrent writer finished the
+    same content first) `tmp` is discarded; a stale `final` (exists, not done) is replaced."""
+    try:
+        if final.exists():
+            if done(final):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not done(final):
+            raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """`with atomic_file(path) as tmp:` write `tmp` (same suffix, same folder); it replaces `path` on success."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -196,16 +217,6 @@ def holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def split_loader(dm: Any, ds: "Dataset | None", train: bool, collate_fn: Callable) -> "DataLoader | list":
-    """The loader of one split of DataModule `dm` (batch_size, seed, num_workers, trainer); no valid split -> []."""
-    if ds is None:
-        if train:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return []
-    return make_loader(ds, trainer=dm.trainer, batch_size=dm.batch_size, shuffle=train, seed=dm.seed,
-                       num_workers=dm.num_workers, collate_fn=collate_fn)
-
-
 def make_loader(dataset: "Dataset", *, trainer: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int,
                 collate_fn: Callable, drop_last: bool = False) -> "DataLoader":
     """A DataLoader whose order is a function of (seed, epoch, rank): see the module docstring."""
@@ -225,11 +236,9 @@ class SkipLog:
         self.what, self.max_warnings = what, max_warnings
         self.skipped: dict[str, str] = {}
 
-    def add(self, path: object, reason: str) -> None:
-        import warnings
-
+    def add(self, path: object, reason: str, *, warn: bool = True) -> None:
         self.skipped[str(path)] = reason
-        if len(self.skipped) <= self.max_warnings:
+        if warn and len(self.skipped) <= self.max_warnings:
             warnings.warn(f"skipping {self.what} {path}: {reason} (on_error='skip'; "
                           f"{len(self.skipped)} skipped so far)", stacklevel=3)
 
@@ -240,3 +249,55 @@ class SkipLog:
 def check_on_error(on_error: str) -> None:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+def check_data_args(on_error: str, train: object, embedded_size: str) -> None:
+    """The constructor checks every file-backed DataModule shares (fail before any long preparation)."""
+    check_on_error(on_error)
+    if is_embedded(train):
+        check_size(embedded_size)
+
+
+def load_or_next(i: int, n: int, load: Callable[[int], dict], *, errors: tuple[type[BaseException], ...],
+                 on_error: str, skips: SkipLog, name: Callable[[int], object], source: object) -> dict:
+    """`load(i)`, or under on_error="skip" the first of items i+1, i+2, ... (cyclically) that loads; each
+    failure (an exception of `errors`) is counted in `skips` under `name(j)`. Every item failing raises
+    ValueError naming `source`, so an epoch of bad files stops instead of looping."""
+    for attempt in range(n):
+        j = (i + attempt) % n
+        try:
+            return load(j)
+        except errors as e:
+            if on_error == "raise":
+                raise
+            skips.add(name(j), str(e))
+    raise ValueError(f"{source}: no loadable {skips.what} among its {n} items (on_error='skip' skipped them all)")
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+
+
+def class_index(labels: Iterable[str], source: object) -> list[str]:
+    """The one label policy: the sorted label set of the train split, numerically when every label is an
+    integer ("1" < "2" < "10"), else as strings. Raises naming `source` when there is no label."""
+    found = set(labels)
+    numeric = all(lab.lstrip("-").isdigit() for lab in found)
+    classes = sorted(found, key=(lambda x: (int(x), x)) if numeric else None)
+    if not classes:
+        raise ValueError(f"{source}: the training split has no labeled items")
+    return classes
+
+
+def encode_labels(labels: Sequence[str | None], classes: Sequence[str], source: object) -> list[int]:
+    """Label strings -> class indices; a label unseen in training (or a missing one) raises naming `source`."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for n, lab in enumerate(labels):
+        if lab is None:
+            raise ValueError(f"{source}: item {n} has no label (expected a third column `label` or class "
+                             f"subfolders)")
+        if lab not in index:
+            raise ValueError(f"{source}: label {lab!r} does not occur in the training split "
+                             f"(training classes: {list(classes[:20])}{' ...' if len(classes) > 20 else ''})")
+        out.append(index[lab])
+    return out

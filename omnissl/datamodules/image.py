@@ -25,13 +25,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import (SkipLog, check_on_error, check_size, embedded_corpus, holdout, is_embedded,
-                                        read_manifest, split_loader)
+from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, is_embedded, load_or_next,
+                                        read_manifest)
+from omnissl.datamodules.corpora import embedded_corpus
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,7 +59,7 @@ def list_images(source: str | os.PathLike) -> list[tuple[Path, str | None]]:
 def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float], *, min_scale: float = 0.2,
                     hflip: bool = True):
     """MAE's pretraining augmentation: uint8 (3, H, W) tensor -> normalized float32 (3, S, S)."""
-    from torchvision.transforms import InterpolationMode, v2
+    from torchvision.transforms import InterpolationMode, v2  # lazy: torchvision is slow to import
 
     steps = [v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC,
                                   antialias=True)]
@@ -80,6 +81,14 @@ def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
     ])
 
 
+def transforms(image_size: int, mean: Sequence[float], std: Sequence[float], *, min_scale: float = 0.2,
+               hflip: bool = True, crop_pct: float = 0.875, augment: bool = True) -> dict[str, object]:
+    """{"train": ..., "eval": ...} transforms of the image DataModules; `augment=False` evaluates train too."""
+    evalt = eval_transform(image_size, mean, std, crop_pct=crop_pct)
+    traint = train_transform(image_size, mean, std, min_scale=min_scale, hflip=hflip) if augment else evalt
+    return {"train": traint, "eval": evalt}
+
+
 def load_rgb(path: Path) -> torch.Tensor:
     """Decode an image file -> uint8 (3, H, W); raises ValueError naming the file if it cannot be decoded."""
     from PIL import Image, UnidentifiedImageError
@@ -97,17 +106,19 @@ def load_rgb(path: Path) -> torch.Tensor:
 
 
 class ImageDataset(Dataset):
-    """Decoded, transformed images: {"id", "image": (3, S, S) float32} plus "label" when `labels` is given."""
+    """Decoded, transformed images: {"id", "image": (3, S, S) float32} plus "label" when `labels` is given.
+    Under on_error="skip" an undecodable file is replaced by the next decodable one and counted in `skips`
+    (the DataModule's, when it passes its own)."""
 
     def __init__(self, files: Sequence[Path], transform, *, labels: Sequence[int] | None = None,
-                 on_error: str = "raise") -> None:
+                 on_error: str = "raise", skips: SkipLog | None = None, source: object = "the image list") -> None:
         check_on_error(on_error)
         if not files:
             raise ValueError("ImageDataset needs at least one file")
         self.files = [str(f) for f in files]
         self.labels = None if labels is None else [int(x) for x in labels]
-        self.transform, self.on_error = transform, on_error
-        self.skips = SkipLog("image")
+        self.transform, self.on_error, self.source = transform, on_error, source
+        self.skips = skips if skips is not None else SkipLog("image")
 
     @property
     def skipped(self) -> dict[str, str]:
@@ -118,30 +129,28 @@ class ImageDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
-        for attempt in range(len(self.files)):
-            j = (i + attempt) % len(self.files)
-            try:
-                image = load_rgb(Path(self.files[j]))
-            except ValueError as e:
-                if self.on_error == "raise":
-                    raise
-                self.skips.add(self.files[j], str(e))
-                continue
-            item = {"id": j, "image": self.transform(image)}
-            if self.labels is not None:
-                item["label"] = self.labels[j]
-            return item
-        raise ValueError(f"no decodable image among the {len(self.files)} files (on_error='skip')")
+        return load_or_next(i, len(self.files), self._load, errors=(ValueError,), on_error=self.on_error,
+                            skips=self.skips, name=lambda j: self.files[j], source=self.source)
+
+    def _load(self, j: int) -> dict:
+        item = {"id": j, "image": self.transform(load_rgb(Path(self.files[j])))}
+        if self.labels is not None:
+            item["label"] = self.labels[j]
+        return item
 
 
-class ImageDataModule(L.LightningDataModule):
-    """Unlabeled images for MAE / data2vec pretraining (see module doc for sources and transforms)."""
+class ImageDataModule(DataModule):
+    """Unlabeled images for MAE / data2vec pretraining (see module doc for sources and transforms).
+
+    train / valid / test: a folder, a file list or "embedded:images"; without `valid`, a fixed
+    `valid_fraction` of the train images."""
 
     def __init__(
         self,
         *,
         train: str = "embedded:images",
         valid: str | None = None,
+        test: str | None = None,
         valid_fraction: float = 0.01,
         embedded_size: str = "small",
         image_size: int = 224,  # MAE: ViT at 224x224
@@ -155,62 +164,32 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         on_error: str = "raise",
     ) -> None:
-        super().__init__()
-        check_on_error(on_error)
-        if is_embedded(train):
-            check_size(embedded_size)
+        super().__init__(skipping="image")
+        check_data_args(on_error, train, embedded_size)
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        self.train, self.valid, self.valid_fraction = train, valid, valid_fraction
+        self.train, self.valid, self.test, self.valid_fraction = train, valid, test, valid_fraction
         self.embedded_size, self.image_size, self.min_scale, self.hflip = embedded_size, image_size, min_scale, hflip
         self.eval_crop_pct, self.mean, self.std = eval_crop_pct, tuple(mean), tuple(std)
         self.batch_size, self.num_workers, self.seed, self.on_error = batch_size, num_workers, seed, on_error
-        self.train_set: ImageDataset | None = None
-        self.val_set: ImageDataset | None = None
+        self.collate = Collate()
 
-    def sources(self) -> dict[str, list[Path]]:
-        """{"train": files, "valid": files}."""
-        if is_embedded(self.train):
-            if self.train != "embedded:images":
-                raise ValueError(f"ImageDataModule reads 'embedded:images', not {self.train!r}")
-            manifests = embedded_corpus(self.train, size=self.embedded_size)
-            train = [f for f, _ in list_images(manifests["train"])]
-            return {"train": train, "valid": [f for f, _ in list_images(self.valid or manifests["valid"])]}
-        train = [f for f, _ in list_images(self.train)]
-        if self.valid is not None:
-            return {"train": train, "valid": [f for f, _ in list_images(self.valid)]}
-        keep, held = holdout(len(train), self.valid_fraction, 0)  # fixed: the seed orders, it does not split
-        return {"train": [train[i] for i in keep], "valid": [train[i] for i in held]}
+    def split_files(self) -> dict[str, list[Path]]:
+        """{"train": files, "valid": files[, "test": files]}."""
+        return pretraining_splits(self.train, self.valid, self.test, corpus="images", size=self.embedded_size,
+                                  valid_fraction=self.valid_fraction, read=lambda src: [f for f, _ in list_images(src)])
 
     def prepare_data(self) -> None:
         if is_embedded(self.train):
             embedded_corpus(self.train, size=self.embedded_size)
 
     def setup(self, stage: str | None = None) -> None:
-        files = self.sources()
+        files = self.split_files()
         if not files["train"]:
             raise ValueError(f"no images found in {self.train!r} (extensions {', '.join(IMAGE_EXTENSIONS)})")
-        self.train_set = ImageDataset(files["train"], train_transform(self.image_size, self.mean, self.std,
-                                                                      min_scale=self.min_scale, hflip=self.hflip),
-                                      on_error=self.on_error)
-        self.val_set = (ImageDataset(files["valid"], eval_transform(self.image_size, self.mean, self.std,
-                                                                    crop_pct=self.eval_crop_pct),
-                                     on_error=self.on_error) if files["valid"] else None)
-
-    @property
-    def skipped(self) -> dict[str, str]:
-        """Undecodable files skipped in this process (with num_workers > 0 each worker warns on its own)."""
-        out: dict[str, str] = {}
-        for ds in (self.train_set, self.val_set):
-            if ds is not None:
-                out.update(ds.skipped)
-        return out
-
-    def _loader(self, ds: Dataset | None, train: bool) -> DataLoader | list:
-        return split_loader(self, ds, train, Collate())
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, False)
+        tf = transforms(self.image_size, self.mean, self.std, min_scale=self.min_scale, hflip=self.hflip,
+                        crop_pct=self.eval_crop_pct)
+        sources = {"train": self.train, "valid": self.valid or self.train, "test": self.test}
+        self.datasets = {s: ImageDataset(fs, tf["train" if s == "train" else "eval"], on_error=self.on_error,
+                                         skips=self.skips, source=sources[s])
+                         for s, fs in files.items() if fs}

@@ -3,13 +3,13 @@
 A labeled manifest is the unlabeled one with a third column `label`: a root line, then
 `relpath<TAB>size<TAB>label` (size: UTF-8 bytes for text, pixels for images). Image sources may also be
 folders with class subfolders. Text may also come inline as `.jsonl` ({"text": ..., "label": ...} per line).
-`classes` is the sorted set of the train split's labels (index = position); a valid or test label that does
-not occur in training is an error naming the file and the label. Items carry "label" (int); `Collate` puts
-them in `Batch.targets["label"]` (B,) int64.
+`classes` is the train split's label set in the one label policy (`common.class_index`: numeric-aware order;
+index = position); a valid or test label that does not occur in training is an error naming the file and the
+label. Items carry "label" (int); `Collate` puts them in `Batch.targets["label"]` (B,) int64.
 
-Embedded tasks: `"embedded:labeled_text"` (which stdlib family a docstring comes from; test split by module)
-and `"embedded:labeled_images"` (scikit-learn's 8x8 digits); see `omnissl.datamodules.corpora`. The labeled
-audio DataModule lives in `omnissl.datamodules.audio`.
+Embedded tasks: `"embedded:labeled_text[:<size>]"` (which stdlib family a docstring comes from; test split by
+module) and `"embedded:labeled_images[:<size>]"` (scikit-learn's 8x8 digits); see `omnissl.datamodules.corpora`.
+The labeled audio DataModule is `omnissl.datamodules.audio.AudioDataModule` (same label policy).
 """
 
 from __future__ import annotations
@@ -19,83 +19,41 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from omnissl.datamodules.base import DataModule
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import (SkipLog, check_on_error, check_size, data_root, embedded_corpus,
-                                        file_fingerprint, is_embedded, read_manifest, split_loader)
-from omnissl.datamodules.image import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, eval_transform,
-                                       list_images, train_transform)
-from omnissl.datamodules.text import (cached_tokenizer, decode_utf8, kind_info, load_tokenizer, resolve_tokenizer,
-                                      tokenizer_info)
-
-SPLITS = ("train", "valid", "test")
-
-
-def class_index(train_labels: Sequence[str], train_source: object) -> list[str]:
-    """The sorted label set of the training split (numerically when every label is an integer)."""
-    labels = set(train_labels)
-    numeric = all(lab.lstrip("-").isdigit() for lab in labels)
-    classes = sorted(labels, key=(lambda x: (int(x), x)) if numeric else None)
-    if not classes:
-        raise ValueError(f"{train_source}: the training split has no labeled items")
-    return classes
+from omnissl.datamodules.common import (SPLITS, SkipLog, check_data_args, class_index, data_root, encode_labels,
+                                        file_fingerprint, is_embedded, read_manifest)
+from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
+from omnissl.datamodules.documents import decode_utf8
+from omnissl.datamodules.image import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, list_images,
+                                       transforms)
+from omnissl.datamodules.tokenizers import (cached_tokenizer, check_tokenizer, expected_info, resolve_tokenizer,
+                                            set_token_ids)
 
 
-def encode_labels(labels: Sequence[str | None], classes: list[str], source: object) -> list[int]:
-    """Label strings -> class indices; a label unseen in training (or a missing one) raises naming `source`."""
-    index = {c: i for i, c in enumerate(classes)}
-    out = []
-    for n, lab in enumerate(labels):
-        if lab is None:
-            raise ValueError(f"{source}: item {n} has no label (expected a third column `label` or class "
-                             f"subfolders)")
-        if lab not in index:
-            raise ValueError(f"{source}: label {lab!r} does not occur in the training split "
-                             f"(training classes: {classes[:20]}{' ...' if len(classes) > 20 else ''})")
-        out.append(index[lab])
-    return out
-
-
-def _embedded_splits(spec: str, expected: str, size: str, given: dict[str, str | None]) -> dict:
-    if spec != expected:
-        raise ValueError(f"expected {expected!r}, got {spec!r}")
-    found = embedded_corpus(spec, size=size)
+def labeled_sources(train: str, valid: str | None, test: str | None, *, corpus: str,
+                    size: str) -> dict[str, str | None]:
+    """{split: source} of a labeled DataModule: the given ones, with an embedded `train` ("embedded:<corpus>")
+    supplying its own train split and any valid/test split not given."""
+    given = {"train": train, "valid": valid, "test": test}
+    if not is_embedded(train):
+        return given
+    if parse_embedded(train)[0] != corpus:
+        raise ValueError(f"expected 'embedded:{corpus}', got {train!r}")
+    found = embedded_corpus(train, size=size)
     out = {s: given.get(s) or (str(found[s]) if s in found else None) for s in SPLITS}
     out["train"] = str(found["train"])
     return out
 
 
-class _LabeledBase(L.LightningDataModule):
-    classes: list[str]
-
-    def _loader(self, ds: Dataset | None, train: bool) -> DataLoader | list:
-        return split_loader(self, ds, train, self.collate)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.sets.get("train"), True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.sets.get("valid"), False)
-
-    def test_dataloader(self) -> DataLoader | list:
-        return self._loader(self.sets.get("test"), False)
-
-    def predict_dataloader(self) -> DataLoader | list:
-        return self._loader(self.sets.get("test"), False)
-
-
 # ---------------------------------------------------------------------------------------------------- images
 
 
-class LabeledImageDataModule(_LabeledBase):
+class LabeledImageDataModule(DataModule):
     """Image classification with fixed train/valid/test splits (folders with class subfolders, labeled lists,
     or `"embedded:labeled_images"`). Train uses MAE's augmentation when `train_augment`, else the eval
     transform (as for a frozen linear probe)."""
@@ -119,54 +77,41 @@ class LabeledImageDataModule(_LabeledBase):
         seed: int = 0,
         on_error: str = "raise",
     ) -> None:
-        super().__init__()
-        check_on_error(on_error)
-        if is_embedded(train):
-            check_size(embedded_size)
+        super().__init__(skipping="image")
+        check_data_args(on_error, train, embedded_size)
         self.train, self.valid, self.test, self.embedded_size = train, valid, test, embedded_size
         self.image_size, self.train_augment, self.min_scale, self.hflip = image_size, train_augment, min_scale, hflip
         self.eval_crop_pct, self.mean, self.std = eval_crop_pct, tuple(mean), tuple(std)
         self.batch_size, self.num_workers, self.seed, self.on_error = batch_size, num_workers, seed, on_error
         self.collate = Collate()
-        self.classes: list[str] = []
-        self.sets: dict[str, ImageDataset] = {}
 
-    def split_sources(self) -> dict[str, str | None]:
-        given = {"train": self.train, "valid": self.valid, "test": self.test}
-        if is_embedded(self.train):
-            return _embedded_splits(self.train, "embedded:labeled_images", self.embedded_size, given)
-        return given
+    def sources(self) -> dict[str, str | None]:
+        """{split: folder or file list} (the embedded corpus generated on first use)."""
+        return labeled_sources(self.train, self.valid, self.test, corpus="labeled_images", size=self.embedded_size)
 
     def prepare_data(self) -> None:
-        self.split_sources()
+        self.sources()
 
     def setup(self, stage: str | None = None) -> None:
-        sources = self.split_sources()
+        sources = self.sources()
         items = {s: list_images(src) for s, src in sources.items() if src is not None}
         if not items["train"]:
             raise ValueError(f"no images found in {sources['train']} (extensions {', '.join(IMAGE_EXTENSIONS)})")
-        for n, (f, lab) in enumerate(items["train"]):
+        for f, lab in items["train"]:
             if lab is None:
                 raise ValueError(f"{sources['train']}: {f} has no label (expected a third column `label` or "
                                  f"class subfolders)")
         self.classes = class_index([lab for _, lab in items["train"]], sources["train"])
-        evalt = eval_transform(self.image_size, self.mean, self.std, crop_pct=self.eval_crop_pct)
-        traint = (train_transform(self.image_size, self.mean, self.std, min_scale=self.min_scale, hflip=self.hflip)
-                  if self.train_augment else evalt)
-        self.sets = {}
+        tf = transforms(self.image_size, self.mean, self.std, min_scale=self.min_scale, hflip=self.hflip,
+                        crop_pct=self.eval_crop_pct, augment=self.train_augment)
+        self.datasets = {}
         for split, its in items.items():
             if not its:
                 continue
             labels = encode_labels([lab for _, lab in its], self.classes, sources[split])
-            self.sets[split] = ImageDataset([f for f, _ in its], traint if split == "train" else evalt,
-                                            labels=labels, on_error=self.on_error)
-
-    @property
-    def skipped(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for ds in self.sets.values():
-            out.update(ds.skipped)
-        return out
+            self.datasets[split] = ImageDataset([f for f, _ in its], tf["train" if split == "train" else "eval"],
+                                                labels=labels, on_error=self.on_error, skips=self.skips,
+                                                source=sources[split])
 
 
 # ------------------------------------------------------------------------------------------------------ text
@@ -218,12 +163,12 @@ def read_labeled_texts(source: str | os.PathLike, *, on_error: str, skips: SkipL
     return texts, labels
 
 
-class LabeledTextDataModule(_LabeledBase):
+class LabeledTextDataModule(DataModule):
     """Text classification with fixed train/valid/test splits (labeled manifests of text files, `.jsonl`, or
     `"embedded:labeled_text"`). Texts are tokenized once in `setup()` as `<s> text </s>`, truncated to
     `max_tokens`, with a given tokenizer (use the pretraining tokenizer when probing a pretrained encoder)
     or one trained on the train texts. Attributes as `TextDataModule`: `vocab_size`, `pad_id`, `mask_id`,
-    `special_ids`; after `setup()`: `classes`, `num_classes`, `skipped`."""
+    `special_ids`; after `setup()` the `DataModule` surface (`classes`, `num_classes`, `skipped`, ...)."""
 
     def __init__(
         self,
@@ -243,32 +188,21 @@ class LabeledTextDataModule(_LabeledBase):
         on_error: str = "raise",
         cache_dir: str | None = None,
     ) -> None:
-        super().__init__()
-        check_on_error(on_error)
-        if is_embedded(train):
-            check_size(embedded_size)
+        super().__init__(skipping="text file")
+        check_data_args(on_error, train, embedded_size)
         self.train, self.valid, self.test, self.embedded_size = train, valid, test, embedded_size
         self.tokenizer, self.tokenizer_kind, self.min_frequency = tokenizer, tokenizer_kind, min_frequency
         self.max_tokens, self.batch_size, self.num_workers = max_tokens, batch_size, num_workers
         self.seed, self.on_error = seed, on_error
         self.cache_dir = Path(cache_dir) if cache_dir else data_root() / "cache"
-        info = tokenizer_info(load_tokenizer(tokenizer)) if tokenizer else kind_info(tokenizer_kind, vocab_size)
-        self.info = info
-        self.vocab_size, self.pad_id, self.mask_id = info.vocab_size, info.pad_id, info.mask_id
-        self.bos_id, self.eos_id, self.unk_id = info.bos_id, info.eos_id, info.unk_id
-        self.special_ids = info.special_ids
+        set_token_ids(self, expected_info(tokenizer, tokenizer_kind, vocab_size))
         self._vocab_arg = vocab_size
         self.collate = Collate(text_pad_id=self.pad_id)
-        self.classes: list[str] = []
-        self.sets: dict[str, LabeledTextDataset] = {}
-        self.skips = SkipLog("text file")
         self.tokenizer_path: Path | None = None
 
-    def split_sources(self) -> dict[str, str | None]:
-        given = {"train": self.train, "valid": self.valid, "test": self.test}
-        if is_embedded(self.train):
-            return _embedded_splits(self.train, "embedded:labeled_text", self.embedded_size, given)
-        return given
+    def sources(self) -> dict[str, str | None]:
+        """{split: labeled manifest or .jsonl} (the embedded corpus generated on first use)."""
+        return labeled_sources(self.train, self.valid, self.test, corpus="labeled_text", size=self.embedded_size)
 
     def _train_files(self, source: str) -> list[Path]:
         if Path(source).suffix == ".jsonl":
@@ -288,17 +222,12 @@ class LabeledTextDataModule(_LabeledBase):
                                  cache_dir=self.cache_dir, progress=False)
 
     def prepare_data(self) -> None:
-        sources = self.split_sources()
-        self._resolve_tokenizer(sources["train"])
+        self._resolve_tokenizer(self.sources()["train"])
 
     def setup(self, stage: str | None = None) -> None:
-        sources = self.split_sources()
+        sources = self.sources()
         self.tokenizer_path = self._resolve_tokenizer(sources["train"])
-        tok = load_tokenizer(self.tokenizer_path)
-        info = tokenizer_info(tok)
-        if info.vocab_size > self.vocab_size or info.pad_id != self.pad_id:
-            raise ValueError(f"tokenizer {self.tokenizer_path} ({info}) disagrees with vocab_size/pad_id "
-                             f"({self.vocab_size}/{self.pad_id})")
+        tok = check_tokenizer(self.tokenizer_path, self.info)
         tok.no_padding()
         tok.enable_truncation(self.max_tokens)
         data = {s: read_labeled_texts(src, on_error=self.on_error, skips=self.skips)
@@ -307,14 +236,10 @@ class LabeledTextDataModule(_LabeledBase):
             raise ValueError(f"no labeled texts left in {sources['train']} "
                              f"({len(self.skips)} skipped as undecodable, on_error={self.on_error!r})")
         self.classes = class_index(data["train"][1], sources["train"])
-        self.sets = {}
+        self.datasets = {}
         for split, (texts, labels) in data.items():
             if not texts:
                 continue
             y = encode_labels(labels, self.classes, sources[split])
             ids = [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(texts, add_special_tokens=True)]
-            self.sets[split] = LabeledTextDataset(ids, y)
-
-    @property
-    def skipped(self) -> dict[str, str]:
-        return self.skips.skipped
+            self.datasets[split] = LabeledTextDataset(ids, y)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from omnissl.batch import SAMPLE_RATE
+from omnissl.datamodules.base import DataModule
 from omnissl.datamodules.collate import Collate
 
 
@@ -32,7 +33,7 @@ class SyntheticDataset(Dataset):
         item: dict = {"id": i, "label": label}
         if self.modality == "audio":
             t = int(torch.randint(self.min_samples, self.max_samples + 1, (1,), generator=g))
-            time = torch.arange(t) / 16_000
+            time = torch.arange(t) / SAMPLE_RATE
             f0 = 110.0 * 2 ** (label / 2) * (1 + 0.05 * torch.rand(1, generator=g))
             wave = sum(torch.sin(2 * math.pi * f0 * k * time + torch.rand(1, generator=g) * 6.28) / k for k in (1, 2, 3))
             item["audio"] = (0.3 * wave + 0.05 * torch.randn(t, generator=g)).float()
@@ -51,15 +52,18 @@ class SyntheticDataset(Dataset):
         return item
 
 
-class SyntheticDataModule(L.LightningDataModule):
-    """Synthetic `Batch`es of one modality ("audio", "text" or "image"); for tests and smoke runs."""
+class SyntheticDataModule(DataModule):
+    """Synthetic `Batch`es of one modality ("audio", "text" or "image"); for tests and smoke runs. Labeled
+    (item i has class i % num_classes, `classes` "0" ... "num_classes - 1"); `train_size` / `valid_size` /
+    `test_size` items per split (0: no such split)."""
 
     def __init__(
         self,
         *,
         modality: str = "audio",
         train_size: int = 64,
-        val_size: int = 16,
+        valid_size: int = 16,
+        test_size: int = 0,
         batch_size: int = 8,
         seed: int = 0,
         min_samples: int = 8_000,
@@ -76,13 +80,14 @@ class SyntheticDataModule(L.LightningDataModule):
             raise ValueError(f"need 0 < min_samples ({min_samples}) <= max_samples ({max_samples})")
         kw = dict(modality=modality, min_samples=min_samples, max_samples=max_samples, vocab_size=vocab_size,
                   seq_len=seq_len, image_size=image_size, num_classes=num_classes)
-        self.train_set = SyntheticDataset(size=train_size, seed=seed, **kw)
-        self.val_set = SyntheticDataset(size=val_size, seed=seed + 1, **kw)
-        self.batch_size, self.seed = batch_size, seed
+        sizes = {"train": train_size, "valid": valid_size, "test": test_size}
+        self.datasets = {s: SyntheticDataset(size=n, seed=seed + k, **kw)
+                         for k, (s, n) in enumerate(sizes.items()) if n > 0}
+        self.classes = [str(c) for c in range(num_classes)]
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, 0
+        self.collate = Collate()
 
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g, collate_fn=Collate())
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=Collate())
+    def build_loader(self, ds: Dataset, split: str, shuffle: bool) -> DataLoader:
+        """A plain DataLoader; the training order comes from a generator seeded with `seed`."""
+        g = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=g, collate_fn=self.collate)

@@ -12,17 +12,11 @@ import soundfile as sf
 import torch
 
 from omnissl.batch import Batch
-from omnissl.datamodules.audio import (
-    AudioDataError,
-    AudioDataModule,
-    AudioDataset,
-    BucketBatchSampler,
-    load_audio,
-    read_audio_manifest,
-    resolve_embedded,
-    write_audio_manifest,
-)
 from omnissl.batch import IGNORE_INDEX
+from omnissl.datamodules.audio import AudioDataModule, AudioDataset, AudioLoader
+from omnissl.datamodules.audio_io import AudioDataError, load_audio, read_audio_manifest, write_audio_manifest
+from omnissl.datamodules.corpora import parse_embedded
+from omnissl.datamodules.sampler import BucketBatchSampler
 
 SPU = 320  # samples per unit at 50 Hz
 
@@ -164,7 +158,7 @@ def test_bad_items_raise_naming_the_manifest_line_or_skip(tmp_path, kind):
     good = tmp_path / "good.wav"
     manifest = tmp_path / "m.tsv"
     manifest.write_text(f"{tmp_path}\ngood.wav\t16000\n{path.name}\t16000\ngood.wav\t16000\n")
-    dm = AudioDataModule(train_manifest=str(manifest), min_samples=0, max_samples=None, batch_size=2,
+    dm = AudioDataModule(train=str(manifest), min_samples=0, max_samples=None, batch_size=2,
                          max_tokens=None, num_workers=0)  # fmt: skip
     dm.setup("fit")
     with pytest.raises(AudioDataError, match=match) as e:
@@ -172,7 +166,7 @@ def test_bad_items_raise_naming_the_manifest_line_or_skip(tmp_path, kind):
     assert f"m.tsv:3: {path}" in str(e.value)
     assert good.exists()
 
-    dm = AudioDataModule(train_manifest=str(manifest), min_samples=0, max_samples=None, batch_size=2,
+    dm = AudioDataModule(train=str(manifest), min_samples=0, max_samples=None, batch_size=2,
                          max_tokens=None, num_workers=0, on_error="skip")  # fmt: skip
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -186,13 +180,29 @@ def test_skip_is_reported_per_epoch_with_workers(tmp_path, caplog):
     files = _bad_files(tmp_path)
     rows = ["good.wav\t16000"] * 5 + [f"{files['corrupt'][0].name}\t16000", f"{files['missing'][0].name}\t16000"]
     (tmp_path / "m.tsv").write_text(f"{tmp_path}\n" + "\n".join(rows) + "\n")
-    dm = AudioDataModule(train_manifest=str(tmp_path / "m.tsv"), min_samples=0, max_samples=None, batch_size=1,
+    dm = AudioDataModule(train=str(tmp_path / "m.tsv"), min_samples=0, max_samples=None, batch_size=1,
                          max_tokens=None, num_workers=2, on_error="skip")  # fmt: skip
     dm.setup("fit")
     with caplog.at_level(logging.WARNING, logger="omnissl.datamodules.audio"):
         n = sum(b.batch_size for b in dm.train_dataloader())
     assert n == 5
     assert "skipped 2 unreadable items this epoch" in caplog.text
+
+
+def test_an_epoch_of_only_corrupt_files_raises_naming_the_manifest(tmp_path):
+    """Under on_error="skip" an epoch in which every item failed would yield no batch, and Lightning would
+    start the next empty epoch forever: it raises instead, naming the manifest (reliability review)."""
+    rows = []
+    for i in range(3):
+        (tmp_path / f"bad{i}.wav").write_bytes(b"RIFF" + os.urandom(2_000))
+        rows.append(f"bad{i}.wav\t16000")
+    (tmp_path / "bad.tsv").write_text(f"{tmp_path}\n" + "\n".join(rows) + "\n")
+    dm = AudioDataModule(train=str(tmp_path / "bad.tsv"), min_samples=0, max_samples=None, batch_size=2,
+                         max_tokens=None, num_workers=0, on_error="skip")  # fmt: skip
+    dm.setup("fit")
+    with pytest.raises(AudioDataError, match=r"every item of .*bad\.tsv failed to load"):
+        list(dm.train_dataloader())
+    assert sorted(Path(f).name for f in dm.skipped) == ["bad0.wav", "bad1.wav", "bad2.wav"]
 
 
 # ------------------------------------------------------------------------------------------------- dataset
@@ -250,10 +260,10 @@ def test_datamodule_emits_batches_with_units_and_labels(tmp_path):
         km.append(" ".join(str(j) for j in range(n // SPU)))
     (tmp_path / "train.tsv").write_text(f"{tmp_path}\n" + "\n".join(rows) + "\n")
     (tmp_path / "train.km").write_text("\n".join(km) + "\n")
-    dm = AudioDataModule(train_manifest=str(tmp_path / "train.tsv"), max_samples=32_000, min_samples=32_000,
+    dm = AudioDataModule(train=str(tmp_path / "train.tsv"), max_samples=32_000, min_samples=32_000,
                          max_tokens=64_000, units="km", num_workers=0)  # fmt: skip
     dm.setup("fit")
-    assert dm.classes == ["no", "yes"] and len(dm.datasets["train"]) == 4  # 20 000 < min_samples
+    assert dm.classes == ["no", "yes"] and len(dm.dataset("train")) == 4  # 20 000 < min_samples
     batches = list(dm.train_dataloader())
     seen = []
     for b in batches:
@@ -273,7 +283,7 @@ def test_datamodule_emits_batches_with_units_and_labels(tmp_path):
 
 def test_empty_after_filtering_fails_in_setup(tmp_path):
     write_corpus(tmp_path, [8_000, 9_000])
-    dm = AudioDataModule(train_manifest=str(tmp_path / "train.tsv"), min_samples=32_000, num_workers=0)
+    dm = AudioDataModule(train=str(tmp_path / "train.tsv"), min_samples=32_000, num_workers=0)
     with pytest.raises(ValueError, match="train data is empty.*min_samples=32000.*longest has 9000"):
         dm.setup("fit")
 
@@ -309,7 +319,7 @@ def test_lightning_sets_the_epoch(tmp_path):
     from lightning.fabric.utilities.data import _set_sampler_epoch
 
     write_corpus(tmp_path, [40_000, 36_000, 50_000, 45_000])
-    dm = AudioDataModule(train_manifest=str(tmp_path / "train.tsv"), max_samples=32_000, batch_size=1,
+    dm = AudioDataModule(train=str(tmp_path / "train.tsv"), max_samples=32_000, batch_size=1,
                          max_tokens=None, num_workers=0)  # fmt: skip
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -338,7 +348,6 @@ def test_distributed_sharding_and_lightning_injection():
     from lightning.pytorch.utilities.data import _update_dataloader
     from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-    from omnissl.datamodules.audio import AudioLoader
 
     lengths = np.random.default_rng(0).integers(1_000, 10_000, 103)
     per_rank = [list(BucketBatchSampler(lengths=lengths, max_tokens=40_000, num_replicas=4, rank=r))
@@ -370,18 +379,19 @@ def test_distributed_sharding_and_lightning_injection():
 
 
 def test_embedded_spec_parsing():
-    assert resolve_embedded("embedded:small", "train") == ("speech", "small", "train.tsv")
-    assert resolve_embedded("embedded:keywords:tiny", "test") == ("keywords", "tiny", "test.tsv")
-    assert resolve_embedded("embedded:speech", "valid") == ("speech", "default", "valid.tsv")
+    assert parse_embedded("embedded:small") == ("speech", "small")
+    assert parse_embedded("embedded:keywords:tiny") == ("keywords", "tiny")
+    assert parse_embedded("embedded:speech", "default") == ("speech", "default")
     with pytest.raises(ValueError, match="unknown embedded"):
-        AudioDataModule(train_manifest="embedded:huge")
-    assert resolve_embedded("embedded:small", "test") == ("speech", "small", "test.tsv")
+        AudioDataModule(train="embedded:huge")
+    with pytest.raises(ValueError, match="unknown embedded"):
+        parse_embedded("embedded:keywords:huge")
 
 
 @pytest.mark.slow
 def test_embedded_tiny_corpus_through_the_datamodule(tmp_path, monkeypatch):
     monkeypatch.setenv("OMNISSL_DATA", str(tmp_path))
-    dm = AudioDataModule(train_manifest="embedded:tiny", valid_manifest="embedded:tiny", max_samples=64_000,
+    dm = AudioDataModule(train="embedded:tiny", valid="embedded:tiny", max_samples=64_000,
                          min_samples=16_000, max_tokens=256_000, num_workers=0)  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
@@ -397,7 +407,7 @@ def test_lightning_cli_yaml_configures_the_datamodule(tmp_path):
     cfg = tmp_path / "data.yaml"
     cfg.write_text(
         "data:\n  class_path: omnissl.datamodules.audio.AudioDataModule\n  init_args:\n"
-        f"    train_manifest: {tmp_path / 'train.tsv'}\n    max_tokens: 800000\n    batch_size: 4\n"
+        f"    train: {tmp_path / 'train.tsv'}\n    max_tokens: 800000\n    batch_size: 4\n"
         "    on_error: skip\n    units: null\n    num_workers: 0\n"
     )
     parser = ArgumentParser()

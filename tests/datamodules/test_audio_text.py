@@ -10,10 +10,11 @@ import soundfile as sf
 import torch
 
 from omnissl.batch import Batch
-from omnissl.datamodules.audio import AudioDataError
-from omnissl.datamodules.audio_text import AudioTextDataModule, load_clip
-from omnissl.datamodules.common import embedded_corpus, read_manifest
-from omnissl.datamodules.text import load_tokenizer
+from omnissl.datamodules.audio_io import AudioDataError, load_clip
+from omnissl.datamodules.audio_text import AudioTextDataModule
+from omnissl.datamodules.common import read_manifest
+from omnissl.datamodules.corpora import embedded_corpus
+from omnissl.datamodules.tokenizers import load_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -75,8 +76,8 @@ def test_eval_crop_is_centred_and_captions_truncate(pairs, tmp_path):
     valid.write_text(pairs.read_text())
     dm = make(pairs, valid=str(valid), max_samples=4000, max_text_tokens=5)
     root, rows = read_manifest(valid)
-    for i in range(len(dm.val_set)):
-        item = dm.val_set[i]
+    for i in range(len(dm.dataset("valid"))):
+        item = dm.dataset("valid")[i]
         full, _ = sf.read(root / rows[i][0], dtype="float32")
         start = (len(full) - 4000) // 2
         assert torch.allclose(item["audio"], torch.from_numpy(full[start:start + 4000]))
@@ -105,7 +106,7 @@ def test_undecodable_audio_is_named_or_skipped(pairs, content):
     (root / "1.wav").write_bytes(content)
     dm = make(pairs)
     with pytest.raises(AudioDataError, match=r"1\.wav: "):
-        dm.train_set[1]
+        dm.dataset("train")[1]
     dm = make(pairs, on_error="skip")
     with pytest.warns(UserWarning, match=r"skipping audio file .*1\.wav"):
         ids = [int(i) for b in dm.train_dataloader() for i in b.ids]
@@ -130,4 +131,4 @@ def test_given_tokenizer_and_embedded_captions():
     batch = next(iter(dm.train_dataloader()))
     for i, text in zip(batch.ids, batch.inputs["text"]):
         assert tok.decode(text.tolist()) == rows[int(i)][2]
-    assert batch.inputs["audio"].shape[1] <= 16_000 and len(dm.val_set) == 1
+    assert batch.inputs["audio"].shape[1] <= 16_000 and len(dm.dataset("valid")) == 1

@@ -109,7 +109,7 @@ def test_text_corpus_documents(tiny):
 
 
 def test_text_corpus_leaves_out_labeled_test_modules(monkeypatch):
-    held_out = sorted(m for m, s in labeled_text.module_splits().items() if s == "test" and "." not in m)[:3]
+    held_out = sorted(m for m, s in text.module_splits().items() if s == "test" and "." not in m)[:3]
     monkeypatch.setattr(text, "TINY_MODULES", (*held_out, "textwrap"))
     docs = text.collect("tiny", 0, progress=False)
     assert {d.source for d in docs} == {"textwrap", "pydoc_data.topics"}

@@ -74,7 +74,7 @@ def test_datamodule_yields_batches_of_any_size(folder):
     dm = ImageDataModule(train=str(folder), valid=str(folder), image_size=20, batch_size=4, num_workers=0)
     dm.prepare_data()
     dm.setup("fit")
-    assert len(dm.train_set) == 8
+    assert len(dm.dataset("train")) == 8
     batch = next(iter(dm.train_dataloader()))
     assert isinstance(batch, Batch) and batch.inputs["image"].shape == (4, 3, 20, 20)
     val = next(iter(dm.val_dataloader()))
@@ -120,7 +120,7 @@ def test_undecodable_image_is_named_or_skipped(tmp_path, folder, content):
     dm.setup("fit")
     with pytest.warns(UserWarning):
         ids = [int(i) for b in dm.train_dataloader() for i in b.ids]
-    assert len(ids) == len(dm.train_set) and len(dm.skipped) == 1
+    assert len(ids) == len(dm.dataset("train")) and len(dm.skipped) == 1
 
 
 def test_empty_folder_fails_in_setup(tmp_path):
@@ -146,6 +146,6 @@ def test_embedded_images():
     dm = ImageDataModule(embedded_size="tiny", image_size=16, batch_size=8, num_workers=0)
     dm.prepare_data()
     dm.setup("fit")
-    assert len(dm.train_set) + len(dm.val_set) == 32
+    assert len(dm.dataset("train")) + len(dm.dataset("valid")) == 32
     batch = next(iter(dm.train_dataloader()))
     assert batch.inputs["image"].shape == (8, 3, 16, 16) and torch.isfinite(batch.inputs["image"]).all()

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from PIL import Image
 
-from omnissl.datamodules.common import embedded_corpus, read_manifest
-from omnissl.datamodules.corpora import labeled_text
+from omnissl.datamodules.audio import AudioDataModule
+from omnissl.datamodules.common import class_index, read_manifest
+from omnissl.datamodules.corpora import embedded_corpus, labeled_text
 from omnissl.datamodules.labeled import LabeledImageDataModule, LabeledTextDataModule
-from omnissl.datamodules.text import load_tokenizer
+from omnissl.datamodules.tokenizers import load_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +37,7 @@ def test_embedded_digits_labels_and_pixels():
     dm.prepare_data()
     dm.setup("fit")
     assert dm.classes == [str(c) for c in range(10)] and dm.num_classes == 10
-    assert {s: len(d) for s, d in dm.sets.items()} == {"train": 100, "valid": 20, "test": 40}
+    assert {s: len(d) for s, d in dm.datasets.items()} == {"train": 100, "valid": 20, "test": 40}
     root, rows = read_manifest(embedded_corpus("embedded:labeled_images", size="tiny")["test"])
     batch = next(iter(dm.test_dataloader()))
     assert batch.targets["label"].dtype == torch.int64
@@ -71,7 +73,7 @@ def test_labeled_image_list_and_missing_label(tmp_path):
     dm = LabeledImageDataModule(train=str(tmp_path / "train.tsv"), image_size=4, num_workers=0)
     dm.setup("fit")
     assert dm.classes == ["2", "10"]  # integer labels sort as numbers
-    assert [dm.sets["train"][i]["label"] for i in range(3)] == [1, 0, 0]
+    assert [dm.dataset("train")[i]["label"] for i in range(3)] == [1, 0, 0]
     dm = LabeledImageDataModule(train=str(tmp_path / "nolabel.tsv"), image_size=4, num_workers=0)
     with pytest.raises(ValueError, match=r"0\.png has no label"):
         dm.setup("fit")
@@ -110,8 +112,8 @@ def test_text_manifest_truncation_unseen_label_and_non_utf8(tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     assert dm.classes == ["net", "os", "text"]
-    assert len(dm.sets["train"][0]["text"]) == 16 and dm.sets["train"][0]["label"] == 2
-    assert dm.sets["test"][0]["label"] == 0
+    assert len(dm.dataset("train")[0]["text"]) == 16 and dm.dataset("train")[0]["label"] == 2
+    assert dm.dataset("test")[0]["label"] == 0
     (tmp_path / "test.tsv").write_text(f"{docs}\nd.txt\t1\tmail\n")
     with pytest.raises(ValueError, match=r"test\.tsv: label 'mail' does not occur in the training split"):
         dm.setup("fit")
@@ -123,7 +125,7 @@ def test_text_manifest_truncation_unseen_label_and_non_utf8(tmp_path):
                                vocab_size=320, on_error="skip")
     with pytest.warns(UserWarning, match=r"skipping text file .*e\.txt"):
         dm.setup("fit")
-    assert len(dm.sets["test"]) == 1 and list(dm.skipped) == [str(docs / "e.txt")]
+    assert len(dm.dataset("test")) == 1 and list(dm.skipped) == [str(docs / "e.txt")]
 
 
 def test_inline_jsonl(tmp_path):
@@ -147,3 +149,30 @@ def test_flat_typed_arguments_parse_from_yaml():
     parser.add_class_arguments(LabeledTextDataModule, "txt")
     cfg = parser.parse_string("img:\n  image_size: 32\n  mean: [0.5, 0.5, 0.5]\ntxt:\n  max_tokens: 128\n")
     assert cfg.img.image_size == 32 and tuple(cfg.img.mean) == (0.5, 0.5, 0.5) and cfg.txt.max_tokens == 128
+
+
+def test_one_label_order_in_audio_text_and_images(tmp_path):
+    """Numeric labels "2", "10", "1" get the same class order in every modality: 1 < 2 < 10 (numeric-aware),
+    taken from the train split."""
+    labels = ["2", "10", "1"]
+    want = ["1", "2", "10"]
+    assert class_index(labels, "x") == want
+    rows = []
+    for i, lab in enumerate(labels):
+        sf.write(tmp_path / f"{i}.wav", 0.1 * np.sin(np.arange(16_000) / 10.0), 16_000, subtype="PCM_16")
+        write_png(tmp_path / f"{i}.png", 50 * i)
+        rows.append((i, lab))
+    (tmp_path / "audio.tsv").write_text(f"{tmp_path}\n" + "".join(f"{i}.wav\t16000\t{lab}\n" for i, lab in rows))
+    (tmp_path / "images.tsv").write_text(f"{tmp_path}\n" + "".join(f"{i}.png\t36\t{lab}\n" for i, lab in rows))
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": f"text number {i}", "label": lab}) + "\n"
+                                                 for i, lab in rows))
+    audio = AudioDataModule(train=str(tmp_path / "audio.tsv"), min_samples=0, max_samples=None, max_tokens=None,
+                            batch_size=3, num_workers=0)
+    images = LabeledImageDataModule(train=str(tmp_path / "images.tsv"), image_size=4, num_workers=0)
+    text = LabeledTextDataModule(train=str(tmp_path / "text.jsonl"), vocab_size=320, batch_size=3)
+    for dm in (audio, images, text):
+        dm.prepare_data()
+        dm.setup("fit")
+        assert dm.classes == want and dm.num_classes == 3, type(dm).__name__
+        ds = dm.dataset("train")
+        assert [ds[i]["label"] for i in range(3)] == [1, 2, 0], type(dm).__name__

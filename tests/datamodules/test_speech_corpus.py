@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from omnissl.datamodules.audio import read_audio_manifest
 from omnissl.commands.data import main
+from omnissl.datamodules.audio_io import read_audio_manifest
 from omnissl.datamodules.corpora import labeled_speech, speech
 
 
@@ -31,7 +31,7 @@ def digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory) -> Path:
-    return speech.generate(tmp_path_factory.mktemp("speech") / "tiny", size="tiny", seed=0).parent
+    return speech.generate(tmp_path_factory.mktemp("speech") / "tiny", size="tiny", seed=0)["train"].parent
 
 
 def test_sentences_are_deterministic_english():
@@ -88,10 +88,10 @@ def test_transcript_normalization():
 
 
 def test_generation_is_byte_identical_and_idempotent(tiny_corpus, tmp_path):
-    again = speech.generate(tmp_path / "again", size="tiny", seed=0).parent
+    again = speech.generate(tmp_path / "again", size="tiny", seed=0)["train"].parent
     assert digest(again) == digest(tiny_corpus)
     t0 = time.perf_counter()
-    assert speech.generate(tiny_corpus, size="tiny", seed=0) == tiny_corpus / "train.tsv"
+    assert speech.generate(tiny_corpus, size="tiny", seed=0)["train"] == tiny_corpus / "train.tsv"
     assert time.perf_counter() - t0 < 1.0  # the marker short-circuits
     with pytest.raises(ValueError, match="unknown size"):
         speech.generate(tmp_path / "x", size="huge")
@@ -203,7 +203,7 @@ def test_manifest_and_inspect_commands(tiny_corpus, tmp_path, capsys):
 def test_small_corpus_size_and_time(tmp_path):
     """`small` is ~20 minutes of audio and generates in under 2 minutes on 2 cores."""
     t0 = time.perf_counter()
-    p = speech.generate(tmp_path / "small", size="small", seed=0)
+    p = speech.generate(tmp_path / "small", size="small", seed=0)["train"]
     assert time.perf_counter() - t0 < 120
     m = read_audio_manifest(p)
     assert 15 * 60 < m.sizes.sum() / 16_000 < 25 * 60

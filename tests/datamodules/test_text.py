@@ -11,7 +11,11 @@ import torch
 
 from omnissl.batch import Batch
 from omnissl.datamodules.common import read_manifest
-from omnissl.datamodules.text import (TextDataModule, block_ranges, list_documents, load_tokenizer, tokenizer_main)
+from omnissl.datamodules.corpora import embedded_corpus
+from omnissl.datamodules.documents import list_documents
+from omnissl.datamodules.text import TextDataModule, tokenizer_main
+from omnissl.datamodules.token_cache import block_ranges
+from omnissl.datamodules.tokenizers import load_tokenizer
 
 DOCS = [
     "Return the sum of a and b.\n\nBoth arguments must be numbers; the result has the wider type.",
@@ -38,7 +42,7 @@ def corpus(tmp_path) -> Path:
 
 
 def make(corpus, **kw) -> TextDataModule:
-    args = dict(corpus=str(corpus), valid_fraction=0.0, vocab_size=320, block_size=32, batch_size=4,
+    args = dict(train=str(corpus), valid_fraction=0.0, vocab_size=320, block_size=32, batch_size=4,
                 num_workers=0, progress=False)
     args.update(kw)
     dm = TextDataModule(**args)
@@ -49,7 +53,7 @@ def make(corpus, **kw) -> TextDataModule:
 
 def stream_of(dm: TextDataModule) -> np.ndarray:
     """All items in order, each without its leading <s>, concatenated."""
-    ds = dm.train_set
+    ds = dm.dataset("train")
     parts = []
     for i in range(len(ds)):
         ids = ds[i]["text"].numpy()
@@ -70,7 +74,7 @@ def test_packed_blocks_decode_back_to_the_documents(corpus, break_mode):
     dm = make(corpus, break_mode=break_mode)
     expected = [d for d in DOCS if d.strip()]
     assert decode_docs(dm, stream_of(dm)) == expected
-    lengths = [len(dm.train_set[i]["text"]) for i in range(len(dm.train_set))]
+    lengths = [len(dm.dataset("train")[i]["text"]) for i in range(len(dm.dataset("train")))]
     if break_mode == "none":  # fixed-length blocks, only the last one shorter
         assert set(lengths[:-1]) == {dm.block_size}
     assert dm.stats["train"]["num_docs"] == 5 and dm.stats["train"]["empty"] == 1
@@ -80,7 +84,7 @@ def test_complete_blocks_keep_short_documents_whole(corpus):
     dm = make(corpus, break_mode="complete", block_size=128)
     tok = load_tokenizer(dm.tokenizer_path)
     short = {i: tok.encode(d, add_special_tokens=False).ids for i, d in enumerate(DOCS) if d.strip()}
-    blocks = [dm.train_set[i]["text"].tolist()[1:] for i in range(len(dm.train_set))]
+    blocks = [dm.dataset("train")[i]["text"].tolist()[1:] for i in range(len(dm.dataset("train")))]
     for ids in short.values():
         if len(ids) + 1 <= dm.block_size - 1:  # fits a block: it must sit whole inside one
             assert any(_contains(b, ids + [dm.eos_id]) for b in blocks), ids
@@ -95,7 +99,7 @@ def _contains(seq: list[int], sub: list[int]) -> bool:
 def test_unpacked_items_are_single_documents(corpus):
     dm = make(corpus, packing=False, block_size=512)
     tok = load_tokenizer(dm.tokenizer_path)
-    items = [dm.train_set[i]["text"].tolist() for i in range(len(dm.train_set))]
+    items = [dm.dataset("train")[i]["text"].tolist() for i in range(len(dm.dataset("train")))]
     assert [tok.decode(x) for x in items] == [d for d in DOCS if d.strip()]
     assert all(x[0] == dm.bos_id and x[-1] == dm.eos_id and x.count(dm.eos_id) == 1 for x in items)
     batch = next(iter(dm.train_dataloader()))
@@ -123,7 +127,7 @@ def test_block_ranges_tile_the_stream():
 
 def test_memmap_cache_is_compact_and_reused(corpus, monkeypatch):
     dm = make(corpus)
-    cache = dm.train_set.cache
+    cache = dm.dataset("train").cache
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["dtype"] == "uint16"
     assert (cache / "tokens.bin").stat().st_size == 2 * meta["num_tokens"]
@@ -138,11 +142,11 @@ def test_memmap_cache_is_compact_and_reused(corpus, monkeypatch):
         m.setattr(text_mod, "train_tokenizer", boom)
         m.setattr(text_mod, "read_documents", boom)
         again = make(corpus)
-    assert again.train_set.cache == cache
-    assert again.train_set[0]["text"].tolist() == dm.train_set[0]["text"].tolist()
+    assert again.dataset("train").cache == cache
+    assert again.dataset("train")[0]["text"].tolist() == dm.dataset("train")[0]["text"].tolist()
     # a changed file changes the key
     (corpus / "02.txt").write_text("A different short one.", encoding="utf-8")
-    assert make(corpus).train_set.cache != cache
+    assert make(corpus).dataset("train").cache != cache
 
 
 def test_wordpiece_layout_and_padded_vocab(corpus):
@@ -151,7 +155,7 @@ def test_wordpiece_layout_and_padded_vocab(corpus):
     assert dm.special_ids == [0, 1, 2, 3, 4]
     tok = load_tokenizer(dm.tokenizer_path)
     assert tok.token_to_id("[PAD]") == 0 and tok.token_to_id("[MASK]") == 4 and tok.get_vocab_size() <= 320
-    item = dm.train_set[0]["text"].tolist()
+    item = dm.dataset("train")[0]["text"].tolist()
     assert item[0] == tok.token_to_id("[CLS]")
     assert tok.decode(stream_of(dm)[:20].tolist()).startswith("return the sum of a and b")
 
@@ -179,7 +183,7 @@ def test_empty_corpus_fails_in_setup_saying_why(tmp_path):
     (folder / "a.txt").write_text("  \n")
     (folder / "b.txt").write_text("")
     (folder / "c.txt").write_bytes(b"\xff\xfe\x00")
-    dm = TextDataModule(corpus=str(folder), valid_fraction=0.0, vocab_size=320, on_error="skip", progress=False)
+    dm = TextDataModule(train=str(folder), valid_fraction=0.0, vocab_size=320, on_error="skip", progress=False)
     dm.prepare_data()
     with pytest.raises(ValueError, match=r"no training documents left.*3 files read, 2 blank, 1 skipped"):
         with pytest.warns(UserWarning):
@@ -187,7 +191,7 @@ def test_empty_corpus_fails_in_setup_saying_why(tmp_path):
 
 
 def test_missing_corpus_is_named(tmp_path):
-    dm = TextDataModule(corpus=str(tmp_path / "nope"), vocab_size=320, progress=False)
+    dm = TextDataModule(train=str(tmp_path / "nope"), vocab_size=320, progress=False)
     with pytest.raises(FileNotFoundError, match="nope"):
         dm.prepare_data()
 
@@ -209,11 +213,10 @@ def test_workers_read_the_same_items(corpus):
     dm = make(corpus, num_workers=2, batch_size=3)
     with_workers = {int(i): row[:n].tolist() for b in dm.train_dataloader()
                     for i, row, n in zip(b.ids, b.inputs["text"], b.lengths["text"])}
-    assert with_workers == {i: dm.train_set[i]["text"].tolist() for i in range(len(dm.train_set))}
+    assert with_workers == {i: dm.dataset("train")[i]["text"].tolist() for i in range(len(dm.dataset("train")))}
 
 
 def test_embedded_corpus_and_valid_split():
-    from omnissl.datamodules.common import embedded_corpus
 
     dm = TextDataModule(embedded_size="tiny", vocab_size=512, block_size=64, num_workers=0, progress=False)
     dm.prepare_data()
@@ -236,7 +239,7 @@ def test_tokenizer_cli(corpus, tmp_path, capsys):
     out = tmp_path / "tok"
     assert tokenizer_main(["--corpus", str(corpus), "--kind", "bpe", "--vocab-size", "300", "--out", str(out)]) == 0
     assert "pad_id=1 mask_id=4" in capsys.readouterr().out
-    dm = TextDataModule(corpus=str(corpus), tokenizer=str(out), valid_fraction=0.0, block_size=32,
+    dm = TextDataModule(train=str(corpus), tokenizer=str(out), valid_fraction=0.0, block_size=32,
                         num_workers=0, progress=False)
     assert dm.vocab_size == 320 and dm.pad_id == 1
     dm.prepare_data()
@@ -251,5 +254,5 @@ def test_flat_typed_arguments_parse_from_yaml():
 
     parser = ArgumentParser()
     parser.add_class_arguments(TextDataModule, "data")
-    cfg = parser.parse_string("data:\n  corpus: embedded:text\n  block_size: 128\n  tokenizer_kind: wordpiece\n")
+    cfg = parser.parse_string("data:\n  train: embedded:text\n  block_size: 128\n  tokenizer_kind: wordpiece\n")
     assert cfg.data.block_size == 128 and cfg.data.tokenizer_kind == "wordpiece"

@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from omnissl.batch import SAMPLE_RATE
 from omnissl.datamodules.common import cached_generation, check_size, write_manifest
+from omnissl.datamodules.corpora.speech import espeak, run_shards
 
 VERSION = 2
-SAMPLE_RATE = 16_000
 NUM_CLIPS = {"tiny": 12, "small": 600, "default": 5000}
 DURATION_S = {"tiny": (1.0, 2.0), "small": (2.0, 4.0), "default": (2.0, 4.0)}
 VALID_FRACTION = 0.05
@@ -316,8 +317,6 @@ def _resample_to_16k(x: np.ndarray, rate: int) -> np.ndarray:
 def _speaker(engine_seed: int) -> Speaker:
     """A `Speaker` over this process's espeak-ng (the speech corpus's wrapper): 16 kHz float64, leading and
     trailing silence trimmed. Resampled with scipy so a generating process never has to import torch."""
-    from omnissl.datamodules.corpora.speech import espeak
-
     engine = espeak()
     engine.seed(engine_seed)
 
@@ -365,8 +364,6 @@ def generate(out: Path, size: str = "small", seed: int = 0) -> dict[str, Path]:
         valid = set(perm[: max(1, round(VALID_FRACTION * n))].tolist())
         blocks = [list(range(k, min(n, k + SHARD_CLIPS))) for k in range(0, n, SHARD_CLIPS)]
         if speech:
-            from omnissl.datamodules.corpora.speech import run_shards
-
             done = run_shards(_write_clips, [(str(tmp), seed, size, b, True) for b in blocks], "captioned clips")
         else:
             done = [_write_clips(str(tmp), seed, size, b, False)

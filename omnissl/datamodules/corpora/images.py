@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from omnissl.datamodules.common import cached_generation, check_size, write_manifest
+from omnissl.datamodules.corpora.labeled_images import digit_splits, load_digits_uint8
 
 VERSION = 1
 CROP_SIZE = 64
@@ -74,8 +75,6 @@ def random_crop(rng: np.random.Generator, width: int, height: int) -> tuple[int,
 def generate(out: Path, size: str = "small", seed: int = 0) -> dict[str, Path]:
     """Write the corpus to `out` (once per (size, seed, sources)) -> {"train": tsv, "valid": tsv}."""
     from PIL import Image
-
-    from omnissl.datamodules.corpora.labeled_images import digit_splits, load_digits_uint8
 
     check_size(size)
     photos = photo_paths()

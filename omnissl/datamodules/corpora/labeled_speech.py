@@ -42,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
+from omnissl.batch import SAMPLE_RATE
 from omnissl.datamodules.common import cached_generation, write_manifest
 from omnissl.datamodules.corpora.speech import (
     ACCENTS,
-    SAMPLE_RATE,
     VARIANTS,
     _worker_setup,
     run_shards,

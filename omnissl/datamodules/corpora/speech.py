@@ -44,9 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+from omnissl.batch import SAMPLE_RATE
 from omnissl.datamodules.common import cached_generation, write_manifest
 
-SAMPLE_RATE = 16_000
 VERSION = 3  # 3: test split, .wrd/.ltr transcripts
 
 # size -> (number of shards, seconds of audio per shard). One shard = one fresh synthesis process.
@@ -282,10 +282,8 @@ def run_shards(fn: Callable, jobs: list[tuple], desc: str) -> list:
 
     from tqdm import tqdm
 
-    import omnissl
-
     env = dict(os.environ)
-    src = str(Path(omnissl.__file__).resolve().parents[1])
+    src = str(Path(__file__).resolve().parents[3])  # the folder holding the omnissl package
     env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
     env.setdefault("OMP_NUM_THREADS", "1")
     code = "from omnissl.datamodules.corpora.speech import _shard_main; _shard_main()"
@@ -371,10 +369,10 @@ def _speech_shard(out: str, shard: int, seed: int, seconds: float, texts: list[s
     return rows
 
 
-def generate(out: Path, size: str = "small", seed: int = 0) -> Path:
+def generate(out: Path, size: str = "small", seed: int = 0) -> dict[str, Path]:
     """Generate the embedded speech corpus into `out` (idempotent: returns at once when a complete corpus with
-    the same size, seed and stack is there; see `common.cached_generation`). Returns `out/train.tsv`;
-    `valid.tsv`, `test.tsv` and the transcripts (`<split>.wrd`, `<split>.ltr`) sit beside it."""
+    the same size, seed and stack is there; see `common.cached_generation`) -> {"train", "valid", "test":
+    manifest path}; the transcripts (`<split>.wrd`, `<split>.ltr`) sit beside each manifest."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     config = {"kind": "speech", "size": size, "seed": seed, "version": VERSION, "python": sys.version[:4]}
@@ -394,4 +392,4 @@ def generate(out: Path, size: str = "small", seed: int = 0) -> Path:
                 (tmp / f"{split}.{ext}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         return {s: f"{s}.tsv" for s in SPLITS}
 
-    return cached_generation(Path(out).expanduser(), config, build)["train"]
+    return cached_generation(Path(out).expanduser(), config, build)

@@ -109,10 +109,85 @@ def keep_fraction(items: list, fraction: float, seed: int, salt: str) -> list:
     return [it for it in items if stable_hash(salt, seed, str(it)) % 10_000 < fraction * 10_000]
 
 
+# --------------------------------------------------------------------------------------- the labeled task's split
+# The labeled text task (`corpora.labeled_text`) classifies docstrings by stdlib family, with a fixed module split;
+# the pretraining corpus leaves out the test modules, so a probe never tests on text the encoder was trained on.
+
+TEST_SALT = "omnissl-labeled-text-test"
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "gui": ("tkinter", "idlelib", "turtle", "turtledemo", "curses"),
+    "concurrency": ("asyncio", "multiprocessing", "threading", "concurrent", "queue", "sched", "subprocess",
+                    "_threading_local", "selectors", "asynchat", "asyncore", "signal", "contextvars"),
+    "networking": ("email", "http", "urllib", "smtplib", "smtpd", "imaplib", "nntplib", "ftplib", "poplib",
+                   "socket", "socketserver", "ssl", "mailbox", "xmlrpc", "wsgiref", "ipaddress", "mimetypes",
+                   "webbrowser", "cgi", "telnetlib", "mailcap", "netrc", "nturl2path"),
+    "packaging": ("importlib", "distutils", "pkgutil", "zipimport", "modulefinder", "runpy", "site", "sysconfig",
+                  "venv", "compileall", "py_compile", "zipapp", "imp", "lib2to3", "_aix_support", "_osx_support",
+                  "_bootsubprocess"),
+    "formats": ("xml", "json", "csv", "pickle", "pickletools", "_compat_pickle", "copyreg", "tarfile", "zipfile",
+                "gzip", "bz2", "lzma", "_compression", "configparser", "plistlib", "html", "_markupbase", "base64",
+                "codecs", "encodings", "struct", "shelve", "dbm", "sqlite3", "tomllib", "quopri", "uu", "xdrlib",
+                "chunk", "aifc", "sunau", "wave", "sndhdr", "imghdr"),
+    "numbers_time": ("_pydecimal", "decimal", "fractions", "numbers", "statistics", "random", "datetime",
+                     "calendar", "zoneinfo", "_strptime", "colorsys", "secrets", "hashlib", "hmac", "uuid", "heapq",
+                     "bisect", "graphlib"),
+    "devtools": ("unittest", "doctest", "pdb", "bdb", "inspect", "ast", "dis", "opcode", "traceback", "pydoc",
+                 "symtable", "tokenize", "token", "trace", "profile", "cProfile", "pstats", "timeit", "logging",
+                 "warnings", "tracemalloc", "code", "codeop", "cgitb", "tabnanny", "pyclbr", "rlcompleter",
+                 "linecache"),
+    "text": ("string", "re", "sre_compile", "sre_constants", "sre_parse", "textwrap", "difflib", "shlex",
+             "fnmatch", "gettext", "locale", "stringprep", "argparse", "optparse", "getopt", "cmd", "pprint",
+             "reprlib"),
+    "files_os": ("os", "pathlib", "shutil", "glob", "tempfile", "filecmp", "fileinput", "stat", "posixpath",
+                 "ntpath", "genericpath", "io", "_pyio", "pty", "tty", "getpass", "platform"),
+}
+_FAMILY_OF = {top: fam for fam, tops in FAMILIES.items() for top in tops}
+
+
+def family(module: str) -> str | None:
+    """The class of a dotted module name, or None for modules outside the task."""
+    return _FAMILY_OF.get(module.split(".")[0])
+
+
+@functools.cache
+def module_splits() -> dict[str, str]:
+    """The fixed split of every module of the task: per family, modules are visited in the order of a hash
+    of their name and assigned to "test" until it holds 20 % of the family's docstrings, then to "valid"
+    until 10 %, the rest to "train". Docstrings are estimated by counting triple quotes in the source (cheap:
+    no parsing), which is enough to balance the splits and to make none of them empty."""
+    out: dict[str, str] = {}
+    for fam in FAMILIES:
+        mods = sorted(((m, p) for m, p in stdlib_files() if family(m) == fam),
+                      key=lambda mp: stable_hash(TEST_SALT, mp[0]))
+        weights = []
+        for _, path in mods:
+            src = path.read_bytes()
+            weights.append((src.count(b'"""') + src.count(b"'''")) // 2)
+        total, acc = sum(weights), {"test": 0, "valid": 0}
+        for (module, _), w in zip(mods, weights):
+            split = ("test" if acc["test"] < 0.2 * total else "valid" if acc["valid"] < 0.1 * total
+                     else "train")
+            if split != "train":
+                acc[split] += w
+            out[module] = split
+    return out
+
+
+def module_split(module: str) -> str | None:
+    """"train", "valid" or "test" for a module of the task (see `module_splits`), None outside it."""
+    return module_splits().get(module) if family(module) is not None else None
+
+
+def is_test_module(module: str) -> bool:
+    """Whether every docstring of `module` belongs to the (fixed) test split."""
+    return module_split(module) == "test"
+
+
+# ------------------------------------------------------------------------------------------------ the corpus
+
+
 def collect(size: str, seed: int, *, exclude_test_modules: bool = True, progress: bool = True) -> list[Doc]:
     """The documents of the corpus of `size`, deduplicated, in a deterministic order."""
-    from omnissl.datamodules.corpora.labeled_text import is_test_module
-
     check_size(size)
     files = stdlib_files()
     topics = topic_docs()
