@@ -114,7 +114,7 @@ def main() -> None:
     print(f"speedup (wav2vec2 / data2vec2 step time) = {speedup:.2f}", flush=True)
 
     spec = f"embedded:keywords:{args.size}"
-    probe_dm = AudioDataModule(train_manifest=spec, valid_manifest=spec, test_manifest=spec, max_samples=None,
+    probe_dm = AudioDataModule(train=spec, valid=spec, test=spec, max_samples=None,
                                min_samples=0, max_tokens=None, batch_size=16, num_workers=0)
     probe_dm.prepare_data()
     probe_dm.setup()

@@ -30,7 +30,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from omnissl.datamodules.audio import AudioDataset, read_audio_manifest
+from omnissl.datamodules.audio import AudioDataset
+from omnissl.datamodules.audio_io import read_audio_manifest
 
 
 def _rtf_rounds(fns: dict[str, Callable[[], float]], rounds: int, warmup: int) -> dict[str, float]:
@@ -71,9 +72,9 @@ def _audio_pair(manifest: Path, rounds: int, warmup: int) -> tuple[float, float,
 def measure_audio(rounds: int = 5, warmup: int = 1, manifest: Path | None = None) -> None:
     torch.set_num_threads(1)
     if manifest is None:
-        from omnissl.datamodules.audio import embedded_manifest
+        from omnissl.datamodules.corpora import embedded_corpus
 
-        manifest = embedded_manifest("embedded:small", "train")
+        manifest = embedded_corpus("embedded:small", size="default")["train"]
     ours, raw, n, seconds = _audio_pair(manifest, rounds, warmup)
     print(f"audio loader: {n} files, {seconds / 60:.1f} min of 16 kHz wav, median of {rounds} rounds")
     print(f"  ours (decode+resample+crop via AudioDataset): {ours:8.0f} x realtime")

@@ -110,7 +110,7 @@ def main() -> None:
     if not recipe.exists():
         raise SystemExit(f"no CPU recipe {recipe}")
     spec = f"embedded:{args.task}:{args.size}"
-    probe_dm = AudioDataModule(train_manifest=spec, valid_manifest=spec, test_manifest=spec, max_samples=None,
+    probe_dm = AudioDataModule(train=spec, valid=spec, test=spec, max_samples=None,
                                min_samples=0, max_tokens=None, batch_size=16, num_workers=0)
     probe_dm.prepare_data()
     probe_dm.setup()

@@ -23,8 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from omnissl.datamodules.common import embedded_corpus
-from omnissl.datamodules.text import list_documents, pretokenize, read_documents, train_tokenizer
+from omnissl.datamodules.corpora import embedded_corpus
+from omnissl.datamodules.documents import list_documents, read_documents
+from omnissl.datamodules.token_cache import pretokenize
+from omnissl.datamodules.tokenizers import train_tokenizer
 
 
 def measure_text(rounds: int = 3, warmup: int = 1, size: str = "default", vocab_size: int = 32_768) -> None:

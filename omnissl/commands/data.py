@@ -1,36 +1,24 @@
 """`omnissl data ...`: generate the embedded corpora, write and inspect manifests.
 
-    omnissl data generate {speech,audio-captions,text,images,labeled-speech,labeled-text,labeled-images}
-                          --size {tiny,small,default} --out DIR [--seed N] [--task {keywords,speakers}]
+    omnissl data generate {speech,keywords,speakers,captions,text,images,labeled_text,labeled_images}
+                          --size {tiny,small,default} --out DIR [--seed N]
     omnissl data manifest FOLDER --out FILE [--on-error {raise,skip}]
     omnissl data inspect MANIFEST [--on-error {raise,skip}] [--png FILE] [--workers N]
     omnissl data tokenizer ...          (handled by omnissl.datamodules.text.tokenizer_main)
 
 omnissl/cli.py dispatches `omnissl data <argv>` to `main(argv)`; the return value is the exit status.
-The generators live in `omnissl.datamodules.corpora.<module>` and are imported only when asked for.
+The corpora are the registry `omnissl.datamodules.corpora.CORPORA` (the names `embedded:<name>` specs take).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
 
 from omnissl.commands import HelpFormatter
-
-# generate KIND -> module under omnissl.datamodules.corpora (each has generate(out, size, seed))
-GENERATORS = {
-    "speech": "speech",
-    "audio-captions": "captions",
-    "text": "text",
-    "images": "images",
-    "labeled-speech": "labeled_speech",
-    "labeled-text": "labeled_text",
-    "labeled-images": "labeled_images",
-}
-
+from omnissl.datamodules.corpora import CORPORA
 
 def parser() -> argparse.ArgumentParser:
     fmt = HelpFormatter
@@ -38,13 +26,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate an embedded corpus (nothing is downloaded)", formatter_class=fmt)
-    g.add_argument("kind", choices=sorted(GENERATORS), help="which corpus")
+    g.add_argument("kind", choices=list(CORPORA), help="which corpus (keywords, speakers: labeled speech tasks)")
     g.add_argument("--size", choices=["tiny", "small", "default"], default="small",
                    help="tiny: for tests; small: minutes of data; default: the full embedded corpus")  # fmt: skip
     g.add_argument("--out", type=Path, required=True, help="output folder (manifests + files)")
     g.add_argument("--seed", type=int, default=0, help="generation seed")
-    g.add_argument("--task", choices=["keywords", "speakers"], default="keywords",
-                   help="labeled-speech only: which downstream task")  # fmt: skip
 
     m = sub.add_parser("manifest", help="scan a folder of audio files into a fairseq-style manifest",
                        formatter_class=fmt)
@@ -83,13 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"omnissl.datamodules.corpora.{GENERATORS[args.kind]}")
     t0 = time.perf_counter()
-    if args.kind == "labeled-speech":
-        result = module.generate(args.out, size=args.size, seed=args.seed, task=args.task)
-    else:
-        result = module.generate(args.out, size=args.size, seed=args.seed)
-    paths = result.values() if isinstance(result, dict) else [result]
+    paths = CORPORA[args.kind].generate(args.out, size=args.size, seed=args.seed).values()
     print(f"generated {args.kind} ({args.size}, seed {args.seed}) in {time.perf_counter() - t0:.1f} s:")
     for p in paths:
         print(f"  {p}")
@@ -97,7 +78,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from omnissl.datamodules.audio import AudioDataError, write_audio_manifest
+    from omnissl.datamodules.audio_io import AudioDataError, write_audio_manifest
 
     if not args.folder.is_dir():
         print(f"omnissl data manifest: error: {args.folder} is not a folder", file=sys.stderr)
@@ -120,7 +101,9 @@ def _inspect(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from omnissl.datamodules.audio import SAMPLE_RATE, AudioDataError, AudioDataset, read_audio_manifest
+    from omnissl.batch import SAMPLE_RATE
+    from omnissl.datamodules.audio import AudioDataset
+    from omnissl.datamodules.audio_io import AudioDataError, read_audio_manifest
 
     try:
         manifest = read_audio_manifest(args.manifest, on_error=args.on_error)

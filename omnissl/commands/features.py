@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from omnissl.checkpoints import load_encoder
-    from omnissl.datamodules.audio import AudioDataError
+    from omnissl.datamodules.audio_io import AudioDataError
     from omnissl.eval.export import trained_with_normalized_audio
     from omnissl.eval.features import dump_features
     from omnissl.eval.units import resolve_manifest

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
 
-    from omnissl.datamodules.audio import AudioDataError
+    from omnissl.datamodules.audio_io import AudioDataError
     from omnissl.eval.units import make_units
 
     try:

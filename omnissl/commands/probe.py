@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from omnissl.checkpoints import load_backbone
-    from omnissl.datamodules.audio import AudioDataError
+    from omnissl.datamodules.audio_io import AudioDataError
     from omnissl.eval.probe import run_probe
     from omnissl.eval.probe_data import load_probe_data, source_modality
     from omnissl.eval.report import log_report, write_report

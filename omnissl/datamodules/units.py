@@ -3,7 +3,6 @@
     units_path_for(manifest, ext)            <manifest folder>/<manifest stem>.<ext>  (train.tsv -> train.km)
     read_units(path) -> [int64 (frames,)]    one array per line
     check_units(manifest, units, spf)        fail before training when a unit file does not belong to its manifest
-    write_atomic(path, write)                write through a temporary sibling, then rename
 
 The files are written by `omnissl hubert-units` (omnissl/eval/units.py) and read by AudioDataModule(units=...).
 """
@@ -11,12 +10,11 @@ The files are written by `omnissl hubert-units` (omnissl/eval/units.py) and read
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from omnissl.datamodules.audio import read_audio_manifest
+from omnissl.datamodules.audio_io import read_audio_manifest
 
 SAMPLES_PER_FRAME = 320  # the conv extractor's hop at 16 kHz: 20 ms frames, 50 Hz units
 
@@ -31,13 +29,6 @@ def read_units(path: str | os.PathLike) -> list[np.ndarray]:
     """One int64 array per line of a unit file."""
     with open(path, encoding="utf-8") as f:
         return [np.array(line.split(), dtype=np.int64) for line in f.read().splitlines()]
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary sibling and rename: an interrupted run never leaves a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def check_units(

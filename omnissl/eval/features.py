@@ -5,7 +5,7 @@
 ENCODER is an omnissl package directory or a Lightning checkpoint (omnissl.checkpoints.load_encoder, weights
 only). Layer K is the output of trunk block K (1-based; 0 = the trunk input), as `omnissl hubert-units
 --iteration 2` clusters it (omnissl.eval.units.LayerFeatures: one utterance at a time, no masking, no padding).
-Audio is decoded as training decodes it (omnissl.datamodules.audio.load_audio: resampled to 16 kHz, channels
+Audio is decoded as training decodes it (omnissl.datamodules.audio_io.load_audio: resampled to 16 kHz, channels
 averaged), and normalized per utterance when the encoder was trained on normalized waveforms.
 
 Row `wav/a/1.flac` of the manifest is written to `DIR/wav/a/1.npy` (np.save), or `DIR/wav/a/1.safetensors`
@@ -25,8 +25,8 @@ from torch import nn
 from tqdm import tqdm
 
 from omnissl.backbones.frontends import ConvFeatureExtractor, LogMelPatches
-from omnissl.datamodules.audio import AudioDataError, load_audio, read_audio_manifest
-from omnissl.datamodules.units import write_atomic
+from omnissl.datamodules.audio_io import AudioDataError, load_audio, read_audio_manifest
+from omnissl.datamodules.common import atomic_file
 from omnissl.eval.units import LayerFeatures
 
 FORMATS = {"npy": ".npy", "safetensors": ".safetensors"}
@@ -51,7 +51,8 @@ def _save(path: Path, feats: np.ndarray, fmt: str) -> None:
     else:
         def write(p: Path) -> None:
             save_file({"features": torch.from_numpy(feats)}, str(p))
-    write_atomic(path, write)
+    with atomic_file(path) as tmp:
+        write(tmp)
 
 
 def dump_features(

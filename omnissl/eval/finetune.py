@@ -41,6 +41,7 @@ from omnissl.backbones.encoder import Encoder
 from omnissl.backbones.protocol import BackboneOutput
 from omnissl.batch import Batch
 from omnissl.checkpoints import load_encoder_weights
+from omnissl.datamodules.audio import AudioDataModule
 from omnissl.eval.ctc import WORD_SEP, CharVocab, greedy_decode, read_transcripts
 from omnissl.eval.metrics import edit_distance
 from omnissl.ops import mean_pool
@@ -290,14 +291,15 @@ class CTCRecognizer(FineTune):
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
-        datasets = getattr(dm, "datasets", None)
-        if not isinstance(datasets, dict) or not datasets:
+        datasets = {s: dm.dataset(s) for s in ("train", "valid", "test")} if isinstance(dm, AudioDataModule) else {}
+        datasets = {s: ds for s, ds in datasets.items() if ds is not None}
+        if not datasets:
             raise ValueError(f"CTCRecognizer needs an AudioDataModule (manifests with transcripts beside them), "
                              f"got {type(dm).__name__}")
         for split, ds in datasets.items():
-            source, lines = read_transcripts(ds.manifest.source)
+            source, lines = read_transcripts(ds.source)
             if len(lines) != len(ds.manifest):
-                raise ValueError(f"{source} has {len(lines)} lines but {ds.manifest.source} lists "
+                raise ValueError(f"{source} has {len(lines)} lines but {ds.source} lists "
                                  f"{len(ds.manifest)} utterances")
             rows = [lines[int(r)] for r in ds.rows]
             unknown = sorted({c for line in rows for c in line.split()} - set(self.alphabet))

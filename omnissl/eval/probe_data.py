@@ -15,41 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
 
 from omnissl.batch import Batch
-from omnissl.datamodules.audio import EXTENSIONS as AUDIO_EXTENSIONS
-from omnissl.datamodules.audio import AudioDataModule, embedded_manifest, read_audio_manifest
+from omnissl.datamodules.audio import AudioDataModule
+from omnissl.datamodules.audio_io import EXTENSIONS as AUDIO_EXTENSIONS
+from omnissl.datamodules.audio_io import read_audio_manifest
 from omnissl.datamodules.common import is_embedded, read_manifest
+from omnissl.datamodules.corpora import CORPORA, corpus_modality, parse_embedded
 from omnissl.datamodules.image import IMAGE_EXTENSIONS
 from omnissl.datamodules.labeled import LabeledImageDataModule, LabeledTextDataModule
-
-_AUDIO_EMBEDDED = ("speech", "keywords", "speakers", "tiny", "small", "default")
-
-
-# NOTE(integration): the only two places that read a DataModule's splits. Once every DataModule has the public
-# surface (issue 10: `loader(split)`, `dataset(split)`, split arguments train/valid/test), both become one call
-# and AudioDataModule takes `train=`, `valid=`, `test=` in `_audio_data`.
-def split_loader(dm, split: str) -> DataLoader:
-    """An unshuffled loader of one split of a probe DataModule."""
-    if isinstance(dm, AudioDataModule):
-        return dm._loader(split, shuffle=False)
-    return dm._loader(dm.sets[split], False)
-
-
-def split_dataset(dm, split: str) -> Dataset | None:
-    """The dataset of one split of a probe DataModule, or None when the split has no items."""
-    return (dm.datasets if isinstance(dm, AudioDataModule) else dm.sets).get(split)
 
 
 def source_modality(spec: str) -> str:
     """"audio", "text" or "image" for a manifest, a folder, a .jsonl file or an embedded spec."""
     if is_embedded(spec):
-        name = spec.split(":")[1]
-        if name in _AUDIO_EMBEDDED:
-            return "audio"
-        if name in ("labeled_text", "labeled_images"):
-            return "text" if name == "labeled_text" else "image"
+        name, _ = parse_embedded(spec)
+        if CORPORA[name].labeled or name == "speech":  # unlabeled speech: transcripts, for --task ctc
+            return corpus_modality(spec)
         raise ValueError(f"{spec!r} names no labeled embedded corpus; expected embedded:keywords:<size>, "
                          "embedded:speakers:<size>, embedded:<size> (speech, for --task ctc), "
                          "embedded:labeled_text[:<size>] or embedded:labeled_images[:<size>]")
@@ -68,12 +50,6 @@ def source_modality(spec: str) -> str:
             raise ValueError(f"{path}: the manifest lists no items")
         ext = Path(rows[0][0]).suffix.lower()
     return "audio" if ext in AUDIO_EXTENSIONS else "image" if ext in IMAGE_EXTENSIONS else "text"
-
-
-def _embedded_size(spec: str) -> tuple[str, str]:
-    """'embedded:labeled_text:tiny' -> ('embedded:labeled_text', 'tiny'); no size -> 'small'."""
-    parts = spec.split(":")
-    return ":".join(parts[:2]), (parts[2] if len(parts) > 2 else "small")
 
 
 @dataclass
@@ -111,43 +87,41 @@ def load_probe_data(train: str, test: str, valid: str | None = None, *, task: st
         dm_class, kwargs = LabeledTextDataModule, {"tokenizer": tokenizer, "max_tokens": max_tokens}
     else:
         dm_class, kwargs = LabeledImageDataModule, {"image_size": image_size, "train_augment": False}
-    args, size = dict(given), "small"
+    args = dict(given)
     if is_embedded(train):
-        args["train"], size = _embedded_size(train)
         for s in ("valid", "test"):  # the embedded corpus supplies its own held-out splits
             if args[s] is not None and is_embedded(args[s]):
-                if _embedded_size(args[s]) != (args["train"], size):
+                if parse_embedded(args[s]) != parse_embedded(train):
                     raise ValueError(f"--{s} {args[s]} must be the training corpus {train} or a manifest")
                 args[s] = None
-    dm = dm_class(train=args["train"], valid=args["valid"], test=args["test"], embedded_size=size,
-            batch_size=batch_size, num_workers=0, **kwargs)
+    dm = dm_class(train=args["train"], valid=args["valid"], test=args["test"], batch_size=batch_size,
+                  num_workers=0, **kwargs)
     dm.prepare_data()
     dm.setup()
-    sources = {s: str(p) for s, p in dm.split_sources().items() if given[s] is not None}
-    loaders = {"train": split_loader(dm, "train")}
+    sources = {s: str(p) for s, p in dm.sources().items() if given[s] is not None}
+    loaders = {"train": dm.loader("train", shuffle=False)}
     for s in ("valid", "test"):
         if given[s] is not None:
-            if split_dataset(dm, s) is None:
+            if dm.dataset(s) is None:
                 raise ValueError(f"{sources[s]}: no {s} items")
-            loaders[s] = split_loader(dm, s)
+            loaders[s] = dm.loader(s, shuffle=False)
     return ProbeData(modality, loaders, sources, classes=dm.classes,
                      vocab_size=dm.vocab_size if modality == "text" else None)
 
 
 def _audio_data(given: dict[str, str | None], task: str, batch_size: int) -> ProbeData:
-    dm = AudioDataModule(train_manifest=given["train"], valid_manifest=given["valid"], test_manifest=given["test"],
-                         max_samples=None, min_samples=0, max_tokens=None, batch_size=batch_size, num_workers=0)
+    dm = AudioDataModule(train=given["train"], valid=given["valid"], test=given["test"], max_samples=None,
+                         min_samples=0, max_tokens=None, batch_size=batch_size, num_workers=0)
     dm.prepare_data()
-    paths = {s: (embedded_manifest(v, s, generate=False) if is_embedded(v) else Path(v).expanduser())
-             for s, v in given.items() if v is not None}
+    paths = dm.sources()
     if task == "classify":
         for s, p in paths.items():  # before setup(): it would take the classes of any labeled split
             if read_audio_manifest(p).labels is None:
                 raise ValueError(f"{p}: no labels (a labeled manifest has a third column `label`; the probe "
                                  f"needs one in the {s} split)")
     dm.setup()
-    loaders = {s: split_loader(dm, s) for s in paths}
-    rows = {s: split_dataset(dm, s).rows for s in paths}
+    loaders = {s: dm.loader(s, shuffle=False) for s in paths}
+    rows = {s: dm.dataset(s).rows for s in paths}
     return ProbeData("audio", loaders, {s: str(p) for s, p in paths.items()}, rows=rows,
                      classes=dm.classes if task == "classify" else None)
 

@@ -18,7 +18,7 @@ NOTE(ref): fairseq dumps MFCC labels at 100 Hz and the model keeps every other l
 iterations and the Batch contract (units at `samples_per_token`) holds. The labels the model trains on are
 those of the same windows; the k-means fit sees half as many (identically distributed) frames.
 
-Audio is decoded as training decodes it (omnissl.datamodules.audio.load_audio: other sample rates resampled to
+Audio is decoded as training decodes it (omnissl.datamodules.audio_io.load_audio: other sample rates resampled to
 16 kHz, channels averaged; a bad file raises AudioDataError naming the manifest line). Iteration 2 rebuilds the
 encoder from the checkpoint alone (omnissl.checkpoints.read_checkpoint: weights only, a checkpoint holding
 pickled objects is refused). Unit-file I/O (units_path_for, read_units, check_units) is the data layer's:
@@ -46,16 +46,17 @@ from torch import Tensor
 
 from omnissl.batch import SAMPLE_RATE
 from omnissl.checkpoints import read_checkpoint
-from omnissl.datamodules.audio import (AudioDataError, AudioManifest, embedded_manifest, load_audio,
-                                      read_audio_manifest)
-from omnissl.datamodules.units import units_path_for, write_atomic
+from omnissl.datamodules.audio_io import AudioDataError, AudioManifest, load_audio, read_audio_manifest
+from omnissl.datamodules.common import atomic_file
+from omnissl.datamodules.corpora import embedded_corpus
+from omnissl.datamodules.units import units_path_for
 
 
 def resolve_manifest(spec: str | os.PathLike, split: str) -> Path:
     """A manifest path, or an embedded corpus ("embedded:small", see omnissl.datamodules.audio) whose
     `split` manifest is generated on first use."""
     if isinstance(spec, str) and spec.startswith("embedded:"):
-        return embedded_manifest(spec, split, generate=True)
+        return embedded_corpus(spec, size="default")[split]
     return Path(spec)
 
 
@@ -101,7 +102,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         with open(p, "wb") as f:
             np.save(f, array)
 
-    write_atomic(path, write)
+    with atomic_file(path) as tmp:
+        write(tmp)
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -109,7 +111,8 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
         with open(p, "wb") as f:
             np.savez(f, **arrays)
 
-    write_atomic(path, write)
+    with atomic_file(path) as tmp:
+        write(tmp)
 
 
 def _shards(n: int, size: int) -> list[range]:
@@ -259,7 +262,8 @@ def make_units(
                     for seg in np.split(z["labels"], np.cumsum(z["lens"])[:-1]):
                         f.write(" ".join(map(str, seg.tolist())) + "\n")
 
-        write_atomic(out, write)
+        with atomic_file(out) as tmp:
+            write(tmp)
         written.append(out)
         print(f"wrote {out} ({len(rows)} utterances, K={clusters})", file=sys.stderr)
     return written

@@ -264,7 +264,7 @@ def test_resuming_restores_the_objectives_own_modules(tmp_path, name):
 SYNTHETIC_AUDIO = """\
 data:
   class_path: omnissl.datamodules.synthetic.SyntheticDataModule
-  init_args: {modality: audio, batch_size: 4, train_size: 8, val_size: 4, min_samples: 8000, max_samples: 12000}
+  init_args: {modality: audio, batch_size: 4, train_size: 8, valid_size: 4, min_samples: 8000, max_samples: 12000}
 """
 
 
@@ -441,7 +441,7 @@ def audio_checkpoint(tmp_path: Path, *, normalize: bool) -> Path:
     manifest = _speech_corpus(tmp_path / "corpus")
     torch.manual_seed(0)
     model = Wav2Vec2(_perturb(tiny("audio")), num_distractors=5, codebook_entries=8)
-    dm = AudioDataModule(train_manifest=str(manifest), max_samples=8000, min_samples=4000, max_tokens=None,
+    dm = AudioDataModule(train=str(manifest), max_samples=8000, min_samples=4000, max_tokens=None,
                          batch_size=2, num_workers=0, normalize=normalize)
     t = _trainer(tmp_path, max_steps=1)
     t.fit(model, dm)

@@ -174,7 +174,7 @@ def _keywords(**kw):
     from omnissl.datamodules.audio import AudioDataModule
 
     spec = "embedded:keywords:tiny"
-    return AudioDataModule(train_manifest=spec, valid_manifest=spec, max_samples=None, min_samples=0,
+    return AudioDataModule(train=spec, valid=spec, max_samples=None, min_samples=0,
                            max_tokens=None, batch_size=16, num_workers=0, **kw)
 
 
@@ -225,7 +225,7 @@ def speech_tiny(keywords_root):
     from omnissl.datamodules.audio import AudioDataModule
 
     spec = "embedded:speech:tiny"  # 6 train / 2 valid sentences of 2-5 s, with .ltr / .wrd transcripts
-    return AudioDataModule(train_manifest=spec, valid_manifest=spec, max_samples=None, min_samples=0,
+    return AudioDataModule(train=spec, valid=spec, max_samples=None, min_samples=0,
                            max_tokens=None, batch_size=3, num_workers=0)
 
 
@@ -247,8 +247,8 @@ def test_short_ctc_finetune_lowers_the_loss_and_reports_cer(speech_tiny):
     cer = float(trainer.callback_metrics["val/cer"])
     assert 0.0 <= cer <= 1.0 and "val/wer" in trainer.callback_metrics
     # transcripts were attached by sample id: dataset index i -> manifest row rows[i] -> that line of train.wrd
-    ds = speech_tiny.datasets["train"]
-    wrd = open(ds.manifest.source.replace(".tsv", ".wrd")).read().splitlines()
+    ds = speech_tiny.dataset("train")
+    wrd = open(ds.source.replace(".tsv", ".wrd")).read().splitlines()
     assert model._texts["train"] == [wrd[int(r)] for r in ds.rows]
 
 

@@ -12,7 +12,8 @@ import torch
 
 from omnissl.backbones import builders
 from omnissl.batch import Batch
-from omnissl.datamodules.audio import AudioDataError, embedded_manifest
+from omnissl.datamodules.audio_io import AudioDataError
+from omnissl.datamodules.corpora import embedded_corpus
 from omnissl.datamodules.common import read_manifest
 from omnissl.datamodules.synthetic import SyntheticDataModule
 from omnissl.commands.probe import main
@@ -52,7 +53,7 @@ def speakers_subset(tmp_path: Path, per_split: dict[str, int]) -> dict[str, Path
     """Labeled manifests holding the first n lines of each split of the tiny speakers corpus (real audio)."""
     out = {}
     for split, n in per_split.items():
-        root, rows = read_manifest(embedded_manifest("embedded:speakers:tiny", split))
+        root, rows = read_manifest(embedded_corpus("embedded:speakers:tiny", size="default")[split])
         keep = [r for r in rows if r[2] in ("m1", "f1", "klatt")][:n]
         out[split] = write_manifest(tmp_path / f"{split}.tsv", root, keep)
     return out
@@ -103,7 +104,7 @@ def test_pooling_before_the_weighted_sum_equals_pooling_after():
 def test_frozen_encoder_gets_no_gradient_and_runs_without_layerdrop():
     enc = builders.tiny("audio", layerdrop=0.5, dropout=0.1)  # train mode: layers and units would drop
     before = {k: v.clone() for k, v in enc.state_dict().items()}
-    dm = SyntheticDataModule(modality="audio", train_size=8, val_size=4, batch_size=4, num_classes=4)
+    dm = SyntheticDataModule(modality="audio", train_size=8, valid_size=4, batch_size=4, num_classes=4)
     with frozen(enc):
         assert not enc.training and not any(p.requires_grad for p in enc.parameters())
         a = extract(EncoderStates(enc), dm.train_dataloader())
@@ -153,7 +154,7 @@ def test_pooled_features_ignore_padding_and_need_no_grad(learning_check):
 
 def test_sklearn_probe_separates_synthetic_classes_and_rejects_unseen_labels(learning_check):
     pooled_features, linear_probe_accuracy = learning_check.pooled_features, learning_check.linear_probe_accuracy
-    dm = SyntheticDataModule(modality="audio", train_size=48, val_size=24, batch_size=8)
+    dm = SyntheticDataModule(modality="audio", train_size=48, valid_size=24, batch_size=8)
     enc = builders.tiny("audio")
     tr_x, tr_y = pooled_features(enc, dm.train_dataloader(), "audio")
     te_x, te_y = pooled_features(enc, dm.val_dataloader(), "audio")
@@ -239,7 +240,7 @@ def speech_tiny(tmp_path_factory) -> Path:
     """The tiny embedded speech corpus with transcripts (generated once per test session)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMNISSL_DATA", str(tmp_path_factory.getbasetemp() / "omnissl-data"))
-        return embedded_manifest("embedded:tiny", "train").parent
+        return embedded_corpus("embedded:tiny", size="default")["train"].parent
 
 
 def test_ctc_head_overfits_two_real_utterances_exactly(speech_tiny):

@@ -357,7 +357,7 @@ def _embedded(modality: str):
     if modality == "audio":
         from omnissl.datamodules.audio import AudioDataModule
 
-        return AudioDataModule(train_manifest="embedded:tiny", valid_manifest=None, max_samples=32000,
+        return AudioDataModule(train="embedded:tiny", valid=None, max_samples=32000,
                                min_samples=16000, max_tokens=None, batch_size=4, num_workers=0)
     if modality == "text":
         from omnissl.datamodules.text import TextDataModule

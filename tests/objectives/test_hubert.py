@@ -180,7 +180,7 @@ def test_fit_fails_before_training_on_units_that_do_not_match(tmp_path):
     manifest, sizes = _corpus(tmp_path)
     # right number of lines, but half the frames: only a per-line check catches it before step 1
     (tmp_path / "train.km").write_text("".join(" ".join(["1"] * (n // 640)) + "\n" for n in sizes))
-    dm = AudioDataModule(train_manifest=str(manifest), max_samples=None, min_samples=0, max_tokens=None,
+    dm = AudioDataModule(train=str(manifest), max_samples=None, min_samples=0, max_tokens=None,
                          batch_size=2, num_workers=0, units="km")
     model = HuBERT(tiny("audio"), num_classes=10)
     with pytest.raises(ValueError, match="train.km does not match manifest"):
@@ -193,17 +193,18 @@ def test_fit_fails_before_training_on_units_that_do_not_match(tmp_path):
 def test_loss_goes_down_on_embedded_speech_with_mfcc_units(tmp_path):
     """Iteration 1 end to end on the embedded speech corpus: MFCC k-means units (omnissl.eval.units) written
     beside a copy of the manifest, AudioDataModule with units, HuBERT accuracy and loss improve."""
-    from omnissl.datamodules.audio import AudioDataModule, embedded_manifest
+    from omnissl.datamodules.audio import AudioDataModule
+    from omnissl.datamodules.corpora import embedded_corpus
     from omnissl.eval.units import make_units
 
-    src = embedded_manifest("embedded:small", "train")
+    src = embedded_corpus("embedded:small", size="default")["train"]
     lines = src.read_text().splitlines()
     manifest = tmp_path / "train.tsv"
     manifest.write_text("\n".join([str(src.parent)] + lines[1:41]) + "\n")  # 40 utterances
     make_units(manifest, clusters=20, sample_fraction=0.5, n_init=1, out_ext="km")
     torch.manual_seed(0)
     model = HuBERT(tiny("audio"), num_classes=20, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3))
-    dm = AudioDataModule(train_manifest=str(manifest), max_samples=48000, min_samples=16000, max_tokens=None,
+    dm = AudioDataModule(train=str(manifest), max_samples=48000, min_samples=16000, max_tokens=None,
                          batch_size=8, num_workers=0, units="km")
     rec = _Losses()
     L.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -94,7 +94,7 @@ def hubert_checkpoint(folder, train, clusters=6):
     U.make_units(train, seed=0, **dict(FAST, clusters=clusters))
     torch.manual_seed(0)
     model = HuBERT(tiny("audio"), num_classes=clusters, final_dim=16, check_unit_files=False)
-    dm = AudioDataModule(train_manifest=str(train), max_samples=8000, min_samples=400, max_tokens=None,
+    dm = AudioDataModule(train=str(train), max_samples=8000, min_samples=400, max_tokens=None,
                          batch_size=2, num_workers=0, units="km")
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

@@ -320,7 +320,7 @@ def test_loss_goes_down_on_embedded_speech():
 
     torch.manual_seed(0)
     model = small_model(optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3), codebook_entries=32)
-    dm = AudioDataModule(train_manifest="embedded:small", valid_manifest=None, max_samples=48000,
+    dm = AudioDataModule(train="embedded:small", valid=None, max_samples=48000,
                          min_samples=16000, max_tokens=None, batch_size=8, num_workers=0)
     rec = _Record()
     trainer(max_steps=60, callbacks=[rec]).fit(model, dm)

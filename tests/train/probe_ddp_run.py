@@ -28,9 +28,9 @@ def main(strategy_name: str, out: str) -> None:
         strategy = "ddp"
     model = Wav2Vec2(builders.tiny("audio", dim=32, depth=1), final_dim=16, codebook_entries=8, num_distractors=4,
                      optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    data = AudioDataModule(train_manifest=KW, max_samples=8000, min_samples=0, max_tokens=None, batch_size=4,
+    data = AudioDataModule(train=KW, max_samples=8000, min_samples=0, max_tokens=None, batch_size=4,
                            num_workers=0)
-    probe_data = AudioDataModule(train_manifest=KW, valid_manifest=KW, max_samples=None, min_samples=0,
+    probe_data = AudioDataModule(train=KW, valid=KW, max_samples=None, min_samples=0,
                                  max_tokens=None, batch_size=8, num_workers=0)
     probe = OnlineProbe(probe_data, every_n_steps=2, knn_k=5, epochs=3)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2, logger=False,
@@ -41,7 +41,7 @@ def main(strategy_name: str, out: str) -> None:
     enc = model.encoder
     loader = probe_data.train_dataloader()
     feats, labels = probe.features(trainer, enc, loader, torch.device("cpu"))
-    ds = probe_data.datasets["train"]
+    ds = probe_data.dataset("train")
     enc.eval()
     with torch.no_grad():  # every rank runs the same forwards (FSDP2 gathers parameters collectively)
         ref = torch.cat([mean_pool(enc.encode(enc.embed(ds[i]["audio"][None])).last, None) for i in range(len(ds))])

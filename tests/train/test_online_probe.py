@@ -18,7 +18,7 @@ KW = "embedded:keywords:tiny"  # 48 train / 12 valid clips of 1 s, 12 keywords
 
 # pretraining data: the same tiny clips (labels unused by wav2vec 2.0), so only one small corpus is generated
 # and 0.5 s crops: the conv extractor dominates the time of these CPU runs
-PRETRAIN = [f"--data.init_args.train_manifest={KW}", f"--data.init_args.valid_manifest={KW}",
+PRETRAIN = [f"--data.init_args.train={KW}", f"--data.init_args.valid={KW}",
             "--data.init_args.min_samples=0", "--data.init_args.num_workers=0", "--data.init_args.max_samples=8000",
             "--data.init_args.batch_size=4", "--model.init_args.num_distractors=10"]
 
@@ -35,7 +35,7 @@ def env(tmp_path_factory):
 def _probe_recipe(folder: Path, *, train=KW, every=2) -> str:
     """The shipped probe recipe, pointed at the tiny keywords and probing every 2 steps."""
     text = PROBE.read_text().replace("embedded:keywords:small", KW).replace("every_n_steps: 100", f"every_n_steps: {every}")
-    text = text.replace("knn_k: 20", "knn_k: 5").replace(f"train_manifest: {KW}", f"train_manifest: {train}")
+    text = text.replace("knn_k: 20", "knn_k: 5").replace(f"train: {KW}", f"train: {train}")
     text = text.replace("max_samples: null", "max_samples: 8000")
     assert f"every_n_steps: {every}" in text and "knn_k: 5" in text and "max_samples: 8000" in text
     path = folder / "probe.yaml"
@@ -170,7 +170,7 @@ def test_features_from_several_ranks_merge_by_id():
 def test_bad_settings_fail_at_construction():
     from omnissl.datamodules.audio import AudioDataModule
 
-    dm = AudioDataModule(train_manifest=KW, valid_manifest=KW)
+    dm = AudioDataModule(train=KW, valid=KW)
     for kwargs, needle in [(dict(every_n_steps=0), "every_n_steps must be > 0, got 0"),
                            (dict(every_n_steps=-5), "every_n_steps"), (dict(knn_k=0), "knn_k"),
                            (dict(knn_temperature=0.0), "knn_temperature"), (dict(lr=0.0), "lr")]:
@@ -179,9 +179,9 @@ def test_bad_settings_fail_at_construction():
 
 
 def test_unlabeled_probe_data_fails_at_setup_before_any_step(env):
-    from omnissl.datamodules.audio import embedded_manifest
+    from omnissl.datamodules.corpora import embedded_corpus
 
-    labeled = embedded_manifest(KW, "train")
+    labeled = embedded_corpus(KW, size="default")["train"]
     folder = env.mktemp("unlabeled")
     lines = labeled.read_text().splitlines()
     unlabeled = folder / "train.tsv"
@@ -216,7 +216,7 @@ def test_probes_once_per_n_optimizer_steps_under_gradient_accumulation(monkeypat
 
     from omnissl.datamodules.audio import AudioDataModule
 
-    cb = OnlineProbe(AudioDataModule(train_manifest=KW, valid_manifest=KW), every_n_steps=2)
+    cb = OnlineProbe(AudioDataModule(train=KW, valid=KW), every_n_steps=2)
     ran = []
     monkeypatch.setattr(cb, "run", lambda trainer, pl_module: ran.append(trainer.global_step) or {})
     for step in [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]:  # global_step seen after each of 10 micro-batches (accumulate 2)
