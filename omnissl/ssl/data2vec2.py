@@ -22,23 +22,17 @@ from torch import Tensor
 from omnissl.backbones.encoder import Encoder
 from omnissl.backbones.protocol import Tokens
 from omnissl.batch import Batch
+from omnissl.checkpoints import load_encoder_weights
 from omnissl.ssl.base import SSLModule, StepOutput
-from omnissl.ssl.data2vec import (
-    FRONT_KEYS,
-    VarianceGuards,
-    check_teacher_in_checkpoint,
-    load_encoder_weights,
-    maskable_inputs,
-    monitors,
-    regression_loss,
-    shard_teacher,
-)
+from omnissl.ssl.frames import ShortUtteranceFilter
 from omnissl.ssl.heads import ConvDecoder1d, ConvDecoder2d
-from omnissl.ssl.masking import inverse_block_mask, span_mask
-from omnissl.ssl.targets import EMATeacher, top_k_targets
+from omnissl.ssl.losses import loss_vs_zero, regression_loss
+from omnissl.ssl.masking import check_span_args, inverse_block_mask, span_mask
+from omnissl.ssl.monitors import VarianceGuards, monitors
+from omnissl.ssl.teacher import FRONT_KEYS, EMATeacher, TeacherHooks, top_k_targets
 
 
-class Data2Vec2(SSLModule):
+class Data2Vec2(TeacherHooks, SSLModule):
     """data2vec 2.0 on an injected sequence `Encoder` (audio; text through the recipe).
 
     Defaults: audio BASE (`examples/data2vec/config/v2/base_audio_only_task.yaml`, REFERENCE §B.5):
@@ -97,10 +91,8 @@ class Data2Vec2(SSLModule):
             raise ValueError(f"clone_batch must be >= 1, got {clone_batch}")
         if not 1 <= top_k <= encoder.num_layers:
             raise ValueError(f"top_k must be in [1, {encoder.num_layers}] for this encoder, got {top_k}")
-        if not 0.0 < mask_prob < 1.0 or mask_length < 1:
-            raise ValueError(f"need 0 < mask_prob < 1 and mask_length >= 1, got {mask_prob}, {mask_length}")
-        if short_utterances not in ("drop", "raise"):
-            raise ValueError(f"short_utterances must be 'drop' or 'raise', got {short_utterances!r}")
+        min_frames = check_span_args(mask_prob, mask_length, min_spans, min_frames=2 * mask_length)
+        self.short = ShortUtteranceFilter(min_frames, short_utterances)
         if init_from:
             load_encoder_weights(encoder, init_from)
         # the student sees visible tokens only, so the mask embedding is never used: frozen, so that no
@@ -112,8 +104,6 @@ class Data2Vec2(SSLModule):
         self.target_norm, self.final_target_norm = target_norm, final_target_norm
         self.mask_noise_std, self.teacher_embeds = mask_noise_std, teacher_embeds
         self.loss_scale = 1.0 / math.sqrt(encoder.dim) if loss_scale is None else loss_scale
-        self.short_utterances, self.dropped_short = short_utterances, 0
-        self.min_frames = max(min_spans + 1, 2 * mask_length)
         if decoder not in ("1d", "2d"):
             raise ValueError(f"decoder must be '1d' or '2d', got {decoder!r}")
         self.block_adjust = block_adjust
@@ -139,8 +129,8 @@ class Data2Vec2(SSLModule):
                              padding_mask=tokens.padding_mask)
 
     def step(self, batch: Batch) -> StepOutput:
-        x, lengths, dropped = maskable_inputs(self, batch)
-        self.dropped_short += dropped
+        batch, dropped = self.short(batch, self.modality, self.encoder)
+        x, lengths = batch.inputs[self.modality], batch.lengths.get(self.modality)
         tokens = self.encoder.embed(x, lengths)
         b, n, d = tokens.x.shape
         m = self.clone_batch
@@ -174,15 +164,10 @@ class Data2Vec2(SSLModule):
         count = mask.sum()
         loss_sum = regression_loss(pred_m, target_m, beta=0.0, scale=self.loss_scale)
         valid = n * b if tokens.padding_mask is None else int((~tokens.padding_mask).sum())
-        metrics = monitors(self, pred=pred_m, target=target_m, loss_sum=loss_sum, beta=0.0, scale=self.loss_scale,
-                           masked_frac=float(count) / max(valid * m, 1), dropped=dropped,
+        metrics = monitors(pred=pred_m, target=target_m,
+                           loss_vs_zero=loss_vs_zero(loss_sum, target_m, beta=0.0, scale=self.loss_scale),
+                           ema_decay=self.teacher.decay, masked_frac=float(count) / max(valid * m, 1), dropped=dropped,
+                           guards=self.guards if self.training and self.attached else None, step=self.global_step,
+                           reduce=self.reducer(),
                            var_target=target[::m][mask[::m]])  # target_var over each sample's targets once
         return StepOutput(self.normalize(loss_sum, count), metrics, b)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_teacher_in_checkpoint(checkpoint, type(self).__name__)
-
-    def configure_model(self) -> None:
-        """As SSLModule, then shard the teacher's copy like the student (see Data2Vec.configure_model)."""
-        super().configure_model()
-        shard_teacher(self)

@@ -11,6 +11,18 @@ from torch import Tensor, nn
 from omnissl.backbones.transformer import SinCosPositions, Transformer
 
 
+def regression_head(dim: int, layers: int) -> nn.Module:
+    """data2vec's `final_proj`: Linear(D, D) (audio), or layers-1 x [Linear(d, 2d), GELU] then Linear(., D)
+    (text, head_layers 2)."""
+    mods: list[nn.Module] = []
+    cur = dim
+    for _ in range(layers - 1):
+        mods += [nn.Linear(cur, 2 * cur), nn.GELU()]
+        cur *= 2
+    mods.append(nn.Linear(cur, dim))
+    return nn.Sequential(*mods) if len(mods) > 1 else mods[0]
+
+
 class MAEDecoder(nn.Module):
     """MAE's lightweight decoder (He et al. 2022, sec. 3): Linear D->E, learned mask token N(0, 0.02) at
     removed positions, fixed 2-D sin-cos positions, a pre-LN transformer, Linear E->patch values.
