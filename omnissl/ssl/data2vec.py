@@ -26,7 +26,7 @@ from omnissl.ssl.heads import regression_head
 from omnissl.ssl.losses import loss_vs_zero, regression_loss
 from omnissl.ssl.masking import block_mask, check_span_args, span_mask
 from omnissl.ssl.monitors import VarianceGuards, monitors
-from omnissl.ssl.teacher import FRONT_KEYS, EMATeacher, TeacherHooks, top_k_targets
+from omnissl.ssl.teacher import FRONT_KEYS, EMATeacher, TeacherHooks
 
 
 class Data2Vec(TeacherHooks, SSLModule):
@@ -106,13 +106,9 @@ class Data2Vec(TeacherHooks, SSLModule):
         student's tokens after it (p 0.1 in audio_base; 0 in `tiny`). Re-projecting `tokens.features` would
         undo it but calls a submodule outside the sharded entry points (FSDP2), so we accept the difference.
         """
-        tokens = tokens._replace(x=tokens.x.detach())
-        out = self.teacher.module.encode(tokens, return_layers="ffn" if self.target_source == "ffn" else True)
-        layers = out.ffn if self.target_source == "ffn" else out.layers[1:]  # block outputs, not the input
-        p = self.encoder.num_prefix
-        layers = [h[:, p:] for h in layers]
-        return top_k_targets(layers, self.top_k, norm=self.target_norm, final_norm=self.final_target_norm,
-                             padding_mask=tokens.padding_mask)
+        return self.teacher.targets(tokens._replace(x=tokens.x.detach()), top_k=self.top_k, norm=self.target_norm,
+                                    final_norm=self.final_target_norm, num_prefix=self.encoder.num_prefix,
+                                    source=self.target_source)
 
     def step(self, batch: Batch) -> StepOutput:
         batch, dropped = self.short(batch, self.modality, self.encoder)

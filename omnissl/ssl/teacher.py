@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
+from omnissl.backbones.protocol import Tokens
 from omnissl.ops import masked_instance_norm
 
 # Parts of the teacher's Encoder copy it never runs when it is fed the student's projected features (fairseq
@@ -88,6 +89,17 @@ class EMATeacher(nn.Module):
         self.num_updates.fill_(num_updates)
         if self.training:
             self.update(self._student[0])
+
+    @torch.no_grad()
+    def targets(self, tokens: Tokens, *, top_k: int, norm: str | None, final_norm: str | None, num_prefix: int = 0,
+                source: str = "layers") -> Tensor:
+        """Run the teacher's copy on unmasked `tokens` and average its top-K layers (`top_k_targets`) -> (B, N, D)
+        fp32 without the `num_prefix` (CLS) tokens. source: "layers" (block outputs) or "ffn" (FFN outputs
+        before the last residual, data2vec audio)."""
+        out = self.module.encode(tokens, return_layers="ffn" if source == "ffn" else True)
+        layers = out.ffn if source == "ffn" else out.layers[1:]  # block outputs, not the input
+        layers = [h[:, num_prefix:] for h in layers]
+        return top_k_targets(layers, top_k, norm=norm, final_norm=final_norm, padding_mask=tokens.padding_mask)
 
     @staticmethod
     def _local(t: Tensor) -> Tensor:
