@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from omnissl.backbones.config import recorded
+from omnissl.ops import masked_instance_norm, padding_mask_from_lengths
 
 # wav2vec 2.0's feature encoder: (channels, kernel, stride) per layer; stride 320, receptive field 400
 # samples (25 ms) at 16 kHz (Baevski et al. 2020, sec. 2; fairseq `conv_feature_layers`).
@@ -101,18 +102,13 @@ class ConvFeatureExtractor(nn.Module):
             jump *= stride
         return field
 
-    def _group_norm(self, norm: nn.GroupNorm, h: Tensor, valid: Tensor | None) -> Tensor:
+    @staticmethod
+    def _group_norm(norm: nn.GroupNorm, h: Tensor, valid: Tensor | None) -> Tensor:
         """Per-channel norm over time (GroupNorm with C groups) of channels-last h (B, N, C), in fp32, over
-        valid frames only."""
-        h = h.float()
-        if valid is None:
-            var, mean = torch.var_mean(h, dim=1, unbiased=False, keepdim=True)
-        else:
-            m = (torch.arange(h.shape[1], device=h.device)[None] < valid[:, None]).to(h.dtype)[..., None]
-            count = m.sum(1, keepdim=True).clamp(min=1)
-            mean = (h * m).sum(1, keepdim=True) / count
-            var = (((h - mean) * m) ** 2).sum(1, keepdim=True) / count
-        return (h - mean) * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias
+        the `valid` (B,) frames only (padded frames come out as the norm's bias)."""
+        pad = None if valid is None else padding_mask_from_lengths(valid, h.shape[1])
+        h = masked_instance_norm(h.float(), None if pad is None else ~pad, eps=norm.eps)
+        return h * norm.weight + norm.bias
 
     @staticmethod
     def _conv(conv: nn.Conv1d, h: Tensor, kernel: int, stride: int) -> Tensor:
@@ -190,6 +186,11 @@ class LogMelPatches(nn.Module):
         """The shortest input that yields one patch row."""
         return self.n_fft + self.hop * (self.patch_time - 1)
 
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch in `patchify`'s output: patch_time * patch_freq log-mel bins."""
+        return self.patch_time * self.patch_freq
+
     def spectrogram(self, x: Tensor) -> Tensor:
         """x (B, T) -> normalized log-mel (B, frames, F), in fp32."""
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -243,6 +244,11 @@ class ImagePatches(nn.Module):
             )
         h = self.proj(x)
         return rearrange(h, "b d gh gw -> b (gh gw) d"), None, (h.shape[2], h.shape[3])
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch in `patchify`'s output: patch * patch * C pixels."""
+        return self.patch * self.patch * self.proj.in_channels
 
     def patchify(self, x: Tensor) -> Tensor:
         """x (B, C, H, W) -> (B, N, patch * patch * C) pixels per patch (MAE targets)."""

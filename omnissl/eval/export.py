@@ -43,7 +43,7 @@ from omnissl.eval.hf import (  # re-exported: recipes and users reach the conver
     lm_head_from_hf_roberta,
     wav2vec2_heads_from_hf,
 )
-from omnissl.ssl.targets import GumbelQuantizer
+from omnissl.ssl.quantizer import GumbelQuantizer
 
 __all__ = [
     "export_checkpoint", "trained_with_normalized_audio", "feature_extractor", "encoder_from_hf",

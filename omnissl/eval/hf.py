@@ -72,7 +72,7 @@ from omnissl.backbones.encoder import Encoder
 from omnissl.backbones.frontends import ConvFeatureExtractor, ImagePatches, TokenEmbedding
 from omnissl.backbones.transformer import ConvPositions, LearnedPositions, SinCosPositions, Transformer
 from omnissl.ssl.heads import MaskedLMHead
-from omnissl.ssl.targets import GumbelQuantizer
+from omnissl.ssl.quantizer import GumbelQuantizer
 
 if TYPE_CHECKING:  # transformers is a dev extra, imported only by callers that pass or ask for its models
     from transformers import (HubertModel, PreTrainedModel, RobertaForMaskedLM, RobertaModel, ViTMAEModel,

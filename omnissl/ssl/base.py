@@ -9,14 +9,16 @@ logging. An objective implements `step(batch) -> StepOutput` and returns metrics
 from __future__ import annotations
 
 import abc
-import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 
+from omnissl.backbones.config import module_config
+from omnissl.backbones.transformer import Block
 from omnissl.batch import Batch
 from omnissl.optim import global_normalize, grad_norm, param_groups
 
@@ -74,26 +76,38 @@ class SSLModule(L.LightningModule, abc.ABC):
 
     # --- helpers for objectives -------------------------------------------------------------------------
 
+    @property
+    def attached(self) -> bool:
+        """Whether a Trainer drives this module (False when an objective is called directly, as in tests)."""
+        return self._trainer is not None
+
+    def reducer(self) -> Callable[..., Tensor] | None:
+        """The strategy's `reduce(tensor, reduce_op=...)` when several ranks train, else None (for the
+        monitors' global statistics, omnissl/ssl/monitors.py)."""
+        if not self.attached or self.trainer.world_size == 1:
+            return None
+        return self.trainer.strategy.reduce
+
     def generator(self, device: torch.device | None = None) -> torch.Generator:
         """A generator seeded by (seed, update, rank, micro-batch): masks are reproducible on resume and
         differ across ranks and accumulated micro-batches."""
         device = device or self.device
-        rank = self.global_rank if self._trainer is not None else 0
-        step = self.global_step if self._trainer is not None else 0
+        rank = self.global_rank if self.attached else 0
+        step = self.global_step if self.attached else 0
         key = ((self.seed * 1_000_003 + step) * 1_009 + rank) * 1_013 + self._micro
         return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
 
     def normalize(self, loss_sum: Tensor, count: Tensor | int) -> Tensor:
         """Summed loss -> gradient of the global mean over all ranks' predicted positions (fairseq)."""
         count = torch.as_tensor(count, device=loss_sum.device, dtype=torch.float32)
-        if self._trainer is None or self.trainer.world_size == 1:
+        if not self.attached or self.trainer.world_size == 1:
             return loss_sum / count.clamp(min=1)
         return global_normalize(loss_sum, count, self.all_gather(count), self.trainer.world_size)
 
     # --- Lightning hooks --------------------------------------------------------------------------------
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self.attached else 1
         self._micro = batch_idx % accumulate
         for module in self.modules():
             if module is not self and hasattr(module, "set_num_updates"):
@@ -140,8 +154,6 @@ class SSLModule(L.LightningModule, abc.ABC):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Describe the encoder by its constructor arguments (backbones/config.py) so `omnissl export` can
         rebuild it from a weights-only load, without the recipe and without unpickling code."""
-        from omnissl.backbones.config import module_config
-
         info: dict = {
             "objective": f"{type(self).__module__}.{type(self).__qualname__}",
             "heads": {name: f"{type(m).__module__}.{type(m).__qualname__}"
@@ -163,11 +175,9 @@ class SSLModule(L.LightningModule, abc.ABC):
         """FSDP2 under Lightning's ModelParallelStrategy: shard every transformer block, then each top-level
         child (so an EMA teacher is sharded like its student). Weight-decay groups are decided by name in
         configure_optimizers, which runs after this and sees the same parameter names."""
-        if self._trainer is None or type(self.trainer.strategy).__name__ != "ModelParallelStrategy":
+        if not self.attached or not isinstance(self.trainer.strategy, ModelParallelStrategy):
             return
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-        from omnissl.backbones.transformer import Block
 
         mesh = self.device_mesh["data_parallel"]
         for module in self.modules():
@@ -186,8 +196,3 @@ class SSLModule(L.LightningModule, abc.ABC):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    @staticmethod
-    def bits(loss_nats: Tensor) -> Tensor:
-        """fairseq reports contrastive losses in bits."""
-        return loss_nats / math.log(2)

@@ -17,29 +17,27 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from omnissl.backbones.encoder import Encoder
 from omnissl.backbones.protocol import Tokens
 from omnissl.batch import Batch
+from omnissl.checkpoints import load_encoder_weights
 from omnissl.ssl.base import SSLModule, StepOutput
-from omnissl.ssl.data2vec import (
-    FRONT_KEYS,
-    VarianceGuards,
-    check_teacher_in_checkpoint,
-    load_encoder_weights,
-    maskable_inputs,
-    monitors,
-    regression_loss,
-    shard_teacher,
-)
-from omnissl.ssl.heads import ConvDecoder1d, ConvDecoder2d
-from omnissl.ssl.masking import inverse_block_mask, span_mask
-from omnissl.ssl.targets import EMATeacher, top_k_targets
+from omnissl.ssl.frames import ShortUtteranceFilter
+from omnissl.ssl.heads import ConvDecoder1d
+from omnissl.ssl.losses import loss_vs_zero, regression_loss
+from omnissl.ssl.masking import check_span_args, inverse_block_mask, span_mask
+from omnissl.ssl.monitors import VarianceGuards, monitors
+from omnissl.ssl.teacher import FRONT_KEYS, EMATeacher, TeacherHooks
 
 
-class Data2Vec2(SSLModule):
+class Data2Vec2(TeacherHooks, SSLModule):
     """data2vec 2.0 on an injected sequence `Encoder` (audio; text through the recipe).
+
+    decoder: the module that fills in the masked tokens, called `decoder(x (B·M, N, D), padding_mask, grid)`
+    -> (B·M, N, D) (`ConvDecoder1d` for sequences, `ConvDecoder2d` for patch grids; its in_dim is the
+    encoder's width); None builds the audio base `ConvDecoder1d`.
 
     Defaults: audio BASE (`examples/data2vec/config/v2/base_audio_only_task.yaml`, REFERENCE §B.5):
     M = 8 clones, top-8 block outputs instance-normed, conv decoder 4 x 384 kernel 7 groups 16, L2 / √D,
@@ -52,7 +50,7 @@ class Data2Vec2(SSLModule):
     the batch's smallest count (fairseq masks exactly 50 %); raise mask_prob to mask more.
     Patch-grid encoders (images; tokens with a grid) take inverse block masks (`inverse_block_mask`: keep
     `mask_length` x `mask_length` blocks, then exactly (1 - mask_prob)·N kept, `block_adjust` extra centres)
-    and the 2-D decoder (decoder "2d"); image base: mask_prob 0.8, mask_length 3, block_adjust 0.07, M 16,
+    and the 2-D decoder (`ConvDecoder2d`); image base: mask_prob 0.8, mask_length 3, block_adjust 0.07, M 16,
     top_k 10 of 10, final_target_norm "layer", decoder 6 x 768 kernel 3, teacher_embeds true.
     NOTE(ref): as in Data2Vec.targets, the teacher sees the student's tokens after its input dropout.
     NOTE(ref): fairseq's image model adds `cls_loss 0.01` (the CLS token regresses the mean target); not here.
@@ -72,12 +70,7 @@ class Data2Vec2(SSLModule):
         top_k: int = 8,  # audio: top 8 of 12 blocks
         target_norm: str | None = "instance",
         final_target_norm: str | None = None,
-        decoder_dim: int = 384,  # audio base decoder: 4 layers, 384 wide, kernel 7, 16 groups
-        decoder_layers: int = 4,
-        decoder_kernel: int = 7,
-        decoder_groups: int = 16,
-        decoder_residual: bool = True,
-        decoder: str = "1d",  # "2d" for patch grids (images)
+        decoder: nn.Module | None = None,  # None: ConvDecoder1d audio base (4 x 384, kernel 7, 16 groups)
         block_adjust: float = 0.07,  # image base mask_prob_adjust (inverse block masks only)
         mask_noise_std: float = 0.01,
         loss_scale: float | None = None,  # None: 1 / sqrt(D) (audio); text 1
@@ -97,10 +90,8 @@ class Data2Vec2(SSLModule):
             raise ValueError(f"clone_batch must be >= 1, got {clone_batch}")
         if not 1 <= top_k <= encoder.num_layers:
             raise ValueError(f"top_k must be in [1, {encoder.num_layers}] for this encoder, got {top_k}")
-        if not 0.0 < mask_prob < 1.0 or mask_length < 1:
-            raise ValueError(f"need 0 < mask_prob < 1 and mask_length >= 1, got {mask_prob}, {mask_length}")
-        if short_utterances not in ("drop", "raise"):
-            raise ValueError(f"short_utterances must be 'drop' or 'raise', got {short_utterances!r}")
+        min_frames = check_span_args(mask_prob, mask_length, min_spans, min_frames=2 * mask_length)
+        self.short = ShortUtteranceFilter(min_frames, short_utterances)
         if init_from:
             load_encoder_weights(encoder, init_from)
         # the student sees visible tokens only, so the mask embedding is never used: frozen, so that no
@@ -112,14 +103,8 @@ class Data2Vec2(SSLModule):
         self.target_norm, self.final_target_norm = target_norm, final_target_norm
         self.mask_noise_std, self.teacher_embeds = mask_noise_std, teacher_embeds
         self.loss_scale = 1.0 / math.sqrt(encoder.dim) if loss_scale is None else loss_scale
-        self.short_utterances, self.dropped_short = short_utterances, 0
-        self.min_frames = max(min_spans + 1, 2 * mask_length)
-        if decoder not in ("1d", "2d"):
-            raise ValueError(f"decoder must be '1d' or '2d', got {decoder!r}")
         self.block_adjust = block_adjust
-        make = ConvDecoder1d if decoder == "1d" else ConvDecoder2d
-        self.decoder = make(in_dim=encoder.dim, dim=decoder_dim, layers=decoder_layers, kernel=decoder_kernel,
-                            groups=decoder_groups, residual=decoder_residual)
+        self.decoder = ConvDecoder1d(in_dim=encoder.dim) if decoder is None else decoder
         self.teacher = EMATeacher(encoder, decay_start=ema_decay, decay_end=ema_end_decay,
                                   anneal_steps=ema_anneal_steps, skip=() if teacher_embeds else FRONT_KEYS)
         self.guards = VarianceGuards(min_target=min_target_var, min_pred=min_pred_var,
@@ -132,15 +117,12 @@ class Data2Vec2(SSLModule):
             tokens = self.teacher.module.embed(x, lengths)
         else:
             tokens = tokens._replace(x=tokens.x.detach())
-        out = self.teacher.module.encode(tokens, return_layers=True)
-        p = self.encoder.num_prefix
-        layers = [h[:, p:] for h in out.layers[1:]]
-        return top_k_targets(layers, self.top_k, norm=self.target_norm, final_norm=self.final_target_norm,
-                             padding_mask=tokens.padding_mask)
+        return self.teacher.targets(tokens, top_k=self.top_k, norm=self.target_norm, final_norm=self.final_target_norm,
+                                    num_prefix=self.encoder.num_prefix)
 
     def step(self, batch: Batch) -> StepOutput:
-        x, lengths, dropped = maskable_inputs(self, batch)
-        self.dropped_short += dropped
+        batch, dropped = self.short(batch, self.modality, self.encoder)
+        x, lengths = batch.inputs[self.modality], batch.lengths.get(self.modality)
         tokens = self.encoder.embed(x, lengths)
         b, n, d = tokens.x.shape
         m = self.clone_batch
@@ -163,26 +145,16 @@ class Data2Vec2(SSLModule):
         full = torch.randn(b * m, n, d, device=x.device, dtype=visible.dtype,
                            generator=g) * self.mask_noise_std
         full = full.masked_scatter(keep[..., None], visible)
-        if isinstance(self.decoder, ConvDecoder2d):
-            if tokens.grid is None or pad is not None:
-                raise ValueError("the 2-D decoder needs an unpadded patch grid (an image or spectrogram encoder)")
-            pred = self.decoder(full, tokens.grid)  # (B·M, N, D)
-        else:
-            pred = self.decoder(full, pad)
+        pred = self.decoder(full, pad, tokens.grid)  # (B·M, N, D)
 
         pred_m, target_m = pred[mask], target[mask]
         count = mask.sum()
         loss_sum = regression_loss(pred_m, target_m, beta=0.0, scale=self.loss_scale)
         valid = n * b if tokens.padding_mask is None else int((~tokens.padding_mask).sum())
-        metrics = monitors(self, pred=pred_m, target=target_m, loss_sum=loss_sum, beta=0.0, scale=self.loss_scale,
-                           masked_frac=float(count) / max(valid * m, 1), dropped=dropped,
+        metrics = monitors(pred=pred_m, target=target_m,
+                           loss_vs_zero=loss_vs_zero(loss_sum, target_m, beta=0.0, scale=self.loss_scale),
+                           ema_decay=self.teacher.decay, masked_frac=float(count) / max(valid * m, 1), dropped=dropped,
+                           guards=self.guards if self.training and self.attached else None, step=self.global_step,
+                           reduce=self.reducer(),
                            var_target=target[::m][mask[::m]])  # target_var over each sample's targets once
         return StepOutput(self.normalize(loss_sum, count), metrics, b)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_teacher_in_checkpoint(checkpoint, type(self).__name__)
-
-    def configure_model(self) -> None:
-        """As SSLModule, then shard the teacher's copy like the student (see Data2Vec.configure_model)."""
-        super().configure_model()
-        shard_teacher(self)

@@ -11,6 +11,18 @@ from torch import Tensor, nn
 from omnissl.backbones.transformer import SinCosPositions, Transformer
 
 
+def regression_head(dim: int, layers: int) -> nn.Module:
+    """data2vec's `final_proj`: Linear(D, D) (audio), or layers-1 x [Linear(d, 2d), GELU] then Linear(., D)
+    (text, head_layers 2)."""
+    mods: list[nn.Module] = []
+    cur = dim
+    for _ in range(layers - 1):
+        mods += [nn.Linear(cur, 2 * cur), nn.GELU()]
+        cur *= 2
+    mods.append(nn.Linear(cur, dim))
+    return nn.Sequential(*mods) if len(mods) > 1 else mods[0]
+
+
 class MAEDecoder(nn.Module):
     """MAE's lightweight decoder (He et al. 2022, sec. 3): Linear D->E, learned mask token N(0, 0.02) at
     removed positions, fixed 2-D sin-cos positions, a pre-LN transformer, Linear E->patch values.
@@ -89,7 +101,8 @@ class ConvDecoder1d(nn.Module):
     kernel 7, 16 groups; `examples/data2vec/config/v2/base_audio_only_task.yaml`, REFERENCE §B.5).
 
     forward: x (B, N, D) -> (B, N, out_dim). padding_mask (B, N) True at padding: padded positions are
-    zeroed before every convolution so they never leak into valid neighbours.
+    zeroed before every convolution so they never leak into valid neighbours. grid: unused (the decoders
+    share one call, `decoder(x, padding_mask, grid)`).
     """
 
     conv = nn.Conv1d
@@ -110,7 +123,7 @@ class ConvDecoder1d(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(dim, elementwise_affine=False) for _ in range(layers))
         self.proj = nn.Linear(dim, in_dim if out_dim is None else out_dim)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
         valid = None if padding_mask is None else (~padding_mask)[..., None].to(x.dtype)
         for conv, norm in zip(self.convs, self.norms):
             if valid is not None:
@@ -126,7 +139,7 @@ class ConvDecoder2d(ConvDecoder1d):
     grouped Conv2d(kernel x kernel) over the (rows, cols) grid. Defaults: image base (6 layers, 768 wide,
     kernel 3, 16 groups; `examples/data2vec/config/v2/base_images_only_task.yaml`, REFERENCE §B.5).
 
-    forward: x (B, rows·cols, D) row-major, grid (rows, cols) -> (B, rows·cols, out_dim).
+    forward: x (B, rows·cols, D) row-major, grid (rows, cols) -> (B, rows·cols, out_dim); no padding.
     """
 
     conv = nn.Conv2d
@@ -136,7 +149,9 @@ class ConvDecoder2d(ConvDecoder1d):
         super().__init__(in_dim=in_dim, out_dim=out_dim, dim=dim, layers=layers, kernel=kernel, groups=groups,
                          residual=residual)
 
-    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
+        if grid is None or padding_mask is not None:
+            raise ValueError("the 2-D decoder needs an unpadded patch grid (an image or spectrogram encoder)")
         rows, cols = grid
         b, n, _ = x.shape
         if rows * cols != n:

@@ -5,25 +5,23 @@
     loss = 1.0·Σ_masked CE + 0.0·Σ_unmasked CE + 10·mean(z²)·S,   S = #frames in the weighted sums
 
 divided by the global S (fairseq `hubert_criterion`). Units are data: `batch.targets["units"]` (B, F) int64
-at the encoder frame rate (`samples_per_token`, 20 ms), padded with -100, made by `omnissl hubert-units`
-(omnissl/ssl/units.py). Legend: B batch, N frames, D trunk width, E final_dim, K clusters.
+at the encoder frame rate (`samples_per_token`, 20 ms), padded with -100, made by `omnissl hubert-units`.
+Legend: B batch, N frames, D trunk width, E final_dim, K clusters.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from omnissl.backbones.encoder import Encoder
-from omnissl.batch import Batch
+from omnissl.batch import IGNORE_INDEX, Batch
 from omnissl.ssl.base import SSLModule, StepOutput
+from omnissl.ssl.frames import ShortUtteranceFilter
 from omnissl.ssl.heads import LabelEmbeddings
-from omnissl.ssl.losses import cosine_cross_entropy
-from omnissl.ssl.masking import span_mask
-from omnissl.batch import IGNORE_INDEX
-from omnissl.ssl.targets import align_units, maskable_batch
+from omnissl.ssl.losses import cosine_cross_entropy, feature_penalty
+from omnissl.ssl.masking import check_span_args, span_mask
+from omnissl.ssl.targets import align_units
 
 
 class HuBERT(SSLModule):
@@ -35,8 +33,8 @@ class HuBERT(SSLModule):
     MFCC clusters; iteration 2 uses K = 500 clusters of layer-6 features.
 
     align_tolerance: units and encoder frames of an utterance may differ by this many frames (conv edge
-    effects); more is an error naming the sample ids. check_unit_files: before training, check every unit
-    file the data module names against its manifest (`units.check_units`).
+    effects); more is an error naming the sample ids. The unit files themselves are checked against the
+    audio by the data module (AudioDataModule: one line per manifest line, units per item within 0.1 s).
 
     Metrics: loss_m / loss_u (cross-entropy per masked / unmasked frame, nats), acc_m / acc_u (masked and
     unmasked accuracy; the model sees unmasked frames, so acc_u should lead acc_m: the reverse signalled an
@@ -63,7 +61,6 @@ class HuBERT(SSLModule):
         align_tolerance: int = 2,
         min_frames: int | None = None,  # None: mask_length
         short_utterances: str = "drop",
-        check_unit_files: bool = True,
         **base,
     ) -> None:
         super().__init__(**base)
@@ -71,10 +68,10 @@ class HuBERT(SSLModule):
         classes = [num_classes] * len(keys) if isinstance(num_classes, int) else list(num_classes)
         if len(classes) != len(keys):
             raise ValueError(f"num_classes {classes} must give one count per label key {keys}")
-        if short_utterances not in ("drop", "raise"):
-            raise ValueError(f"short_utterances must be 'drop' or 'raise', got {short_utterances!r}")
         if masked_weight <= 0 and unmasked_weight <= 0:
             raise ValueError("at least one of masked_weight and unmasked_weight must be positive")
+        self.short = ShortUtteranceFilter(check_span_args(mask_prob, mask_length, min_spans, min_frames=min_frames),
+                                          short_utterances)
         self.encoder, self.label_keys, self.num_classes = encoder, keys, classes
         self.final_dim = final_dim
         self.mask_prob, self.mask_length, self.min_spans = mask_prob, mask_length, min_spans
@@ -83,45 +80,8 @@ class HuBERT(SSLModule):
         self.masked_weight, self.unmasked_weight = masked_weight, unmasked_weight
         self.feature_penalty_weight, self.feature_grad_mult = feature_penalty_weight, feature_grad_mult
         self.align_tolerance = align_tolerance
-        self.min_frames = max(min_spans + 1, mask_length if min_frames is None else min_frames)
-        self.short_utterances, self.check_unit_files = short_utterances, check_unit_files
-        self.dropped_short = 0
         self.final_proj = nn.Linear(encoder.dim, final_dim * len(keys))
         self.label_embs = LabelEmbeddings(classes, final_dim)  # fairseq `label_embs_concat`, uniform init
-
-    # --- data checks before training ---------------------------------------------------------------------
-
-    def unit_files(self) -> list[tuple[Path, Path]]:
-        """(manifest, unit file) pairs the attached data module reads: its `unit_files()` when it has one,
-        else the `manifest.source` / `units_path` of its datasets (AudioDataModule after setup)."""
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        get = getattr(dm, "unit_files", None)
-        if callable(get):
-            return [(Path(m), Path(u)) for m, u in get()]
-        pairs = []
-        for ds in (getattr(dm, "datasets", None) or {}).values():
-            units, manifest = getattr(ds, "units_path", None), getattr(getattr(ds, "manifest", None), "source", None)
-            if units is not None and manifest is not None:
-                pairs.append((Path(manifest), Path(units)))
-        return pairs
-
-    def on_fit_start(self) -> None:
-        """Check the data module's unit files against their manifests before the first step."""
-        if not self.check_unit_files:
-            return
-        from omnissl.ssl.units import SAMPLE_RATE, check_units
-
-        spt = self.encoder.samples_per_token
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "units") and getattr(dm, "units") is None:
-            raise ValueError("HuBERT needs frame-level units: set the data module's units (e.g. units: km) and "
-                             "make them with `omnissl hubert-units --manifest <train manifest>`")
-        rate = getattr(dm, "label_rate", None)
-        if rate is not None and spt and abs(SAMPLE_RATE / float(rate) - spt) > 1e-6:
-            raise ValueError(f"the data module's label_rate {rate} Hz does not match the encoder's frame rate "
-                             f"({SAMPLE_RATE / spt:g} Hz = {spt} samples per frame)")
-        for manifest, units in self.unit_files():
-            check_units(manifest, units, spt, tolerance=self.align_tolerance)
 
     # --- the objective -----------------------------------------------------------------------------------
 
@@ -144,8 +104,7 @@ class HuBERT(SSLModule):
         return labels, keep
 
     def step(self, batch: Batch) -> StepOutput:
-        batch, dropped = maskable_batch(batch, "audio", self.encoder, self.min_frames, policy=self.short_utterances)
-        self.dropped_short += dropped
+        batch, dropped = self.short(batch, "audio", self.encoder)
         x, lengths = batch.inputs["audio"], batch.lengths["audio"]
 
         tokens = self.encoder.embed(x, lengths, grad_scale=self.feature_grad_mult)
@@ -188,9 +147,7 @@ class HuBERT(SSLModule):
 
         pen = None
         if tokens.raw is not None:
-            sq = tokens.raw.float().pow(2).mean(-1)
-            # NOTE(ref): fairseq averages over padded frames too; we average over valid frames only.
-            pen = (sq * valid).sum() / valid.sum().clamp(min=1)
+            pen = feature_penalty(tokens.raw, tokens.padding_mask)  # over the frames kept above
             if self.feature_penalty_weight:
                 total = total + self.feature_penalty_weight * pen * sample_size
         elif self.feature_penalty_weight:

@@ -7,6 +7,7 @@ Legend: B batch, N tokens, D width, M predicted positions.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -116,3 +117,36 @@ def cosine_cross_entropy(
         with torch.no_grad():
             correct = (logits.argmax(-1) == labels).sum()
     return loss_sum, torch.tensor(labels.numel(), device=pred.device), correct
+
+
+def regression_loss(pred: Tensor, target: Tensor, *, beta: float, scale: float) -> Tensor:
+    """data2vec's regression loss, summed over positions and channels, in fp32: L2 (beta 0) or
+    Smooth-L1(beta), times `scale`."""
+    p, t = pred.float(), target.float()
+    if beta == 0:
+        err = F.mse_loss(p, t, reduction="none")
+    else:
+        err = F.smooth_l1_loss(p, t, reduction="none", beta=beta)
+    return err.sum() * scale
+
+
+@torch.no_grad()
+def loss_vs_zero(loss_sum: Tensor, target: Tensor, *, beta: float, scale: float) -> Tensor:
+    """The regression loss relative to predicting zeros, the per-sample mean of normalized targets (< 1: the
+    student predicts more than the trivial answer; a shrinking-prediction phase alone cannot bring it below 1)."""
+    zero = regression_loss(torch.zeros_like(target), target, beta=beta, scale=scale)
+    return loss_sum.detach().float() / zero.clamp(min=1e-12)
+
+
+def feature_penalty(raw: Tensor, padding_mask: Tensor | None) -> Tensor:
+    """wav2vec 2.0 / HuBERT's feature penalty: mean(z²) over valid frames of the frontend output before its
+    LayerNorm, in fp32. raw (B, N, C), padding_mask (B, N) True at padding or None -> scalar.
+
+    NOTE(ref): fairseq averages over padded frames too; we average over valid frames only, so the
+    penalty of an utterance does not depend on what it was batched with.
+    """
+    sq = raw.float().pow(2).mean(-1)  # (B, N)
+    if padding_mask is None:
+        return sq.mean()
+    valid = (~padding_mask).float()
+    return (sq * valid).sum() / valid.sum().clamp(min=1.0)

@@ -38,17 +38,8 @@ class MAE(SSLModule):
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.encoder, self.modality = encoder, modality
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
-        patch_dim = encoder.frontend.patchify(self._probe_input()).shape[-1]
-        self.decoder = MAEDecoder(in_dim=encoder.dim, out_dim=patch_dim, dim=decoder_dim, depth=decoder_depth,
-                                  heads=decoder_heads)
-
-    def _probe_input(self):
-        import torch
-
-        f = self.encoder.frontend
-        if hasattr(f, "patch"):
-            return torch.zeros(1, f.proj.in_channels, f.patch, f.patch)
-        return torch.zeros(1, f.min_samples)
+        self.decoder = MAEDecoder(in_dim=encoder.dim, out_dim=encoder.frontend.patch_dim, dim=decoder_dim,
+                                  depth=decoder_depth, heads=decoder_heads)
 
     def step(self, batch: Batch) -> StepOutput:
         x = batch.inputs[self.modality]

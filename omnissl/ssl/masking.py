@@ -21,6 +21,15 @@ def _lowest_k(scores: Tensor, k: Tensor) -> Tensor:
     return ranks < k[:, None]
 
 
+def check_span_args(mask_prob: float, span: int, min_spans: int, *, min_frames: int | None = None) -> int:
+    """Check an objective's `span_mask` settings when it is built (0 < mask_prob < 1, span >= 1) and return the
+    fewest valid frames a row needs to be masked: max(min_spans + 1, min_frames), min_frames defaulting to
+    `span` (feed it to ShortUtteranceFilter)."""
+    if not 0.0 < mask_prob < 1.0 or span < 1:
+        raise ValueError(f"need 0 < mask_prob < 1 and mask_length >= 1, got {mask_prob}, {span}")
+    return max(min_spans + 1, span if min_frames is None else min_frames)
+
+
 def span_mask(
     shape: tuple[int, int],
     *,

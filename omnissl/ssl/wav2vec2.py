@@ -17,9 +17,11 @@ from torch import Tensor, nn
 from omnissl.backbones.encoder import Encoder
 from omnissl.batch import Batch
 from omnissl.ssl.base import SSLModule, StepOutput
-from omnissl.ssl.losses import contrastive_with_distractors
-from omnissl.ssl.masking import span_mask
-from omnissl.ssl.targets import CollapseGuard, GumbelQuantizer, maskable_batch
+from omnissl.ssl.frames import ShortUtteranceFilter
+from omnissl.ssl.losses import contrastive_with_distractors, feature_penalty
+from omnissl.ssl.masking import check_span_args, span_mask
+from omnissl.ssl.monitors import CollapseGuard
+from omnissl.ssl.quantizer import GumbelQuantizer
 
 
 class Wav2Vec2(SSLModule):
@@ -66,17 +68,13 @@ class Wav2Vec2(SSLModule):
         **base,
     ) -> None:
         super().__init__(**base)
-        if short_utterances not in ("drop", "raise"):
-            raise ValueError(f"short_utterances must be 'drop' or 'raise', got {short_utterances!r}")
-        if not 0.0 < mask_prob < 1.0 or mask_length < 1:
-            raise ValueError(f"need 0 < mask_prob < 1 and mask_length >= 1, got {mask_prob}, {mask_length}")
+        self.short = ShortUtteranceFilter(check_span_args(mask_prob, mask_length, min_spans, min_frames=min_frames),
+                                          short_utterances)
         self.encoder = encoder
         self.mask_prob, self.mask_length, self.min_spans = mask_prob, mask_length, min_spans
         self.num_distractors, self.logit_temp = num_distractors, logit_temp
         self.diversity_weight, self.feature_penalty_weight = diversity_weight, feature_penalty_weight
         self.feature_grad_mult = feature_grad_mult
-        self.min_frames = max(min_spans + 1, mask_length if min_frames is None else min_frames)
-        self.short_utterances = short_utterances
         vq_dim = final_dim if vq_dim is None else vq_dim
         self.quantizer = GumbelQuantizer(
             in_dim=encoder.frontend.out_dim, vq_dim=vq_dim, groups=codebook_groups, entries=codebook_entries,
@@ -85,7 +83,6 @@ class Wav2Vec2(SSLModule):
         self.project_q = nn.Linear(vq_dim, final_dim)
         self.final_proj = nn.Linear(encoder.dim, final_dim)
         self.dropout_features = nn.Dropout(dropout_features)
-        self.dropped_short = 0
         self.collapse_guard = CollapseGuard(
             name="prob_perplexity (codebook usage, Gumbel quantizer)",
             threshold=min_prob_perplexity,
@@ -97,27 +94,14 @@ class Wav2Vec2(SSLModule):
 
     def checkpoint_metadata(self) -> dict:
         """What a Hugging Face Wav2Vec2ForPreTraining export needs beyond the weights (omnissl export --hf)."""
-        step = self.global_step if self._trainer is not None else 0
+        step = self.global_step if self.attached else 0
         # τ of the next update (the one a resumed run or a continued HF run starts from)
         return {"gumbel_temperature": self.quantizer.temperature_at(step), "dropout_features": self.dropout_features.p,
                 "num_distractors": self.num_distractors, "logit_temp": self.logit_temp,
                 "diversity_weight": self.diversity_weight}
 
-    def feature_penalty(self, raw: Tensor, padding_mask: Tensor | None) -> Tensor:
-        """mean(z²) over valid frames of the frontend output before its LayerNorm, in fp32.
-
-        NOTE(ref): fairseq averages over padded frames too; we average over valid frames only, so the
-        penalty of an utterance does not depend on what it was batched with.
-        """
-        sq = raw.float().pow(2).mean(-1)  # (B, N)
-        if padding_mask is None:
-            return sq.mean()
-        valid = (~padding_mask).float()
-        return (sq * valid).sum() / valid.sum().clamp(min=1.0)
-
     def step(self, batch: Batch) -> StepOutput:
-        batch, dropped = maskable_batch(batch, "audio", self.encoder, self.min_frames, policy=self.short_utterances)
-        self.dropped_short += dropped
+        batch, dropped = self.short(batch, "audio", self.encoder)
         x, lengths = batch.inputs["audio"], batch.lengths["audio"]
 
         tokens = self.encoder.embed(x, lengths, grad_scale=self.feature_grad_mult)
@@ -143,16 +127,17 @@ class Wav2Vec2(SSLModule):
         total = loss_sum + self.diversity_weight * diversity * count
         pen = None
         if tokens.raw is not None:
-            pen = self.feature_penalty(tokens.raw, tokens.padding_mask)
+            pen = feature_penalty(tokens.raw, tokens.padding_mask)
             if self.feature_penalty_weight:
                 total = total + self.feature_penalty_weight * pen * count
         elif self.feature_penalty_weight:
             raise ValueError("feature_penalty_weight > 0 needs an encoder whose embed() returns Tokens.raw")
 
-        if self.training and self._trainer is not None:
+        if self.training and self.attached:
             ppl = q.prob_perplexity.detach()
-            if self.trainer.world_size > 1:
-                ppl = self.trainer.strategy.reduce(ppl, reduce_op="mean")
+            reduce = self.reducer()
+            if reduce is not None:
+                ppl = reduce(ppl, reduce_op="mean")
             self.collapse_guard.update(float(ppl), self.global_step)
 
         valid = n * b if tokens.padding_mask is None else int((~tokens.padding_mask).sum())

@@ -197,3 +197,11 @@ def test_timm_vit_behind_the_protocol():
     torch.testing.assert_close(full.last[:, 0], vit.vit.forward_features(x)[:, 0])
     keep = torch.tensor([[True, False, True, False], [False, True, True, False]])
     assert vit.encode(tok, keep=keep).last.shape == (2, 3, vit.dim)
+
+
+@pytest.mark.parametrize("modality", ["spectrogram", "image"])
+def test_patch_dim_is_the_width_of_patchify(modality):
+    """MAE sizes its decoder output by `frontend.patch_dim`: it must be what `patchify` returns per patch."""
+    frontend = builders.tiny(modality).frontend
+    x, _ = _input(modality)
+    assert frontend.patchify(x).shape[-1] == frontend.patch_dim

@@ -230,7 +230,7 @@ from omnissl.eval.export import (  # noqa: E402
     wav2vec2_heads_from_hf,
 )
 from omnissl.ssl.heads import MaskedLMHead  # noqa: E402
-from omnissl.ssl.targets import GumbelQuantizer  # noqa: E402
+from omnissl.ssl.quantizer import GumbelQuantizer  # noqa: E402
 
 CONV = ((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2
 

@@ -14,8 +14,9 @@ from omnissl.batch import Batch
 from omnissl.datamodules.synthetic import SyntheticDataModule
 from omnissl.ssl.data2vec import Data2Vec
 from omnissl.ssl.data2vec2 import Data2Vec2
-from omnissl.ssl.heads import ConvDecoder1d
-from omnissl.ssl.targets import CollapseError, EMATeacher, annealed_decay, top_k_targets
+from omnissl.ssl.heads import ConvDecoder1d, ConvDecoder2d
+from omnissl.ssl.monitors import CollapseError
+from omnissl.ssl.teacher import EMATeacher, annealed_decay, top_k_targets
 from omnissl.optim import param_groups
 
 
@@ -25,8 +26,9 @@ def v1(**kw) -> Data2Vec:
 
 
 def v2(**kw) -> Data2Vec2:
-    kw = {"top_k": 2, "clone_batch": 2, "decoder_dim": 32, "decoder_layers": 2, "decoder_groups": 4, **kw}
-    return Data2Vec2(tiny("audio"), **kw)
+    enc = tiny("audio")
+    kw = {"top_k": 2, "clone_batch": 2, "decoder": ConvDecoder1d(in_dim=enc.dim, dim=32, layers=2, groups=4), **kw}
+    return Data2Vec2(enc, **kw)
 
 
 def audio_batch(lengths, seed=0) -> Batch:
@@ -143,7 +145,7 @@ def test_update_under_fsdp2_persists_in_the_shards():
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     from omnissl.backbones.transformer import Block
-    from omnissl.ssl.data2vec import FRONT_KEYS
+    from omnissl.ssl.teacher import FRONT_KEYS
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialized")
@@ -152,7 +154,6 @@ def test_update_under_fsdp2_persists_in_the_shards():
         mesh = init_device_mesh("cpu", (1,))
         model = v1()
         twin = copy.deepcopy(model)
-        twin.teacher.bind(twin.encoder)
         for m in model.modules():
             if isinstance(m, Block):
                 fully_shard(m, mesh=mesh)
@@ -380,13 +381,13 @@ def _embedded_model(which: str, modality: str):
               "image": dict(mask_prob=0.6, mask_length=2, target_source="layers", target_norm=None,
                             final_target_norm="layer", loss_beta=2.0, loss_scale=1.0)}[modality]
         return Data2Vec(enc, modality=modality, top_k=2, **common, **kw)
-    kw = {"audio": dict(mask_prob=0.5, mask_length=5),
-          "text": dict(mask_prob=0.48, mask_length=1, decoder_kernel=9, decoder_groups=1, decoder_residual=False,
-                       loss_scale=1.0, teacher_embeds=True),
-          "image": dict(mask_prob=0.8, mask_length=2, decoder="2d", decoder_kernel=3, final_target_norm="layer",
-                        loss_scale=1.0, teacher_embeds=True)}[modality]
-    return Data2Vec2(enc, modality=modality, top_k=2, clone_batch=2, decoder_dim=32, decoder_layers=2,
-                     **common, **{"decoder_groups": 4, **kw})
+    kw = {"audio": dict(mask_prob=0.5, mask_length=5,
+                        decoder=ConvDecoder1d(in_dim=enc.dim, dim=32, layers=2, groups=4)),
+          "text": dict(mask_prob=0.48, mask_length=1, loss_scale=1.0, teacher_embeds=True,
+                       decoder=ConvDecoder1d(in_dim=enc.dim, dim=32, layers=2, kernel=9, groups=1, residual=False)),
+          "image": dict(mask_prob=0.8, mask_length=2, final_target_norm="layer", loss_scale=1.0, teacher_embeds=True,
+                        decoder=ConvDecoder2d(in_dim=enc.dim, dim=32, layers=2, kernel=3, groups=4))}[modality]
+    return Data2Vec2(enc, modality=modality, top_k=2, clone_batch=2, **common, **kw)
 
 
 @pytest.mark.parametrize("modality", ["audio", "text", "image"])
@@ -419,8 +420,8 @@ def test_text_through_constructor_arguments_alone(which):
                          target_source="layers", target_norm="layer", head_layers=2, loss_beta=4.0, loss_scale=1.0)
     else:
         model = Data2Vec2(enc, modality="text", mask_prob=0.48, mask_length=1, top_k=2, clone_batch=2,
-                          decoder_dim=32, decoder_layers=2, decoder_kernel=9, decoder_groups=1,
-                          decoder_residual=False, loss_scale=1.0, teacher_embeds=True)
+                          decoder=ConvDecoder1d(in_dim=enc.dim, dim=32, layers=2, kernel=9, groups=1, residual=False),
+                          loss_scale=1.0, teacher_embeds=True)
     rec = _Record()
     counting(model)
     trainer(max_steps=2, callbacks=[rec]).fit(model, data(modality="text", vocab_size=64, seq_len=32))
@@ -466,23 +467,24 @@ def test_block_mask_masks_exactly_and_in_blocks():
 
 
 def test_conv_decoder_2d_shape_and_locality():
-    from omnissl.ssl.heads import ConvDecoder2d
-
     dec = ConvDecoder2d(in_dim=8, dim=8, layers=1, kernel=3, groups=2)
     x = torch.randn(2, 5 * 6, 8)
-    y = dec(x, (5, 6))
+    y = dec(x, grid=(5, 6))
     assert y.shape == (2, 30, 8)
     x2 = x.clone()
     x2[:, 0] += 10.0  # patch (0, 0) reaches only its 3 x 3 neighbourhood in one layer
-    changed = (dec(x2, (5, 6)) - y).abs().sum(-1).view(2, 5, 6) > 0
+    changed = (dec(x2, grid=(5, 6)) - y).abs().sum(-1).view(2, 5, 6) > 0
     assert changed[:, :2, :2].all() and not changed[:, 2:].any() and not changed[:, :, 2:].any()
     with pytest.raises(ValueError, match="grid"):
-        dec(x, (4, 6))
+        dec(x, grid=(4, 6))
+    with pytest.raises(ValueError, match="unpadded patch grid"):
+        dec(x, torch.zeros(2, 30, dtype=torch.bool), (5, 6))
 
 
 def test_v2_on_images_runs_with_inverse_block_masks():
-    model = Data2Vec2(tiny("image"), modality="image", mask_prob=0.8, mask_length=3, clone_batch=2, top_k=2,
-                      decoder="2d", decoder_dim=32, decoder_layers=2, decoder_kernel=3, decoder_groups=4,
+    enc = tiny("image")
+    model = Data2Vec2(enc, modality="image", mask_prob=0.8, mask_length=3, clone_batch=2, top_k=2,
+                      decoder=ConvDecoder2d(in_dim=enc.dim, dim=32, layers=2, kernel=3, groups=4),
                       final_target_norm="layer", teacher_embeds=True, loss_scale=1.0)
     rec = _Record()
     counting(model)

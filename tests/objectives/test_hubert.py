@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from omnissl.backbones.builders import tiny
-from omnissl.batch import Batch
-from omnissl.batch import IGNORE_INDEX
+from omnissl.batch import IGNORE_INDEX, Batch
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.synthetic import SyntheticDataset
 from omnissl.ssl.hubert import HuBERT
 from omnissl.ssl.losses import cosine_cross_entropy
-from omnissl.ssl.targets import align_units, encoder_frames
+from omnissl.ssl.frames import encoder_frames
+from omnissl.ssl.targets import align_units
 
 
 def units_for(encoder, lengths, k=10, seed=0, extra=0):
@@ -175,7 +175,9 @@ def _corpus(tmp_path, n=4):
 
 
 def test_fit_fails_before_training_on_units_that_do_not_match(tmp_path):
-    from omnissl.datamodules.audio import AudioDataModule
+    """The data module checks every item's units against its audio as it loads it (HuBERT itself does not
+    re-read the unit files): the first batch fails, naming the manifest line and the unit file."""
+    from omnissl.datamodules.audio import AudioDataError, AudioDataModule
 
     manifest, sizes = _corpus(tmp_path)
     # right number of lines, but half the frames: only a per-line check catches it before step 1
@@ -183,7 +185,7 @@ def test_fit_fails_before_training_on_units_that_do_not_match(tmp_path):
     dm = AudioDataModule(train=str(manifest), max_samples=None, min_samples=0, max_tokens=None,
                          batch_size=2, num_workers=0, units="km")
     model = HuBERT(tiny("audio"), num_classes=10)
-    with pytest.raises(ValueError, match="train.km does not match manifest"):
+    with pytest.raises(AudioDataError, match=r"train\.tsv:\d+: .*train\.km does not match this audio"):
         L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False).fit(model, dm)
     assert model.global_step == 0
