@@ -1,6 +1,6 @@
-"""`omnissl probe`: SUPERB-style probe of a frozen encoder package from the command line (eval/probe.py).
+"""`omnissl probe`: SUPERB-style probe of a frozen encoder (package or checkpoint) from the command line.
 
-    omnissl probe ENCODER_DIR --train embedded:keywords:small --valid ... --test ... [--report DIR [--wandb]]
+    omnissl probe ENCODER --train embedded:keywords:small --valid ... --test ... [--report DIR [--wandb]]
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ def _describe(result) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from omnissl.checkpoints import load_backbone
+    from omnissl.checkpoints import load_encoder
+    from omnissl.commands import HelpFormatter
     from omnissl.datamodules.audio_io import AudioDataError
     from omnissl.eval.probe import run_probe
     from omnissl.eval.probe_data import load_probe_data, source_modality
@@ -29,11 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     from omnissl.train.loggers import wandb_mode
 
     parser = argparse.ArgumentParser(
-        prog="omnissl probe", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="SUPERB-style probe of a frozen encoder package (omnissl export / save_backbone): all hidden "
+        prog="omnissl probe", formatter_class=HelpFormatter,
+        description="SUPERB-style probe of a frozen encoder (a package from omnissl export, or a checkpoint): all hidden "
                     "states, learned softmax layer weights, a small head trained on cached features. Prints the "
                     "test accuracy (classify) or CER (ctc) last.")
-    parser.add_argument("encoder", help="encoder package directory (config.json + model.safetensors)")
+    parser.add_argument("encoder", help="encoder package directory (config.json + model.safetensors) or a "
+                        "Lightning checkpoint of any objective (read weights-only)")
     parser.add_argument("--train", required=True, help="labeled manifest, folder, .jsonl, or embedded:... spec")
     parser.add_argument("--test", required=True, help="held-out split reported at the end")
     parser.add_argument("--valid", default=None, help="split that selects the epoch (none: the last epoch is kept)")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--head {args.head} does not fit --task {args.task} (choose {' or '.join(valid_heads)})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        encoder = load_backbone(args.encoder).to(device)
+        encoder = load_encoder(args.encoder).to(device)
         tokenizer = args.tokenizer
         if tokenizer is None and (Path(args.encoder) / "tokenizer.json").is_file():
             tokenizer = str(Path(args.encoder) / "tokenizer.json")

@@ -328,6 +328,32 @@ def test_cli_prints_accuracy_last_and_writes_report(tmp_path, capsys, monkeypatc
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_cli_probes_a_lightning_checkpoint_as_its_exported_package(tmp_path, capsys):
+    """`omnissl probe` takes an objective's checkpoint directly (omnissl.checkpoints.load_encoder, weights only):
+    the same encoder, so the same test accuracy as the package `omnissl export` writes of it."""
+    import lightning as L
+
+    from omnissl.checkpoints import read_checkpoint, save_backbone
+    from omnissl.ssl.wav2vec2 import Wav2Vec2
+
+    paths = speakers_subset(tmp_path, {"train": 9, "test": 6})
+    torch.manual_seed(0)
+    model = Wav2Vec2(builders.tiny("audio"), num_distractors=5, codebook_entries=8)
+    dm = SyntheticDataModule(modality="audio", train_size=4, valid_size=2, batch_size=2, min_samples=8000,
+                             max_samples=12000)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(tmp_path / "w2v.ckpt")
+    save_backbone(read_checkpoint(tmp_path / "w2v.ckpt").encoder, tmp_path / "pkg")
+    last = []
+    for encoder in (tmp_path / "w2v.ckpt", tmp_path / "pkg"):
+        assert main([str(encoder), "--train", str(paths["train"]), "--test", str(paths["test"]), "--epochs", "3",
+                     "--device", "cpu"]) == 0
+        last.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last[0] == last[1] and last[0].startswith("test accuracy: ")
+
+
 def test_cli_ctc_prints_cer_last(speech_tiny, tmp_path, capsys):
     from omnissl.checkpoints import save_backbone
 
