@@ -20,12 +20,14 @@ from omnissl.backbones.frontends import (
 from omnissl.backbones.transformer import ConvPositions, LearnedPositions, SinCosPositions, Transformer
 
 
-def audio_base(*, layerdrop: float = 0.05, dropout: float = 0.1, checkpoint_activations: bool = False) -> Encoder:
-    """wav2vec 2.0 BASE: group-norm conv extractor, 768/12/12h/3072 post-LN, conv positions (128, 16)."""
+def audio_base(*, layerdrop: float = 0.05, dropout: float = 0.1, dropout_input: float = 0.1,
+               checkpoint_activations: bool = False) -> Encoder:
+    """wav2vec 2.0 BASE: group-norm conv extractor, 768/12/12h/3072 post-LN, conv positions (128, 16).
+    dropout_input: on the projected features (wav2vec 2.0 / HuBERT base 0.1; the data2vec audio configs 0.0)."""
     trunk = Transformer(dim=768, depth=12, heads=12, ffn_dim=3072, pre_norm=False, dropout=dropout,
                         attn_dropout=dropout, layerdrop=layerdrop, checkpoint_activations=checkpoint_activations)
     return Encoder(ConvFeatureExtractor(mode="group"), trunk, positions=ConvPositions(768, dropout=dropout),
-                   dropout_input=0.1)
+                   dropout_input=dropout_input)
 
 
 def audio_large(*, layerdrop: float = 0.0, dropout: float = 0.0, checkpoint_activations: bool = False) -> Encoder:

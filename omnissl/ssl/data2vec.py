@@ -26,7 +26,7 @@ from omnissl.ssl.heads import regression_head
 from omnissl.ssl.losses import loss_vs_zero, regression_loss
 from omnissl.ssl.masking import block_mask, check_span_args, span_mask
 from omnissl.ssl.monitors import VarianceGuards, monitors
-from omnissl.ssl.teacher import FRONT_KEYS, EMATeacher, TeacherHooks
+from omnissl.ssl.teacher import FRONT_KEYS, STUDENT_KEYS, EMATeacher, TeacherHooks, check_teacher_input
 
 
 class Data2Vec(TeacherHooks, SSLModule):
@@ -89,9 +89,10 @@ class Data2Vec(TeacherHooks, SSLModule):
         self.loss_beta = loss_beta
         self.loss_scale = 1.0 / math.sqrt(encoder.dim) if loss_scale is None else loss_scale
         self.head = regression_head(encoder.dim, head_layers)
+        check_teacher_input(encoder)
         self.teacher = EMATeacher(encoder, decay_start=ema_decay, decay_end=ema_end_decay,
                                   anneal_steps=ema_anneal_steps, skip=FRONT_KEYS,
-                                  copy=("positions.",) if ema_layers_only else ())
+                                  copy=STUDENT_KEYS + (("positions.",) if ema_layers_only else ()))
         self.guards = VarianceGuards(min_target=min_target_var, min_pred=min_pred_var,
                                      after_steps=var_guard_after_steps)
 
@@ -102,9 +103,10 @@ class Data2Vec(TeacherHooks, SSLModule):
         """Teacher targets (B, N, D) fp32 from the student's unmasked tokens.
 
         NOTE(ref): fairseq (`ema_transformer_only`) feeds the teacher the projected features before the
-        student's `dropout_input`; `Encoder.embed` applies that dropout inside, so our teacher sees the
-        student's tokens after it (p 0.1 in audio_base; 0 in `tiny`). Re-projecting `tokens.features` would
-        undo it but calls a submodule outside the sharded entry points (FSDP2), so we accept the difference.
+        student's `dropout_input`, whose p is 0.0 in both data2vec audio configs; `Encoder.embed` applies that
+        dropout inside, so with p > 0 our teacher would see the dropped-out tokens (re-projecting
+        `tokens.features` would call a submodule outside FSDP2's sharded entry points). The recipes set
+        dropout_input 0.0, as fairseq, and the constructor warns otherwise (`check_teacher_input`).
         """
         return self.teacher.targets(tokens._replace(x=tokens.x.detach()), top_k=self.top_k, norm=self.target_norm,
                                     final_norm=self.final_target_norm, num_prefix=self.encoder.num_prefix,
@@ -119,6 +121,8 @@ class Data2Vec(TeacherHooks, SSLModule):
         if tokens.grid is not None:  # patch grids (images): block-wise masks of mask_length x mask_length squares
             mask = block_mask(tokens.grid, b, mask_prob=self.mask_prob, block=self.mask_length, generator=gen,
                               device=x.device)  # over the patches; the CLS token is added later, never masked
+            if tokens.padding_mask is not None:  # padded patches (spectrograms of shorter clips) are never masked
+                mask &= ~tokens.padding_mask  # nor regressed; squares fall uniformly, so valid patches keep the rate
         else:
             mask = span_mask((b, n), padding_mask=tokens.padding_mask, mask_prob=self.mask_prob,
                              span=self.mask_length, min_spans=self.min_spans, same_count=True, generator=gen,

@@ -29,7 +29,7 @@ from omnissl.ssl.heads import ConvDecoder1d
 from omnissl.ssl.losses import loss_vs_zero, regression_loss
 from omnissl.ssl.masking import check_span_args, inverse_block_mask, span_mask
 from omnissl.ssl.monitors import VarianceGuards, monitors
-from omnissl.ssl.teacher import FRONT_KEYS, EMATeacher, TeacherHooks
+from omnissl.ssl.teacher import FRONT_KEYS, STUDENT_KEYS, EMATeacher, TeacherHooks, check_teacher_input
 
 
 class Data2Vec2(TeacherHooks, SSLModule):
@@ -52,7 +52,8 @@ class Data2Vec2(TeacherHooks, SSLModule):
     `mask_length` x `mask_length` blocks, then exactly (1 - mask_prob)·N kept, `block_adjust` extra centres)
     and the 2-D decoder (`ConvDecoder2d`); image base: mask_prob 0.8, mask_length 3, block_adjust 0.07, M 16,
     top_k 10 of 10, final_target_norm "layer", decoder 6 x 768 kernel 3, teacher_embeds true.
-    NOTE(ref): as in Data2Vec.targets, the teacher sees the student's tokens after its input dropout.
+    NOTE(ref): as in Data2Vec.targets, the teacher is fed the student's tokens; fairseq's input dropout is 0.0
+    (the recipes set it so; the constructor warns otherwise).
     NOTE(ref): fairseq's image model adds `cls_loss 0.01` (the CLS token regresses the mean target); not here.
 
     Metrics: loss, target_var, pred_var, ema_decay, masked_frac, loss_vs_zero, dropped_short.
@@ -105,8 +106,11 @@ class Data2Vec2(TeacherHooks, SSLModule):
         self.loss_scale = 1.0 / math.sqrt(encoder.dim) if loss_scale is None else loss_scale
         self.block_adjust = block_adjust
         self.decoder = ConvDecoder1d(in_dim=encoder.dim) if decoder is None else decoder
+        if not teacher_embeds:
+            check_teacher_input(encoder)
         self.teacher = EMATeacher(encoder, decay_start=ema_decay, decay_end=ema_end_decay,
-                                  anneal_steps=ema_anneal_steps, skip=() if teacher_embeds else FRONT_KEYS)
+                                  anneal_steps=ema_anneal_steps, skip=() if teacher_embeds else FRONT_KEYS,
+                                  copy=() if teacher_embeds else STUDENT_KEYS)
         self.guards = VarianceGuards(min_target=min_target_var, min_pred=min_pred_var,
                                      after_steps=var_guard_after_steps)
 
@@ -138,8 +142,11 @@ class Data2Vec2(TeacherHooks, SSLModule):
         else:
             mask = span_mask((b * m, n), padding_mask=pad, mask_prob=self.mask_prob, span=self.mask_length,
                              min_spans=self.min_spans, same_count=True, generator=g, device=x.device)
-        # padding is never masked, so ~mask keeps the same count in every row; kept padding stays padding
+        # keep = ~mask holds the same count in every row (span masks never mask padding; grid masks may keep or
+        # mask padded patches); kept padding stays padding, and masked padding is never regressed
         keep = ~mask
+        if pad is not None:
+            mask = mask & ~pad
         out = self.encoder.encode(clones, keep=keep)
         visible = out.last[:, self.encoder.num_prefix:]  # (B·M, K, D)
         full = torch.randn(b * m, n, d, device=x.device, dtype=visible.dtype,

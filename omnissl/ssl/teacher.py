@@ -6,6 +6,7 @@ Legend: B batch, N steps, D width, K averaged layers.
 
 from __future__ import annotations
 
+import warnings
 from copy import deepcopy
 
 import torch
@@ -18,7 +19,20 @@ from omnissl.ops import masked_instance_norm
 
 # Parts of the teacher's Encoder copy it never runs when it is fed the student's projected features (fairseq
 # `ema_transformer_only`), so only positions and trunk take part in the average.
-FRONT_KEYS = ("frontend.", "feature_norm.", "proj.", "mask_emb", "cls_token")
+FRONT_KEYS = ("frontend.", "feature_norm.", "proj.", "mask_emb")
+# ...except the CLS token, which the teacher's `encode` prepends: fairseq's data2vec v1 vision model hands the
+# EMA encoder the student's current `cls_emb` (data2vec_vision.py), so it is copied from the student at every
+# update rather than averaged or left at its initial value.
+STUDENT_KEYS = ("cls_token",)
+
+
+def check_teacher_input(encoder: nn.Module) -> None:
+    """Warn when the student's tokens carry input dropout: a teacher fed them (`ema_transformer_only`) sees
+    noisy inputs, which fairseq's data2vec never does (its audio configs set dropout_input 0.0)."""
+    p = getattr(getattr(encoder, "dropout_input", None), "p", 0.0)
+    if p > 0:
+        warnings.warn(f"the encoder applies dropout_input={p} to the tokens the data2vec teacher is fed; fairseq "
+                      "uses 0.0 (set the builder's dropout_input: 0.0, e.g. audio_base)", stacklevel=3)
 
 
 def annealed_decay(start: float, end: float, step: int, anneal_steps: int) -> float:

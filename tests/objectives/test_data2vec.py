@@ -491,3 +491,82 @@ def test_v2_on_images_runs_with_inverse_block_masks():
     trainer(max_steps=2, callbacks=[rec]).fit(model, data(modality="image", image_size=32))
     assert all(torch.isfinite(torch.tensor(rec.losses))) and rec.updates == [0, 1]
     assert rec.metrics[-1]["train/masked_frac"] == pytest.approx(1 - round(0.2 * 64) / 64)
+
+
+# --- faithfulness fixes (the 2026-12 audit: B1 teacher CLS, B2 teacher input dropout, B3 padded grids) ----------
+
+
+@pytest.mark.parametrize("which", ["v1", "v2"])
+def test_teacher_runs_the_students_current_cls_token(which):
+    """fairseq's v1 vision model hands the EMA encoder the student's cls_emb: the teacher's CLS must follow the
+    student's, not stay at its zero init while the trunk tracks the student."""
+    torch.manual_seed(0)
+    enc = tiny("image")
+    common = {"modality": "image", "mask_prob": 0.5, "mask_length": 2, "top_k": 2, "ema_decay": 0.9,
+              "ema_end_decay": 0.9}
+    if which == "v1":
+        model = Data2Vec(enc, target_source="layers", **common)
+    else:
+        model = Data2Vec2(enc, clone_batch=2, decoder=ConvDecoder2d(in_dim=enc.dim, dim=32, layers=1, groups=4),
+                          **common)
+    model.train()
+    with torch.no_grad():
+        enc.cls_token.fill_(1.0)
+    for step in range(1, 4):
+        model.teacher.set_num_updates(step)
+    torch.testing.assert_close(model.teacher.module.cls_token, enc.cls_token)
+
+
+@pytest.mark.parametrize("recipe", ["data2vec_base", "data2vec2_base"])
+def test_audio_recipes_feed_the_teacher_clean_inputs(recipe):
+    """Both fairseq data2vec audio configs use dropout_input 0.0: the recipes' encoders apply none, so two
+    embeddings of one batch give the teacher identical targets in train mode (59 % apart with audio_base's 0.1)."""
+    from pathlib import Path
+
+    from omnissl.cli import lightning_cli
+
+    root = Path(__file__).resolve().parents[2]
+    cli = lightning_cli(["-c", str(root / "recipes/trainer/cpu.yaml"), "-c", str(root / f"recipes/audio/{recipe}.yaml"),
+                         "--trainer.logger", "false"], run=False)
+    model = cli.model.train()
+    assert model.encoder.dropout_input.p == 0.0
+    x = torch.randn(1, 16000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if recipe == "data2vec_base":
+            a, b = (model.targets(model.encoder.embed(x)) for _ in range(2))
+        else:
+            a, b = (model.targets(model.encoder.embed(x), x, None) for _ in range(2))
+    torch.testing.assert_close(a, b)
+
+
+def test_input_dropout_on_the_teachers_tokens_warns():
+    from omnissl.backbones.builders import audio_base
+
+    with pytest.warns(UserWarning, match="dropout_input=0.1"):
+        Data2Vec(audio_base(dropout_input=0.1))
+
+
+@pytest.mark.parametrize("which", ["v1", "v2"])
+def test_padded_patches_are_never_masked_nor_regressed(which, monkeypatch):
+    """Spectrogram patches of a shorter clip are padding: a grid mask must not select them (their targets are
+    exact zeros, so the student would be trained to predict 0 there)."""
+    import omnissl.ssl.data2vec as d2v1
+    import omnissl.ssl.data2vec2 as d2v2
+
+    torch.manual_seed(0)
+    enc = tiny("spectrogram")
+    if which == "v1":
+        model, module = Data2Vec(enc, mask_prob=0.6, mask_length=2, top_k=2), d2v1
+    else:
+        model, module = Data2Vec2(enc, mask_prob=0.6, mask_length=2, top_k=2, clone_batch=2,
+                                  decoder=ConvDecoder1d(in_dim=enc.dim, dim=32, layers=1, groups=4)), d2v2
+    seen = []
+    real = module.regression_loss
+    monkeypatch.setattr(module, "regression_loss", lambda pred, target, **kw: seen.append(target) or real(pred, target, **kw))
+    batch = audio_batch([64000, 24000])
+    tokens = enc.embed(batch.inputs["audio"], batch.lengths["audio"])
+    assert tokens.padding_mask is not None and tokens.padding_mask[1].sum() > 100  # the short clip pads its grid
+    out = model.step(batch)
+    assert torch.isfinite(out.loss)
+    (target,) = seen
+    assert len(target) > 0 and bool((target.abs().sum(-1) > 0).all()), "a padded (all-zero) target was regressed"
