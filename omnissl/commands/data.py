@@ -4,7 +4,7 @@
                           --size {tiny,small,default} --out DIR [--seed N]
     omnissl data manifest FOLDER --out FILE [--on-error {raise,skip}]
     omnissl data inspect MANIFEST [--on-error {raise,skip}] [--png FILE] [--workers N]
-    omnissl data tokenizer ...          (handled by omnissl.datamodules.text.tokenizer_main)
+    omnissl data tokenizer --corpus PATH|embedded:text --kind {bpe,wordpiece} --vocab-size N --out DIR
 
 omnissl/cli.py dispatches `omnissl data <argv>` to `main(argv)`; the return value is the exit status.
 The corpora are the registry `omnissl.datamodules.corpora.CORPORA` (the names `embedded:<name>` specs take).
@@ -46,16 +46,26 @@ def parser() -> argparse.ArgumentParser:
                    help="raise: exit 1 at the first bad item; skip: list them all, exit 0")  # fmt: skip
     i.add_argument("--png", type=Path, default=None, help="save a duration histogram here (needs matplotlib)")
     i.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for decoding")
-    sub.add_parser("tokenizer", help="tokenizer tools (see `omnissl data tokenizer -h`)", add_help=False)
+    t = sub.add_parser("tokenizer", help="train a subword tokenizer (HF tokenizers) -> DIR/tokenizer.json",
+                       formatter_class=fmt)
+    t.add_argument("--corpus", required=True, help="folder of .txt files, .tsv manifest, text file, or embedded:text")
+    t.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe",
+                   help="byte-level BPE (RoBERTa) or WordPiece (BERT)")
+    t.add_argument("--vocab-size", type=int, default=32_768, help="tokens before padding to a multiple of 64")
+    t.add_argument("--min-frequency", type=int, default=2, help="merges seen fewer times are not learned")
+    t.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
+                   help="none: no for bpe, yes for wordpiece")
+    t.add_argument("--out", type=Path, required=True, help="output folder")
+    t.add_argument("--embedded-size", choices=["tiny", "small", "default"], default="small",
+                   help="size of embedded:text")
+    t.add_argument("--seed", type=int, default=0, help="seed of embedded:text")
+    t.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="what to do with files that are not UTF-8")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "tokenizer":  # its own parser owns every option after the word
-        from omnissl.datamodules.text import tokenizer_main
-
-        return int(tokenizer_main(argv[1:]) or 0)
     p = parser()
     args = p.parse_args(argv)
     if args.command == "generate":
@@ -65,7 +75,36 @@ def main(argv: list[str] | None = None) -> int:
             p.exit(2, f"omnissl data generate: error: {e}\n")
     if args.command == "manifest":
         return _manifest(args)
+    if args.command == "tokenizer":
+        try:
+            return _tokenizer(args)
+        except (ValueError, FileNotFoundError) as e:
+            p.exit(2, f"omnissl data tokenizer: error: {e}\n")
     return _inspect(args)
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from omnissl.datamodules.common import is_embedded
+    from omnissl.datamodules.corpora import embedded_corpus
+    from omnissl.datamodules.documents import ReadStats, list_documents, read_documents
+    from omnissl.datamodules.tokenizers import tokenizer_info, train_tokenizer
+
+    corpus = args.corpus
+    if is_embedded(corpus):
+        corpus = embedded_corpus(corpus, size=args.embedded_size, seed=args.seed)["train"]
+    stats = ReadStats()
+    texts = read_documents(list_documents(corpus), on_error=args.on_error, stats=stats, progress="training tokenizer")
+    tok = train_tokenizer(texts, kind=args.kind, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                          lowercase=args.lowercase)
+    if stats.files - stats.empty - len(stats.skipped) == 0:
+        raise ValueError(f"no documents in {args.corpus}: {stats.describe()}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(args.out / "tokenizer.json"))
+    info = tokenizer_info(tok)
+    print(f"wrote {args.out / 'tokenizer.json'}: {info.kind}, {info.num_tokens} tokens (padded vocab_size "
+          f"{info.vocab_size}), pad_id={info.pad_id} mask_id={info.mask_id} special_ids={info.special_ids}; "
+          f"{stats.describe()}")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """`TextDataModule`: a text corpus, a trained subword tokenizer, a pre-tokenized memmap, packed blocks.
 
 Modules: `documents` (reading), `tokenizers` (training, loading, cache), `token_cache` (pre-tokenization and
-block packing); this one holds the DataModule and the `omnissl data tokenizer` command (`tokenizer_main`).
+block packing); this one holds the DataModule (the `omnissl data tokenizer` command is omnissl/commands/data.py).
 
 Pipeline (RoBERTa pretraining data, fairseq `examples/roberta`):
 1. Documents (`train`, `valid`, `test`): a corpus is a folder (every `*.txt` below it, sorted; one document
@@ -32,9 +32,7 @@ Items are {"id", "text": (N,) int64}; `Collate(text_pad_id=pad_id)` pads them in
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -42,12 +40,11 @@ import numpy as np
 
 from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import atomic_file, check_data_args, data_root, file_fingerprint, file_sha1, is_embedded
-from omnissl.datamodules.corpora import embedded_corpus
-from omnissl.datamodules.documents import ReadStats, list_documents, read_documents
+from omnissl.datamodules.common import atomic_file, check_data_args, data_root, file_fingerprint, file_sha1
+from omnissl.datamodules.documents import list_documents
 from omnissl.datamodules.token_cache import BREAK_MODES, TokenBlockDataset, block_ranges, pretokenize
-from omnissl.datamodules.tokenizers import (CACHE_VERSION, KINDS, cache_key, check_tokenizer, expected_info,
-                                            resolve_tokenizer, set_token_ids, tokenizer_info, train_tokenizer)
+from omnissl.datamodules.tokenizers import (CACHE_VERSION, cache_key, check_tokenizer, expected_info,
+                                            resolve_tokenizer, set_token_ids)
 
 
 class TextDataModule(DataModule):
@@ -167,46 +164,3 @@ class TextDataModule(DataModule):
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-
-
-def tokenizer_main(argv: list[str]) -> int:
-    """`omnissl data tokenizer --corpus PATH|embedded:text --kind bpe --vocab-size N --out DIR`."""
-    parser = argparse.ArgumentParser(
-        prog="omnissl data tokenizer",
-        description="Train a subword tokenizer (HF tokenizers) on a text corpus and write DIR/tokenizer.json.")
-    parser.add_argument("--corpus", required=True,
-                        help="folder of .txt files, .tsv manifest, text file, or embedded:text")
-    parser.add_argument("--kind", choices=KINDS, default="bpe", help="byte-level BPE (RoBERTa) or WordPiece (BERT)")
-    parser.add_argument("--vocab-size", type=int, default=32_768)
-    parser.add_argument("--min-frequency", type=int, default=2)
-    parser.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
-                        help="default: no for bpe, yes for wordpiece")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--embedded-size", choices=("tiny", "small", "default"), default="small")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                        help="what to do with files that are not UTF-8")
-    args = parser.parse_args(argv)
-    try:
-        if is_embedded(args.corpus):
-            files = list_documents(embedded_corpus(args.corpus, size=args.embedded_size, seed=args.seed)["train"])
-        else:
-            files = list_documents(args.corpus)
-        stats = ReadStats()
-        texts = read_documents(files, on_error=args.on_error, stats=stats, progress="training tokenizer")
-        tok = train_tokenizer(texts, kind=args.kind, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                              lowercase=args.lowercase)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"omnissl data tokenizer: error: {e}", file=sys.stderr)
-        return 1
-    if stats.files - stats.empty - len(stats.skipped) == 0:
-        print(f"omnissl data tokenizer: error: no documents in {args.corpus}: {stats.describe()}", file=sys.stderr)
-        return 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    info = tokenizer_info(tok)
-    print(f"wrote {out / 'tokenizer.json'}: {info.kind}, {info.num_tokens} tokens (padded vocab_size "
-          f"{info.vocab_size}), pad_id={info.pad_id} mask_id={info.mask_id} special_ids={info.special_ids}; "
-          f"{stats.describe()}")
-    return 0

@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -167,12 +165,6 @@ def test_generate_command_dispatches_through_the_corpus_registry(tmp_path, monke
         assert main(["generate", kind, "--size", "small", "--out", str(tmp_path / kind), "--seed", "3"]) == 0
     assert [c[0] for c in calls] == list(CORPORA)
     assert all(c[2:] == ("small", 3) for c in calls)
-
-    fake_text = types.ModuleType("omnissl.datamodules.text")
-    fake_text.tokenizer_main = lambda argv: calls.append(("tokenizer", argv)) or 0
-    monkeypatch.setitem(sys.modules, "omnissl.datamodules.text", fake_text)
-    assert main(["tokenizer", "train", "--vocab", "100", "-h"]) == 0
-    assert calls[-1] == ("tokenizer", ["train", "--vocab", "100", "-h"])
 
 
 def test_manifest_and_inspect_commands(tiny_corpus, tmp_path, capsys):

@@ -13,7 +13,8 @@ from omnissl.batch import Batch
 from omnissl.datamodules.common import read_manifest
 from omnissl.datamodules.corpora import embedded_corpus
 from omnissl.datamodules.documents import list_documents
-from omnissl.datamodules.text import TextDataModule, tokenizer_main
+from omnissl.commands.data import main as data_main
+from omnissl.datamodules.text import TextDataModule
 from omnissl.datamodules.token_cache import block_ranges
 from omnissl.datamodules.tokenizers import load_tokenizer
 
@@ -133,14 +134,16 @@ def test_memmap_cache_is_compact_and_reused(corpus, monkeypatch):
     assert (cache / "tokens.bin").stat().st_size == 2 * meta["num_tokens"]
     offsets = np.load(cache / "offsets.npy")
     assert offsets[0] == 0 and offsets[-1] == meta["num_tokens"] and (np.diff(offsets) > 0).all()
-    import omnissl.datamodules.text as text_mod
+    import omnissl.datamodules.token_cache as token_cache
+    import omnissl.datamodules.tokenizers as tokenizers
 
     def boom(*a, **k):
         raise AssertionError("read or trained again although the cache exists")
 
-    with monkeypatch.context() as m:
-        m.setattr(text_mod, "train_tokenizer", boom)
-        m.setattr(text_mod, "read_documents", boom)
+    with monkeypatch.context() as m:  # where they are called: the tokenizer cache and the token cache
+        m.setattr(tokenizers, "train_tokenizer", boom)
+        m.setattr(tokenizers, "read_documents", boom)
+        m.setattr(token_cache, "read_documents", boom)
         again = make(corpus)
     assert again.dataset("train").cache == cache
     assert again.dataset("train")[0]["text"].tolist() == dm.dataset("train")[0]["text"].tolist()
@@ -237,7 +240,8 @@ def test_documents_from_manifest_and_single_file(corpus, tmp_path):
 
 def test_tokenizer_cli(corpus, tmp_path, capsys):
     out = tmp_path / "tok"
-    assert tokenizer_main(["--corpus", str(corpus), "--kind", "bpe", "--vocab-size", "300", "--out", str(out)]) == 0
+    assert data_main(["tokenizer", "--corpus", str(corpus), "--kind", "bpe", "--vocab-size", "300", "--out",
+                      str(out)]) == 0
     assert "pad_id=1 mask_id=4" in capsys.readouterr().out
     dm = TextDataModule(train=str(corpus), tokenizer=str(out), valid_fraction=0.0, block_size=32,
                         num_workers=0, progress=False)
@@ -245,8 +249,10 @@ def test_tokenizer_cli(corpus, tmp_path, capsys):
     dm.prepare_data()
     dm.setup("fit")
     assert dm.tokenizer_path == out / "tokenizer.json"
-    assert tokenizer_main(["--corpus", str(tmp_path / "missing"), "--out", str(out)]) == 1
-    assert "missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        data_main(["tokenizer", "--corpus", str(tmp_path / "missing"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("omnissl data tokenizer: error: ") and "missing" in err
 
 
 def test_flat_typed_arguments_parse_from_yaml():
