@@ -269,7 +269,9 @@ def load_encoder(path: str | Path) -> Encoder:
     """The encoder of an omnissl package directory (load_backbone) or of a Lightning checkpoint file
     (read_checkpoint), with its weights; the one entry point of probe, features, units and fine-tuning."""
     path = Path(path)
-    if path.is_dir() and (path / CONFIG).exists():
+    if not path.exists():
+        raise FileNotFoundError(f"no encoder package or checkpoint at {path}")
+    if path.is_dir() and not (path / ".metadata").exists():  # a distributed checkpoint: read_checkpoint explains
         return load_backbone(path)
     return read_checkpoint(path).encoder
 

@@ -382,7 +382,7 @@ def test_cli_refuses_bad_combinations(tmp_path, capsys):
     assert "--wandb logs the report" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "nope"), "--train", "embedded:speakers:tiny", "--test", "embedded:speakers:tiny"])
-    assert e.value.code == 2 and "config.json is missing" in capsys.readouterr().err
+    assert e.value.code == 2 and "no encoder package or checkpoint at" in capsys.readouterr().err
 
 
 def test_report_is_logged_to_an_offline_wandb_run(tmp_path, monkeypatch):

@@ -93,7 +93,7 @@ def hubert_checkpoint(folder, train, clusters=6):
     """last.ckpt of a 1-step HuBERT fit on iteration-1 units of `train`, written by Lightning."""
     U.make_units(train, seed=0, **dict(FAST, clusters=clusters))
     torch.manual_seed(0)
-    model = HuBERT(tiny("audio"), num_classes=clusters, final_dim=16, check_unit_files=False)
+    model = HuBERT(tiny("audio"), num_classes=clusters, final_dim=16)
     dm = AudioDataModule(train=str(train), max_samples=8000, min_samples=400, max_tokens=None,
                          batch_size=2, num_workers=0, units="km")
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
