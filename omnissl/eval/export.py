@@ -6,9 +6,9 @@ omnissl/commands/export.py).
 reads a Lightning checkpoint of any objective through omnissl.checkpoints.read_checkpoint (weights only: a
 checkpoint holding pickled objects other than tensors and plain data is refused), and writes a package
 (omnissl.checkpoints.save_backbone's format), or with --hf a transformers directory (`from_pretrained(dir)`
-offline; families and unmapped options in hf.py). --heads adds the objective's other modules (package: all of
-them, e.g. quantizer, decoder, teacher; --hf: wav2vec 2.0's quantizer, project_q and final_proj ->
-Wav2Vec2ForPreTraining).
+offline; families and unmapped options in omnissl/eval/hf/). --heads adds the objective's other modules
+(package: all of them, e.g. quantizer, decoder, teacher; --hf: wav2vec 2.0's quantizer, project_q and
+final_proj -> Wav2Vec2ForPreTraining).
 
 An audio --hf export also writes preprocessor_config.json (Wav2Vec2FeatureExtractor, 16 kHz), so that
 `AutoFeatureExtractor.from_pretrained(dir)` prepares raw audio as training did: do_normalize is the training data
@@ -29,27 +29,10 @@ from torch import nn
 from omnissl.backbones.frontends import ConvFeatureExtractor
 from omnissl.batch import SAMPLE_RATE
 from omnissl.checkpoints import Checkpoint, encoder_info, load_strict, read_checkpoint, write_package
-from omnissl.eval.hf import (  # re-exported: recipes and users reach the conversions through this module
-    encoder_from_hf,
-    encoder_from_hf_hubert,
-    encoder_from_hf_roberta,
-    encoder_from_hf_vit,
-    encoder_from_hf_wav2vec2,
-    encoder_to_hf,
-    encoder_to_hf_roberta,
-    encoder_to_hf_vit,
-    encoder_to_hf_wav2vec2,
-    hf_model_to_encoder,
-    lm_head_from_hf_roberta,
-    wav2vec2_heads_from_hf,
-)
+from omnissl.eval.hf import encoder_to_hf
 from omnissl.ssl.quantizer import GumbelQuantizer
 
-__all__ = [
-    "export_checkpoint", "trained_with_normalized_audio", "feature_extractor", "encoder_from_hf",
-    "encoder_from_hf_hubert", "encoder_from_hf_roberta", "encoder_from_hf_vit", "encoder_from_hf_wav2vec2", "encoder_to_hf", "encoder_to_hf_roberta", "encoder_to_hf_vit",
-    "encoder_to_hf_wav2vec2", "hf_model_to_encoder", "lm_head_from_hf_roberta", "wav2vec2_heads_from_hf",
-]
+__all__ = ["export_checkpoint", "trained_with_normalized_audio", "feature_extractor"]
 
 
 def _wav2vec2_heads(ckpt: Checkpoint) -> tuple[dict[str, nn.Module], dict]:

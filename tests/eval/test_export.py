@@ -102,7 +102,7 @@ def test_package_without_heads_holds_only_the_encoder(tmp_path):
 def test_hf_imported_encoder_round_trips(tmp_path):
     """Built by a converter (feature_norm_eps from the HF config, frozen grid positions), not a builder."""
     transformers = pytest.importorskip("transformers")
-    from omnissl.eval.export import encoder_from_hf_vit
+    from omnissl.eval.hf.vit import encoder_from_hf_vit
 
     cfg = transformers.ViTMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                                     image_size=16, patch_size=4, mask_ratio=0.0)
@@ -378,7 +378,7 @@ model:
   class_path: omnissl.ssl.wav2vec2.Wav2Vec2
   init_args:
     encoder:
-      class_path: omnissl.eval.export.encoder_from_hf
+      class_path: omnissl.eval.hf.encoder_from_hf
       init_args: {{path: {tmp_path / "hf"}}}
     final_dim: 16
     num_distractors: 5

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from omnissl.eval.export import encoder_from_hf_roberta, encoder_from_hf_wav2vec2  # noqa: E402
+from omnissl.eval.hf.roberta import encoder_from_hf_roberta  # noqa: E402
+from omnissl.eval.hf.wav2vec2 import encoder_from_hf_wav2vec2  # noqa: E402
 
 ATOL = 1e-5
 
@@ -219,16 +220,10 @@ from omnissl.backbones.builders import tiny  # noqa: E402
 from omnissl.backbones.encoder import Encoder  # noqa: E402
 from omnissl.backbones.frontends import ConvFeatureExtractor  # noqa: E402
 from omnissl.backbones.transformer import ConvPositions, SinCosPositions, Transformer  # noqa: E402
-from omnissl.eval.export import (  # noqa: E402
-    encoder_from_hf,
-    encoder_from_hf_vit,
-    encoder_to_hf,
-    encoder_to_hf_roberta,
-    encoder_to_hf_vit,
-    encoder_to_hf_wav2vec2,
-    lm_head_from_hf_roberta,
-    wav2vec2_heads_from_hf,
-)
+from omnissl.eval.hf import encoder_from_hf, encoder_to_hf  # noqa: E402
+from omnissl.eval.hf.roberta import encoder_to_hf_roberta, lm_head_from_hf_roberta  # noqa: E402
+from omnissl.eval.hf.vit import encoder_from_hf_vit, encoder_to_hf_vit  # noqa: E402
+from omnissl.eval.hf.wav2vec2 import encoder_to_hf_wav2vec2, wav2vec2_heads_from_hf  # noqa: E402
 from omnissl.ssl.heads import MaskedLMHead  # noqa: E402
 from omnissl.ssl.quantizer import GumbelQuantizer  # noqa: E402
 
