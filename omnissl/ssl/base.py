@@ -160,8 +160,12 @@ class SSLModule(L.LightningModule, abc.ABC):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         out = self.step(batch)
         checked = self._check_finite(out, batch)
-        if checked is None:  # skipped: a zero loss that keeps every rank's backward in step; nothing logged as
-            return out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # a loss (a bar showing 0.000 would hide the skip)
+        if checked is None:
+            # skipped: a zero loss on the parameters themselves, not through the batch's graph (0 x a NaN
+            # activation's gradient is NaN, and the update would poison the weights), so every parameter gets an
+            # exact zero gradient and every rank's backward stays in step; no loss is logged (a bar showing 0.000
+            # would hide the skip)
+            return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), out.loss.new_zeros(()))
         self._log_metrics("train", checked)
         return checked.loss
 
