@@ -310,7 +310,8 @@ def test_collapse_guard_fires_on_all_silent_input():
     silent = Batch({"audio": torch.zeros(2, 16000)}, {"audio": torch.tensor([16000, 16000])}, ids=torch.arange(2))
     loader = torch.utils.data.DataLoader([silent] * 8, batch_size=None, collate_fn=lambda b: b)
     model = small_model(collapse_patience_steps=2)
-    with pytest.raises(CollapseError, match=r"code_perplexity .* below 4\.0 since step 0 \(now 2\.\d+ at step 2\).*silent"):
+    with pytest.raises(CollapseError,
+                       match=r"code_perplexity .* below 4\.0 since step 0 \(now 2\.\d+ at step 2\).*silent"):
         trainer(max_steps=6).fit(model, train_dataloaders=loader)
 
 
