@@ -73,7 +73,7 @@ def build_ours(a):
     encoder = Encoder(ConvFeatureExtractor(layers=_conv(a.conv), mode="layer", bias=True), trunk,
                       positions=ConvPositions(a.dim, dropout=0.0), dropout_input=0.0)
     model = Wav2Vec2(encoder, final_dim=256, feature_penalty_weight=0.0, feature_grad_mult=1.0,
-                     dropout_features=0.0, min_prob_perplexity=0.0).train()
+                     dropout_features=0.0, min_code_perplexity=0.0).train()
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=LR, betas=(0.9, 0.98), eps=1e-6, fused=FUSED)
     t = int(a.seconds * 16_000)
     audio = torch.randn(a.batch, t, generator=torch.Generator().manual_seed(0)) * 0.1

@@ -18,7 +18,8 @@ An encoder package is a directory
 Loading is data-only: JSON, safetensors and `torch.load(weights_only=True)`, never an unpickled object, and only
 `@recorded` omnissl.backbones classes are ever instantiated. config.json must agree with the copy in
 model.safetensors (an edited option is named), and the weights must match the rebuilt module key for key and
-shape for shape (a missing, unexpected or mis-shaped key is named). "info" (widths, frame rate, where the package
+shape for shape (a missing, unexpected or mis-shaped key is named), and be finite (the first tensor holding a NaN
+or an infinity is named). "info" (widths, frame rate, where the package
 came from) is informational only.
 """
 
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from omnissl.backbones.config import build_module, module_config
 from omnissl.backbones.encoder import Encoder
+from omnissl.ops import first_nonfinite
 
 __all__ = ["save_backbone", "load_backbone", "load_head_weights", "load_strict", "read_checkpoint", "Checkpoint",
            "load_encoder", "load_encoder_weights", "write_package", "encoder_info", "qualname"]
@@ -73,7 +75,9 @@ def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any] | None:
 
 
 def load_strict(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """load_state_dict that names every missing, unexpected or mis-shaped key, with `source` in the message."""
+    """load_state_dict that names every missing, unexpected or mis-shaped key, and the first tensor holding a
+    NaN or an infinity (weights of a diverged run are refused, not probed or exported), with `source` in the
+    message."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -84,6 +88,10 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], source: str) -> Non
         if state[key].shape != value.shape:
             raise ValueError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, the module expects "
                              f"{tuple(value.shape)}")
+    bad = first_nonfinite(state.items())
+    if bad is not None:
+        raise ValueError(f"{source}: tensor {bad} is not finite (NaN or infinity): the run that wrote these weights "
+                         "diverged; use a checkpoint from before the divergence")
     module.load_state_dict(state, strict=True)
 
 

@@ -52,12 +52,19 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from omnissl.ssl.base import SSLModule
+    from omnissl.train.checks import check_config
     from omnissl.train.loggers import SaveConfigToRun
 
     class OmnisslCLI(LightningCLI):
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
             return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING}
+
+        def parse_arguments(self, parser, args) -> None:  # + degenerate settings refused before any work
+            super().parse_arguments(parser, args)
+            sub = self.config.get("subcommand")
+            if errors := check_config(self.config[sub] if sub else self.config, sub or "fit"):
+                parser.error("; ".join(errors))
 
     return OmnisslCLI(
         SSLModule,
@@ -67,6 +74,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         auto_configure_optimizers=False,  # objectives take injected optimizer/scheduler (Lightning #19110)
         save_config_callback=SaveConfigToRun,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"allow_abbrev": False},  # --trainer.max_step is an error, as the same typo in YAML
         args=args,
         run=run,
     )

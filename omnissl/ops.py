@@ -6,6 +6,8 @@ complement. Statistics over padded sequences are computed in fp32 over valid pos
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -38,3 +40,17 @@ def masked_instance_norm(x: Tensor, valid: Tensor | None, eps: float = 1e-5) -> 
     mean = (x * w).sum(1, keepdim=True) / count
     var = ((x - mean).pow(2) * w).sum(1, keepdim=True) / count  # biased, as F.instance_norm
     return (x - mean) / (var + eps).sqrt() * w
+
+
+def first_nonfinite(named: Iterable[tuple[str, Tensor]]) -> str | None:
+    """The name of the first tensor of `named` holding a NaN or an infinity, as 'name (k of n values)', or
+    None when all are finite. One device synchronization for the common all-finite case."""
+    named = [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in named]  # FSDP2: own shard
+    named = [(name, t.detach()) for name, t in named if t.is_floating_point() and t.numel()]
+    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+        return None
+    for name, t in named:
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            return f"{name} ({bad} of {t.numel()} values)"
+    return None

@@ -151,7 +151,7 @@ def _inspect(args: argparse.Namespace) -> int:
         return 1
     ds = AudioDataset(manifest, max_samples=None, min_samples=0, crop="center", on_error="skip")
     loader = DataLoader(ds, batch_size=None, num_workers=args.workers, collate_fn=_identity)
-    durations, bad = [], []
+    durations, bad = [], list(manifest.skipped)  # lines or files already left out while reading (skip)
     for item in tqdm(loader, total=len(ds), desc="decoding", unit="file", file=sys.stderr):
         if "error" in item:
             bad.append(item["error"])
@@ -162,7 +162,7 @@ def _inspect(args: argparse.Namespace) -> int:
         durations.append(len(item["audio"]) / SAMPLE_RATE)
     d = np.asarray(durations)
     print(f"manifest: {manifest.source}")
-    print(f"items: {len(manifest)}  decoded: {len(d)}  bad: {len(bad)}")
+    print(f"items: {len(manifest) + len(manifest.skipped)}  decoded: {len(d)}  bad: {len(bad)}")
     if len(d):
         print(f"total: {d.sum() / 3600:.3f} h  duration (s): min {d.min():.2f}  mean {d.mean():.2f}  "
               f"median {np.median(d):.2f}  max {d.max():.2f}")  # fmt: skip

@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from omnissl.batch import SAMPLE_RATE
+from omnissl.datamodules.common import read_lines, shown
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class AudioDataError(RuntimeError):
 @dataclass
 class AudioManifest:
     """A parsed manifest. sizes: (n,) int64 lengths at 16 kHz; lines: (n,) 1-based manifest line numbers
-    (0 for scanned folders); labels: n strings, or None for an unlabeled manifest."""
+    (0 for scanned folders); labels: n strings, or None for an unlabeled manifest; skipped: what was left out
+    under on_error="skip" while reading it ('<manifest>:<line>: <reason>' or '<file>: <reason>')."""
 
     source: str
     root: Path
@@ -48,6 +50,7 @@ class AudioManifest:
     sizes: np.ndarray
     lines: np.ndarray
     labels: list[str] | None = None
+    skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,13 +68,14 @@ def read_audio_manifest(path: str | os.PathLike, *, on_error: str = "raise") -> 
         return scan_folder(path, on_error=on_error)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines or not lines[0].strip():
+    skipped: list[str] = []
+    lines = read_lines(path, on_error=on_error, skipped=skipped, error=AudioDataError)
+    if not lines or lines[0][0] != 1 or not lines[0][1].strip():
         raise AudioDataError(f"{path}:1: the first line must be the root folder of the listed files")
-    root = Path(lines[0].strip())
+    root = Path(lines[0][1].strip())
     root = root if root.is_absolute() else path.parent / root
     paths, sizes, numbers, labels = [], [], [], []
-    for number, line in enumerate(lines[1:], start=2):
+    for number, line in lines[1:]:
         if not line.strip():
             continue
         cells = line.rstrip("\r\n").split("\t")
@@ -91,10 +95,21 @@ def read_audio_manifest(path: str | os.PathLike, *, on_error: str = "raise") -> 
     if any(labeled) and not all(labeled):
         first = numbers[labeled.index(False)] if all(labeled[:1]) else numbers[labeled.index(True)]
         raise AudioDataError(f"{path}:{first}: some lines have a label column and some do not")
+    if skipped:
+        log.warning("%s: skipped %d line(s) that are not valid UTF-8 (on_error='skip'), e.g. %s", path,
+                    len(skipped), "; ".join(skipped[:3]))
     return AudioManifest(
         str(path), root, paths, np.asarray(sizes, np.int64), np.asarray(numbers, np.int64),
-        labels if paths and all(labeled) else None,
+        labels if paths and all(labeled) else None, skipped,
     )  # fmt: skip
+
+
+def _utf8_name(p: Path) -> bool:
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode keeps undecodable bytes as lone surrogates
+        return False
+    return True
 
 
 def scan_folder(folder: str | os.PathLike, *, on_error: str = "raise") -> AudioManifest:
@@ -105,20 +120,23 @@ def scan_folder(folder: str | os.PathLike, *, on_error: str = "raise") -> AudioM
     paths, sizes, bad = [], [], []
     for p in files:
         try:
+            if not _utf8_name(p):  # soundfile cannot even open it, and no UTF-8 manifest could list it
+                raise AudioDataError("its name is not valid UTF-8: rename the file")
             info = sf.info(str(p))
             if info.frames <= 0:
                 raise AudioDataError("empty audio (0 samples)")
             n = round(info.frames * SAMPLE_RATE / info.samplerate)
         except (AudioDataError, sf.LibsndfileError, RuntimeError, OSError) as e:
             if on_error == "raise":
-                raise AudioDataError(f"{p}: unreadable audio file ({e})") from e
-            bad.append(f"{p} ({e})")
+                raise AudioDataError(f"{shown(p)}: unreadable audio file ({e})") from e
+            bad.append(f"{shown(p)} ({e})")
             continue
         paths.append(p.relative_to(folder).as_posix())
         sizes.append(n)
     if bad:
         log.warning("scan of %s: skipped %d unreadable files, e.g. %s", folder, len(bad), "; ".join(bad[:3]))
-    return AudioManifest(str(folder), folder, paths, np.asarray(sizes, np.int64), np.zeros(len(paths), np.int64))
+    return AudioManifest(str(folder), folder, paths, np.asarray(sizes, np.int64), np.zeros(len(paths), np.int64),
+                         None, [f"{b}: skipped by the folder scan" for b in bad])
 
 
 def write_audio_manifest(folder: str | os.PathLike, out: str | os.PathLike, *, on_error: str = "raise") -> int:
@@ -200,6 +218,8 @@ def load_audio(
             floats = f.subtype in ("FLOAT", "DOUBLE")
     except AudioDataError:
         raise
+    except UnicodeEncodeError:
+        raise AudioDataError("its name is not valid UTF-8: rename the file") from None
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
         # diagnose only on failure: these stat calls would cost more than decoding a short file
         if not os.path.exists(path):

@@ -165,18 +165,55 @@ def atomic_file(path: Path) -> Iterator[Path]:
 # ------------------------------------------------------------------------------------------------- reading
 
 
-def read_manifest(path: str | os.PathLike, *, require_root: bool = True) -> tuple[Path, list[list[str]]]:
+def shown(path: object) -> str:
+    """`path` for a message: bytes of a file name that are not UTF-8 (kept by os.fsdecode as lone surrogates,
+    which no UTF-8 stream can print) appear as \\xNN escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def read_lines(path: str | os.PathLike, *, on_error: str = "raise", skipped: list[str] | None = None,
+               error: type[Exception] = ValueError) -> list[tuple[int, str]]:
+    """(1-based line number, text) of every line of a UTF-8 text file (a BOM and CRLF line ends accepted; lines
+    are split at \\n only). A line that is not valid UTF-8 raises `error` naming '<file>:<line>', or with
+    on_error="skip" is left out and recorded in `skipped`."""
+    check_on_error(on_error)
+    data = Path(path).read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    out = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            out.append((number, raw.decode("utf-8").rstrip("\r")))
+        except UnicodeDecodeError as e:
+            why = f"{shown(path)}:{number}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
+            if on_error == "raise":
+                raise error(f"{why}; re-encode the file as UTF-8, or pass on_error='skip' to leave such lines "
+                            "out") from None
+            if skipped is not None:
+                skipped.append(why)
+    if out and out[-1][1] == "" and data.endswith(b"\n"):
+        out.pop()  # the empty piece after a final newline is no line
+    return out
+
+
+def read_manifest(path: str | os.PathLike, *, require_root: bool = True, on_error: str = "raise",
+                  skips: SkipLog | None = None) -> tuple[Path, list[list[str]]]:
     """Read a manifest -> (root folder, rows of tab-separated cells).
 
     With `require_root=False` (plain file lists) the first line is taken as the root only when it names an
     existing folder; otherwise every line is an item and paths are relative to the list's own folder.
-    Blank lines are ignored.
+    Blank lines are ignored. A line that is not valid UTF-8 raises ValueError naming the file and line, or with
+    on_error="skip" is left out and counted in `skips` (as '<file>:<line>').
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    lines = [ln.rstrip("\r\n") for ln in path.read_text(encoding="utf-8").splitlines()]
-    lines = [ln for ln in lines if ln.strip()]
+    bad: list[str] = []
+    lines = [ln for _, ln in read_lines(path, on_error=on_error, skipped=bad) if ln.strip()]
+    log = skips if skips is not None else SkipLog("manifest line")
+    for why in bad:
+        where, _, reason = why.rpartition(": not valid")
+        log.add(where, "not valid" + reason)
     root = path.parent
     if lines:
         first = Path(lines[0]) if Path(lines[0]).is_absolute() else path.parent / lines[0]

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, is_embedded, load_or_next,
-                                        read_manifest)
+                                        read_manifest, shown)
 from omnissl.datamodules.corpora import embedded_corpus
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -39,8 +39,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def list_images(source: str | os.PathLike) -> list[tuple[Path, str | None]]:
-    """(file, label or None) of an image folder or file list; labels from class subfolders or a 3rd column."""
+def list_images(source: str | os.PathLike, *, on_error: str = "raise",
+                skips: SkipLog | None = None) -> list[tuple[Path, str | None]]:
+    """(file, label or None) of an image folder or file list; labels from class subfolders or a 3rd column.
+    A list line that is not valid UTF-8 raises naming the line, or with on_error="skip" is counted in `skips`."""
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -50,7 +52,7 @@ def list_images(source: str | os.PathLike) -> list[tuple[Path, str | None]]:
             out.append((f, rel.parts[0] if len(rel.parts) > 1 else None))
         return out
     if path.is_file():
-        root, rows = read_manifest(path, require_root=False)
+        root, rows = read_manifest(path, require_root=False, on_error=on_error, skips=skips)
         return [(root / row[0], row[2] if len(row) > 2 and row[2] != "" else None) for row in rows]
     raise FileNotFoundError(f"image source {source} does not exist (expected a folder, a file list, "
                             f"or 'embedded:images')")
@@ -89,17 +91,38 @@ def transforms(image_size: int, mean: Sequence[float], std: Sequence[float], *, 
     return {"train": traint, "eval": evalt}
 
 
+def _to_8bit(im):
+    """A PIL image of more than 8 bits per sample ("I;16*" of 16-bit PNG/TIFF, "I" of 16-bit PNG) -> mode "L",
+    scaled by 255 / 65535 (PIL's convert("RGB") clips such values at 255: a 16-bit image turns white)."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"{im.mode} image with values in [{a.min()}, {a.max()}], outside 16 bits")
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    if im.mode == "F":
+        raise ValueError("32-bit floating-point image (mode F): its value range is unknown; convert it to 8 or 16 "
+                         "bits")
+    return im
+
+
 def load_rgb(path: Path) -> torch.Tensor:
-    """Decode an image file -> uint8 (3, H, W); raises ValueError naming the file if it cannot be decoded."""
+    """Decode an image file -> uint8 (3, H, W); raises ValueError naming the file if it cannot be decoded (or
+    is larger than PIL's decompression-bomb limit, `PIL.Image.MAX_IMAGE_PIXELS`). 16-bit images are scaled
+    to 8 bits, not clipped."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")  # L, P, LA, RGBA, I;16 ... -> 3 channels
+            im = _to_8bit(im).convert("RGB")  # L, P, LA, RGBA, I;16 ... -> 3 channels
             arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{shown(path)}: refused as a possible decompression bomb ({e})") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot decode image: {e}") from None
+        raise ValueError(f"{shown(path)}: cannot decode image: {e}") from None
     if w == 0 or h == 0:
         raise ValueError(f"{path}: empty image ({w}x{h})")
     return arr.view(h, w, 3).permute(2, 0, 1).contiguous()
@@ -177,7 +200,9 @@ class ImageDataModule(DataModule):
     def split_files(self) -> dict[str, list[Path]]:
         """{"train": files, "valid": files[, "test": files]}."""
         return pretraining_splits(self.train, self.valid, self.test, corpus="images", size=self.embedded_size,
-                                  valid_fraction=self.valid_fraction, read=lambda src: [f for f, _ in list_images(src)])
+                                  valid_fraction=self.valid_fraction,
+                                  read=lambda src: [f for f, _ in list_images(src, on_error=self.on_error,
+                                                                              skips=self.skips)])
 
     def prepare_data(self) -> None:
         if is_embedded(self.train):

@@ -20,6 +20,7 @@ from torch import Tensor
 from omnissl.backbones.config import module_config
 from omnissl.backbones.transformer import Block
 from omnissl.batch import Batch
+from omnissl.ops import first_nonfinite
 from omnissl.optim import global_normalize, grad_norm, param_groups
 
 
@@ -33,7 +34,8 @@ class StepOutput(NamedTuple):
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A non-finite loss (on_nonfinite="raise"), too many consecutive skipped steps (on_nonfinite="skip"), or
+    non-finite weights after an optimizer step; the message names the step (and the batch or the tensor)."""
 
 
 def _adamw(params) -> torch.optim.Optimizer:
@@ -48,7 +50,12 @@ class SSLModule(L.LightningModule, abc.ABC):
     the scheduler steps per optimizer step. weight_decay: applied to the decay group only (see
     omnissl/optim.py). seed: mask generators are seeded by (seed, update, rank, micro-batch).
     on_nonfinite: "raise" stops the run naming the step and sample ids; "skip" zeroes the batch's loss
-    and counts it.
+    and counts it (`train/skipped_nonfinite`), and stops the run once `max_skipped_steps` consecutive batches
+    were skipped (a transient overflow or one bad batch recovers within a few steps; a run whose every batch is
+    non-finite is dead, and finishing it would only save dead checkpoints). Either way the weights are checked
+    after every optimizer step: a non-finite weight stops the run naming the step and the tensor, before any
+    checkpoint of them is written. A non-finite validation loss raises under "raise" and is logged (not
+    dropped) under "skip".
     """
 
     def __init__(
@@ -59,13 +66,18 @@ class SSLModule(L.LightningModule, abc.ABC):
         weight_decay: float = 0.01,
         seed: int = 0,
         on_nonfinite: str = "raise",
+        max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if max_skipped_steps < 1:
+            raise ValueError(f"max_skipped_steps must be >= 1, got {max_skipped_steps}")
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.weight_decay, self.seed, self.on_nonfinite = weight_decay, seed, on_nonfinite
-        self.skipped_nonfinite = 0
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_nonfinite = 0  # in total (logged)
+        self.skipped_in_a_row = 0  # consecutive skipped batches (the stop rule)
         self._micro = 0
 
     # --- what objectives implement -------------------------------------------------------------------
@@ -113,14 +125,24 @@ class SSLModule(L.LightningModule, abc.ABC):
             if module is not self and hasattr(module, "set_num_updates"):
                 module.set_num_updates(self.global_step)
 
-    def _check_finite(self, out: StepOutput, batch: Batch) -> StepOutput:
+    def _check_finite(self, out: StepOutput, batch: Batch) -> StepOutput | None:
+        """`out`, or None when its loss is non-finite and on_nonfinite="skip" (the batch is skipped)."""
         if torch.isfinite(out.loss).all():
+            self.skipped_in_a_row = 0
             return out
         ids = [] if batch.ids is None else batch.ids.tolist()
         if self.on_nonfinite == "skip":
             self.skipped_nonfinite += 1
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= self.max_skipped_steps:
+                raise NonFiniteLossError(
+                    f"{self.skipped_in_a_row} consecutive batches had a non-finite loss (the last, "
+                    f"{out.loss.item()}, at step {self.global_step} on samples {ids}; max_skipped_steps="
+                    f"{self.max_skipped_steps}): the run has diverged; lower the learning rate or lengthen its "
+                    "warmup, and resume from a checkpoint before the divergence"
+                )
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
-            return StepOutput(out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0, {}, out.batch_size)
+            return None
         raise NonFiniteLossError(
             f"non-finite loss {out.loss.item()} at step {self.global_step} on samples {ids}; "
             "set on_nonfinite: skip to skip such batches, or lower the learning rate"
@@ -136,15 +158,50 @@ class SSLModule(L.LightningModule, abc.ABC):
                      on_step=on_step, on_epoch=not on_step)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        out = self._check_finite(self.step(batch), batch)
-        self._log_metrics("train", out)
-        return out.loss
+        out = self.step(batch)
+        checked = self._check_finite(out, batch)
+        if checked is None:
+            # skipped: a zero loss on the parameters themselves, not through the batch's graph (0 x a NaN
+            # activation's gradient is NaN, and the update would poison the weights), so every parameter gets an
+            # exact zero gradient and every rank's backward stays in step; no loss is logged (a bar showing 0.000
+            # would hide the skip)
+            return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), out.loss.new_zeros(()))
+        self._log_metrics("train", checked)
+        return checked.loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._micro = 0
         out = self.step(batch)
-        if torch.isfinite(out.loss):
-            self._log_metrics("val", out)
+        if not torch.isfinite(out.loss).all() and self.on_nonfinite == "raise":
+            ids = [] if batch.ids is None else batch.ids.tolist()
+            raise NonFiniteLossError(
+                f"non-finite validation loss {out.loss.item()} at step {self.global_step} (validation batch "
+                f"{batch_idx}, samples {ids}); set on_nonfinite: skip to log it and go on, or lower the learning rate"
+            )
+        self._log_metrics("val", out)  # under "skip" a NaN is logged as NaN: the epoch's val/loss shows it
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Lightning's step, then the weights checked: a non-finite weight stops the run here, before a
+        checkpoint callback could save it."""
+        super().optimizer_step(*args, **kwargs)
+        self.check_weights()
+
+    def check_weights(self) -> None:
+        """Raise NonFiniteLossError naming the step and the first non-finite parameter (all ranks agree)."""
+        bad = first_nonfinite(self.named_parameters())
+        if self.attached and self.trainer.world_size > 1:  # FSDP shards differ; every rank must stop together
+            flag = torch.tensor(float(bad is not None), device=self.device)
+            if float(self.trainer.strategy.reduce(flag, reduce_op="sum")) == 0:
+                return
+        elif bad is None:
+            return
+        step = self.global_step if self.attached else 0
+        where = bad or "another rank's shard"
+        raise NonFiniteLossError(
+            f"non-finite weights after the update of step {step}: first {where}; the update "
+            "diverged (lower the learning rate or lengthen its warmup; set gradient_clip_val) and nothing after it "
+            "is saved: resume from the last checkpoint"
+        )
 
     def checkpoint_metadata(self) -> dict:
         """Objective settings an export needs beyond the weights (e.g. wav2vec 2.0's current Gumbel τ);

@@ -33,8 +33,11 @@ class Wav2Vec2(SSLModule):
 
     short_utterances: rows with fewer than `min_frames` encoder frames (masking needs room for its spans,
     the conv stack for its 400-sample receptive field) are dropped and counted ("drop"), or stop the run
-    naming their sample ids ("raise"). min_prob_perplexity / collapse_patience_steps: stop the run when the
-    codebook's prob_perplexity stays below the threshold for that many optimizer steps (<= 0 disables).
+    naming their sample ids ("raise"). min_code_perplexity / collapse_patience_steps: stop the run when the
+    code perplexity (how many codebook entries the frames actually select, by argmax: G when every frame of a
+    group picks the same entry) stays below the threshold for that many optimizer steps (<= 0 disables).
+    prob_perplexity (of the averaged softmax) is no collapse signal: on all-silent input it stayed at its
+    maximum while every frame chose one code per group (reliability review, 2026-12).
 
     Metrics: contrastive_bits (the contrastive loss per masked frame, in bits, as fairseq reports it),
     accuracy (masked frames whose positive beats every distractor), diversity, code_perplexity,
@@ -63,11 +66,14 @@ class Wav2Vec2(SSLModule):
         dropout_features: float = 0.1,  # base 0.1, large 0
         min_frames: int | None = None,  # None: mask_length
         short_utterances: str = "drop",
-        min_prob_perplexity: float = 4.0,  # collapse: ~G (one code per group, fairseq#1850, transformers#14387)
+        min_code_perplexity: float = 4.0,  # collapse: ~G = 2 (one code per group, fairseq#1850, transformers#14387)
         collapse_patience_steps: int = 2000,
         **base,
     ) -> None:
         super().__init__(**base)
+        if num_distractors < 1:
+            raise ValueError(f"num_distractors must be >= 1, got {num_distractors}: without distractors the "
+                             "contrastive task is trivial (accuracy 1, loss 0) and nothing is learned")
         self.short = ShortUtteranceFilter(check_span_args(mask_prob, mask_length, min_spans, min_frames=min_frames),
                                           short_utterances)
         self.encoder = encoder
@@ -84,10 +90,11 @@ class Wav2Vec2(SSLModule):
         self.final_proj = nn.Linear(encoder.dim, final_dim)
         self.dropout_features = nn.Dropout(dropout_features)
         self.collapse_guard = CollapseGuard(
-            name="prob_perplexity (codebook usage, Gumbel quantizer)",
-            threshold=min_prob_perplexity,
+            name="code_perplexity (codebook entries in use, by argmax over the valid frames)",
+            threshold=min_code_perplexity,
             patience=collapse_patience_steps,
-            remedies="lower the learning rate or lengthen its warmup; raise diversity_weight; keep "
+            remedies="check the input (all-silent or constant audio gives one code per group); lower the "
+            "learning rate or lengthen its warmup; raise diversity_weight; keep "
             "feature_grad_mult at 0.1 with the group-norm extractor (base); use a larger batch "
             "(max_tokens / accumulate_grad_batches, the paper uses ~1.6 h of audio per update).",
         )
@@ -134,7 +141,7 @@ class Wav2Vec2(SSLModule):
             raise ValueError("feature_penalty_weight > 0 needs an encoder whose embed() returns Tokens.raw")
 
         if self.training and self.attached:
-            ppl = q.prob_perplexity.detach()
+            ppl = q.code_perplexity.detach().float()
             reduce = self.reducer()
             if reduce is not None:
                 ppl = reduce(ppl, reduce_op="mean")

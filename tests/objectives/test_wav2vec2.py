@@ -299,9 +299,25 @@ def test_collapse_guard():
 
 
 def test_collapse_guard_stops_a_trainer_run():
-    model = small_model(min_prob_perplexity=1e9, collapse_patience_steps=2)
-    with pytest.raises(CollapseError, match="prob_perplexity"):
+    model = small_model(min_code_perplexity=1e9, collapse_patience_steps=2)
+    with pytest.raises(CollapseError, match="code_perplexity"):
         trainer(max_steps=5).fit(model, SyntheticDataModule(modality="audio", batch_size=2, train_size=16))
+
+
+def test_collapse_guard_fires_on_all_silent_input():
+    """All-zero audio: every frame picks one code per group (code perplexity = G = 2) while prob_perplexity
+    stays near its maximum, so a guard on prob_perplexity never fired (reliability review, item 8)."""
+    silent = Batch({"audio": torch.zeros(2, 16000)}, {"audio": torch.tensor([16000, 16000])}, ids=torch.arange(2))
+    loader = torch.utils.data.DataLoader([silent] * 8, batch_size=None, collate_fn=lambda b: b)
+    model = small_model(collapse_patience_steps=2)
+    with pytest.raises(CollapseError,
+                       match=r"code_perplexity .* below 4\.0 since step 0 \(now 2\.\d+ at step 2\).*silent"):
+        trainer(max_steps=6).fit(model, train_dataloaders=loader)
+
+
+def test_num_distractors_zero_is_refused():
+    with pytest.raises(ValueError, match="num_distractors must be >= 1, got 0"):
+        small_model(num_distractors=0)
 
 
 def test_loss_goes_down_on_synthetic_audio():

@@ -17,3 +17,6 @@ def test_fsdp2_shards_blocks_on_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     kind, steps = out.read_text().split()
     assert kind == "DTensor" and steps == "3"
+    dist = tmp_path / "dist.ckpt"  # the checkpoint plugin leaves FSDP2's distributed checkpoints alone
+    assert dist.is_dir() and (dist / ".metadata").is_file() and (dist / "meta.pt").is_file()
+    assert not list(tmp_path.rglob("*.tmp"))
