@@ -68,7 +68,7 @@ def case(name):
         return Data2Vec(tiny("audio"), top_k=2), [audio(short, 1), audio(long, 2)]
     if name == "data2vec2":
         enc = tiny("audio")
-        model = Data2Vec2(enc, top_k=2, clone_batch=2,
+        model = Data2Vec2(enc, top_k=2, clone_batch=2, decoder_input_dropout=0.0,
                           decoder=ConvDecoder1d(in_dim=enc.dim, dim=32, layers=2, groups=4))
         return model, [audio(short, 1), audio(long, 2)]
     model = MAE(tiny("image"), decoder_dim=32, decoder_depth=1, decoder_heads=4)
