@@ -1,5 +1,5 @@
 """Parameter groups for weight decay, decided by parameter name before any sharding wraps the model, and
-the global loss normalization of fairseq's convention."""
+fairseq's loss normalization by the update's global count (summed losses, gradients scaled per update)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from torch import Tensor, nn
 
 # Substrings of parameter names that never get weight decay besides norms and biases: positions, the mask
 # embedding, the CLS token, codebooks, logit scales.
+# NOTE(ref): these exemptions are the convention of the ViT-family references (MAE's `add_weight_decay`, BEiT /
+# data2vec vision's `no_weight_decay` for positions and CLS) and of fairseq's `composite` optimizer groups; fairseq's
+# plain `adam` (wav2vec 2.0, HuBERT, data2vec v1, data2vec 2.0 audio) decays every parameter at 0.01. We keep one
+# rule for every objective because decaying norms, biases, codebooks and label embeddings toward 0 has no use in
+# any of them (the codebook and label embeddings are compared by cosine, norms are scales); its effect on the
+# audio objectives has not been measured against decaying everything (see issue 16).
 NO_DECAY_NAMES = ("positions", "pos_embed", "mask_emb", "cls_token", "codebook", "logit_scale", "label_embs")
 
 
@@ -29,16 +35,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def global_normalize(loss_sum: Tensor, count: Tensor, gathered_counts: Tensor, world_size: int) -> Tensor:
-    """Turn a per-rank *sum* over predicted positions into the gradient of the global mean.
+class _SumGradient(torch.autograd.Function):
+    """Forward: `value`; backward: the incoming gradient goes to `loss_sum` unchanged."""
 
-    Data-parallel strategies average gradients over ranks, so each rank scales its sum by
-    world_size / (positions summed over all ranks); the global gradient is then that of
-    sum_over_ranks(loss_sum) / sum_over_ranks(count) exactly, however unevenly positions fall per rank.
-    `gathered_counts` holds every rank's count (e.g. LightningModule.all_gather(count)).
+    @staticmethod
+    def forward(ctx, loss_sum: Tensor, value: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.dtype = loss_sum.dtype
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad.to(ctx.dtype), None
+
+
+def sum_gradient(loss_sum: Tensor, count: Tensor) -> Tensor:
+    """A scalar whose value is the mean `loss_sum / count` (what is logged) and whose gradient is that of
+    `loss_sum` itself: the sum is backpropagated and the gradients are divided by the whole update's count
+    afterwards (`update_grad_scale`), as fairseq's trainer does (`multiply_grads(1 / sample_size)`)."""
+    return _SumGradient.apply(loss_sum, loss_sum.detach().float() / count.float().clamp(min=1))
+
+
+def update_grad_scale(total_count: Tensor, accumulate: int, world_size: int) -> float:
+    """The factor that turns accumulated gradients of summed losses into the gradient of the update's mean.
+
+    Lightning divides each micro-batch's loss by `accumulate` and data-parallel strategies average gradients
+    over `world_size` ranks, so the gradients hold sum_over(ranks, micro-batches) grad(loss_sum) /
+    (accumulate * world_size); multiplying by accumulate * world_size / total_count (the positions summed
+    over every rank and micro-batch of the update) leaves sum grad(loss_sum) / total_count: fairseq's
+    normalization by the update's `sample_size`, however unevenly positions fall per micro-batch or rank.
     """
-    total = gathered_counts.sum().clamp(min=1)
-    return loss_sum * (world_size / total.to(loss_sum.dtype))
+    return accumulate * world_size / max(float(total_count), 1.0)
 
 
 def grad_norm(parameters: Iterable[Tensor]) -> Tensor:

@@ -55,9 +55,11 @@ def text_base(*, vocab_size: int = 50265, pad_id: int = 1, max_len: int = 512,
                    positions=LearnedPositions(768, max_len=max_len), feature_norm=False, project=False)
 
 
-def vit_base16(*, checkpoint_activations: bool = False) -> Encoder:
-    """ViT-B/16 (MAE's encoder): 16x16 patches, 2-D sin-cos positions, CLS token, 768/12/12h pre-LN."""
-    trunk = Transformer(dim=768, depth=12, heads=12, ffn_dim=3072, pre_norm=True, dropout=0.0,
+def vit_base16(*, pre_norm: bool = True, checkpoint_activations: bool = False) -> Encoder:
+    """ViT-B/16 (MAE's encoder): 16x16 patches, 2-D sin-cos positions, CLS token, 768/12/12h pre-LN.
+    pre_norm False: post-LN blocks after an input LayerNorm, as fairseq's data2vec 2.0 image model
+    (`layer_norm_first: false`); such a model exports as an omnissl package, not as an HF ViT."""
+    trunk = Transformer(dim=768, depth=12, heads=12, ffn_dim=3072, pre_norm=pre_norm, dropout=0.0,
                         attn_dropout=0.0, eps=1e-6, checkpoint_activations=checkpoint_activations)
     return Encoder(ImagePatches(dim=768, patch=16), trunk, positions=SinCosPositions(768, two_d=True),
                    feature_norm=False, cls_token=True)

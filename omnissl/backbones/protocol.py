@@ -44,7 +44,8 @@ class BackboneOutput(NamedTuple):
                   when the encoder has one).
     layers:       L + 1 tensors (B, N', D) when requested: the trunk input after positions (and the input
                   LayerNorm of a post-LN trunk), then every block's output; s3prl's `hidden_states`.
-                  For a pre-LN trunk the last entry is after the final LayerNorm (equal to `last`).
+                  For a pre-LN trunk the last entry is after the final LayerNorm (equal to `last`), except
+                  with return_layers="blocks", where every entry is a raw block output (data2vec targets).
     padding_mask: (B, N') bool, True at padding, or None.
     ffn:          L tensors (B, N', D) with each block's feed-forward output before its last residual
                   (data2vec v1 audio targets), when requested with return_layers="ffn".

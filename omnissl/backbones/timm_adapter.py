@@ -60,7 +60,7 @@ class TimmViT(nn.Module):
             if layers is not None:
                 layers.append(x)
         x = self.vit.norm(x)
-        if layers is not None:
+        if layers is not None and return_layers != "blocks":
             layers[-1] = x
         return BackboneOutput(x, layers, None)
 

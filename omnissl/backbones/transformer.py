@@ -138,7 +138,9 @@ class Transformer(nn.Module):
         """x (B, N, D) with positions added, padding_mask (B, N) True at padding.
 
         Returns (last, layers, ffn): layers are L + 1 outputs when return_layers is truthy (a skipped block
-        repeats its input so indices stay fixed); ffn are the L feed-forward outputs when return_layers="ffn".
+        repeats its input so indices stay fixed); for a pre-LN trunk the last is after the final LayerNorm,
+        except with return_layers="blocks" (every entry a raw block output, as data2vec averages them); ffn
+        are the L feed-forward outputs when return_layers="ffn".
         """
         attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
         if not self.pre_norm:
@@ -160,7 +162,7 @@ class Transformer(nn.Module):
                 ffn.append(h)
         if self.pre_norm:
             x = self.norm(x)
-            if layers is not None:
+            if layers is not None and return_layers != "blocks":
                 layers[-1] = x
         return x, layers, ffn
 

@@ -21,11 +21,11 @@ from omnissl.backbones.config import module_config
 from omnissl.backbones.transformer import Block
 from omnissl.batch import Batch
 from omnissl.ops import first_nonfinite
-from omnissl.optim import global_normalize, grad_norm, param_groups
+from omnissl.optim import grad_norm, param_groups, sum_gradient, update_grad_scale
 
 
 class StepOutput(NamedTuple):
-    """loss: scalar to backpropagate (already globally normalized); metrics: scalars to log;
+    """loss: scalar to backpropagate (from `normalize`); metrics: scalars to log;
     batch_size: for weighting epoch averages."""
 
     loss: Tensor
@@ -79,12 +79,13 @@ class SSLModule(L.LightningModule, abc.ABC):
         self.skipped_nonfinite = 0  # in total (logged)
         self.skipped_in_a_row = 0  # consecutive skipped batches (the stop rule)
         self._micro = 0
+        self._update_count: Tensor | None = None  # positions normalized so far in this update (this rank)
 
     # --- what objectives implement -------------------------------------------------------------------
 
     @abc.abstractmethod
     def step(self, batch: Batch) -> StepOutput:
-        """Compute the loss (globally normalized) and metrics of one batch."""
+        """Compute the loss (through `normalize`) and metrics of one batch."""
 
     # --- helpers for objectives -------------------------------------------------------------------------
 
@@ -110,17 +111,43 @@ class SSLModule(L.LightningModule, abc.ABC):
         return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
 
     def normalize(self, loss_sum: Tensor, count: Tensor | int) -> Tensor:
-        """Summed loss -> gradient of the global mean over all ranks' predicted positions (fairseq)."""
+        """A summed loss over `count` predicted positions -> the loss to backpropagate; call it once per step.
+
+        fairseq divides the gradient of the loss summed over a whole update (every accumulated micro-batch,
+        every rank) by that update's total count. The counts of later micro-batches are unknown when the
+        first is backpropagated, so when training under a Trainer the returned value is this micro-batch's
+        mean (what is logged) while its gradient is that of `loss_sum`; the count joins the update's total
+        and `on_before_optimizer_step` divides the accumulated gradients by the total over all micro-batches
+        and ranks (omnissl/optim.py `update_grad_scale`), before clipping and the optimizer step. Otherwise
+        (validation, direct calls) it is simply loss_sum / count.
+        """
         count = torch.as_tensor(count, device=loss_sum.device, dtype=torch.float32)
-        if not self.attached or self.trainer.world_size == 1:
+        if not (self.attached and self.training and torch.is_grad_enabled()):
             return loss_sum / count.clamp(min=1)
-        return global_normalize(loss_sum, count, self.all_gather(count), self.trainer.world_size)
+        count = count.detach()
+        self._update_count = count if self._update_count is None else self._update_count + count
+        return sum_gradient(loss_sum, count)
+
+    def scale_grads_to_update_count(self) -> None:
+        """Divide the update's accumulated gradients of summed losses by its global count (see `normalize`)."""
+        if self._update_count is None:  # no normalized loss this update (e.g. a step that returns a mean)
+            return
+        total, world = self._update_count, self.trainer.world_size
+        if world > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        factor = update_grad_scale(total, self.trainer.accumulate_grad_batches, world)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        self._update_count = None
 
     # --- Lightning hooks --------------------------------------------------------------------------------
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         accumulate = self.trainer.accumulate_grad_batches if self.attached else 1
         self._micro = batch_idx % accumulate
+        if self._micro == 0:
+            self._update_count = None
         for module in self.modules():
             if module is not self and hasattr(module, "set_num_updates"):
                 module.set_num_updates(self.global_step)
@@ -225,6 +252,7 @@ class SSLModule(L.LightningModule, abc.ABC):
         checkpoint["omnissl"] = info
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scale_grads_to_update_count()
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train/grad_norm", grad_norm(self.parameters()), on_step=True, on_epoch=False)
 

@@ -36,12 +36,16 @@ class Data2Vec(TeacherHooks, SSLModule):
     `examples/data2vec/config/audio/pretraining/base_librispeech.yaml`, REFERENCE §B.4): span mask p 0.65,
     length 10; top-8 FFN outputs (before the last residual), instance-normed; Linear head; L2 / √D;
     EMA 0.999 -> 0.9999 over 30 k updates; guards target_var >= 0.1, pred_var >= 0.01 after 5 k updates.
-    Text base: mask_prob 0.35, mask_length 4, top_k 10, target_source "layers", target_norm "layer",
-    head_layers 2, loss_beta 4, loss_scale 1, anneal 300 k.
+    Text base: mask_prob 0.35, mask_length 4, top_k 10, target_source "ffn" (fairseq `fc_results`),
+    target_norm "layer", head_layers 2, loss_beta 4, loss_scale 1, anneal 300 k. Vision: target_source
+    "layers", the raw block outputs (for a pre-LN trunk the top one before the final LayerNorm, as fairseq's
+    `data2vec_vision` appends each block's output before `norm`).
 
     The teacher is an EMA copy of the encoder fed the student's unmasked tokens (fairseq
     `ema_transformer_only`: the conv frontend, feature norm and projection are the student's, run once);
-    ema_layers_only copies the positional conv from the student instead of averaging it (fairseq default).
+    ema_layers_only copies the positions from the student instead of averaging them (fairseq default), and for
+    text also the embedding LayerNorm (the post-LN trunk's input norm; fairseq `ema_transformer_layers_only`
+    copies `layernorm_embedding`).
     init_from: a checkpoint whose `encoder.*` weights start the student; the teacher starts as its copy.
 
     Metrics: loss, target_var, pred_var (fairseq `compute_var`), ema_decay, masked_frac, loss_vs_zero,
@@ -57,7 +61,7 @@ class Data2Vec(TeacherHooks, SSLModule):
         mask_length: int = 10,
         min_spans: int = 2,
         top_k: int = 8,  # audio K = 8; text K = 10
-        target_source: str = "ffn",  # audio: FFN output before the last residual; text/vision: "layers"
+        target_source: str = "ffn",  # audio, text: FFN output before the last residual; vision: "layers"
         target_norm: str | None = "instance",  # audio/vision instance norm; text "layer"
         final_target_norm: str | None = None,
         head_layers: int = 1,  # audio 1 (final_proj); text 2
@@ -66,7 +70,7 @@ class Data2Vec(TeacherHooks, SSLModule):
         ema_decay: float = 0.999,  # audio: 0.999 -> 0.9999 over 30 k updates; text: over 300 k
         ema_end_decay: float = 0.9999,
         ema_anneal_steps: int = 30_000,
-        ema_layers_only: bool = True,  # copy (not average) the positional conv (fairseq default)
+        ema_layers_only: bool = True,  # copy (not average) the positions (fairseq default); text: + embedding LN
         min_target_var: float = 0.1,  # fairseq guards, active after 5 k updates
         min_pred_var: float = 0.01,
         var_guard_after_steps: int = 5_000,
@@ -92,9 +96,19 @@ class Data2Vec(TeacherHooks, SSLModule):
         check_teacher_input(encoder)
         self.teacher = EMATeacher(encoder, decay_start=ema_decay, decay_end=ema_end_decay,
                                   anneal_steps=ema_anneal_steps, skip=FRONT_KEYS,
-                                  copy=STUDENT_KEYS + (("positions.",) if ema_layers_only else ()))
+                                  copy=STUDENT_KEYS + self.copied_keys(encoder, modality, ema_layers_only))
         self.guards = VarianceGuards(min_target=min_target_var, min_pred=min_pred_var,
                                      after_steps=var_guard_after_steps)
+
+    @staticmethod
+    def copied_keys(encoder: Encoder, modality: str, ema_layers_only: bool) -> tuple[str, ...]:
+        """Teacher parameters copied from the student rather than averaged: with ema_layers_only the positions
+        (fairseq data2vec audio skips `pos_conv`), and for text also the post-LN trunk's input LayerNorm (the
+        embedding LayerNorm that data2vec_text's `ema_transformer_layers_only` skips)."""
+        if not ema_layers_only:
+            return ()
+        text_ln = modality == "text" and not encoder.trunk.pre_norm
+        return ("positions.",) + (("trunk.norm.",) if text_ln else ())
 
     # --- the objective ------------------------------------------------------------------------------------
 

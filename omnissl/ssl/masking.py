@@ -80,6 +80,71 @@ def span_mask(
     return mask
 
 
+def block_mask_1d(
+    shape: tuple[int, int],
+    *,
+    padding_mask: Tensor | None = None,
+    mask_prob: float = 0.5,
+    span: int = 5,
+    adjust: float = 0.05,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """data2vec 2.0's 1-D block masks (fairseq `compute_block_mask_1d` with `require_same_masks`), vectorized.
+
+    Per row of valid length T: int(T·(mask_prob + adjust) / span) centres drawn uniformly with replacement,
+    each masking `span` frames around it (offsets -span//2 .. span - 1 - span//2, clipped to the row); then
+    excess masked frames are unmasked at random, or missing ones masked at random, so that every row masks
+    exactly int(T·mask_prob) of its frames, as fairseq. span 1 is a uniform random subset of that size
+    (MAE-style `random_masking`, data2vec 2.0 text). Padding is never masked; `equal_keep` then gives every
+    row of a padded batch the same number of kept tokens.
+    Returns (B, N) bool, True = masked. Defaults: data2vec 2.0 audio base (p 0.5, length 5, adjust 0.05).
+    """
+    b, n = shape
+    device = torch.device(device) if device is not None else (
+        padding_mask.device if padding_mask is not None else torch.device("cpu"))
+    lengths = _valid_lengths(padding_mask, b, n, device)
+    pos = torch.arange(n, device=device)[None]
+    valid = pos < lengths[:, None]
+    num = int(int(lengths.max()) * (mask_prob + adjust) / span)
+    mask = torch.zeros(b, n, dtype=torch.bool, device=device)
+    if num > 0:
+        # centres uniform over each row's valid frames; rows with fewer centres than the longest get theirs
+        # from a per-row count (the extra draws are dropped)
+        per_row = (lengths.double() * (mask_prob + adjust) / span).long()
+        u = torch.rand(b, num, generator=generator, device=device)
+        centres = (u * lengths[:, None]).long().clamp(max=n - 1)
+        used = torch.arange(num, device=device)[None] < per_row[:, None]
+        offsets = torch.arange(span, device=device) - span // 2
+        idx = centres[..., None] + offsets  # (B, C, span)
+        idx = torch.minimum(idx.clamp(min=0), (lengths - 1).clamp(min=0)[:, None, None])
+        hit = used[..., None].expand_as(idx)
+        mask.scatter_(1, idx.masked_fill(~hit, 0).flatten(1), hit.flatten(1))
+    target = (lengths.double() * mask_prob).long()
+    # exactly `target` per row: already-masked frames first (a random subset of them when too many), then
+    # random unmasked valid frames; padding last, never chosen
+    scores = torch.rand(b, n, generator=generator, device=device) + (~mask).float()
+    scores = scores.masked_fill(~valid, 3.0)
+    return _lowest_k(scores, target) & valid
+
+
+def equal_keep(mask: Tensor, padding_mask: Tensor | None) -> Tensor:
+    """The tokens a student that encodes kept tokens only is given: every unmasked valid token, plus each
+    row's first padding positions so that every row keeps the same number (the longest row's count; rows
+    masked in proportion to their length always have enough padding). Returns keep (B, N) bool."""
+    if padding_mask is None:
+        keep = ~mask
+    else:
+        keep = ~mask & ~padding_mask
+        need = int(keep.sum(1).max()) - keep.sum(1)
+        pad_rank = torch.cumsum(padding_mask.long(), dim=1)  # 1, 2, ... over each row's padding
+        keep |= padding_mask & (pad_rank <= need[:, None])
+    counts = keep.sum(1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"masks leave rows too little padding to keep equal counts: {counts.tolist()}")
+    return keep
+
+
 def random_keep(
     shape: tuple[int, int],
     *,

@@ -108,9 +108,13 @@ class EMATeacher(nn.Module):
     def targets(self, tokens: Tokens, *, top_k: int, norm: str | None, final_norm: str | None, num_prefix: int = 0,
                 source: str = "layers") -> Tensor:
         """Run the teacher's copy on unmasked `tokens` and average its top-K layers (`top_k_targets`) -> (B, N, D)
-        fp32 without the `num_prefix` (CLS) tokens. source: "layers" (block outputs) or "ffn" (FFN outputs
-        before the last residual, data2vec audio)."""
-        out = self.module.encode(tokens, return_layers="ffn" if source == "ffn" else True)
+        fp32 without the `num_prefix` (CLS) tokens. source: "ffn" (each block's FFN output before its last
+        residual: data2vec v1 audio and text, `fc_results`; data2vec 2.0, `AltBlock(ffn_targets=True)`) or
+        "layers" (raw block outputs, data2vec v1 vision: for a pre-LN trunk the top one is taken before the
+        final LayerNorm, as fairseq appends each block's output before `norm`)."""
+        if source not in ("ffn", "layers"):
+            raise ValueError(f"target source must be 'ffn' or 'layers', got {source!r}")
+        out = self.module.encode(tokens, return_layers="ffn" if source == "ffn" else "blocks")
         layers = out.ffn if source == "ffn" else out.layers[1:]  # block outputs, not the input
         layers = [h[:, num_prefix:] for h in layers]
         return top_k_targets(layers, top_k, norm=norm, final_norm=final_norm, padding_mask=tokens.padding_mask)

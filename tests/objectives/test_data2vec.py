@@ -402,7 +402,10 @@ def test_loss_goes_down_on_the_embedded_corpus(which, modality):
     model = _embedded_model(which, modality)
     rec = _Record()
     counting(model)
-    trainer(max_steps=30, callbacks=[rec]).fit(model, _embedded(modality))
+    # data2vec 2.0's FFN-output targets (fairseq) take a little longer on images to pass the trivial predictor
+    # (measured: loss_vs_zero 0.97 at update 30, 0.93 at 40; block-output targets 0.93 at 30)
+    steps = 40 if (which, modality) == ("data2vec2", "image") else 30
+    trainer(max_steps=steps, callbacks=[rec]).fit(model, _embedded(modality))
     first, last = sum(rec.losses[:5]) / 5, sum(rec.losses[-5:]) / 5
     assert last < (0.9 if modality == "audio" else 1.0) * first, (first, last)
     assert min(m["train/target_var"] for m in rec.metrics) > 0.1

@@ -1,7 +1,7 @@
 import torch
 
 from omnissl.backbones import builders
-from omnissl.optim import global_normalize, param_groups
+from omnissl.optim import param_groups, sum_gradient, update_grad_scale
 
 
 def test_weight_decay_groups_by_name():
@@ -26,16 +26,22 @@ def test_frozen_params_are_left_out():
     assert all(p is not enc.frontend.embed.weight for p in params)
 
 
-def test_global_normalize_matches_global_mean_with_uneven_ranks():
-    # two "ranks" with 3 and 7 predicted positions; DDP averages gradients over ranks
+def test_update_grad_scale_gives_the_update_mean_with_uneven_ranks_and_micro_batches():
+    # 2 "ranks" x 2 accumulated micro-batches with 3, 7, 1 and 9 predicted positions: Lightning divides each
+    # micro-batch's loss by 2, DDP averages over ranks; the result must be the gradient of the global mean
     torch.manual_seed(0)
     w = torch.randn(4, requires_grad=True)
-    xs = [torch.randn(3, 4), torch.randn(7, 4)]
-    counts = torch.tensor([3.0, 7.0])
-    grads = []
-    for x, c in zip(xs, counts):
-        loss = global_normalize((x @ w).pow(2).sum(), c, counts, world_size=2)
-        grads.append(torch.autograd.grad(loss, w)[0])
-    ddp_grad = (grads[0] + grads[1]) / 2
-    ref = torch.autograd.grad((torch.cat(xs) @ w).pow(2).mean(), w)[0]
+    xs = [[torch.randn(3, 4), torch.randn(7, 4)], [torch.randn(1, 4), torch.randn(9, 4)]]
+    per_rank = []
+    for rank in xs:
+        grad, total = torch.zeros(4), torch.zeros(())
+        for x in rank:
+            loss = sum_gradient((x @ w).pow(2).sum(), torch.tensor(float(len(x))))
+            torch.testing.assert_close(loss, (x @ w).pow(2).mean().detach())  # the value is the micro-batch mean
+            grad += torch.autograd.grad(loss / 2, w)[0]
+            total += len(x)
+        per_rank.append((grad, total))
+    global_total = sum(t for _, t in per_rank)
+    ddp_grad = (per_rank[0][0] + per_rank[1][0]) / 2 * update_grad_scale(global_total, accumulate=2, world_size=2)
+    ref = torch.autograd.grad((torch.cat([x for r in xs for x in r]) @ w).pow(2).mean(), w)[0]
     torch.testing.assert_close(ddp_grad, ref)
