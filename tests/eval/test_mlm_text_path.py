@@ -181,3 +181,19 @@ def test_pll_ranks_grammatical_sentences_above_their_shuffles(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     assert wins == len(SENTENCES), wins
+
+
+def test_probe_reads_the_tokenizer_a_checkpoint_carries(run, capsys):
+    """`omnissl probe CKPT` on labeled text with no --tokenizer: the checkpoint's own tokenizer is used."""
+    from omnissl.commands.probe import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main([str(run["ckpt"]), "--train", "embedded:labeled_text:tiny", "--test", "embedded:labeled_text:tiny",
+                   "--epochs", "1", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    assert rc in (0, None), out.err
+    assert "probing" in out.out and "pretrained:" in out.out, out.out + out.err
