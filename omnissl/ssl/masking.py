@@ -206,9 +206,9 @@ def mlm_select(
     each word begins (`word_starts`). Per row, num = int(mask_prob · U / span + u), u ~ U[0, 1), of its U
     candidate units are drawn without replacement as span starts (fairseq `MaskTokensDataset`: an exact count
     per sequence, `mask_multiple_length` = span), and each start selects itself and the next span - 1 units
-    (overlapping spans select fewer, as in fairseq; a span stops at a special token, padding or the row end). With span 1 the
-    expected fraction of units selected is exactly mask_prob; the selected tokens are those of selected units
-    that are candidates (a unit never crosses a special token or padding).
+    (overlapping spans select fewer, as in fairseq; a span stops at a special token, padding or the row end).
+    With span 1 the expected fraction of units selected is exactly mask_prob; the selected tokens are those of
+    selected units that are candidates (a unit never crosses a special token or padding).
     """
     if not 0.0 < mask_prob < 1.0 or span < 1:
         raise ValueError(f"need 0 < mask_prob < 1 and span >= 1, got {mask_prob}, {span}")
