@@ -14,6 +14,8 @@ An encoder package is a directory
                                               checkpoint["omnissl"] with its weights, the other modules' weights
     load_encoder(path) -> Encoder             either of the two above, by what `path` is
     load_encoder_weights(encoder, ckpt)       a checkpoint's encoder.* weights into an existing encoder, strictly
+    read_tokenizer(path) -> str | None        the tokenizer.json text that travels with a text encoder (a package's
+                                              tokenizer.json, a checkpoint's checkpoint["omnissl"]["tokenizer"])
 
 Loading is data-only: JSON, safetensors and `torch.load(weights_only=True)`, never an unpickled object, and only
 `@recorded` omnissl.backbones classes are ever instantiated. config.json must agree with the copy in
@@ -39,10 +41,11 @@ from omnissl.backbones.encoder import Encoder
 from omnissl.ops import first_nonfinite
 
 __all__ = ["save_backbone", "load_backbone", "load_head_weights", "load_strict", "read_checkpoint", "Checkpoint",
-           "load_encoder", "load_encoder_weights", "write_package", "encoder_info", "qualname"]
+           "load_encoder", "load_encoder_weights", "write_package", "encoder_info", "qualname", "read_tokenizer",
+           "TOKENIZER"]
 
 FORMAT, VERSION = "omnissl-backbone", 1
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 _HEAD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -297,3 +300,16 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     if not state:
         raise ValueError(f"{path} holds no 'encoder.*' weights")
     load_strict(encoder, state, source)
+
+
+def read_tokenizer(path: str | Path) -> str | None:
+    """The tokenizer (HF `tokenizers` JSON text) that travels with a text encoder: a package's tokenizer.json,
+    or what a Lightning checkpoint stored under checkpoint["omnissl"]["tokenizer"] (the text of its run's
+    DataModule tokenizer file); None when there is none (audio and image encoders, older checkpoints)."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / TOKENIZER
+        return file.read_text(encoding="utf-8") if file.is_file() else None
+    info = _torch_load(path, "omnissl").get("omnissl")
+    text = info.get("tokenizer") if isinstance(info, dict) else None
+    return text if isinstance(text, str) else None

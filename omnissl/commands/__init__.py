@@ -5,6 +5,7 @@
     export        omnissl/commands/export.py        checkpoint -> package / transformers directory (eval/export.py)
     features      omnissl/commands/features.py      one layer's hidden states per utterance (eval/features.py)
     probe         omnissl/commands/probe.py         frozen-encoder probes (eval/probe.py)
+    pll           omnissl/commands/pll.py           pseudo-log-likelihood of texts under a masked LM (eval/pll.py)
 
 Each command imports its omnissl modules inside `main`, so `omnissl --help` stays fast, and turns the errors a
 user can cause (bad paths, refused checkpoints, bad manifests) into one line `omnissl <name>: error: ...` with

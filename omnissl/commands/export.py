@@ -16,14 +16,15 @@ def parser() -> argparse.ArgumentParser:
         prog="omnissl export", formatter_class=HelpFormatter,
         description="Export the encoder of an omnissl Lightning checkpoint as an omnissl package "
                     "(config.json + model.safetensors, load_backbone) or a Hugging Face transformers directory "
-                    "(audio: with preprocessor_config.json for AutoFeatureExtractor).",
+                    "(audio: with preprocessor_config.json for AutoFeatureExtractor; text: with the run's tokenizer, "
+                    "tokenizer.json, and for AutoTokenizer tokenizer_config.json).",
     )  # fmt: skip
     p.add_argument("checkpoint", help="Lightning .ckpt written by `omnissl fit` (read weights-only)")
     p.add_argument("out", help="output directory")
     p.add_argument("--hf", action="store_true", help="write a transformers directory (from_pretrained)")
     p.add_argument("--heads", action="store_true",
                    help="include the objective's heads (package: all non-encoder modules; --hf: wav2vec 2.0 "
-                        "quantizer -> Wav2Vec2ForPreTraining)")
+                        "quantizer -> Wav2Vec2ForPreTraining, MaskedLM lm_head -> RobertaForMaskedLM)")
     p.add_argument("--image-size", type=int, nargs="+", metavar="N",
                    help="image encoders with --hf: H [W] of the fixed-size ViT position table")
     p.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")

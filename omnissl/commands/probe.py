@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -20,7 +21,7 @@ def _describe(result) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from omnissl.checkpoints import load_encoder
+    from omnissl.checkpoints import load_encoder, read_tokenizer
     from omnissl.commands import HelpFormatter
     from omnissl.datamodules.audio_io import AudioDataError
     from omnissl.eval.probe import run_probe
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="head initialization, mini-batch order, --random-init")
     parser.add_argument("--device", default=None, help="none: cuda when available, else cpu")
     parser.add_argument("--tokenizer", default=None,
-                        help="text: the pretraining tokenizer (none: tokenizer.json in the package)")
+                        help="text: the pretraining tokenizer (none: the package's tokenizer.json or the "
+                             "checkpoint's tokenizer)")
     parser.add_argument("--image-size", type=int, default=224, help="images: resize/crop size")
     args = parser.parse_args(argv)
     if args.wandb and args.report is None:
@@ -73,11 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         encoder = load_encoder(args.encoder).to(device)
         tokenizer = args.tokenizer
-        if tokenizer is None and (Path(args.encoder) / "tokenizer.json").is_file():
-            tokenizer = str(Path(args.encoder) / "tokenizer.json")
-        if source_modality(args.train) == "text" and tokenizer is None:
-            raise ValueError(f"probing a text encoder needs its pretraining tokenizer: pass --tokenizer or put "
-                             f"tokenizer.json into {args.encoder}")
+        if tokenizer is None and source_modality(args.train) == "text":
+            if (Path(args.encoder) / "tokenizer.json").is_file():
+                tokenizer = str(Path(args.encoder) / "tokenizer.json")
+            elif (text := read_tokenizer(args.encoder)) is not None:  # a checkpoint carries its run's tokenizer
+                tokenizer = str(Path(tempfile.mkdtemp(prefix="omnissl-probe-")) / "tokenizer.json")
+                Path(tokenizer).write_text(text, encoding="utf-8")
+            else:
+                raise ValueError(f"probing a text encoder needs its pretraining tokenizer: pass --tokenizer, or "
+                                 f"export the checkpoint of a text run (its package holds tokenizer.json); "
+                                 f"{args.encoder} carries none")
         data = load_probe_data(args.train, args.test, args.valid, task=args.task, batch_size=args.batch_size,
                                tokenizer=tokenizer, image_size=args.image_size)
         if data.modality == "text" and data.vocab_size > encoder.frontend.embed.num_embeddings:

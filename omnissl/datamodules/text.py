@@ -44,7 +44,7 @@ from omnissl.datamodules.common import atomic_file, check_data_args, data_root, 
 from omnissl.datamodules.documents import list_documents
 from omnissl.datamodules.token_cache import BREAK_MODES, TokenBlockDataset, block_ranges, pretokenize
 from omnissl.datamodules.tokenizers import (CACHE_VERSION, cache_key, check_tokenizer, expected_info,
-                                            resolve_tokenizer, set_token_ids)
+                                            load_tokenizer, resolve_tokenizer, set_token_ids, word_boundaries)
 
 
 class TextDataModule(DataModule):
@@ -119,6 +119,13 @@ class TextDataModule(DataModule):
             caches[split] = self.cache_dir / "text" / key
             pretokenize(fs, self.tokenizer_path, caches[split], on_error=self.on_error, progress=self.progress)
         return caches
+
+    def word_boundaries(self) -> list[bool]:
+        """Whether each token id begins a word, `vocab_size` long, of this module's tokenizer (tokenizers.word_boundaries),
+        for whole-word masking. Trains or finds the tokenizer first if `setup()` has not run."""
+        if self.tokenizer_path is None:
+            self._prepare()
+        return word_boundaries(load_tokenizer(self.tokenizer_path), self.vocab_size)
 
     # Lightning hooks ------------------------------------------------------------------------------------
 

@@ -130,6 +130,28 @@ def train_tokenizer(texts: Iterable[str], *, kind: str = "bpe", vocab_size: int 
     return tok
 
 
+def word_boundaries(tok, size: int | None = None) -> list[bool]:
+    """Which token ids begin a word, for whole-word masking: `size` (default the tokenizer's own size) bools.
+    Byte-level BPE: the token's text begins with whitespace (the "Ġ" space marker, a newline, ...), so a word is
+    its leading whitespace and what follows up to the next such token ("Ġ" + "b" is one word, " b"; punctuation
+    joins the word before it, as fairseq's `mask_whole_words`); WordPiece: the token has no "##" prefix. Special
+    tokens and ids past the tokenizer's size (which never occur) are marked as beginning a word."""
+    info = tokenizer_info(tok)
+    n = tok.get_vocab_size()
+    size = n if size is None else size
+    if size < n:
+        raise ValueError(f"word_boundaries: size {size} is smaller than the tokenizer's {n} tokens")
+    specials = set(info.special_ids)
+    starts = [True] * size
+    for i in range(n):
+        if i in specials:
+            continue
+        if info.kind == "wordpiece":
+            starts[i] = not tok.id_to_token(i).startswith("##")
+        else:  # byte-level: decode the token's bytes (a split UTF-8 character decodes to U+FFFD, not a space)
+            starts[i] = tok.decode([i], skip_special_tokens=False)[:1].isspace()
+    return starts
+
 def expected_info(tokenizer: str | None, kind: str, vocab_size: int) -> TokenizerInfo:
     """The TokenizerInfo a DataModule will have, known at construction: the given tokenizer's, or that of a
     tokenizer of `kind` and `vocab_size` still to be trained."""

@@ -7,8 +7,13 @@ reads a Lightning checkpoint of any objective through omnissl.checkpoints.read_c
 checkpoint holding pickled objects other than tensors and plain data is refused), and writes a package
 (omnissl.checkpoints.save_backbone's format), or with --hf a transformers directory (`from_pretrained(dir)`
 offline; families and unmapped options in omnissl/eval/hf/). --heads adds the objective's other modules
-(package: all of them, e.g. quantizer, decoder, teacher; --hf: wav2vec 2.0's quantizer, project_q and
-final_proj -> Wav2Vec2ForPreTraining).
+(package: all of them, e.g. quantizer, decoder, teacher, lm_head; --hf: wav2vec 2.0's quantizer, project_q
+and final_proj -> Wav2Vec2ForPreTraining, MaskedLM's lm_head -> RobertaForMaskedLM).
+
+A text encoder's tokenizer travels with it: the checkpoint holds the text of its run's tokenizer file
+(checkpoint["omnissl"]["tokenizer"]); a package gets it as tokenizer.json, a --hf export as tokenizer.json +
+tokenizer_config.json with the special-token roles set (eval/hf/tokenizer.py), so that AutoTokenizer loads it.
+A MaskedLM checkpoint exported with --hf --heads becomes a RobertaForMaskedLM.
 
 An audio --hf export also writes preprocessor_config.json (Wav2Vec2FeatureExtractor, 16 kHz), so that
 `AutoFeatureExtractor.from_pretrained(dir)` prepares raw audio as training did: do_normalize is the training data
@@ -28,11 +33,30 @@ from torch import nn
 
 from omnissl.backbones.frontends import ConvFeatureExtractor
 from omnissl.batch import SAMPLE_RATE
-from omnissl.checkpoints import Checkpoint, encoder_info, load_strict, read_checkpoint, write_package
+from omnissl.backbones.encoder import Encoder
+from omnissl.checkpoints import TOKENIZER, Checkpoint, encoder_info, load_strict, read_checkpoint, write_package
 from omnissl.eval.hf import encoder_to_hf
+from omnissl.eval.hf.tokenizer import save_hf_tokenizer
+from omnissl.ssl.heads import MaskedLMHead
 from omnissl.ssl.quantizer import GumbelQuantizer
 
-__all__ = ["export_checkpoint", "trained_with_normalized_audio", "feature_extractor"]
+__all__ = ["export_checkpoint", "trained_with_normalized_audio", "feature_extractor", "masked_lm_head"]
+
+
+def masked_lm_head(weights: dict[str, torch.Tensor], encoder: Encoder, source: str = "lm_head") -> MaskedLMHead:
+    """A MaskedLM objective's `lm_head` rebuilt from its weights, for `encoder` (the head is tied to its token
+    embedding; its LayerNorm eps is the trunk's, as MaskedLM builds it)."""
+    if "bias" not in weights:
+        raise ValueError(f"{source}: no masked-LM head weights (lm_head.bias missing)")
+    head = MaskedLMHead(dim=encoder.dim, vocab_size=weights["bias"].shape[0], eps=encoder.trunk.norm.eps)
+    load_strict(head, weights, source)
+    return head
+
+
+def _masked_lm_heads(ckpt: Checkpoint) -> dict[str, nn.Module]:
+    if "lm_head" not in ckpt.heads:
+        raise ValueError(f"--heads: the checkpoint has no lm_head weights (objective {ckpt.info.get('objective')})")
+    return {"lm_head": masked_lm_head(ckpt.heads["lm_head"], ckpt.encoder, "checkpoint lm_head.*")}
 
 
 def _wav2vec2_heads(ckpt: Checkpoint) -> tuple[dict[str, nn.Module], dict]:
@@ -78,24 +102,33 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, hf: bool = Fal
                 classes[name] = str(head_classes.get(name, "unknown"))
                 state.update({f"heads.{name}.{k}": v for k, v in weights.items()})
         info = encoder_info(ckpt.encoder, objective=objective, checkpoint=str(checkpoint), global_step=ckpt.global_step)
-        return write_package(out, ckpt.info["encoder"], state, classes, info, overwrite=overwrite)
+        write_package(out, ckpt.info["encoder"], state, classes, info, overwrite=overwrite)
+        if isinstance(ckpt.info.get("tokenizer"), str):  # a text encoder: its tokenizer travels with it
+            (out / TOKENIZER).write_text(ckpt.info["tokenizer"], encoding="utf-8")
+        return out
 
     if not overwrite and out.is_dir() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; pass --overwrite to replace its files")
     short = objective.rsplit(".", 1)[-1]
     hf_heads, extra = None, None
     if heads:
-        if short != "Wav2Vec2":
+        if short == "Wav2Vec2":
+            hf_heads, extra = _wav2vec2_heads(ckpt)
+        elif short == "MaskedLM":
+            hf_heads = _masked_lm_heads(ckpt)
+        else:
             raise ValueError(f"--heads with --hf: objective {objective or '<unknown>'} has no Hugging Face "
-                             "pretraining class of ours (only wav2vec 2.0 -> Wav2Vec2ForPreTraining); drop --heads "
-                             "or export a package")
-        hf_heads, extra = _wav2vec2_heads(ckpt)
+                             "pretraining class of ours (wav2vec 2.0 -> Wav2Vec2ForPreTraining, MaskedLM -> "
+                             "RobertaForMaskedLM); drop --heads or export a package")
     model = encoder_to_hf(ckpt.encoder, hubert=short == "HuBERT", mae=short == "MAE", heads=hf_heads,
                           image_size=image_size, extra_config=extra)
     model.save_pretrained(str(out))
     if isinstance(ckpt.encoder.frontend, ConvFeatureExtractor):
         feature_extractor(normalize=trained_with_normalized_audio(checkpoint),
                           attention_mask=model.config.feat_extract_norm == "layer").save_pretrained(str(out))
+    if isinstance(ckpt.info.get("tokenizer"), str):
+        positions = getattr(ckpt.encoder.positions, "max_len", None)
+        save_hf_tokenizer(ckpt.info["tokenizer"], out, model_max_length=positions)
     return out
 
 

@@ -9,6 +9,7 @@ logging. An objective implements `step(batch) -> StepOutput` and returns metrics
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import lightning as L
@@ -237,13 +238,18 @@ class SSLModule(L.LightningModule, abc.ABC):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Describe the encoder by its constructor arguments (backbones/config.py) so `omnissl export` can
-        rebuild it from a weights-only load, without the recipe and without unpickling code."""
+        rebuild it from a weights-only load, without the recipe and without unpickling code; with the text of
+        the DataModule's tokenizer file (`tokenizer_path`) under "tokenizer" when it has one."""
         info: dict = {
             "objective": f"{type(self).__module__}.{type(self).__qualname__}",
             "heads": {name: f"{type(m).__module__}.{type(m).__qualname__}"
                       for name, m in self.named_children() if name != "encoder"},
             "metadata": self.checkpoint_metadata(),
         }
+        # a text run's tokenizer travels with its checkpoint (exports write it as tokenizer.json)
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer_path", None) if self.attached else None
+        if tokenizer is not None:
+            info["tokenizer"] = Path(tokenizer).read_text(encoding="utf-8")
         encoder = getattr(self, "encoder", None)
         try:
             info["encoder"] = module_config(encoder)

@@ -241,3 +241,90 @@ def block_mask(
     n_mask = _check_grid_counts(mask_prob, n)
     device = torch.device(device) if device is not None else torch.device("cpu")
     return _block_select(grid, batch, n_mask, block, adjust, generator, device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masked language modelling (token ids)
+
+
+def word_starts(ids: Tensor, *, starts: Tensor, special: Tensor) -> Tensor:
+    """Where each word of token rows `ids` (B, N) begins, from per-vocabulary tables (V,) bool: `starts[v]`
+    token v begins a word (byte-level BPE: its text begins with whitespace, the "Ġ" space marker; WordPiece:
+    no "##"), `special[v]` a special token (a word of its own, and the token after it begins one). The first
+    token of a row always begins a word. -> (B, N) bool."""
+    tok_special = special[ids]
+    after = torch.nn.functional.pad(tok_special[:, :-1], (1, 0), value=True)
+    return starts[ids] | tok_special | after
+
+def mlm_select(
+    candidates: Tensor,
+    *,
+    mask_prob: float = 0.15,
+    unit_starts: Tensor | None = None,
+    span: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Which tokens a masked LM predicts: (B, N) bool, a subset of `candidates` (B, N) bool (the tokens that may
+    be selected: not special, not padding).
+
+    Tokens are grouped into units: single tokens, or whole words when `unit_starts` (B, N) bool marks where
+    each word begins (`word_starts`). Per row, num = int(mask_prob · U / span + u), u ~ U[0, 1), of its U
+    candidate units are drawn without replacement as span starts (fairseq `MaskTokensDataset`: an exact count
+    per sequence, `mask_multiple_length` = span), and each start selects itself and the next span - 1 units
+    (overlapping spans select fewer, as in fairseq; a span stops at a special token, padding or the row end).
+    With span 1 the expected fraction of units selected is exactly mask_prob; the selected tokens are those of
+    selected units that are candidates (a unit never crosses a special token or padding).
+    """
+    if not 0.0 < mask_prob < 1.0 or span < 1:
+        raise ValueError(f"need 0 < mask_prob < 1 and span >= 1, got {mask_prob}, {span}")
+    b, n = candidates.shape
+    device = candidates.device
+    if unit_starts is None:
+        starts = torch.ones_like(candidates)
+    else:  # a non-candidate is a unit of its own, and the token after it begins one
+        if unit_starts.shape != candidates.shape:
+            raise ValueError(f"unit_starts {tuple(unit_starts.shape)} and candidates {(b, n)} disagree")
+        starts = unit_starts | ~candidates | torch.nn.functional.pad(~candidates[:, :-1], (1, 0), value=True)
+    uid = starts.long().cumsum(1) - 1  # (B, N) unit index of every token
+    first = starts & candidates  # one position per candidate unit
+    units = first.sum(1)
+    u = torch.rand(b, generator=generator, device=device, dtype=torch.float64)
+    num = torch.minimum((mask_prob * units.double() / span + u).long(), units)
+    scores = torch.rand(b, n, generator=generator, device=device).masked_fill(~first, 2.0)
+    chosen = _lowest_k(scores, num)  # (B, N) positions of the chosen starts
+    zeros = torch.zeros(b, n, dtype=torch.long, device=device)
+    in_units = zeros.scatter_add(1, uid, chosen.long()) > 0  # (B, N) indexed by unit
+    if span > 1:  # grow each start over the next span - 1 units, stopping at a special token or padding
+        ordinary = zeros.scatter_add(1, uid, first.long()) > 0
+        cur = in_units
+        for _ in range(span - 1):
+            cur = torch.nn.functional.pad(cur[:, :-1], (1, 0), value=False) & ordinary
+            in_units = in_units | cur
+    return in_units.gather(1, uid) & candidates
+
+
+def mlm_corrupt(
+    ids: Tensor,
+    selected: Tensor,
+    *,
+    mask_id: int,
+    random_ids: Tensor,
+    mask_frac: float = 0.8,
+    random_frac: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """BERT / RoBERTa corruption of the selected tokens: each independently becomes `mask_id` with probability
+    `mask_frac`, a token drawn uniformly from `random_ids` (1-D: the ordinary, non-special ids; fairseq zeroes
+    the specials' weights) with probability `random_frac`, and stays unchanged otherwise (80 / 10 / 10).
+    ids, selected (B, N) -> corrupted ids (B, N); unselected tokens are never changed."""
+    if mask_frac < 0 or random_frac < 0 or mask_frac + random_frac > 1:
+        raise ValueError(f"need mask_frac, random_frac >= 0 with a sum <= 1, got {mask_frac}, {random_frac}")
+    if random_frac > 0 and random_ids.numel() == 0:
+        raise ValueError("random replacement needs at least one ordinary (non-special) token id")
+    u = torch.rand(ids.shape, generator=generator, device=ids.device)
+    out = torch.where(selected & (u < mask_frac), torch.full_like(ids, mask_id), ids)
+    if random_frac > 0:
+        pick = torch.randint(0, random_ids.numel(), ids.shape, generator=generator, device=ids.device)
+        rand = selected & (u >= mask_frac) & (u < mask_frac + random_frac)
+        out = torch.where(rand, random_ids.to(ids.device)[pick], out)
+    return out

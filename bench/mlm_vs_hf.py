@@ -1,0 +1,145 @@
+"""One masked-LM training step, omnissl `MaskedLM` vs Hugging Face `RobertaForMaskedLM`.
+
+Both sides: the same dims (default RoBERTa-base: 12 x 768, 12 heads, FFN 3072), vocabulary (32 768, RoBERTa
+specials at 0..4), sequence 128 with realistic padding (every row's length drawn uniformly from [64, 128], right
+padding), batch, masking rate (15 %, 80/10/10), dropout 0.1, SDPA attention, AdamW (0.9, 0.98, 1e-6, wd 0.01).
+One step = what a training loop does per update:
+
+  ours: `MaskedLM.step(batch)` (masks drawn on the device, head on the masked positions only, fp32 loss) ->
+        backward -> AdamW step -> zero_grad.
+  peer: `DataCollatorForLanguageModeling`'s masking (`torch_mask_tokens`, on the CPU as in a DataLoader worker;
+        its cost is reported apart and not counted) -> forward with labels (full-vocabulary logits at every
+        position) -> backward -> AdamW step -> zero_grad.
+
+The two models are built in one process and stepped in interleaved rounds (order alternating); medians are
+reported. On CUDA, peak memory per side is torch.cuda.max_memory_allocated over its steps (mem_ratio =
+ours / peer); on the CPU it is not measured (nan). The machine's load average is printed beside the timings:
+numbers taken while other jobs load the machine are not final.
+
+    python bench/mlm_vs_hf.py [--dim 768 --layers 12 --heads 12 --ffn 3072 --vocab 32768] [--batch 32]
+                              [--seq 128] [--warmup 2 --rounds 10] [--device cuda] [--bf16]
+
+Ends with: RESULT name=mlm_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer>
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+
+
+def build(a, device):
+    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast, RobertaConfig, \
+        RobertaForMaskedLM
+    from tokenizers import Tokenizer, models
+
+    from omnissl.backbones.encoder import Encoder
+    from omnissl.backbones.frontends import TokenEmbedding
+    from omnissl.backbones.transformer import LearnedPositions, Transformer
+    from omnissl.batch import Batch
+    from omnissl.optim import param_groups
+    from omnissl.ssl.mlm import MaskedLM
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(a.seq // 2, a.seq + 1, (a.batch,), generator=g)
+    ids = torch.randint(5, a.vocab, (a.batch, a.seq), generator=g)
+    ids[:, 0] = 0
+    ids[torch.arange(a.batch), lengths - 1] = 2
+    pad = torch.arange(a.seq)[None] >= lengths[:, None]
+    ids[pad] = 1
+
+    trunk = Transformer(dim=a.dim, depth=a.layers, heads=a.heads, ffn_dim=a.ffn, pre_norm=False, dropout=0.1,
+                        attn_dropout=0.1)
+    encoder = Encoder(TokenEmbedding(vocab_size=a.vocab, dim=a.dim, pad_id=1), trunk,
+                      positions=LearnedPositions(a.dim, max_len=512), feature_norm=False, project=False)
+    ours = MaskedLM(encoder, mask_id=4, special_ids=[0, 1, 2, 3, 4]).to(device).train()
+    ours_opt = torch.optim.AdamW(param_groups(ours, 0.01), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+    batch = Batch({"text": ids}, {"text": lengths}).to(device)
+
+    cfg = RobertaConfig(vocab_size=a.vocab, hidden_size=a.dim, num_hidden_layers=a.layers,
+                        num_attention_heads=a.heads, intermediate_size=a.ffn, max_position_embeddings=514,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    peer = RobertaForMaskedLM._from_config(cfg, attn_implementation="sdpa").to(device).train()
+    peer_opt = torch.optim.AdamW(peer.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    vocab = {f"t{i}": i for i in range(a.vocab)}
+    for i, name in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>"]):
+        vocab.pop(f"t{i}")
+        vocab[name] = i
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                  bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                  mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+    collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
+    attention_mask = (~pad).long()
+    collate_ms: list[float] = []
+
+    def ours_step() -> float:
+        out = ours.step(batch)
+        out.loss.backward()
+        ours_opt.step()
+        ours_opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    def peer_step() -> float:
+        t0 = time.perf_counter()
+        inputs, labels = collator.torch_mask_tokens(ids.clone())
+        collate_ms.append((time.perf_counter() - t0) * 1e3)
+        out = peer(input_ids=inputs.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device))
+        out.loss.backward()
+        peer_opt.step()
+        peer_opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    return {"ours": ours_step, "peer": peer_step}, collate_ms
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, default in (("dim", 768), ("layers", 12), ("heads", 12), ("ffn", 3072), ("vocab", 32768),
+                          ("batch", 32), ("seq", 128), ("warmup", 2), ("rounds", 10)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    steps, collate_ms = build(a, device)
+    cuda = device.type == "cuda"
+    times: dict[str, list[float]] = {"ours": [], "peer": []}
+    peak = {"ours": 0, "peer": 0}
+    order = ["ours", "peer"]
+    for r in range(a.warmup + a.rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
+                loss = steps[name]()
+            if cuda:
+                torch.cuda.synchronize()
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+            if r >= a.warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"{name}: non-finite loss {loss}")
+    ours_ms, peer_ms = statistics.median(times["ours"]), statistics.median(times["peer"])
+    mem_ratio = peak["ours"] / peak["peer"] if cuda else math.nan
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), threads "
+          f"{torch.get_num_threads()}, load average {load}; dims {a.dim}x{a.layers}, vocab {a.vocab}, batch "
+          f"{a.batch} x {a.seq}, bf16 {a.bf16}")
+    memory = (f"peak memory ours {peak['ours'] / 2**20:.0f} MiB, peer {peak['peer'] / 2**20:.0f} MiB" if cuda
+              else "memory not measured on the CPU")
+    print(f"ours {ours_ms:.1f} ms, peer {peer_ms:.1f} ms (+ {statistics.median(collate_ms):.1f} ms of CPU masking "
+          f"not counted); {memory}")
+    print(f"RESULT name=mlm_vs_hf ours_ms={ours_ms:.2f} peer_ms={peer_ms:.2f} ratio={peer_ms / ours_ms:.3f} "
+          f"mem_ratio={mem_ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
