@@ -84,7 +84,9 @@ class SaveConfigToRun(SaveConfigCallback):
         if trainer.is_global_zero:
             if self.run_dir is not None:
                 config = self.config.clone()
-                config["ckpt_path"] = None  # the saved config re-runs (and so resumes) the run itself
+                # the saved config re-runs (and so resumes) the run itself: `omnissl fit -c <run>/config.yaml`
+                config["ckpt_path"] = None
+                config["trainer.default_root_dir"] = str(Path(self.run_dir).parent)
                 save_run_config(Path(self.run_dir), self.parser.dump(config, skip_none=False))
             self.save_config(trainer, pl_module, stage)
         self.already_saved = True

@@ -83,3 +83,7 @@ def test_offline_wandb_run_holds_resolved_config_and_a_resume_continues_it(tmp_p
     assert "max_steps: 2" in (folder / "config.yaml").read_text()
     assert "max_steps: 4" in (folder / "config.1.yaml").read_text()
     assert list(folder.glob("checkpoints/last.ckpt"))
+    # the saved config re-runs the run itself: here finished, so nothing is trained
+    again = subprocess.run([cmd[0], "fit", "-c", str(folder / "config.1.yaml")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"run {folder} is finished" in again.stderr, again.stderr[-3000:]
