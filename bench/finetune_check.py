@@ -6,7 +6,7 @@ task (`small`: 12 keywords, held-out voices and accents in test; chance 0.083), 
 from a pretraining checkpoint (its `encoder.*` weights), once from random initialization. Test accuracy of the
 last weights on the test split.
 
-    python bench/finetune_check.py --pretrained runs/cpu/omnissl/version_0/checkpoints/last.ckpt [--steps 300]
+    python bench/finetune_check.py --pretrained runs/cpu/<run>/checkpoints/last.ckpt [--steps 300]
 
 Ends with: RESULT name=finetune_check steps=... test_acc_pretrained=... test_acc_random=...
 """

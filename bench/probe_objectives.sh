@@ -12,9 +12,9 @@ for recipe in image/mae_tiny_cpu image/data2vec_tiny_cpu image/data2vec2_tiny_cp
   dir=$OUT/$recipe
   rm -rf "$dir"
   "$OMNISSL" fit -c recipes/trainer/cpu.yaml -c recipes/$recipe.yaml --trainer.max_steps "$STEPS" \
-    --model.init_args.lr_scheduler.init_args.total_steps "$STEPS" --trainer.logger.init_args.mode csv \
+    --trainer.logger.init_args.mode csv \
     --trainer.default_root_dir "$dir" --trainer.logger.init_args.save_dir "$dir" --trainer.enable_progress_bar false
-  "$OMNISSL" export "$(ls -t "$dir"/*/version_*/checkpoints/last.ckpt | head -1)" "$dir/encoder"
+  "$OMNISSL" export "$(ls -t "$dir"/*/checkpoints/last.ckpt | head -1)" "$dir/encoder"
   "$OMNISSL" probe "$dir/encoder" --train embedded:labeled_images --test embedded:labeled_images \
     --valid embedded:labeled_images --image-size 32 --random-init --baseline --report "$dir/report" \
     | tee "$dir/probe.log"

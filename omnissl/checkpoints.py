@@ -276,6 +276,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(encoder, heads, info, int(step) if isinstance(step, int) else None)
 
 
+def read_progress(path: str | Path) -> int | None:
+    """The optimizer step (`global_step`) a Lightning checkpoint file was written at, read weights-only (memory-
+    mapped: nothing else is read); None when the file does not record it."""
+    step = _torch_load(Path(path), "omnissl").get("global_step")
+    return int(step) if isinstance(step, int) else None
+
+
 def load_encoder(path: str | Path) -> Encoder:
     """The encoder of an omnissl package directory (load_backbone) or of a Lightning checkpoint file
     (read_checkpoint), with its weights; the one entry point of probe, features, units and fine-tuning."""

@@ -55,17 +55,54 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     from omnissl.ssl.base import SSLModule
     from omnissl.train.checks import check_config
     from omnissl.train.loggers import SaveConfigToRun
+    from omnissl.train.runs import RunError, link_schedule, prepare_fit
 
     class OmnisslCLI(LightningCLI):
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
             return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING}
 
-        def parse_arguments(self, parser, args) -> None:  # + degenerate settings refused before any work
+        def parse_arguments(self, parser, args) -> None:  # + linked and degenerate settings, before any work
             super().parse_arguments(parser, args)
             sub = self.config.get("subcommand")
-            if errors := check_config(self.config[sub] if sub else self.config, sub or "fit"):
+            config = self.config[sub] if sub else self.config
+            try:
+                link_schedule(config)  # the schedule's total_steps follows trainer.max_steps unless set
+            except RunError as e:
+                parser.error(str(e))
+            if errors := check_config(config, sub or "fit"):
                 parser.error("; ".join(errors))
+
+        def add_arguments_to_parser(self, parser) -> None:
+            # one folder per run, resumed by re-running the command: omnissl/train/runs.py, README "Resume"
+            parser.add_argument("--run_name", type=str | None, default=None,
+                                help="fit: the run's folder under trainer.default_root_dir (default: <objective>-"
+                                     "<hash of the config>); re-running resumes from its last checkpoint")
+            parser.add_argument("--auto_resume", type=bool, default=True,
+                                help="fit: resume from the run folder's last checkpoint (false: refuse a folder "
+                                     "that already holds checkpoints)")
+
+        def before_instantiate_classes(self) -> None:
+            if self.subcommand != "fit":
+                return
+            config = self.config["fit"]
+            try:
+                self.run_plan = prepare_fit(config)
+            except RunError as e:
+                self.parser.error(str(e))
+            plan = self.run_plan
+            self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": str(plan["folder"])}
+            state = (f"resuming from {plan['ckpt_path']} (step {plan['step']})" if plan["resumed"] else "new run")
+            print(f"omnissl fit: run folder {plan['folder']} ({state})", file=sys.stderr)
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            plan = getattr(self, "run_plan", None)
+            if subcommand == "fit" and plan and plan["finished"]:
+                print(f"omnissl fit: run {plan['folder']} is finished (checkpoint at step {plan['step']}, "
+                      f"trainer.max_steps={self.config['fit']['trainer']['max_steps']}); nothing to train. To continue it: "
+                      f"--run_name {plan['name']} --trainer.max_steps N (N larger); or name a new run.", file=sys.stderr)
+                return
+            super()._run_subcommand(subcommand)
 
     return OmnisslCLI(
         SSLModule,
@@ -74,7 +111,6 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         subclass_mode_data=True,
         auto_configure_optimizers=False,  # objectives take injected optimizer/scheduler (Lightning #19110)
         save_config_callback=SaveConfigToRun,
-        save_config_kwargs={"overwrite": True},
         parser_kwargs={"allow_abbrev": False},  # --trainer.max_step is an error, as the same typo in YAML
         args=args,
         run=run,

@@ -64,7 +64,7 @@ from omnissl.datamodules.base import DataModule
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import SkipLog, check_on_error, class_index, is_embedded
 from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
-from omnissl.datamodules.sampler import BucketBatchSampler
+from omnissl.datamodules.sampler import BucketBatchSampler, ResumableLoader
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,9 @@ class DropFailed:
         return (self.collate(good) if good else None), [it for it in items if "error" in it]
 
 
-class AudioLoader(DataLoader):
-    """DataLoader over `DropFailed` batches: yields the `Batch`es and, at the end of each pass, logs how many
+class AudioLoader(ResumableLoader):
+    """Resumable DataLoader (its position is in every checkpoint; omnissl/datamodules/sampler.py) over
+    `DropFailed` batches: yields the `Batch`es and, at the end of each pass, logs how many
     items were skipped (`skipped` keeps the running total; `skips`, the DataModule's record, gets each file).
     A batch whose items all failed is left out (under DDP that rank then runs one step fewer; with many bad
     files, clean the manifest with `omnissl data inspect --on-error skip` instead). A pass in which every item

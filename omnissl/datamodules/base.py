@@ -21,8 +21,9 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import SkipLog, holdout, is_embedded, make_loader
+from omnissl.datamodules.common import SkipLog, holdout, is_embedded
 from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
+from omnissl.datamodules.sampler import make_loader
 
 
 class DataModule(L.LightningDataModule):

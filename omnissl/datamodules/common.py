@@ -19,6 +19,8 @@ Conventions used by every DataModule here:
 * **Shuffling.** Loaders always use a `DistributedSampler` (world size 1 outside distributed runs) seeded by
   the DataModule's `seed`; Lightning calls its `set_epoch`, so the order is a function of (seed, epoch) and a
   resumed run sees the same order. Lightning leaves a `DistributedSampler` alone, so this also holds under DDP.
+  Loaders are `ResumableLoader`s (omnissl/datamodules/sampler.py): their position is in every checkpoint and a
+  run resumed mid-epoch continues with the next batch.
 """
 
 from __future__ import annotations
@@ -31,10 +33,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # torch is imported lazily: corpus generators run in light worker processes
-    from torch.utils.data import DataLoader, Dataset
+from typing import Any
 
 EMBEDDED_PREFIX = "embedded:"
 SPLITS = ("train", "valid", "test")
@@ -252,18 +251,6 @@ def holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------- loading
-
-
-def make_loader(dataset: "Dataset", *, trainer: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                collate_fn: Callable, drop_last: bool = False) -> "DataLoader":
-    """A DataLoader whose order is a function of (seed, epoch, rank): see the module docstring."""
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=drop_last)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_fn, drop_last=drop_last, persistent_workers=num_workers > 0)
 
 
 class SkipLog:

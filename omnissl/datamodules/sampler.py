@@ -1,13 +1,30 @@
-"""`BucketBatchSampler`: length-bucketed batches under a token budget, deterministic per (seed, epoch) and
-DDP-aware. Generic (any dataset with per-item lengths); `AudioDataModule` batches with it."""
+"""Samplers and loaders whose position is part of the checkpoint, so a resumed run continues mid-epoch exactly.
+
+* `BucketBatchSampler`: length-bucketed batches under a token budget, deterministic per (seed, epoch) and
+  DDP-aware. Generic (any dataset with per-item lengths); `AudioDataModule` batches with it.
+* `ItemSampler`: a `DistributedSampler` (order a function of (seed, epoch, rank)) yielding (index, epoch) pairs.
+* `SeededItems`: `dataset[(i, epoch)]` = `dataset[i]` drawn with torch's CPU generator seeded by (seed, epoch, i),
+  so random augmentation (image crops, audio windows) depends on neither the worker nor what ran before it.
+* `ResumableLoader`: a DataLoader with `state_dict()` = {"epoch", "batches"} (batches handed out this epoch) and
+  `load_state_dict()`; Lightning saves it in every checkpoint (`loops.fit_loop.combined_loader`, any loader with
+  both methods) and restores it before the epoch resumes: the next pass skips the batches already trained on,
+  at the sampler (nothing is loaded for them). `make_loader` builds one for the plain `batch_size` DataModules.
+
+Together with the masks and dropout being seeded per optimizer step (omnissl/ssl/base.py), a run killed
+mid-epoch and resumed from its last checkpoint sees the same batches and the same losses as one never stopped
+(tests/train/test_resume.py).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+from omnissl.datamodules.common import stable_hash
 
 
 class BucketBatchSampler(BatchSampler):
@@ -51,6 +68,7 @@ class BucketBatchSampler(BatchSampler):
             rank = torch.distributed.get_rank() if dist else 0
         self.num_replicas, self.rank = int(num_replicas), int(rank)
         self._cache: tuple[int, list[list[int]]] | None = None
+        self.start = 0  # batches of this rank to skip on the next pass only (a resumed epoch; ResumableLoader)
 
     @property
     def epoch(self) -> int:
@@ -90,8 +108,8 @@ class BucketBatchSampler(BatchSampler):
         return batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch = self.epoch
-        for batch in self._global_batches()[self.rank :: self.num_replicas]:
+        epoch, start, self.start = self.epoch, self.start, 0
+        for batch in self._global_batches()[self.rank :: self.num_replicas][start:]:
             yield [(i, epoch) for i in batch]
 
     def __len__(self) -> int:
@@ -106,3 +124,98 @@ class EpochHolder:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+
+class ItemSampler(DistributedSampler):
+    """`DistributedSampler` (world size 1 outside DDP; Lightning leaves it alone and calls its `set_epoch`) that
+    yields (index, epoch) pairs for `SeededItems`; `start` items of this rank are skipped on the next pass only."""
+
+    def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        epoch, start, self.start = self.epoch, self.start, 0
+        for k, i in enumerate(super().__iter__()):
+            if k >= start:
+                yield (i, epoch)
+
+
+class SeededItems(Dataset):
+    """`dataset[(i, epoch)]`: `dataset[i]` with torch's CPU generator seeded by (seed, epoch, i) for the call and
+    restored after, so the random transforms of an item are a function of (seed, epoch, i) only (the same in
+    any worker, and after a resume). Other attributes are the wrapped dataset's."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int] | int) -> Any:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(stable_hash("item", self.seed, epoch, i))
+            return self.dataset[i]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "seed") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning checkpoints (module docstring). Its batch sampler is a
+    `BucketBatchSampler`, or a `BatchSampler` over an `ItemSampler` (`make_loader`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = 0  # batches handed out in the current pass
+        self._resume: dict | None = None
+
+    def _holder(self) -> tuple[Any, int]:
+        """(the sampler that knows the epoch and takes `start`, sampler units per batch)."""
+        bs = self.batch_sampler
+        if hasattr(bs, "start"):
+            return bs, 1
+        if bs is not None and hasattr(getattr(bs, "sampler", None), "start"):
+            return bs.sampler, int(bs.batch_size)
+        raise TypeError(f"{type(self).__name__} needs a BucketBatchSampler or a BatchSampler over an ItemSampler, "
+                        f"got {type(bs).__name__}")
+
+    @property
+    def epoch(self) -> int:
+        return int(getattr(self._holder()[0], "epoch", 0))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not {"epoch", "batches"} <= set(state):
+            raise ValueError(f"a data loader state needs 'epoch' and 'batches', got {sorted(state)}")
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+    def __iter__(self):  # type: ignore[override]
+        # a generator: runs at the first next(), after Lightning has set the epoch of the pass
+        holder, per_batch = self._holder()
+        skip = 0
+        if self._resume is not None:
+            if self._resume["epoch"] == self.epoch and self._resume["batches"] < len(self):
+                skip = self._resume["batches"]
+            self._resume = None
+        holder.start = skip * per_batch
+        self.batches_done = skip
+        for batch in super().__iter__():
+            self.batches_done += 1
+            yield batch
+
+
+def make_loader(dataset: Dataset, *, trainer: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                collate_fn: Callable, drop_last: bool = False) -> ResumableLoader:
+    """A `ResumableLoader` of `batch_size` batches whose order is a function of (seed, epoch, rank) and whose
+    items' random transforms are functions of (seed, epoch, index) (`SeededItems`)."""
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = ItemSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return ResumableLoader(SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler,
+                           num_workers=num_workers, collate_fn=collate_fn, drop_last=drop_last,
+                           persistent_workers=num_workers > 0)

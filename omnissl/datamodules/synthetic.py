@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from omnissl.batch import SAMPLE_RATE
 from omnissl.datamodules.base import DataModule
@@ -86,8 +86,3 @@ class SyntheticDataModule(DataModule):
         self.classes = [str(c) for c in range(num_classes)]
         self.batch_size, self.seed, self.num_workers = batch_size, seed, 0
         self.collate = Collate()
-
-    def build_loader(self, ds: Dataset, split: str, shuffle: bool) -> DataLoader:
-        """A plain DataLoader; the training order comes from a generator seeded with `seed`."""
-        g = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=g, collate_fn=self.collate)

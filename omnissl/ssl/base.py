@@ -108,8 +108,11 @@ class SSLModule(L.LightningModule, abc.ABC):
         device = device or self.device
         rank = self.global_rank if self.attached else 0
         step = self.global_step if self.attached else 0
+        return torch.Generator(device=device).manual_seed(self._step_key(step, rank))
+
+    def _step_key(self, step: int, rank: int, salt: int = 0) -> int:
         key = ((self.seed * 1_000_003 + step) * 1_009 + rank) * 1_013 + self._micro
-        return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
+        return (key * 1_019 + salt if salt else key) % (2**63 - 1)
 
     def normalize(self, loss_sum: Tensor, count: Tensor | int) -> Tensor:
         """A summed loss over `count` predicted positions -> the loss to backpropagate; call it once per step.
@@ -149,6 +152,10 @@ class SSLModule(L.LightningModule, abc.ABC):
         self._micro = batch_idx % accumulate
         if self._micro == 0:
             self._update_count = None
+        # dropout and any other draw from torch's global generators: seeded per (seed, update, rank, micro-batch)
+        # like the masks, so a run resumed from a checkpoint draws what the uninterrupted run drew (fairseq's
+        # Trainer._set_seed); salt 1 keeps these draws apart from the mask generator's
+        torch.manual_seed(self._step_key(self.global_step, self.global_rank, salt=1))
         for module in self.modules():
             if module is not self and hasattr(module, "set_num_updates"):
                 module.set_num_updates(self.global_step)

@@ -282,6 +282,7 @@ def fitted(tmp_path_factory) -> Path:
     (root / "data.yaml").write_text(SYNTHETIC_AUDIO)
     _run([OMNISSL, "fit", "-c", str(ROOT / "recipes/trainer/debug.yaml"), "-c",
           str(ROOT / "recipes/audio/wav2vec2_tiny_cpu.yaml"), "-c", "data.yaml", "--trainer.max_steps", "2",
+          "--model.init_args.lr_scheduler.init_args.warmup_steps", "1",  # the schedule follows max_steps
           "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"], cwd=root)
     return next(root.glob("runs/debug/**/last.ckpt"))
 

@@ -106,7 +106,14 @@ def hubert_checkpoint(folder, train, clusters=6):
 
 def test_iteration_2_clusters_layer_outputs_of_a_checkpoint(tmp_path):
     train, valid, sizes = make_corpus(tmp_path / "data")
-    ckpt, model = hubert_checkpoint(tmp_path, train)
+    (ckpt_dir := tmp_path / "runs/a/checkpoints").mkdir(parents=True)
+    ckpt, model = hubert_checkpoint(ckpt_dir, train)
+    # another run's config overwrote the shared config.yaml beside and above the checkpoint (issue 11): the
+    # encoder is rebuilt from the checkpoint's own record, never from a config file found nearby
+    other = ("model:\n  class_path: omnissl.ssl.hubert.HuBERT\n  init_args:\n    encoder:\n      class_path: "
+             "omnissl.backbones.builders.tiny\n      init_args: {modality: audio, dim: 64, depth: 8, heads: 2}\n")
+    for folder in (ckpt_dir, ckpt_dir.parent, tmp_path / "runs"):
+        (folder / "config.yaml").write_text(other)
     out = U.make_units(train, iteration=2, checkpoint=ckpt, layer=1, **FAST)[0]
     assert [len(x) for x in read_units(out)] == [(n - 400) // 320 + 1 for n in sizes[:4]]
     # the features clustered are the trained encoder's own layer-1 outputs

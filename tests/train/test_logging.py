@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -45,24 +46,44 @@ def test_wandb_mode(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_wandb_run_holds_resolved_config(tmp_path):
+def test_offline_wandb_run_holds_resolved_config_and_a_resume_continues_it(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     env.pop("WANDB_API_KEY", None)
     # an earlier test's wandb.init left WANDB_SERVICE (the pytest process's own W&B service socket) in os.environ;
     # inherited, it makes the child hand its run to that service, which never writes it where we look
     env.pop("WANDB_SERVICE", None)
     cmd = [str(Path(sys.executable).parent / "omnissl"), "fit", "-c", str(ROOT / "recipes/trainer/default.yaml"),
-           "-c", str(ROOT / "recipes/audio/mae_tiny_synthetic.yaml"), "--trainer.max_steps", "2",
-           "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
-           "--model.init_args.mask_ratio", "0.7"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    runs: list[Path] = []
-    for _ in range(60):  # W&B's service process may still be flushing the offline run after the command exits
-        runs = list(tmp_path.glob("runs/wandb/offline-run-*/run-*.wandb"))
-        if runs and b"mask_ratio" in runs[0].read_bytes():
-            break
-        time.sleep(1)
-    assert len(runs) == 1, sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))[:40]
-    assert b"mask_ratio" in runs[0].read_bytes() and b"0.7" in runs[0].read_bytes()
-    assert "mask_ratio: 0.7" in (tmp_path / "runs/config.yaml").read_text()
+           "-c", str(ROOT / "recipes/audio/mae_tiny_synthetic.yaml"), "--trainer.limit_val_batches", "1",
+           "--trainer.accelerator", "cpu", "--model.init_args.mask_ratio", "0.7", "--run_name", "mae-a",
+           "--trainer.logger.init_args.tags", "[smoke, test]", "--trainer.logger.init_args.group", "g1"]
+    folder = tmp_path / "runs/mae-a"
+
+    def offline_runs(expected: int) -> list[Path]:
+        found: list[Path] = []
+        for _ in range(60):  # W&B's service process may still be flushing the offline run after the command exits
+            found = sorted(folder.glob("wandb/offline-run-*/run-*.wandb"))
+            if len(found) == expected and all(b"mask_ratio" in p.read_bytes() for p in found):
+                break
+            time.sleep(1)
+        return found
+
+    for steps, launches in ((2, 1), (4, 2)):  # the second launch resumes the run (same folder, more steps)
+        out = subprocess.run(cmd + ["--trainer.max_steps", str(steps)], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs = offline_runs(launches)
+        assert len(runs) == launches, sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))[:40]
+    assert "resuming from" in out.stderr
+    run_id = json.loads((folder / "run.json").read_text())["wandb_id"]
+    assert [p.stem.removeprefix("run-") for p in runs] == [run_id, run_id]  # one W&B run, continued
+    data = runs[0].read_bytes()
+    assert b"mask_ratio" in data and b"0.7" in data and b"smoke" in data and b"g1" in data
+    assert "mask_ratio: 0.7" in (folder / "config.yaml").read_text()
+    # the resumed launch's config differs (max_steps): saved beside the first, which is never overwritten
+    assert "max_steps: 2" in (folder / "config.yaml").read_text()
+    assert "max_steps: 4" in (folder / "config.1.yaml").read_text()
+    assert list(folder.glob("checkpoints/last.ckpt"))
+    # the saved config re-runs the run itself: here finished, so nothing is trained
+    again = subprocess.run([cmd[0], "fit", "-c", str(folder / "config.1.yaml")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"run {folder} is finished" in again.stderr, again.stderr[-3000:]
