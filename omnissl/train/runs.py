@@ -210,7 +210,8 @@ def link_schedule(config: Any) -> None:
     warmup = args.get("warmup_steps")
     if isinstance(warmup, int) and warmup > args["total_steps"]:
         raise RunError(f"{key}.warmup_steps ({warmup}) exceeds the schedule's total_steps ({args['total_steps']}, "
-                       "= trainer.max_steps unless set): lower warmup_steps")
+                       f"= trainer.max_steps unless set): lower warmup_steps (a smoke run of a long recipe: "
+                       f"--{key}.warmup_steps 1)")
 
 
 def save_run_config(folder: Path, text: str) -> Path:
