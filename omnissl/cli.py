@@ -66,10 +66,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             super().parse_arguments(parser, args)
             sub = self.config.get("subcommand")
             config = self.config[sub] if sub else self.config
-            try:
-                link_schedule(config)  # the schedule's total_steps follows trainer.max_steps unless set
-            except RunError as e:
-                parser.error(str(e))
+            link_schedule(config)  # the schedule's total_steps follows trainer.max_steps unless set
             if errors := check_config(config, sub or "fit"):
                 parser.error("; ".join(errors))
 

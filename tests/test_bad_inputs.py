@@ -35,6 +35,7 @@ OMNISSL = str(Path(sys.executable).parent / "omnissl")
 DEBUG = str(ROOT / "recipes/trainer/debug.yaml")
 MAE = str(ROOT / "recipes/audio/mae_tiny_synthetic.yaml")
 W2V = str(ROOT / "recipes/audio/wav2vec2_tiny_cpu.yaml")
+SHORT_WARMUP = ["--model.init_args.lr_scheduler.init_args.warmup_steps", "1"]  # debug.yaml runs 4 steps
 SR = 16_000
 
 
@@ -191,7 +192,7 @@ def test_audio_epoch_of_only_bad_files_stops_a_real_run(abad, tmp_path):
     empty epochs forever (102,256 warning lines in 120 s). It must exit non-zero, naming the manifest."""
     m = write_manifest(tmp_path / "all_bad.tsv", abad, ["corrupt.wav\t32000", "empty.wav\t32000",
                                                         "garbled_header.wav\t32000"])
-    out = run([OMNISSL, "fit", "-c", DEBUG, "-c", W2V, "--data.init_args.train", str(m),
+    out = run([OMNISSL, "fit", "-c", DEBUG, "-c", W2V, *SHORT_WARMUP, "--data.init_args.train", str(m),
                "--data.init_args.valid", "null", "--data.init_args.on_error", "skip",
                "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar", "false"],
               cwd=tmp_path, timeout=240)
@@ -363,7 +364,7 @@ def test_config_num_distractors_zero_is_refused_before_work(tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="num_distractors must be >= 1, got 0"):
-        lightning_cli(["-c", DEBUG, "-c", W2V, "--model.init_args.num_distractors", "0"], run=False)
+        lightning_cli(["-c", DEBUG, "-c", W2V, *SHORT_WARMUP, "--model.init_args.num_distractors", "0"], run=False)
 
 
 # ===================================================================================== checkpoints, export

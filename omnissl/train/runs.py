@@ -192,26 +192,19 @@ def prepare_fit(config: Any) -> dict:
 
 
 def link_schedule(config: Any) -> None:
-    """The LR schedule's `total_steps`, when not set, follows `trainer.max_steps` (in place); neither set is an
-    error naming both keys."""
+    """The LR schedule's `total_steps`, when not set, follows `trainer.max_steps` (in place). What is wrong with
+    the result (neither set, warmup longer than the run) is named by omnissl/train/checks.py, which builds the
+    scheduler before any work."""
     key = "model.init_args.lr_scheduler.init_args"
     try:
         args = config.get(key)
     except (KeyError, AttributeError):
         return
-    if args is None or "total_steps" not in args:
+    if args is None or "total_steps" not in args or args["total_steps"] is not None:
         return
-    if args["total_steps"] is None:
-        max_steps = config.get("trainer.max_steps")
-        if max_steps is None or max_steps <= 0:
-            raise RunError(f"{key}.total_steps is not set and trainer.max_steps is {max_steps}: set one of them "
-                           "(the schedule's total steps follow trainer.max_steps unless set)")
+    max_steps = config.get("trainer.max_steps")
+    if max_steps is not None and max_steps > 0:
         args["total_steps"] = int(max_steps)
-    warmup = args.get("warmup_steps")
-    if isinstance(warmup, int) and warmup > args["total_steps"]:
-        raise RunError(f"{key}.warmup_steps ({warmup}) exceeds the schedule's total_steps ({args['total_steps']}, "
-                       f"= trainer.max_steps unless set): lower warmup_steps (a smoke run of a long recipe: "
-                       f"--{key}.warmup_steps 1)")
 
 
 def save_run_config(folder: Path, text: str) -> Path:

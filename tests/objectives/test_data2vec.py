@@ -530,7 +530,8 @@ def test_audio_recipes_feed_the_teacher_clean_inputs(recipe):
 
     root = Path(__file__).resolve().parents[2]
     cli = lightning_cli(["-c", str(root / "recipes/trainer/cpu.yaml"), "-c", str(root / f"recipes/audio/{recipe}.yaml"),
-                         "--trainer.logger", "false"], run=False)
+                         "--trainer.logger", "false", "--model.init_args.lr_scheduler.init_args.total_steps", "400000"],
+                        run=False)
     model = cli.model.train()
     assert model.encoder.dropout_input.p == 0.0
     x = torch.randn(1, 16000, generator=torch.Generator().manual_seed(0))
