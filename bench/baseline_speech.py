@@ -91,7 +91,8 @@ def main() -> None:
     for task in args.tasks:
         if args.compare:
             print(f"\n{task} ({args.size}): probe of `omnissl probe` (mean over {len(args.seeds)} probe seeds) | "
-                  "sklearn LR\n\n| features | dim | valid acc | test acc | test acc, sklearn LR |\n|---|---|---|---|---|")
+                  "sklearn LR\n\n| features | dim | valid acc | test acc | test acc, sklearn LR |\n"
+                  "|---|---|---|---|---|")
         for name in names:
             r = evaluate(CANDIDATES[name](), task, args.size, seeds=args.seeds, with_sklearn=args.compare)
             test, valid = float(np.mean(r["test"])), float(np.mean(r["valid"]))
