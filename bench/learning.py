@@ -235,8 +235,20 @@ def probe(states, task: str, size: str = "small", *, seed: int = 0, name: str = 
             "se": binomial_se(r.test, n_test) if n_test else None}
 
 
-def baseline(task: str, size: str = "small") -> dict:
-    """The non-learned baseline of `omnissl probe --baseline` (baseline_states("audio")), probed the same way."""
+def baseline(task: str, size: str = "small", seeds=(0, 1, 2)) -> dict:
+    """The non-learned baseline of `omnissl probe --baseline` (baseline_states("audio")), probed as `probe`
+    does, once per probe seed (the features are extracted once; the seeds change the head's init and batch
+    order, as they do for the encoders' points) -> {"test" (mean over seeds), "tests", "valid", "n_test",
+    "chance", "se" (binomial, at the mean)}."""
+    from omnissl.eval.probe import extract_splits, fit_classifier
     from omnissl.eval.upstream import baseline_states
 
-    return probe(baseline_states("audio"), task, size, name="log-mel baseline")
+    data = probe_data(task, size)
+    feats, _ = extract_splits(baseline_states("audio"), data)
+    fits = [fit_classifier(feats["train"], feats["valid"], feats["test"], num_classes=len(data.classes), seed=s)
+            for s in seeds]
+    test = statistics.fmean(r.test for r in fits)
+    n_test = len(feats["test"])
+    return {"test": test, "tests": [r.test for r in fits], "valid": statistics.fmean(r.valid for r in fits),
+            "seeds": list(seeds), "n_test": n_test, "chance": 1.0 / len(data.classes),
+            "se": binomial_se(test, n_test)}

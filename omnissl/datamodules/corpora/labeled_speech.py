@@ -5,7 +5,7 @@ Both tasks hold out voices and/or accents in the test split, so a probe has to g
 **keywords** (12 classes: yes no up down left right on off stop go zero one). Clean synthetic keywords are
 easy for a log-mel + logistic-regression baseline, which then says nothing about pretraining; so each clip
 is made hard on purpose, while staying learnable. Test accuracy of `bench/baseline_speech.py` (mean+std
-pooled log-mel, logistic regression) on the default size, chance 0.083:
+pooled log-mel, logistic regression) on the default size of version 1, chance 0.083:
   * held-out voice variants and accents, rate 110-250 words/min, pitch and pitch range 10-90 (espeak
     units), speed perturbation, no noise or reverberation: 0.73;
   * the default adds speed perturbation x0.9-1.1 (tape-style: duration and pitch together), reverberation
