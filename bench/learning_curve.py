@@ -86,7 +86,7 @@ def fresh(path: Path, key: str) -> bool:
         return False
     found = json.loads(path.read_text()).get("config")
     if found != key:
-        print(f"{path.relative_to(ROOT)}: made with configuration {found}, now {key}: redoing it", flush=True)
+        print(f"{path}: made with configuration {found}, now {key}: redoing it", flush=True)
         return False
     return True
 
@@ -176,8 +176,7 @@ def baseline_result(tag: str, task: str, commit: bool, seeds=(0, 1, 2)) -> dict:
     from omnissl.eval.upstream import baseline_states
 
     base = baseline_states("audio")
-    key = hashlib.sha256(json.dumps([vars_of(base), corpus_versions(), "run_probe defaults", list(seeds)])
-                         .encode()).hexdigest()[:12]
+    key = baseline_key(seeds)
     path = RESULTS / tag / f"baseline-{task}.json"
     if fresh(path, key):
         return json.loads(path.read_text())
@@ -187,6 +186,14 @@ def baseline_result(tag: str, task: str, commit: bool, seeds=(0, 1, 2)) -> dict:
     if commit:
         git_commit([path], f"learning curve: log-mel baseline, {task}")
     return record
+
+
+def baseline_key(seeds=(0, 1, 2)) -> str:
+    """What decides the baseline's result: its settings, the corpus versions, the probe and its seeds."""
+    from omnissl.eval.upstream import baseline_states
+
+    return hashlib.sha256(json.dumps([vars_of(baseline_states("audio")), corpus_versions(), "run_probe defaults",
+                                      list(seeds)]).encode()).hexdigest()[:12]
 
 
 def vars_of(states) -> dict:
@@ -242,13 +249,13 @@ def report(tag: str, tasks: list[str], commit: bool) -> None:
                 rs = points[(task, obj, minutes)]
                 ci = learning.t_interval([r["probe"]["test"] for r in rs])
                 per_layer = [sum(x) / len(x) for x in zip(*(r["probe"]["per_layer_test"] for r in rs))]
-                wall = [r["wall_s"] / 60 for r in rs if r.get("wall_s")]
+                wall = [r["wall_s"] / 60 for r in rs if r.get("wall_s") and minutes]
                 lines.append(
                     f"| {NAMES[obj]} | {minutes:g} | {rs[0]['steps']} | {learning.fmt(ci)} | "
                     f"{learning.binomial_se(ci['mean'], rs[0]['probe']['n_test']):.3f} | "
                     f"{' '.join(str(r['probe']['best_layer']) for r in rs)} | "
                     f"{' '.join(f'{x:.3f}' for x in per_layer)} | "
-                    f"{(sum(wall) / len(wall)) if wall else 0:.1f} |")
+                    f"{f'{sum(wall) / len(wall):.1f}' if wall else '-'} |")
                 print(f"RESULT name=learning_curve task={task} objective={obj} minutes={minutes:g} "
                       f"steps={rs[0]['steps']} mean={ci['mean']:.4f} std={ci['std']:.4f} lo={ci['lo']:.4f} "
                       f"hi={ci['hi']:.4f} n={ci['n']}")
@@ -280,8 +287,8 @@ def plot(tag: str, tasks: list[str], points: dict) -> Path:
             ci = learning.t_interval(random)
             ax.axhspan(ci["lo"], ci["hi"], color="tab:red", alpha=0.15, label=f"random init {ci['mean']:.3f}")
         for obj in OBJECTIVES:
-            ms = sorted(m for (t, o, m) in points if t == task and o == obj and m > 0)
-            if not ms:
+            ms = sorted(m for (t, o, m) in points if t == task and o == obj)  # 0: its random init
+            if not [m for m in ms if m > 0]:
                 continue
             cis = [learning.t_interval([r["probe"]["test"] for r in points[(task, obj, m)]]) for m in ms]
             means = [c["mean"] for c in cis]
@@ -295,7 +302,7 @@ def plot(tag: str, tasks: list[str], points: dict) -> Path:
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle("Probe accuracy vs pretraining budget (mean and 95 % t-interval over seeds)")
+    fig.suptitle("Probe accuracy vs pretraining budget\n(mean and 95 % t-interval over seeds)", fontsize=10)
     fig.tight_layout()
     path = RESULTS / tag / "learning_curve.png"
     fig.savefig(path, dpi=110)

@@ -81,3 +81,49 @@ def test_t_interval_and_welch_comparison(learning):
     assert far["significant"] and far["diff"] == pytest.approx(0.21) and not near["significant"]
     with pytest.raises(ValueError, match="no values"):
         learning.t_interval([])
+
+
+def test_learning_curve_skips_fresh_results_redoes_stale_ones_and_reports(tmp_path, monkeypatch, capsys):
+    """Resumability across sessions: a result made with the current configuration is kept, one made with
+    another recipe/steps/corpus is redone and left out of the report; the report draws the table and PNG."""
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    sys.modules.pop("learning_curve", None)
+    import learning_curve as lc
+
+    monkeypatch.setattr(lc, "RESULTS", tmp_path)
+    steps = lc.steps_for("wav2vec2", 5)
+    assert steps == 1500 and lc.steps_for("data2vec2", 5) == 830
+    key = lc.config_hash("wav2vec2", steps, [])
+    assert key != lc.config_hash("wav2vec2", steps, ["--model.init_args.mask_prob=0.5"])
+    assert key != lc.config_hash("wav2vec2", steps + 10, [])
+
+    def record(seed, minutes, acc, config):
+        return {"objective": "wav2vec2", "seed": seed, "minutes": minutes, "steps": steps if minutes else 0,
+                "planned_steps": steps, "extra": [], "config": config, "task": "keywords", "wall_s": 600.0,
+                "probe": {"test": acc, "valid": acc, "per_layer_test": [acc, acc - 0.01], "best_layer": 0,
+                          "n_test": 1152}}
+
+    path = lc.result_path("t", "wav2vec2", 5, 0, "keywords")
+    assert not lc.fresh(path, key)  # missing
+    lc.write_json(path, record(0, 5, 0.40, "0123456789ab"))
+    assert not lc.fresh(path, key) and "redoing it" in capsys.readouterr().out  # stale
+    for seed, acc in enumerate([0.40, 0.42, 0.44]):
+        lc.write_json(lc.result_path("t", "wav2vec2", 5, seed, "keywords"), record(seed, 5, acc, key))
+        lc.write_json(lc.result_path("t", "wav2vec2", 0, seed, "keywords"),
+                      record(seed, 0, 0.15, lc.config_hash("wav2vec2", 0, [])))
+    lc.write_json(lc.result_path("t", "wav2vec2", 10, 0, "keywords"), record(0, 10, 0.9, "stale0000000"))
+    assert lc.fresh(path, key)
+    lc.write_json(tmp_path / "t" / "baseline-keywords.json",
+                  {"config": lc.baseline_key(), "probe": {"test": 0.34, "se": 0.014, "n_test": 1152,
+                                                          "chance": 1 / 12, "seeds": [0, 1, 2]}})
+    points = lc.collect("t")
+    assert sorted(points) == [("keywords", "wav2vec2", 0), ("keywords", "wav2vec2", 5)]  # the stale 10 min left out
+    lc.report("t", ["keywords"], commit=False)
+    out = capsys.readouterr().out
+    assert "RESULT name=learning_curve task=keywords objective=wav2vec2 minutes=5 steps=1500 mean=0.4200" in out
+    assert "0.420 ± 0.020 [0.370, 0.470] (n=3)" in (tmp_path / "t" / "results.md").read_text()
+    assert (tmp_path / "t" / "learning_curve.png").stat().st_size > 10_000
+    assert json.loads(path.read_text())["config"] == key
