@@ -218,6 +218,17 @@ def collect(tag: str) -> dict:
     return out
 
 
+def random_init(points: dict, task: str) -> list[float]:
+    """The random-init probe accuracies of `task`, one per seed (the mean over the objectives run from that
+    seed: the same seed gives the same initial encoder, so counting each objective would inflate n)."""
+    by_seed: dict[int, list[float]] = {}
+    for (t, _, m), rs in points.items():
+        if t == task and m == 0:
+            for r in rs:
+                by_seed.setdefault(r["seed"], []).append(r["probe"]["test"])
+    return [sum(v) / len(v) for _, v in sorted(by_seed.items())]
+
+
 def report(tag: str, tasks: list[str], commit: bool) -> None:
     points = collect(tag)
     for task in tasks:
@@ -231,7 +242,7 @@ def report(tag: str, tasks: list[str], commit: bool) -> None:
     for task in tasks:
         base = json.loads((RESULTS / tag / f"baseline-{task}.json").read_text())["probe"] \
             if (RESULTS / tag / f"baseline-{task}.json").exists() else None
-        random = [r["probe"]["test"] for (t, _, m), rs in points.items() if t == task and m == 0 for r in rs]
+        random = random_init(points, task)
         lines.append(f"\n## {task}\n")
         if base:
             half = 1.96 * base["se"]
@@ -240,7 +251,8 @@ def report(tag: str, tasks: list[str], commit: bool) -> None:
                          f"[{base['test'] - half:.3f}, {base['test'] + half:.3f}], {base['n_test']} test clips; "
                          f"chance {base['chance']:.3f})  ")
         if random:
-            lines.append(f"random init (all objectives and seeds): {learning.fmt(learning.t_interval(random))}\n")
+            lines.append(f"random init (one value per seed, averaged over the objectives, whose tiny encoders start "
+                         f"from the same weights for a seed): {learning.fmt(learning.t_interval(random))}\n")
         lines.append("| objective | minutes (idle) | steps | test accuracy | se | best layer per seed | "
                      "per-layer test (mean) | wall min (mean) |")
         lines.append("|---|---|---|---|---|---|---|---|")
@@ -282,7 +294,7 @@ def plot(tag: str, tasks: list[str], points: dict) -> Path:
             ax.axhspan(b["test"] - 1.96 * b["se"], b["test"] + 1.96 * b["se"], color="0.6", alpha=0.35,
                        label=f"log-mel baseline {b['test']:.3f}")
             ax.axhline(b["test"], color="0.4", lw=1)
-        random = [r["probe"]["test"] for (t, _, m), rs in points.items() if t == task and m == 0 for r in rs]
+        random = random_init(points, task)
         if len(random) >= 2:
             ci = learning.t_interval(random)
             ax.axhspan(ci["lo"], ci["hi"], color="tab:red", alpha=0.15, label=f"random init {ci['mean']:.3f}")
