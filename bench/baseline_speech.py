@@ -1,85 +1,106 @@
-"""Floor for the labeled speech downstream sets: pooled log-mel + logistic regression, no pretraining.
+"""The non-learned floor of the labeled speech tasks, and the choice of it.
 
-A pretrained encoder is only interesting on these tasks if it beats this. The keyword task is built to keep
-the floor at or below 0.80 accuracy (see `omnissl/datamodules/corpora/labeled_speech.py`).
+A pretrained encoder is only interesting on these tasks if it beats the strongest simple baseline. The baseline
+is `omnissl.eval.upstream.baseline_states("audio")` (what `omnissl probe --baseline` and the learning benches
+use), probed exactly as an encoder is: `omnissl.eval.probe.run_probe` (cached mean-pooled states, train-set
+standardization, linear head trained with Adam, epoch chosen on valid accuracy, test accuracy reported).
 
-Features per clip: 64-bin log-mel (25 ms window, 10 ms hop), mean and standard deviation over time -> 128
-dims; standardized; sklearn LogisticRegression (C=1). Trained on `train`, reported on `valid` and `test`.
+`--compare` measures the candidates (log-mel mean pooling, mean + std pooling, more bins, deltas, MFCC + deltas)
+with that probe and, for reference, with a scikit-learn logistic regression (C = 1) on the same pooled,
+standardized features; the winner on keywords and speakers is the default of `LogMelStates`.
 
-    python bench/baseline_speech.py [--size default] [--tasks keywords speakers] [--seed 0]
+    python bench/baseline_speech.py [--size small] [--tasks keywords speakers] [--compare] [--seeds 0 1 2]
 
-Prints one line per task:  RESULT name=baseline_speech task=<task> acc=<test accuracy> ...
+Prints one line per task (and candidate):
+    RESULT name=baseline_speech task=<task> features=<name> acc=<test accuracy> ...
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio
 
-from omnissl.datamodules.common import data_root, read_manifest
-from omnissl.datamodules.corpora import labeled_speech
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from omnissl.eval.upstream import LogMelStates, baseline_states  # noqa: E402
+
+TASKS = ("keywords", "speakers")
+
+# name -> constructor of the upstream; "baseline" is whatever baseline_states("audio") is today
+CANDIDATES = {
+    "baseline": lambda: baseline_states("audio"),
+    "log-mel 64, mean": lambda: LogMelStates(64, std=False),
+    "log-mel 64, mean+std": lambda: LogMelStates(64, std=True),
+    "log-mel 80, mean+std": lambda: LogMelStates(80, std=True),
+    "log-mel 64 + delta, mean+std": lambda: LogMelStates(64, deltas=1, std=True),
+    "MFCC 20 + delta + delta2, mean+std": lambda: LogMelStates(64, n_mfcc=20, deltas=2, std=True),
+    "MFCC 40 + delta + delta2, mean+std": lambda: LogMelStates(64, n_mfcc=40, deltas=2, std=True),
+}
 
 
-def features(manifest: Path) -> tuple[np.ndarray, np.ndarray]:
-    """-> (X (n, 128) float32 mean+std pooled log-mel, y (n,) str labels)."""
-    root, rows = read_manifest(manifest)
-    mel = torchaudio.transforms.MelSpectrogram(16_000, n_fft=400, hop_length=160, n_mels=64)
-    xs, ys = [], []
-    for rel, _, label in rows:
-        audio, sr = sf.read(root / rel, dtype="float32")
-        assert sr == 16_000
-        m = torch.log(mel(torch.from_numpy(audio)) + 1e-6)  # (64, frames)
-        xs.append(torch.cat([m.mean(1), m.std(1)]).numpy())
-        ys.append(label)
-    return np.stack(xs), np.array(ys)
-
-
-def run(task: str, size: str, seed: int, data: Path | None) -> dict[str, float]:
+def sklearn_accuracy(feats: dict, seed: int = 0) -> float:
+    """Standardized pooled features -> multinomial logistic regression (C = 1) -> test accuracy."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    out = data or data_root() / "corpora" / f"labeled_speech-{task}-{size}-seed{seed}"
+    def xy(split):
+        f = feats[split]
+        return f.x[:, 0].numpy().astype(np.float64), f.labels.numpy()
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000, random_state=seed))
+    clf.fit(*xy("train"))
+    return float(clf.score(*xy("test")))
+
+
+def evaluate(states, task: str, size: str, *, seeds=(0,), with_sklearn: bool = False) -> dict:
+    """Probe one upstream on embedded:<task>:<size> with run_probe's classifier, one fit per probe seed
+    (the features are extracted once). -> dict of test/valid accuracies (lists over seeds), sizes, timing."""
+    from omnissl.eval.probe import extract_splits, fit_classifier
+    from omnissl.eval.probe_data import load_probe_data
+
+    spec = f"embedded:{task}:{size}"
+    data = load_probe_data(spec, spec, spec)
     t0 = time.perf_counter()
-    manifests = labeled_speech.generate(out, size=size, seed=seed, task=task)
-    t_gen = time.perf_counter() - t0
-    (xtr, ytr), (xva, yva), (xte, yte) = (features(manifests[s]) for s in ("train", "valid", "test"))
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000))
-    clf.fit(xtr, ytr)
-    res = {
-        "acc": float((clf.predict(xte) == yte).mean()),
-        "valid_acc": float((clf.predict(xva) == yva).mean()),
-        "train_acc": float((clf.predict(xtr) == ytr).mean()),
-        "chance": 1.0 / len(set(ytr)),
-        "n_train": len(ytr),
-        "n_test": len(yte),
-        "gen_s": t_gen,
-    }
-    return res
+    feats, _ = extract_splits(states, data)
+    extract_s = time.perf_counter() - t0
+    fits = [fit_classifier(feats["train"], feats["valid"], feats["test"], num_classes=len(data.classes), seed=s)
+            for s in seeds]
+    out = {"test": [r.test for r in fits], "valid": [r.valid for r in fits], "train": [r.train for r in fits],
+           "dim": int(feats["train"].x.shape[-1]), "n_train": len(feats["train"]), "n_test": len(feats["test"]),
+           "chance": 1.0 / len(data.classes), "extract_s": extract_s}
+    if with_sklearn:
+        out["sklearn"] = sklearn_accuracy(feats)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="default", choices=["tiny", "small", "default"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tasks", nargs="+", default=list(labeled_speech.TASKS), choices=labeled_speech.TASKS)
-    ap.add_argument("--data", type=Path, default=None, help="output folder (one task only); default: the cache")
+    ap.add_argument("--size", default="small", choices=["tiny", "small", "default"])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--compare", action="store_true", help="measure every candidate baseline (CANDIDATES)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="probe seeds (head init and batch order)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    names = list(CANDIDATES) if args.compare else ["baseline"]
     for task in args.tasks:
-        r = run(task, args.size, args.seed, args.data)
-        print(
-            f"RESULT name=baseline_speech task={task} acc={r['acc']:.4f} valid_acc={r['valid_acc']:.4f} "
-            f"train_acc={r['train_acc']:.4f} chance={r['chance']:.4f} n_train={r['n_train']} "
-            f"n_test={r['n_test']} size={args.size} seed={args.seed}",
-            flush=True,
-        )
+        if args.compare:
+            print(f"\n{task} ({args.size}): probe of `omnissl probe` (mean over {len(args.seeds)} probe seeds) | "
+                  "sklearn LR\n\n| features | dim | valid acc | test acc | test acc, sklearn LR |\n"
+                  "|---|---|---|---|---|")
+        for name in names:
+            r = evaluate(CANDIDATES[name](), task, args.size, seeds=args.seeds, with_sklearn=args.compare)
+            test, valid = float(np.mean(r["test"])), float(np.mean(r["valid"]))
+            if args.compare:
+                print(f"| {name} | {r['dim']} | {valid:.3f} | {test:.3f} | {r['sklearn']:.3f} |", flush=True)
+            print(f"RESULT name=baseline_speech task={task} features={name.replace(' ', '_')} acc={test:.4f} "
+                  f"valid_acc={valid:.4f} chance={r['chance']:.4f} n_train={r['n_train']} n_test={r['n_test']} "
+                  f"size={args.size}" + (f" sklearn_acc={r['sklearn']:.4f}" if "sklearn" in r else ""), flush=True)
 
 
 if __name__ == "__main__":

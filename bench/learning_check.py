@@ -1,162 +1,90 @@
 """Learning check: does pretraining help downstream?
 
-A short CPU pretraining run of one objective on the embedded speech corpus (its `*_tiny_cpu.yaml` recipe with
-recipes/trainer/cpu.yaml), then a linear probe (the first probe version, kept here: mean-pooled frozen features
-from omnissl/eval/upstream.py, one scikit-learn logistic regression per layer) on the embedded keyword-spotting
-task (held-out voices, noise, reverb), for
+Short CPU pretraining runs of one objective on the embedded speech corpus (its `*_tiny_cpu.yaml` recipe with
+recipes/trainer/cpu.yaml), one per seed, then the probe of `omnissl probe` (omnissl.eval.probe.run_probe:
+weighted sum of all hidden states, linear head, epoch chosen on valid; bench/learning.py) on the embedded
+keyword-spotting and/or speaker task (held-out voices and accents, noise, reverb; >= 1,100 test clips), for
   - the pretrained encoder,
-  - the same architecture at its random initialization (the very weights pretraining started from),
-  - the non-learned baseline (pooled log-mel + logistic regression, bench/baseline_speech.py).
-The probe layer is chosen on the valid split; test accuracy at that layer is reported.
+  - the same architecture at its random initialization (the very weights each run started from),
+  - the non-learned baseline of `omnissl probe --baseline` (`baseline_states("audio")`: log-mel, mean + std).
+Seeds and intervals are reported as everywhere in the benches (bench/learning.py): mean ± std [95 %
+t-interval over seeds]; the baseline's interval is binomial (its features are deterministic).
 
-    python bench/learning_check.py --objective wav2vec2 [--steps 600] [--size small] [--export DIR]
+    python bench/learning_check.py --objective wav2vec2 [--steps 600] [--seeds 0 1 2] [--tasks keywords speakers]
+        [--export DIR]
 
-Ends with: RESULT name=learning_check objective=... probe_pretrained=... probe_random=... baseline=...
+Ends with one line per task:
+    RESULT name=learning_check objective=... task=... steps=... seeds=3 probe_pretrained=<mean> probe_random=<mean>
+        baseline=... ci_pretrained=<lo>,<hi> ci_random=<lo>,<hi> ci_baseline=<lo>,<hi>
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-from collections.abc import Iterable, Iterator
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np
-import torch
-from torch import Tensor, nn
-
-from omnissl.batch import Batch
-from omnissl.eval.upstream import EncoderStates, batch_modality, extract, frozen
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-
-def pooled_features(encoder: nn.Module, batches: Iterable[Batch], modality: str) -> tuple[Tensor, Tensor]:
-    """Mean-pool every layer's output over valid tokens (CLS excluded). -> ((U, L + 1, D) float32, (U,) labels),
-    in dataset-id order. The encoder runs frozen (see `omnissl.eval.upstream.frozen`)."""
-    def checked(batches: Iterable[Batch]) -> Iterator[Batch]:
-        for b in batches:
-            if batch_modality(b) != modality:
-                raise ValueError(f"expected {modality} batches, got {batch_modality(b)}")
-            yield b
-
-    with frozen(encoder):
-        feats = extract(EncoderStates(encoder), checked(batches), frames=False)
-    return feats.x, feats.labels
-
-
-def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *, c: float = 1.0,
-                          seed: int = 0) -> float:
-    """Standardized features -> multinomial logistic regression (L2, strength 1/c) -> test accuracy."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    unseen = sorted(set(test_y.tolist()) - set(train_y.tolist()))
-    if unseen:
-        raise ValueError(f"test labels {unseen} never occur in the training split")
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
-    clf.fit(train_x.numpy().astype(np.float64), train_y.numpy())
-    return float(clf.score(test_x.numpy().astype(np.float64), test_y.numpy()))
-
-
-def pick_layer(encoder, dm) -> tuple[int, float, float, dict[int, float]]:
-    """-> (layer chosen on valid, its test accuracy, its valid accuracy, valid accuracy per layer)."""
-    tr_x, tr_y = pooled_features(encoder, dm.train_dataloader(), "audio")
-    va_x, va_y = pooled_features(encoder, dm.val_dataloader(), "audio")
-    te_x, te_y = pooled_features(encoder, dm.test_dataloader(), "audio")
-    valid = {k: linear_probe_accuracy(tr_x[:, k], tr_y, va_x[:, k], va_y) for k in range(tr_x.shape[1])}
-    best = max(valid, key=valid.get)
-    return best, linear_probe_accuracy(tr_x[:, best], tr_y, te_x[:, best], te_y), valid[best], valid
-
-
-def summarize_training(log_dir: str | None) -> None:
-    """Print how the logged training metrics moved: mean of the first and last 10 % of logged steps."""
-    import csv
-
-    files = list(Path(log_dir).glob("**/metrics.csv")) if log_dir else []
-    if not files:
-        return
-    rows = list(csv.DictReader(files[0].open()))
-    keys = [k for k in rows[0] if k.startswith("train/") and k != "train/grad_norm"] + ["train/grad_norm"]
-    print("\n| metric | first 10 % of steps | last 10 % of steps |\n|---|---|---|")
-    for key in keys:
-        vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
-        if len(vals) >= 4:
-            k = max(1, len(vals) // 10)
-            print(f"| {key} | {sum(vals[:k]) / k:.4g} | {sum(vals[-k:]) / k:.4g} |")
+import learning  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--objective", required=True, help="recipe stem: recipes/audio/<objective>_tiny_cpu.yaml")
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining (and probe) seeds")
+    ap.add_argument("--tasks", nargs="+", default=["keywords"], choices=learning.TASKS)
     ap.add_argument("--size", default="small", choices=["tiny", "small", "default"], help="labeled task size")
-    ap.add_argument("--task", default="keywords", choices=["keywords", "speakers"])
-    ap.add_argument("--export", default=None, help="also save the pretrained encoder as a package in this folder "
-                    "(omnissl.checkpoints.save_backbone), e.g. for `omnissl probe DIR --report ...`")
+    ap.add_argument("--export", default=None, help="also save the first seed's pretrained encoder as a package in "
+                    "this folder (omnissl.checkpoints.save_backbone), e.g. for `omnissl probe DIR --report ...`")
     ap.add_argument("--extra", action="append", default=[],
                     help="one more LightningCLI argument for the pretraining run, e.g. --extra=--model.init_args.x=1")
     args = ap.parse_args()
+    learning.recipe_path(args.objective)  # a typo fails before any work
 
-    from omnissl.cli import lightning_cli
-    from omnissl.datamodules.audio import AudioDataModule
+    scores = {t: {"pretrained": [], "random": [], "best_layer": [], "per_layer": []} for t in args.tasks}
+    walls = []
+    for i, seed in enumerate(args.seeds):
+        with tempfile.TemporaryDirectory(prefix="learning-check-") as tmp:
+            run = learning.pretrain(args.objective, args.steps, seed, Path(tmp), args.extra)
+            print(f"\nseed {seed}: {run['steps']} steps in {run['wall_s']:.0f} s", flush=True)
+            learning.print_training_summary(run["log_dir"])
+        walls.append(run["wall_s"])
+        if args.export and i == 0:
+            from omnissl.checkpoints import save_backbone
 
-    recipe = ROOT / "recipes" / "audio" / f"{args.objective}_tiny_cpu.yaml"
-    if not recipe.exists():
-        raise SystemExit(f"no CPU recipe {recipe}")
-    spec = f"embedded:{args.task}:{args.size}"
-    probe_dm = AudioDataModule(train=spec, valid=spec, test=spec, max_samples=None,
-                               min_samples=0, max_tokens=None, batch_size=16, num_workers=0)
-    probe_dm.prepare_data()
-    probe_dm.setup()
+            print(f"pretrained encoder package: {save_backbone(run['encoder'], args.export)}")
+        for task in args.tasks:
+            pre = learning.probe(run["encoder"], task, args.size, seed=seed, name="pretrained")
+            rnd = learning.probe(run["initial"], task, args.size, seed=seed, name="random init")
+            s = scores[task]
+            s["pretrained"].append(pre["test"])
+            s["random"].append(rnd["test"])
+            s["best_layer"].append(pre["best_layer"])
+            s["per_layer"].append(pre["per_layer_test"])
+            print(f"seed {seed} {task}: pretrained {pre['test']:.3f} (per layer "
+                  f"{' '.join(f'{x:.3f}' for x in pre['per_layer_test'])}), random init {rnd['test']:.3f}", flush=True)
 
-    if args.objective.startswith("hubert"):  # iteration-1 MFCC k-means units, as the recipe's header says
-        from omnissl.commands import hubert_units
-
-        hubert_units.main(["--manifest", "embedded:small", "--valid", "embedded:small", "--iteration", "1", "--clusters",
-                    "50", "--sample-fraction", "0.5", "--seed", "0", "--out-ext", "km50"])
-    common = ["-c", str(ROOT / "recipes/trainer/cpu.yaml"), "-c", str(recipe), "--trainer.max_steps",
-              str(args.steps), "--trainer.logger.init_args.mode", "csv"]
-    if "total_steps:" in recipe.read_text():  # the LR schedule must end with the run, not freeze it midway
-        common += ["--model.init_args.lr_scheduler.init_args.total_steps", str(args.steps)]
-    common += args.extra
-    t0 = time.perf_counter()
-    init = lightning_cli(common, run=False).model  # same seed -> the exact starting weights
-    random_encoder = copy.deepcopy(init.encoder)
-    cli = lightning_cli(["fit", *common])
-    pretrain_s = time.perf_counter() - t0
-    pretrained = cli.model.encoder
-    if args.export:
-        from omnissl.checkpoints import save_backbone
-
-        print(f"pretrained encoder package: {save_backbone(pretrained, args.export)}")
-    summarize_training(cli.trainer.log_dir)
-    # (not just the first parameter: data2vec 2.0 never uses the mask embedding, which stays at its init)
-    assert any(not torch.equal(a, b) for a, b in zip(pretrained.parameters(), random_encoder.parameters()))
-
-    rows = []
-    for name, enc in (("pretrained", pretrained), ("random", random_encoder)):
-        layer, test_acc, valid_acc, per_layer = pick_layer(enc, probe_dm)
-        rows.append((name, layer, valid_acc, test_acc))
-        print(f"{name}: valid acc per layer " + " ".join(f"{k}:{v:.3f}" for k, v in per_layer.items()), flush=True)
-
-    import baseline_speech
-
-    base = baseline_speech.run(args.task, args.size, 0, None)
-    print(f"\nobjective {args.objective}, {args.steps} pretraining steps ({pretrain_s:.0f} s), task {args.task} "
-          f"({args.size})\n")
-    print("| encoder | layer (chosen on valid) | valid acc | test acc |")
-    print("|---|---|---|---|")
-    for name, layer, va, te in rows:
-        print(f"| {name} | {layer} | {va:.3f} | {te:.3f} |")
-    print(f"| log-mel + LR baseline | - | {base['valid_acc']:.3f} | {base['acc']:.3f} |")
-    print(f"RESULT name=learning_check objective={args.objective} task={args.task} steps={args.steps} "
-          f"probe_pretrained={rows[0][3]:.4f} probe_random={rows[1][3]:.4f} baseline={base['acc']:.4f}")
+    print(f"\nobjective {args.objective}, {args.steps} pretraining steps per seed ({sum(walls) / len(walls):.0f} s "
+          f"mean wall), seeds {args.seeds}; mean ± std [95 % t-interval] (seeds)\n")
+    print("| task | pretrained | random init | log-mel baseline (binomial 95 %) | best layer per seed |")
+    print("|---|---|---|---|---|")
+    lines = []
+    for task in args.tasks:
+        s = scores[task]
+        base = learning.baseline(task, args.size)
+        half = 1.96 * base["se"]
+        pre, rnd = learning.t_interval(s["pretrained"]), learning.t_interval(s["random"])
+        print(f"| {task} | {learning.fmt(pre)} | {learning.fmt(rnd)} | {base['test']:.3f} "
+              f"[{base['test'] - half:.3f}, {base['test'] + half:.3f}] | {' '.join(map(str, s['best_layer']))} |")
+        lines.append(f"RESULT name=learning_check objective={args.objective} task={task} steps={args.steps} "
+                     f"seeds={len(args.seeds)} probe_pretrained={pre['mean']:.4f} probe_random={rnd['mean']:.4f} "
+                     f"baseline={base['test']:.4f} ci_pretrained={pre['lo']:.4f},{pre['hi']:.4f} "
+                     f"ci_random={rnd['lo']:.4f},{rnd['hi']:.4f} "
+                     f"ci_baseline={base['test'] - half:.4f},{base['test'] + half:.4f}")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -94,27 +94,60 @@ class EncoderStates:
 
 
 class LogMelStates:
-    """Non-learned audio baseline: one state, 64-bin log-mel frames (25 ms window, 10 ms hop, no centring),
-    log(mel + 1e-6) — the features of bench/baseline_speech.py, at 160 samples per frame."""
+    """Non-learned audio baseline: one state per frame of 25 ms window and 10 ms hop (no centring; 160 samples
+    per frame), computed per utterance over its valid samples only:
+
+      * `n_mels`-bin log-mel, log(mel + 1e-6); with `n_mfcc`, its first `n_mfcc` orthonormal DCT-II
+        coefficients (MFCC) instead;
+      * `deltas` = 1 or 2 appends the first (and second) time derivatives (5-frame regression,
+        torchaudio.functional.compute_deltas);
+      * `std=True` appends to every frame the utterance's per-channel standard deviation over its frames,
+        so that mean pooling (the probe's) gives the classic mean + std statistics pooling. Frames stay
+        frames for CTC; the appended half is then an utterance-level constant.
+
+    The defaults are the strongest of the simple baselines measured with the probe of `omnissl probe`
+    (bench/baseline_speech.py --compare; README "Does pretraining help?"): 64-bin log-mel, mean + std."""
 
     num_states, samples_per_token = 1, 160
 
-    def __init__(self, n_mels: int = 64) -> None:
+    def __init__(self, n_mels: int = 64, *, n_mfcc: int | None = None, deltas: int = 0, std: bool = True) -> None:
+        if deltas not in (0, 1, 2):
+            raise ValueError(f"deltas must be 0, 1 or 2, got {deltas}")
+        if n_mfcc is not None and not 0 < n_mfcc <= n_mels:
+            raise ValueError(f"n_mfcc must be in 1..n_mels={n_mels}, got {n_mfcc}")
         self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, hop_length=160, n_mels=n_mels,
                                                         center=False)
-        self.dim = n_mels
+        self.dct = None if n_mfcc is None else torchaudio.functional.create_dct(n_mfcc, n_mels, "ortho")
+        self.n_mels, self.n_mfcc, self.deltas, self.std = n_mels, n_mfcc, deltas, std
+        base = n_mels if n_mfcc is None else n_mfcc
+        self.dim = base * (1 + deltas) * (2 if std else 1)
+
+    def frames(self, x: Tensor) -> Tensor:
+        """One utterance's samples (T,) -> its frames (N, dim), N = (T - 400) // 160 + 1."""
+        feats = torch.log(self.mel.to(x.device)(x.float()) + 1e-6)  # (n_mels, N)
+        if self.dct is not None:
+            feats = self.dct.to(x.device).T @ feats  # (n_mfcc, N)
+        parts = [feats]
+        for _ in range(self.deltas):
+            parts.append(torchaudio.functional.compute_deltas(parts[-1], win_length=5))
+        out = torch.cat(parts).T  # (N, C)
+        if self.std:
+            out = torch.cat([out, out.std(0, unbiased=False).expand_as(out)], dim=1)
+        return out
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> tuple[Tensor, Tensor]:
         if batch_modality(batch) != "audio":
             raise ValueError("LogMelStates takes audio batches")
         x = batch.inputs["audio"]
-        if x.shape[1] < 400:
-            raise ValueError(f"audio of {x.shape[1]} samples is shorter than one 25 ms frame (400 samples)")
-        mel = torch.log(self.mel.to(x.device)(x.float()) + 1e-6)  # (B, n_mels, N)
-        hs = rearrange(mel, "b d n -> b n 1 d")
         lengths = batch.lengths.get("audio", torch.full((x.shape[0],), x.shape[1], device=x.device))
-        frames = (lengths - 400).div(160, rounding_mode="floor") + 1
+        if int(lengths.min()) < 400:
+            raise ValueError(f"audio of {int(lengths.min())} samples is shorter than one 25 ms frame (400 samples)")
+        per_utt = [self.frames(row[: int(n)]) for row, n in zip(x, lengths)]
+        frames = torch.tensor([len(f) for f in per_utt], device=x.device)
+        hs = x.new_zeros((len(per_utt), int(frames.max()), 1, self.dim), dtype=torch.float32)
+        for i, f in enumerate(per_utt):
+            hs[i, : len(f), 0] = f
         valid = torch.arange(hs.shape[1], device=x.device)[None] < frames[:, None]
         return hs, valid
 

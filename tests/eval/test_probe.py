@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -124,21 +123,12 @@ def test_frozen_encoder_gets_no_gradient_and_runs_without_layerdrop():
             p.grad = torch.zeros_like(p)
 
 
-@pytest.fixture(scope="module")
-def learning_check():
-    """bench/learning_check.py, which keeps the first probe version (pooled features + scikit-learn)."""
-    spec = importlib.util.spec_from_file_location("learning_check", ROOT / "bench" / "learning_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_pooled_features_ignore_padding_and_need_no_grad(learning_check):
-    pooled_features = learning_check.pooled_features
+def test_pooled_features_ignore_padding_and_need_no_grad():
     enc = builders.tiny("audio")
     dm = SyntheticDataModule(modality="audio", train_size=8, batch_size=4)
-    feats, labels = pooled_features(enc, dm.train_dataloader(), "audio")
-    assert feats.shape == (8, 3, 64) and labels.shape == (8,)
+    with frozen(enc):
+        feats = extract(EncoderStates(enc), dm.train_dataloader())
+    assert feats.x.shape == (8, 3, 64) and feats.labels.shape == (8,)
     assert all(p.grad is None for p in enc.parameters()) and enc.training
     # one padded utterance pooled alone equals its pooling inside the padded batch
     batch = next(iter(dm.train_dataloader()))
@@ -146,22 +136,11 @@ def test_pooled_features_ignore_padding_and_need_no_grad(learning_check):
     n = int(batch.lengths["audio"][i])
     alone = Batch({"audio": batch.inputs["audio"][i:i + 1, :n]}, targets={"label": batch.targets["label"][i:i + 1]},
                   ids=batch.ids[i:i + 1])
-    f_alone, _ = pooled_features(enc, [alone], "audio")
-    f_batch, _ = pooled_features(enc, [batch], "audio")
+    with frozen(enc):
+        f_alone = extract(EncoderStates(enc), [alone]).x
+        f_batch = extract(EncoderStates(enc), [batch]).x
     j = int((batch.ids.sort().values == batch.ids[i]).nonzero())  # features come back in id order
     torch.testing.assert_close(f_alone[0], f_batch[j], atol=1e-4, rtol=1e-4)
-
-
-def test_sklearn_probe_separates_synthetic_classes_and_rejects_unseen_labels(learning_check):
-    pooled_features, linear_probe_accuracy = learning_check.pooled_features, learning_check.linear_probe_accuracy
-    dm = SyntheticDataModule(modality="audio", train_size=48, valid_size=24, batch_size=8)
-    enc = builders.tiny("audio")
-    tr_x, tr_y = pooled_features(enc, dm.train_dataloader(), "audio")
-    te_x, te_y = pooled_features(enc, dm.val_dataloader(), "audio")
-    acc = linear_probe_accuracy(tr_x[:, 0], tr_y, te_x[:, 0], te_y)
-    assert acc > 0.9  # pitch classes are linearly separable even from random features
-    with pytest.raises(ValueError, match=r"test labels \[7\] never occur"):
-        linear_probe_accuracy(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.randn(2, 2), torch.tensor([7, 0]))
 
 
 def test_random_init_rebuilds_the_same_architecture_from_a_seed():
@@ -275,10 +254,12 @@ def test_transcripts_follow_the_manifest_rows(speech_tiny, tmp_path):
 
 
 def test_logmel_probe_beats_chance_on_embedded_speakers():
-    """20 voices (chance 0.05), test accents never heard in training: the log-mel baseline measured 0.45."""
+    """20 voices (chance 0.05), test accents never heard in training: mean-pooled log-mel measured 0.45. (The
+    default baseline adds the std, 128 dims: on the 60 training clips of `tiny` it overfits, 0.20; on `small`
+    the two tie on speakers, 0.807 vs 0.811, and mean + std wins on keywords, bench/baseline_speech.py.)"""
     data = load_probe_data("embedded:speakers:tiny", "embedded:speakers:tiny", "embedded:speakers:tiny")
     assert len(data.classes) == 20
-    scores = run_probe(LogMelStates(), data, "log-mel")
+    scores = run_probe(LogMelStates(std=False), data, "log-mel")
     assert scores.result.test > 0.25, scores.result
     assert scores.result.layer_weights == [1.0]
 

@@ -1,0 +1,254 @@
+"""Shared parts of the learning benches (learning_curve.py, learning_check.py, data2vec2_vs_wav2vec2.py):
+pretraining one `*_tiny_cpu` speech recipe for a fixed number of steps from a seed, probing an encoder with the
+probe of `omnissl probe` (omnissl.eval.probe.run_probe) on the embedded keyword and speaker tasks, and
+reporting seeds and intervals the same way everywhere.
+
+Statistics. A point is the mean over pretraining seeds (each seed: its own initialization, data order and
+crops, and probe seed), with the sample standard deviation and a 95 % Student-t interval over seeds
+(mean ± t(0.975, n - 1) · std / sqrt(n)); it covers seed-to-seed variation of pretraining and probing. The test
+set's own sampling error (a binomial standard error sqrt(p (1 - p) / n_test), <= 0.015 with >= 1,100 test
+clips) is reported beside it; it is shared by every upstream probed on the same clips, so it does not blur a
+comparison on them. The non-learned log-mel baseline is deterministic: its band is its binomial 95 % interval.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("keywords", "speakers")
+
+
+# --------------------------------------------------------------------------------------------------------
+# statistics
+
+
+def t_interval(values, level: float = 0.95) -> dict:
+    """Mean, sample standard deviation and the Student-t `level` interval of the mean over `values`
+    (n >= 2; with n = 1 the interval is unbounded: lo = -inf, hi = inf)."""
+    from scipy import stats
+
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("no values")
+    n, mean = len(vals), statistics.fmean(vals)
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": float("nan"), "lo": -math.inf, "hi": math.inf}
+    std = statistics.stdev(vals)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "lo": mean - half, "hi": mean + half}
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n independent test items."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def fmt(ci: dict, digits: int = 3) -> str:
+    """"0.412 ± 0.021 [0.360, 0.464] (n=3)": mean ± std [95 % t-interval] (seeds)."""
+    if ci["n"] == 1:
+        return f"{ci['mean']:.{digits}f} (n=1, no interval)"
+    d = digits
+    return f"{ci['mean']:.{d}f} ± {ci['std']:.{d}f} [{ci['lo']:.{d}f}, {ci['hi']:.{d}f}] (n={ci['n']})"
+
+
+def compare(a, b) -> dict:
+    """Welch's t-test of mean(a) - mean(b) over seeds -> {"diff", "p", "significant" (p < 0.05)}."""
+    from scipy import stats
+
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return {"diff": diff, "p": float("nan"), "significant": False}
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return {"diff": diff, "p": p, "significant": p < 0.05}
+
+
+# --------------------------------------------------------------------------------------------------------
+# pretraining
+
+
+def recipe_path(objective: str) -> Path:
+    path = ROOT / "recipes" / "audio" / f"{objective}_tiny_cpu.yaml"
+    if not path.exists():
+        raise SystemExit(f"no CPU recipe {path}")
+    return path
+
+
+def hubert_units(seed: int = 0) -> None:
+    """HuBERT iteration 1's targets as its recipe's header makes them (50 MFCC k-means clusters, written
+    beside the corpus manifests as .km50; cached, so a rerun costs nothing)."""
+    from omnissl.commands import hubert_units as command
+
+    command.main(["--manifest", "embedded:small", "--valid", "embedded:small", "--iteration", "1", "--clusters",
+                  "50", "--sample-fraction", "0.5", "--seed", str(seed), "--out-ext", "km50"])
+
+
+def pretrain_args(objective: str, steps: int, seed: int, run_dir: Path | None = None,
+                  extra: list[str] | None = None) -> list[str]:
+    """LightningCLI arguments of `steps` updates of the objective's CPU recipe from `seed` (model init, data
+    order and crops), the LR schedule spanning the run, CSV logging into `run_dir`."""
+    recipe = recipe_path(objective)
+    args = ["-c", str(ROOT / "recipes/trainer/cpu.yaml"), "-c", str(recipe), "--trainer.max_steps", str(steps),
+            "--trainer.logger.init_args.mode", "csv", "--seed_everything", str(seed),
+            "--data.init_args.seed", str(seed)]
+    if run_dir is not None:
+        args += ["--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir)]
+    if "total_steps:" in recipe.read_text():  # the LR schedule must end with the run, not freeze it midway
+        args += ["--model.init_args.lr_scheduler.init_args.total_steps", str(steps)]
+    return args + list(extra or [])
+
+
+def pretrain(objective: str, steps: int, seed: int, run_dir: Path | None = None, extra: list[str] | None = None,
+             *, max_time: str | None = None) -> dict:
+    """Pretrain; -> {"encoder", "initial" (the exact weights pretraining started from), "steps" (updates
+    done), "wall_s" (model build + fit), "log_dir"}."""
+    from omnissl.cli import lightning_cli
+
+    if objective.startswith("hubert"):
+        hubert_units(0)
+    args = pretrain_args(objective, steps, seed, run_dir, extra)
+    if max_time is not None:
+        args += ["--trainer.max_time", max_time]
+    t0 = time.perf_counter()
+    initial = copy.deepcopy(lightning_cli(args, run=False).model.encoder)  # same seed -> the same start
+    cli = lightning_cli(["fit", *args])
+    wall = time.perf_counter() - t0
+    encoder = cli.model.encoder
+    # (not just the first parameter: data2vec 2.0 never uses the mask embedding, which stays at its init)
+    if not any(not torch.equal(a, b) for a, b in zip(encoder.parameters(), initial.parameters())):
+        raise RuntimeError(f"{objective}: pretraining changed no encoder weight")
+    return {"encoder": encoder, "initial": initial, "steps": int(cli.trainer.global_step), "wall_s": wall,
+            "log_dir": cli.trainer.log_dir}
+
+
+def timed_step(model, batch, step: int, optimizer) -> float:
+    """One full optimizer step as the Trainer runs it (per-update state, forward, backward, optimizer), in s."""
+    t0 = time.perf_counter()
+    for module in model.modules():  # per-update state: EMA teacher update, Gumbel temperature
+        if module is not model and hasattr(module, "set_num_updates"):
+            module.set_num_updates(step)
+    out = model.step(batch)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def step_times(objectives, rounds: int = 10, batches: int = 2) -> dict[str, float]:
+    """Median seconds per full optimizer step of each objective's CPU recipe on the same fixed batches (the
+    first objective's data, 4 s crops, batch 8), the objectives interleaved round by round in one process with
+    the order alternating, after one warm-up round: ratios between objectives are far less sensitive to other
+    load on the machine than the times themselves."""
+    from omnissl.cli import lightning_cli
+
+    models, optimizers, data = {}, {}, None
+    for name in objectives:
+        if name.startswith("hubert"):
+            hubert_units(0)
+        cli = lightning_cli(pretrain_args(name, 1000, 0), run=False)
+        models[name] = cli.model.train()
+        optimizers[name] = cli.model.optimizer_factory([p for p in cli.model.parameters() if p.requires_grad])
+        if data is None or name.startswith("hubert"):  # HuBERT's batches carry its units; the others ignore them
+            data = cli.datamodule
+    data.prepare_data()
+    data.setup("fit")
+    fixed = []
+    for batch in data.train_dataloader():
+        fixed.append(batch)
+        if len(fixed) == batches:
+            break
+    times: dict[str, list[float]] = {name: [] for name in objectives}
+    order = list(objectives)
+    for r in range(rounds + 1):  # round 0 warms up (allocator, first-call costs)
+        for name in (order if r % 2 else order[::-1]):
+            for batch in fixed:
+                dt = timed_step(models[name], batch, r, optimizers[name])
+                if r:
+                    times[name].append(dt)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def training_summary(log_dir: str | None) -> dict[str, tuple[float, float]]:
+    """metric -> (mean of the first 10 % of logged values, mean of the last 10 %) of a run's train/* metrics."""
+    import csv
+
+    files = list(Path(log_dir).glob("**/metrics.csv")) if log_dir else []
+    if not files:
+        return {}
+    rows = list(csv.DictReader(files[0].open()))
+    out = {}
+    for key in (k for k in rows[0] if k.startswith("train/")):
+        vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        if len(vals) >= 4:
+            k = max(1, len(vals) // 10)
+            out[key] = (sum(vals[:k]) / k, sum(vals[-k:]) / k)
+    return out
+
+
+def print_training_summary(log_dir: str | None) -> None:
+    summary = training_summary(log_dir)
+    if summary:
+        print("\n| metric | first 10 % of steps | last 10 % of steps |\n|---|---|---|")
+        for key, (first, last) in summary.items():
+            print(f"| {key} | {first:.4g} | {last:.4g} |")
+
+
+# --------------------------------------------------------------------------------------------------------
+# probing
+
+
+@functools.cache
+def probe_data(task: str, size: str = "small"):
+    """The embedded `task` (keywords or speakers) at `size`: train / valid / test loaders (cached)."""
+    from omnissl.eval.probe_data import load_probe_data
+
+    spec = f"embedded:{task}:{size}"
+    return load_probe_data(spec, spec, spec)
+
+
+def probe(states, task: str, size: str = "small", *, seed: int = 0, name: str = "upstream") -> dict:
+    """The probe of `omnissl probe` (weighted sum of all hidden states, linear head; epoch chosen on valid)
+    plus one probe per fixed hidden state -> {"test", "valid", "train", "layer_weights", "per_layer_test",
+    "per_layer_valid", "best_layer" (by valid), "n_test", "chance", "se" (binomial, of test)}."""
+    from omnissl.eval.probe import run_probe
+    from omnissl.eval.upstream import EncoderStates
+
+    if isinstance(states, torch.nn.Module):
+        states = EncoderStates(states)
+    data = probe_data(task, size)
+    scores = run_probe(states, data, name, per_layer=True, seed=seed)
+    r = scores.result
+    layers = scores.per_layer or [r]
+    n_test = len(data.rows["test"]) if "test" in data.rows else None
+    per_valid = [p.valid for p in layers]
+    return {"test": r.test, "valid": r.valid, "train": r.train, "layer_weights": r.layer_weights,
+            "per_layer_test": [p.test for p in layers], "per_layer_valid": per_valid,
+            "best_layer": max(range(len(per_valid)), key=per_valid.__getitem__),
+            "n_test": n_test, "chance": 1.0 / len(data.classes),
+            "se": binomial_se(r.test, n_test) if n_test else None}
+
+
+def baseline(task: str, size: str = "small", seeds=(0, 1, 2)) -> dict:
+    """The non-learned baseline of `omnissl probe --baseline` (baseline_states("audio")), probed as `probe`
+    does, once per probe seed (the features are extracted once; the seeds change the head's init and batch
+    order, as they do for the encoders' points) -> {"test" (mean over seeds), "tests", "valid", "n_test",
+    "chance", "se" (binomial, at the mean)}."""
+    from omnissl.eval.probe import extract_splits, fit_classifier
+    from omnissl.eval.upstream import baseline_states
+
+    data = probe_data(task, size)
+    feats, _ = extract_splits(baseline_states("audio"), data)
+    fits = [fit_classifier(feats["train"], feats["valid"], feats["test"], num_classes=len(data.classes), seed=s)
+            for s in seeds]
+    test = statistics.fmean(r.test for r in fits)
+    n_test = len(feats["test"])
+    return {"test": test, "tests": [r.test for r in fits], "valid": statistics.fmean(r.valid for r in fits),
+            "seeds": list(seeds), "n_test": n_test, "chance": 1.0 / len(data.classes),
+            "se": binomial_se(test, n_test)}

@@ -1,0 +1,369 @@
+"""Learning curves: probe accuracy of each speech objective's encoder vs pretraining budget, over seeds.
+
+Each objective pretrains from its `recipes/audio/<objective>_tiny_cpu.yaml` (with recipes/trainer/cpu.yaml) for
+a fixed number of STEPS per budget, from several seeds; each checkpoint is probed with the probe of
+`omnissl probe` (omnissl.eval.probe.run_probe: weighted sum of all hidden states, linear head, epoch chosen on
+valid; plus one probe per fixed hidden state) on the embedded keyword and speaker tasks (held-out voices and
+accents, noise, reverb; >= 1,100 test clips each). Budget 0 is the random initialization each run started
+from. The non-learned log-mel baseline (`baseline_states("audio")`, as `omnissl probe --baseline`) is probed
+the same way.
+
+Budgets are steps, calibrated to minutes of an idle 2-core VM (IDLE_STEP_S below): steps give the same
+result whatever else runs on the machine, minutes do not (the VM is shared; wall time is recorded too, with
+the load average). Every finished (objective, seed, budget, task) lands as a small JSON under
+bench/results/learning_curve/<tag>/<objective>/ and is skipped when the script runs again with the same
+configuration (its hash: recipe and trainer files, steps, extra arguments, corpus versions); so the curve
+fills up across sessions (commit the JSONs). The encoder of each run is kept as a package under
+runs/learning_curve/ (not committed), so adding a task later re-probes without pretraining again.
+
+    python bench/learning_curve.py [--objectives wav2vec2 data2vec2] [--minutes 5 10 20] [--seeds 0 1 2] \
+        [--tasks keywords speakers] [--tag recipes] [--extra=--model.init_args.x=1 ...] [--commit]
+    python bench/learning_curve.py --report-only            # table + PNG from the JSONs already there
+
+Reports, per task, mean ± std [95 % t-interval over seeds] per (objective, budget), the random-init and
+log-mel bands, and draws bench/results/learning_curve/<tag>/learning_curve.png. Ends with one line per point:
+    RESULT name=learning_curve task=... objective=... minutes=... steps=... mean=... std=... lo=... hi=... n=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import learning  # noqa: E402
+
+ROOT = learning.ROOT
+RESULTS = ROOT / "bench" / "results" / "learning_curve"
+RUNS = ROOT / "runs" / "learning_curve"
+OBJECTIVES = ("wav2vec2", "hubert", "data2vec", "data2vec2")
+NAMES = {"wav2vec2": "wav2vec 2.0", "hubert": "HuBERT (iter. 1)", "data2vec": "data2vec", "data2vec2": "data2vec 2.0"}
+
+# Seconds per update of each *_tiny_cpu recipe on the idle 2-core VM, which turn a budget in minutes into the
+# fixed number of steps every run of that budget takes. wav2vec 2.0: 1,500 steps of `make demo` took 272 s of
+# training (0.18 s/step, validation included) and the interleaved timing of bench/data2vec2_vs_wav2vec2.py gave
+# a median full step of 0.213 s, so 0.20; data2vec 2.0: 0.360 s in that same interleaved timing. HuBERT and
+# data2vec v1 are not calibrated on an idle machine yet (provisional: HuBERT has no quantizer and no
+# distractors, as cheap as wav2vec 2.0 or less; data2vec v1 adds a full teacher pass to a wav2vec 2.0-like
+# student); `--calibrate` measures the ratios to wav2vec 2.0 interleaved in one process (a ratio is far less
+# sensitive to load than a time), to be run on an idle machine before those budgets are filled.
+IDLE_STEP_S = {"wav2vec2": 0.20, "hubert": 0.20, "data2vec": 0.30, "data2vec2": 0.36}
+
+
+def steps_for(objective: str, minutes: float) -> int:
+    return int(round(minutes * 60 / IDLE_STEP_S[objective] / 10)) * 10
+
+
+def corpus_versions() -> dict[str, int]:
+    from omnissl.datamodules.corpora import labeled_speech, speech
+
+    return {"speech": speech.VERSION, "labeled_speech": labeled_speech.VERSION}
+
+
+def config_hash(objective: str, steps: int, extra: list[str]) -> str:
+    """What decides a result: the recipe and trainer files, steps, extra arguments, corpus versions, probe."""
+    h = hashlib.sha256()
+    for part in (learning.recipe_path(objective).read_text(), (ROOT / "recipes/trainer/cpu.yaml").read_text(),
+                 json.dumps([steps, extra, corpus_versions(), "run_probe defaults, per_layer"])):
+        h.update(part.encode())
+    return h.hexdigest()[:12]
+
+
+def result_path(tag: str, objective: str, minutes: float, seed: int, task: str) -> Path:
+    return RESULTS / tag / objective / f"{minutes:g}min-seed{seed}-{task}.json"
+
+
+def fresh(path: Path, key: str) -> bool:
+    """A result exists and was made with this configuration (a stale one is redone, with a message)."""
+    if not path.exists():
+        return False
+    found = json.loads(path.read_text()).get("config")
+    if found != key:
+        print(f"{path}: made with configuration {found}, now {key}: redoing it", flush=True)
+        return False
+    return True
+
+
+def git_commit(paths: list[Path], message: str) -> None:
+    """Commit `paths` alone (whatever else is staged). A failure (e.g. another git command holding the index
+    lock) is retried, then reported; it never stops the measurement: the JSON is on disk either way."""
+    rel = [str(p.relative_to(ROOT)) for p in paths]
+    for attempt in range(5):
+        add = subprocess.run(["git", "-C", str(ROOT), "add", *rel], capture_output=True, text=True)
+        done = add.returncode == 0 and subprocess.run(
+            ["git", "-C", str(ROOT), "commit", "-q", "-m", message, "--", *rel], capture_output=True, text=True
+        ).returncode == 0
+        if done:
+            return
+        time.sleep(2 + 3 * attempt)
+    print(f"warning: could not commit {', '.join(rel)}; commit it by hand", flush=True)
+
+
+def write_json(path: Path, record: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def run_point(objective: str, minutes: float, seed: int, tasks: list[str], tag: str, extra: list[str],
+              commit: bool) -> None:
+    """Pretrain (or reuse the kept encoder), probe the tasks still missing, write their JSONs; also the
+    random-init (0 min) JSONs of this seed."""
+    from omnissl.checkpoints import load_backbone, save_backbone
+
+    steps = steps_for(objective, minutes)
+    key, key0 = config_hash(objective, steps, extra), config_hash(objective, 0, extra)
+    todo = [t for t in tasks if not fresh(result_path(tag, objective, minutes, seed, t), key)]
+    todo0 = [t for t in tasks if not fresh(result_path(tag, objective, 0, seed, t), key0)]
+    if not todo and not todo0:
+        print(f"{objective} {minutes:g} min seed {seed}: done ({', '.join(tasks)})", flush=True)
+        return
+    run_dir = RUNS / tag / objective / f"{minutes:g}min-seed{seed}-{key}"
+    package, initial_package = run_dir / "encoder", run_dir / "initial"
+    info_file = run_dir / "pretrain.json"
+    if info_file.exists():
+        info = json.loads(info_file.read_text())
+        encoder, initial = load_backbone(package), load_backbone(initial_package)
+        print(f"{objective} {minutes:g} min seed {seed}: reusing {package}", flush=True)
+    else:
+        print(f"{objective} {minutes:g} min seed {seed}: pretraining {steps} steps", flush=True)
+        load0 = os.getloadavg()[0]
+        out = learning.pretrain(objective, steps, seed, run_dir, extra)
+        encoder, initial = out["encoder"], out["initial"]
+        save_backbone(encoder, package)
+        save_backbone(initial, initial_package)
+        info = {"steps": out["steps"], "wall_s": round(out["wall_s"], 1), "load_start": round(load0, 2),
+                "load_end": round(os.getloadavg()[0], 2), "training": learning.training_summary(out["log_dir"])}
+        write_json(info_file, info)
+    common = {"objective": objective, "seed": seed, "tag": tag, "extra": extra, "corpus": corpus_versions(),
+              "recipe": str(learning.recipe_path(objective).relative_to(ROOT)), "size": "small",
+              "date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count()}
+    for task in todo0:
+        t0 = time.perf_counter()
+        res = learning.probe(initial, task, seed=seed, name=f"{objective} random init")
+        path = write_json(result_path(tag, objective, 0, seed, task),
+                          {**common, "config": key0, "minutes": 0, "steps": 0, "task": task, "probe": res,
+                           "probe_s": round(time.perf_counter() - t0, 1)})
+        print(f"  {task} random init: test {res['test']:.3f} (valid {res['valid']:.3f}) -> {path.name}", flush=True)
+        if commit:
+            git_commit([path], f"learning curve: {objective} random init, seed {seed}, {task}")
+    for task in todo:
+        t0 = time.perf_counter()
+        res = learning.probe(encoder, task, seed=seed, name=f"{objective} {minutes:g} min")
+        path = write_json(result_path(tag, objective, minutes, seed, task),
+                          {**common, "config": key, "minutes": minutes, "steps": info["steps"],
+                           "planned_steps": steps, "wall_s": info["wall_s"], "load_start": info["load_start"],
+                           "load_end": info["load_end"], "training": info["training"], "task": task, "probe": res,
+                           "probe_s": round(time.perf_counter() - t0, 1)})
+        print(f"  {task} {minutes:g} min: test {res['test']:.3f} (valid {res['valid']:.3f}, best layer "
+              f"{res['best_layer']}) -> {path.name}", flush=True)
+        if commit:
+            git_commit([path], f"learning curve: {objective} {minutes:g} min, seed {seed}, {task}")
+
+
+def baseline_result(tag: str, task: str, commit: bool, seeds=(0, 1, 2)) -> dict:
+    """The log-mel baseline's probe on `task`, mean over the probe seeds (deterministic features; cached as a
+    JSON like the points)."""
+    from omnissl.eval.upstream import baseline_states
+
+    base = baseline_states("audio")
+    key = baseline_key(seeds)
+    path = RESULTS / tag / f"baseline-{task}.json"
+    if fresh(path, key):
+        return json.loads(path.read_text())
+    res = learning.baseline(task, seeds=seeds)
+    record = {"config": key, "task": task, "features": vars_of(base), "corpus": corpus_versions(), "probe": res}
+    write_json(path, record)
+    if commit:
+        git_commit([path], f"learning curve: log-mel baseline, {task}")
+    return record
+
+
+def baseline_key(seeds=(0, 1, 2)) -> str:
+    """What decides the baseline's result: its settings, the corpus versions, the probe and its seeds."""
+    from omnissl.eval.upstream import baseline_states
+
+    return hashlib.sha256(json.dumps([vars_of(baseline_states("audio")), corpus_versions(), "run_probe defaults",
+                                      list(seeds)]).encode()).hexdigest()[:12]
+
+
+def vars_of(states) -> dict:
+    """The defining settings of a baseline upstream (for its cache key)."""
+    return {"class": type(states).__name__, "dim": states.dim,
+            **{k: v for k, v in vars(states).items() if v is None or isinstance(v, (int, float, bool, str))}}
+
+
+# --------------------------------------------------------------------------------------------------------
+# report
+
+
+def collect(tag: str) -> dict:
+    """(task, objective, minutes) -> list of JSON records (current configuration only)."""
+    out: dict = {}
+    for path in sorted((RESULTS / tag).glob("*/*min-seed*-*.json")):
+        r = json.loads(path.read_text())
+        steps = r["planned_steps"] if r["minutes"] else 0
+        if r["config"] != config_hash(r["objective"], steps, r["extra"]):
+            continue  # stale: made with another recipe or corpus
+        out.setdefault((r["task"], r["objective"], r["minutes"]), []).append(r)
+    return out
+
+
+def random_init(points: dict, task: str) -> list[float]:
+    """The random-init probe accuracies of `task`, one per seed (the mean over the objectives run from that
+    seed: the same seed gives the same initial encoder, so counting each objective would inflate n)."""
+    by_seed: dict[int, list[float]] = {}
+    for (t, _, m), rs in points.items():
+        if t == task and m == 0:
+            for r in rs:
+                by_seed.setdefault(r["seed"], []).append(r["probe"]["test"])
+    return [sum(v) / len(v) for _, v in sorted(by_seed.items())]
+
+
+def report(tag: str, tasks: list[str], commit: bool) -> None:
+    points = collect(tag)
+    for task in tasks:
+        baseline_result(tag, task, commit)
+    lines = [f"# Learning curves ({tag})\n",
+             "Probe test accuracy (probe of `omnissl probe`: weighted sum of all hidden states, linear head) after "
+             "a fixed number of pretraining steps per budget (minutes of an idle 2-core VM; "
+             "bench/learning_curve.py); mean ± std [95 % t-interval] over pretraining seeds (n). "
+             "se: binomial standard error of the test set at that mean. Best layer: the hidden state whose own "
+             "probe is best on valid (0 = trunk input), per seed.\n"]
+    for task in tasks:
+        base = json.loads((RESULTS / tag / f"baseline-{task}.json").read_text())["probe"] \
+            if (RESULTS / tag / f"baseline-{task}.json").exists() else None
+        random = random_init(points, task)
+        lines.append(f"\n## {task}\n")
+        if base:
+            half = 1.96 * base["se"]
+            lines.append(f"log-mel baseline (`baseline_states(\"audio\")`, mean over probe seeds "
+                         f"{base.get('seeds', [0])}): **{base['test']:.3f}** (binomial 95 % "
+                         f"[{base['test'] - half:.3f}, {base['test'] + half:.3f}], {base['n_test']} test clips; "
+                         f"chance {base['chance']:.3f})  ")
+        if random:
+            lines.append(f"random init (one value per seed, averaged over the objectives, whose tiny encoders start "
+                         f"from the same weights for a seed): {learning.fmt(learning.t_interval(random))}\n")
+        lines.append("| objective | minutes (idle) | steps | test accuracy | se | best layer per seed | "
+                     "per-layer test (mean) | wall min (mean) |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for obj in OBJECTIVES:
+            for minutes in sorted(m for (t, o, m) in points if t == task and o == obj):
+                rs = points[(task, obj, minutes)]
+                ci = learning.t_interval([r["probe"]["test"] for r in rs])
+                per_layer = [sum(x) / len(x) for x in zip(*(r["probe"]["per_layer_test"] for r in rs))]
+                wall = [r["wall_s"] / 60 for r in rs if r.get("wall_s") and minutes]
+                lines.append(
+                    f"| {NAMES[obj]} | {minutes:g} | {rs[0]['steps']} | {learning.fmt(ci)} | "
+                    f"{learning.binomial_se(ci['mean'], rs[0]['probe']['n_test']):.3f} | "
+                    f"{' '.join(str(r['probe']['best_layer']) for r in rs)} | "
+                    f"{' '.join(f'{x:.3f}' for x in per_layer)} | "
+                    f"{f'{sum(wall) / len(wall):.1f}' if wall else '-'} |")
+                print(f"RESULT name=learning_curve task={task} objective={obj} minutes={minutes:g} "
+                      f"steps={rs[0]['steps']} mean={ci['mean']:.4f} std={ci['std']:.4f} lo={ci['lo']:.4f} "
+                      f"hi={ci['hi']:.4f} n={ci['n']}")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / tag).mkdir(parents=True, exist_ok=True)
+    (RESULTS / tag / "results.md").write_text(text)
+    print(text)
+    png = plot(tag, tasks, points)
+    if commit:
+        git_commit([RESULTS / tag / "results.md", png], f"learning curve: report ({tag})")
+
+
+def plot(tag: str, tasks: list[str], points: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        base_file = RESULTS / tag / f"baseline-{task}.json"
+        if base_file.exists():
+            b = json.loads(base_file.read_text())["probe"]
+            ax.axhspan(b["test"] - 1.96 * b["se"], b["test"] + 1.96 * b["se"], color="0.6", alpha=0.35,
+                       label=f"log-mel baseline {b['test']:.3f}")
+            ax.axhline(b["test"], color="0.4", lw=1)
+        random = random_init(points, task)
+        if len(random) >= 2:
+            ci = learning.t_interval(random)
+            ax.axhspan(ci["lo"], ci["hi"], color="tab:red", alpha=0.15, label=f"random init {ci['mean']:.3f}")
+        for obj in OBJECTIVES:
+            ms = sorted(m for (t, o, m) in points if t == task and o == obj)  # 0: its random init
+            if not [m for m in ms if m > 0]:
+                continue
+            cis = [learning.t_interval([r["probe"]["test"] for r in points[(task, obj, m)]]) for m in ms]
+            means = [c["mean"] for c in cis]
+            err = [[c["mean"] - c["lo"] if c["n"] > 1 else 0 for c in cis],
+                   [c["hi"] - c["mean"] if c["n"] > 1 else 0 for c in cis]]
+            ax.errorbar(ms, means, yerr=err, marker="o", capsize=4,
+                        label=f"{NAMES[obj]} (n={min(c['n'] for c in cis)}-{max(c['n'] for c in cis)} seeds)")
+        ax.set_xlabel("pretraining budget (minutes of an idle 2-core CPU; fixed steps)")
+        ax.set_ylabel("probe test accuracy")
+        ax.set_title(f"{task} (embedded, small; held-out voices)")
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle("Probe accuracy vs pretraining budget\n(mean and 95 % t-interval over seeds)", fontsize=10)
+    fig.tight_layout()
+    path = RESULTS / tag / "learning_curve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def calibrate(objectives: list[str]) -> None:
+    """Median step time of each objective, interleaved in one process (learning.step_times); the ratios to
+    wav2vec 2.0, anchored at its idle 0.20 s, suggest IDLE_STEP_S. Run it on an idle machine."""
+    names = ["wav2vec2", *[o for o in objectives if o != "wav2vec2"]]
+    load = os.getloadavg()[0]
+    median = learning.step_times(names)
+    record = {"median_step_s": median, "load_start": load, "load_end": os.getloadavg()[0],
+              "date": time.strftime("%Y-%m-%d %H:%M"),
+              "suggested_idle_step_s": {n: round(IDLE_STEP_S["wav2vec2"] * median[n] / median["wav2vec2"], 3)
+                                        for n in names}}
+    print(json.dumps(record, indent=1))
+    write_json(RESULTS / "calibration.json", record)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    ap.add_argument("--minutes", nargs="+", type=float, default=[5, 10, 20], help="budgets (idle-VM minutes)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--tasks", nargs="+", default=list(learning.TASKS), choices=learning.TASKS)
+    ap.add_argument("--tag", default="recipes", help="results folder name (a recipe variant: use with --extra)")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="one more LightningCLI argument for every pretraining run, e.g. --extra=--model.init_args.x=1")
+    ap.add_argument("--report-only", action="store_true", help="no training: the table and PNG from the JSONs")
+    ap.add_argument("--commit", action="store_true", help="git-commit each JSON as it lands, and the report")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="only measure the step-time ratios to wav2vec 2.0 (interleaved) and suggest IDLE_STEP_S")
+    args = ap.parse_args()
+
+    if args.calibrate:
+        calibrate(args.objectives)
+        return
+
+    if not args.report_only:
+        for task in args.tasks:
+            baseline_result(args.tag, task, args.commit)
+        for minutes in args.minutes:  # budget by budget: the short budgets of every objective and seed first
+            for seed in args.seeds:
+                for objective in args.objectives:
+                    run_point(objective, minutes, seed, args.tasks, args.tag, args.extra, args.commit)
+    report(args.tag, args.tasks, args.commit)
+
+
+if __name__ == "__main__":
+    main()
