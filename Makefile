@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 # the log-mel baseline on the embedded keyword-spotting task, then the SUPERB-style report (learned layer
 # weights, accuracy per layer, pretrained vs random init vs log-mel) in runs/demo/report (probe.md + PNG, W&B).
 demo: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/learning_check.py --objective wav2vec2 --steps 1500 \
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/learning_check.py --objective wav2vec2 --steps 1500 --seeds 0 \
 		--export runs/demo/encoder
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/omnissl probe runs/demo/encoder --train embedded:keywords:small \
 		--valid embedded:keywords:small --test embedded:keywords:small --random-init --baseline \
