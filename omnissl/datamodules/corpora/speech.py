@@ -286,7 +286,7 @@ def run_shards(fn: Callable, jobs: list[tuple], desc: str) -> list:
     src = str(Path(__file__).resolve().parents[3])  # the folder holding the omnissl package
     env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
     env.setdefault("OMP_NUM_THREADS", "1")
-    code = "from omnissl.datamodules.corpora.speech import _shard_main; _shard_main()"
+    code = "from omnissl.datamodules.corpora.speech import shard_main; shard_main()"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     width = max(1, min(len(jobs), cores))
     results: list = [None] * len(jobs)
@@ -322,7 +322,7 @@ def run_shards(fn: Callable, jobs: list[tuple], desc: str) -> list:
     return results
 
 
-def _shard_main() -> None:
+def shard_main() -> None:
     """Entry point of a shard process: `python -c ... <job file>` (see `run_shards`)."""
     import importlib
     import pickle
