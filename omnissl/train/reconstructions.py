@@ -58,24 +58,26 @@ def picture(x: torch.Tensor) -> np.ndarray:
 
 
 def draw(pictures: dict[str, torch.Tensor], title: str):
-    """A figure: one row per sample, columns input / masked / reconstruction, one colour scale per row."""
+    """A figure: one row per sample, columns input / masked / reconstruction, one colour scale per row (per
+    channel for colour images)."""
     n = pictures["input"].shape[0]
     spectrogram = pictures["input"].dim() == 3
     width = 4.0 if spectrogram else 1.8
     fig, axes = new_figure(n, len(COLUMNS), figsize=(width * len(COLUMNS), 1.8 * n + 0.4), squeeze=False)
     for i in range(n):
         ref = picture(pictures["input"][i])
-        lo, hi = float(np.nanmin(ref)), float(np.nanmax(ref))
+        over = (0, 1) if ref.ndim == 3 else None  # colour: per-channel range (undoes a per-channel Normalize)
+        lo, hi = np.nanmin(ref, axis=over), np.nanmax(ref, axis=over)
         for j, name in enumerate(COLUMNS):
             a = picture(pictures[name][i])
             ax = axes[i][j]
             if a.ndim == 3:  # colour: scale with the input's range, NaN (removed) grey
-                rgb = np.clip((a - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+                rgb = np.clip((a - lo) / np.maximum(hi - lo, 1e-6), 0.0, 1.0)
                 rgb[np.isnan(a)] = 0.5
                 ax.imshow(rgb, interpolation="nearest")
             else:
                 cmap = "magma" if spectrogram else "gray"
-                ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest",
+                ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=float(lo), vmax=float(hi), interpolation="nearest",
                           origin="lower" if spectrogram else "upper", aspect="auto" if spectrogram else "equal")
                 ax.set_facecolor("0.5")
             ax.set_xticks([])
