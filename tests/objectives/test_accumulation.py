@@ -169,3 +169,36 @@ def test_two_ranks_with_accumulation_divide_by_the_global_count_of_the_update(tm
     assert result["n"][0] == result["n"][1] > 0
     assert max(result["counts"]) >= 3 * min(result["counts"]), result["counts"]
     assert result["err"] <= 1e-6 + 1e-5 * result["scale"], result
+
+
+@pytest.mark.parametrize("bad_first", [False, True])
+def test_a_skipped_micro_batch_leaves_the_update_count(bad_first):
+    """on_nonfinite: skip under accumulation: the skipped micro-batch adds no gradient, and its masked positions
+    must not join the update's count either; the update's gradient is that of the finite micro-batch alone over
+    its own count (before the fix it was divided by both micro-batches' counts)."""
+    torch.manual_seed(0)
+    model, (good, other) = case("hubert")
+    model.on_nonfinite = "skip"
+    model.optimizer_factory = RecordGrads
+    bad = Batch({"audio": torch.full_like(other.inputs["audio"], float("nan"))}, other.lengths, other.targets,
+                other.ids)
+    micro = [bad, good] if bad_first else [good, bad]
+    reference = copy.deepcopy(model)
+    sums, counts = [], []
+    reference.normalize = lambda loss_sum, count: (sums.append(loss_sum), counts.append(count), loss_sum)[-1]
+    reference.train()
+    reference._micro = int(bad_first)  # the micro-batch index the good batch has in the update (its masks)
+    reference.step(good)
+    (sums[0] / float(counts[0])).backward()
+    want = [p.grad for g in reference.configure_optimizers().param_groups for p in g["params"] if p.grad is not None]
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=1,
+                        accumulate_grad_batches=2, limit_val_batches=0)
+    loader = torch.utils.data.DataLoader(micro, batch_size=None, collate_fn=lambda b: b)
+    trainer.fit(model, train_dataloaders=loader)
+    assert model.skipped_nonfinite == 1
+    got = trainer.optimizers[0].seen
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
