@@ -18,6 +18,7 @@ from omnissl.ssl.frames import encoder_frames
 from omnissl.ssl.heads import ConvDecoder1d
 from omnissl.ssl.hubert import HuBERT
 from omnissl.ssl.mae import MAE
+from omnissl.ssl.mlm import MaskedLM
 from omnissl.ssl.wav2vec2 import Wav2Vec2
 
 
@@ -54,6 +55,14 @@ def images(n, seed) -> Batch:
     return Batch({"image": torch.randn(n, 3, 32, 32, generator=g)}, {}, {}, torch.arange(n) + 10 * seed)
 
 
+def text(lengths, seed) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lengths)
+    ids = torch.randint(5, 64, (len(lengths), max(lengths)), generator=g)
+    ids = ids.masked_fill(torch.arange(ids.shape[1])[None] >= lens[:, None], 1)  # pad id 1
+    return Batch({"text": ids}, {"text": lens}, {}, torch.arange(len(lengths)) + 10 * seed)
+
+
 def case(name):
     """(model, two micro-batches whose counts differ several-fold)"""
     short, long = [4000], [16000, 12000, 9000]
@@ -71,11 +80,14 @@ def case(name):
         model = Data2Vec2(enc, top_k=2, clone_batch=2, decoder_input_dropout=0.0,
                           decoder=ConvDecoder1d(in_dim=enc.dim, dim=32, layers=2, groups=4))
         return model, [audio(short, 1), audio(long, 2)]
+    if name == "mlm":
+        model = MaskedLM(tiny("text", vocab_size=64), mask_id=4, special_ids=[0, 1, 2, 3, 4], num_tokens=64)
+        return model, [text([12], 1), text([48, 40, 33], 2)]
     model = MAE(tiny("image"), decoder_dim=32, decoder_depth=1, decoder_heads=4)
     return model, [images(1, 1), images(5, 2)]
 
 
-@pytest.mark.parametrize("name", ["wav2vec2", "hubert", "data2vec", "data2vec2", "mae"])
+@pytest.mark.parametrize("name", ["wav2vec2", "hubert", "data2vec", "data2vec2", "mae", "mlm"])
 def test_one_update_of_two_micro_batches_has_the_gradient_of_their_union(name, monkeypatch):
     torch.manual_seed(0)
     model, micro = case(name)
