@@ -574,3 +574,19 @@ def test_padded_patches_are_never_masked_nor_regressed(which, monkeypatch):
     assert torch.isfinite(out.loss)
     (target,) = seen
     assert len(target) > 0 and bool((target.abs().sum(-1) > 0).all()), "a padded (all-zero) target was regressed"
+
+
+@pytest.mark.parametrize("layers,widths", [(1, [(64, 64)]), (2, [(64, 128), (128, 64)]),
+                                           (3, [(64, 128), (128, 128), (128, 64)]),
+                                           (4, [(64, 128), (128, 128), (128, 128), (128, 64)])])
+def test_regression_head_doubles_the_width_once_as_fairseq(layers, widths):
+    """fairseq data2vec_text `_build_regression_head`: next_dim = 2·D in the first layer only, then 2·D -> 2·D,
+    then back to D (the audit found ours doubling at every layer from head_layers 3 on: 64 -> 128 -> 256)."""
+    from omnissl.ssl.heads import regression_head
+
+    head = regression_head(64, layers)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == widths
+    assert sum(isinstance(m, torch.nn.GELU) for m in head.modules()) == layers - 1
+    with pytest.raises(ValueError, match="head_layers"):
+        regression_head(64, 0)
