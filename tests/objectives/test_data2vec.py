@@ -590,3 +590,42 @@ def test_regression_head_doubles_the_width_once_as_fairseq(layers, widths):
     assert sum(isinstance(m, torch.nn.GELU) for m in head.modules()) == layers - 1
     with pytest.raises(ValueError, match="head_layers"):
         regression_head(64, 0)
+
+
+def naive_mask_tokens(t: int, p: float, span: int, rng) -> "np.ndarray":
+    """fairseq MaskTokensDataset (mask_multiple_length = span) for one row of t tokens."""
+    import numpy as np
+
+    num = int(p * t / float(span) + rng.random())
+    starts = rng.choice(t, num, replace=False)
+    idx = (starts[:, None] + np.arange(span)[None]).ravel()
+    out = np.zeros(t, dtype=bool)
+    out[idx[idx < t]] = True
+    return out
+
+
+def test_v1_text_masks_as_fairseq_masked_lm():
+    """data2vec text (fairseq `masked_lm`, mask_prob 0.35, mask_multiple_length 4): starts drawn from every
+    token, spans clipped to the row, no same-count constraint. Before the fix the audio span mask was used: the
+    last token was never masked and every row masked the same count."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = Data2Vec(tiny("text", vocab_size=64), modality="text", mask_prob=0.35, mask_length=4, top_k=2,
+                     target_norm="layer", head_layers=2, loss_beta=4.0, loss_scale=1.0)
+    lengths = torch.tensor([64, 40, 17])
+    ids = torch.randint(5, 64, (3, 64)).masked_fill(torch.arange(64)[None] >= lengths[:, None], 1)
+    tokens = model.encoder.embed(ids, lengths)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.stack([model.mask(tokens, g) for _ in range(600)])  # (draws, B, N)
+    assert not (masks & tokens.padding_mask).any()
+    rng = np.random.default_rng(0)
+    for row, t in enumerate(lengths.tolist()):
+        ref = np.stack([naive_mask_tokens(t, 0.35, 4, rng) for _ in range(600)])
+        ours = masks[:, row, :t].numpy()
+        # masked count per row (sd ~3.5 / sqrt(600)) and how often the last token is masked (~0.3 for t = 64)
+        assert abs(ours.sum(1).mean() - ref.sum(1).mean()) < 0.1 * ref.sum(1).mean() + 0.3, row
+        assert abs(ours[:, -1].mean() - ref[:, -1].mean()) < 0.08, (row, ours[:, -1].mean(), ref[:, -1].mean())
+        assert ours[:, -1].any()
+    counts = masks.sum(-1)  # (draws, B): rows differ within a batch (no same_count)
+    assert (counts[:, 0] != counts[:, 1]).float().mean() > 0.5
