@@ -5,6 +5,7 @@ reference, the 2.0 teacher running once per sample for M clones, collapse guards
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -592,10 +593,8 @@ def test_regression_head_doubles_the_width_once_as_fairseq(layers, widths):
         regression_head(64, 0)
 
 
-def naive_mask_tokens(t: int, p: float, span: int, rng) -> "np.ndarray":
+def naive_mask_tokens(t: int, p: float, span: int, rng) -> np.ndarray:
     """fairseq MaskTokensDataset (mask_multiple_length = span) for one row of t tokens."""
-    import numpy as np
-
     num = int(p * t / float(span) + rng.random())
     starts = rng.choice(t, num, replace=False)
     idx = (starts[:, None] + np.arange(span)[None]).ravel()
@@ -608,8 +607,6 @@ def test_v1_text_masks_as_fairseq_masked_lm():
     """data2vec text (fairseq `masked_lm`, mask_prob 0.35, mask_multiple_length 4): starts drawn from every
     token, spans clipped to the row, no same-count constraint. Before the fix the audio span mask was used: the
     last token was never masked and every row masked the same count."""
-    import numpy as np
-
     torch.manual_seed(0)
     model = Data2Vec(tiny("text", vocab_size=64), modality="text", mask_prob=0.35, mask_length=4, top_k=2,
                      target_norm="layer", head_layers=2, loss_beta=4.0, loss_scale=1.0)
