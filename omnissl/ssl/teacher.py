@@ -195,6 +195,11 @@ def top_k_targets(
     the average (`instance_norm_targets` / `layer_norm_targets`). padding_mask (B, N) True at padding:
     excluded from the instance statistics and zeroed in the output. Runs in fp32 with autocast off.
     Returns (B, N, D) fp32.
+
+    NOTE(ref): fairseq's `F.instance_norm` takes its statistics over the padded time axis too; its pretraining
+    never pads (wav2vec-style batches are cropped to the shortest, `pad=False`), so the statistics over the
+    valid frames are the faithful analogue for our padded batches: a row's targets do not depend on what it was
+    batched with (tests/objectives/test_data2vec.py, `test_top_k_targets_match_naive_reference`).
     """
     if not 1 <= k <= len(layers):
         raise ValueError(f"top_k must be in [1, {len(layers)}], got {k}")
