@@ -626,3 +626,18 @@ def test_v1_text_masks_as_fairseq_masked_lm():
         assert ours[:, -1].any()
     counts = masks.sum(-1)  # (draws, B): rows differ within a batch (no same_count)
     assert (counts[:, 0] != counts[:, 1]).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("recipe", ["data2vec_base", "data2vec2_base"])
+def test_image_recipes_leave_the_collapse_guards_off_as_fairseq(recipe):
+    """fairseq's image models never stop on variance: data2vec_vision only logs target_var / pred_var, and
+    base_images_only_task.yaml sets min_target_var 0 and min_pred_var 0 (the audio configs keep 0.1 / 0.01)."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    args = yaml.safe_load((root / f"recipes/image/{recipe}.yaml").read_text())["model"]["init_args"]
+    assert args["min_target_var"] == 0 and args["min_pred_var"] == 0
+    audio = yaml.safe_load((root / f"recipes/audio/{recipe}.yaml").read_text())["model"]["init_args"]
+    assert (audio["min_target_var"], audio["min_pred_var"]) == (0.1, 0.01)
