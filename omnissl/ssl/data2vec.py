@@ -64,7 +64,7 @@ class Data2Vec(TeacherHooks, SSLModule):
         modality: str = "audio",
         mask_prob: float = 0.65,  # audio base (sec. 4.2): p 0.65, span 10; text: 0.35, 4
         mask_length: int = 10,
-        min_spans: int = 2,
+        min_spans: int = 1,  # fairseq data2vec_audio apply_mask: min_masks=1 (wav2vec 2.0: 2)
         top_k: int = 8,  # audio K = 8; text K = 10
         target_source: str = "ffn",  # audio, text: FFN output before the last residual; vision: "layers"
         target_norm: str | None = "instance",  # audio/vision instance norm; text "layer"

@@ -641,3 +641,13 @@ def test_image_recipes_leave_the_collapse_guards_off_as_fairseq(recipe):
     assert args["min_target_var"] == 0 and args["min_pred_var"] == 0
     audio = yaml.safe_load((root / f"recipes/audio/{recipe}.yaml").read_text())["model"]["init_args"]
     assert (audio["min_target_var"], audio["min_pred_var"]) == (0.1, 0.01)
+
+
+def test_v1_audio_draws_at_least_one_span_as_fairseq():
+    """fairseq data2vec_audio masks with min_masks=1 (wav2vec 2.0: 2), so 12-frame rows are masked, not dropped."""
+    model = v1()
+    assert model.min_spans == 1 and model.short.min_frames == 12
+    model.train()
+    out = model.step(audio_batch([3960, 16000]))  # 12 and 49 frames
+    assert "dropped_short" not in out.metrics or out.metrics["dropped_short"] == 0
+    assert out.batch_size == 2
