@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, required=True, help="manifest file to write (.tsv)")
     m.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="raise: stop at the first unreadable file; skip: leave it out (logged)")
+    m.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
 
     i = sub.add_parser("inspect", help="decode every item of an audio manifest (or folder) and report",
                        formatter_class=fmt)
@@ -118,7 +119,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _manifest(args: argparse.Namespace) -> int:
     from omnissl.datamodules.audio_io import AudioDataError, write_audio_manifest
+    from omnissl.progress import set_quiet
 
+    set_quiet(args.quiet)
     if not args.folder.is_dir():
         print(f"omnissl data manifest: error: {args.folder} is not a folder", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from omnissl.eval.probe_data import load_probe_data, source_modality
     from omnissl.eval.report import log_report, write_report
     from omnissl.eval.upstream import EncoderStates, baseline_states, reinitialized
+    from omnissl.progress import set_quiet
     from omnissl.train.loggers import wandb_mode
 
     parser = argparse.ArgumentParser(
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="text: the pretraining tokenizer (none: the package's tokenizer.json or the "
                              "checkpoint's tokenizer)")
     parser.add_argument("--image-size", type=int, default=224, help="images: resize/crop size")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
     args = parser.parse_args(argv)
+    set_quiet(args.quiet)
     if args.wandb and args.report is None:
         parser.error("--wandb logs the report: add --report DIR")
     valid_heads = {"classify": ("linear", "mlp"), "ctc": ("linear", "lstm")}[args.task]

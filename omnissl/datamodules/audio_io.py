@@ -24,6 +24,7 @@ from torch import Tensor
 
 from omnissl.batch import SAMPLE_RATE
 from omnissl.datamodules.common import read_lines, shown
+from omnissl.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def scan_folder(folder: str | os.PathLike, *, on_error: str = "raise") -> AudioM
     folder = Path(folder).expanduser().resolve()
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and not p.is_dir())
     paths, sizes, bad = [], [], []
-    for p in files:
+    for p in progress(files, desc=f"scanning {folder.name}", unit="file"):
         try:
             if not _utf8_name(p):  # soundfile cannot even open it, and no UTF-8 manifest could list it
                 raise AudioDataError("its name is not valid UTF-8: rename the file")
