@@ -144,14 +144,29 @@ class ConvFeatureExtractor(nn.Module):
         return h, valid, None
 
 
+# (sample rate, n_mels) -> (mean, std) of LogMelPatches' log(mel + 1e-6) over every frame and bin of the embedded
+# speech corpus's train split (147 utterances, 107 080 frames), measured by
+#   python bench/logmel_stats.py --corpus embedded:speech:small --n-mels 64 128
+LOGMEL_STATS: dict[tuple[int, int], tuple[float, float]] = {
+    (16_000, 64): (-3.9193, 5.3247),
+    (16_000, 128): (-4.7416, 5.1848),
+}
+
+
 @recorded
 class LogMelPatches(nn.Module):
     """Log-mel filterbank of 16 kHz audio cut into (time × frequency) patches (AST / AudioMAE / SSAST).
 
-    25 ms Hann window (1024-point FFT), 10 ms hop, `n_mels` bins (torchaudio's MelSpectrogram), log(mel + 1e-6), scaled by a
-    fixed mean/std (AudioSet's -4.27 / 4.57 as used by AST and AudioMAE), then non-overlapping patches
-    `patch_time` frames × `patch_freq` bins embedded by a strided Conv2d. Tokens are ordered time-major, so
-    the grid is (time patches, frequency patches). With `patch_freq = n_mels` each token is a frame stack.
+    25 ms Hann window (1024-point FFT), 10 ms hop, `n_mels` bins (torchaudio's MelSpectrogram), log(mel + 1e-6),
+    scaled as AST / AudioMAE do, (x - mean) / (2 std), then non-overlapping patches `patch_time` frames ×
+    `patch_freq` bins embedded by a strided Conv2d. Tokens are ordered time-major, so the grid is (time
+    patches, frequency patches). With `patch_freq = n_mels` each token is a frame stack.
+
+    mean / std default to `LOGMEL_STATS[n_mels]`: the statistics of these very features on the embedded speech
+    corpus (`bench/logmel_stats.py`), so the scaled input has mean 0 and std 0.5 there.
+    NOTE(ref): AST / AudioMAE use AudioSet's -4.27 / 4.57, measured on kaldi fbank (pre-emphasis, DC removal,
+    512-point FFT), not on these features (their lowest bins differ by about 7 nats); pass mean=-4.27,
+    std=4.57 to get the reference's constants.
     """
 
     def __init__(
@@ -162,12 +177,17 @@ class LogMelPatches(nn.Module):
         patch_time: int = 16,
         patch_freq: int = 16,
         sample_rate: int = 16_000,
-        mean: float = -4.27,
-        std: float = 4.57,
+        mean: float | None = None,
+        std: float | None = None,
     ) -> None:
         super().__init__()
         if n_mels % patch_freq:
             raise ValueError(f"n_mels {n_mels} must be a multiple of patch_freq {patch_freq}")
+        if (mean is None or std is None) and (sample_rate, n_mels) not in LOGMEL_STATS:
+            raise ValueError(f"no measured log-mel statistics for {n_mels} mels at {sample_rate} Hz (have "
+                             f"{sorted(LOGMEL_STATS)}): pass mean and std (bench/logmel_stats.py measures them)")
+        mean = LOGMEL_STATS[sample_rate, n_mels][0] if mean is None else mean
+        std = LOGMEL_STATS[sample_rate, n_mels][1] if std is None else std
         self.hop = sample_rate // 100
         # a 1024-point FFT of the 25 ms window keeps every one of 128 mel filters non-empty
         self.n_fft = 1024

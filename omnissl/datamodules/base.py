@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import SkipLog, holdout, is_embedded
-from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
+from omnissl.datamodules.corpora import CORPORA, embedded_corpus, parse_embedded
 from omnissl.datamodules.sampler import make_loader
 
 
@@ -90,7 +90,8 @@ def pretraining_splits(train: str, valid: str | None, test: str | None, *, corpu
     otherwise, without `valid`, a fixed `valid_fraction` of train is held out (always with seed 0: the
     DataModule's seed orders and augments, it does not change the split)."""
     if is_embedded(train):
-        if parse_embedded(train)[0] != corpus:
+        name = parse_embedded(train)[0]  # its own corpus, or another of the same modality (e.g. shapes)
+        if name != corpus and CORPORA[name].modality != CORPORA[corpus].modality:
             raise ValueError(f"this DataModule reads 'embedded:{corpus}', not {train!r}")
         found = embedded_corpus(train, size=size)
         out = {"train": read(found["train"]), "valid": read(valid or found["valid"])}

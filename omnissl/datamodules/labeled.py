@@ -27,7 +27,7 @@ from omnissl.datamodules.base import DataModule
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import (SPLITS, SkipLog, check_data_args, class_index, data_root, encode_labels,
                                         file_fingerprint, is_embedded, read_manifest)
-from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
+from omnissl.datamodules.corpora import CORPORA, embedded_corpus, parse_embedded
 from omnissl.datamodules.documents import decode_utf8
 from omnissl.datamodules.image import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, list_images,
                                        transforms)
@@ -42,7 +42,8 @@ def labeled_sources(train: str, valid: str | None, test: str | None, *, corpus: 
     given = {"train": train, "valid": valid, "test": test}
     if not is_embedded(train):
         return given
-    if parse_embedded(train)[0] != corpus:
+    name = parse_embedded(train)[0]  # its own corpus, or another labeled one of the same modality (e.g. shapes)
+    if name != corpus and not (CORPORA[name].labeled and CORPORA[name].modality == CORPORA[corpus].modality):
         raise ValueError(f"expected 'embedded:{corpus}', got {train!r}")
     found = embedded_corpus(train, size=size)
     out = {s: given.get(s) or (str(found[s]) if s in found else None) for s in SPLITS}

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omnissl.datamodules.common import EMBEDDED_PREFIX, SIZES, check_size, data_root
-from omnissl.datamodules.corpora import captions, images, labeled_images, labeled_speech, labeled_text, speech, text
+from omnissl.datamodules.corpora import (captions, images, labeled_images, labeled_speech, labeled_text, shapes, speech,
+                                        text)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ CORPORA: dict[str, Corpus] = {
     "images": Corpus(images.generate, "images", "image", labeled=False),
     "labeled_text": Corpus(labeled_text.generate, "labeled_text", "text", labeled=True),
     "labeled_images": Corpus(labeled_images.generate, "labeled_images", "image", labeled=True),
+    "shapes": Corpus(shapes.generate, "shapes", "image", labeled=True),
 }
 
 

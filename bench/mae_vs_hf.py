@@ -1,0 +1,241 @@
+"""Our MAE training step vs Hugging Face `ViTMAEForPreTraining`: forward + backward, CPU fp32, train mode.
+
+ours: `omnissl.ssl.mae.MAE` on `omnissl.backbones.builders.vit_base16()` (ViT-B/16: 16x16 patches, 2-D sin-cos
+      positions, CLS, pre-LN 768 wide, 12 blocks, 12 heads, FFN 3072, LayerNorm eps 1e-6, no dropout), mask
+      ratio 0.75, norm-pix loss, decoder 512 wide x 8 blocks x 16 heads (MAE's `mae_vit_base_patch16_dec512d8b`).
+peer: `transformers.ViTMAEForPreTraining` with the same dims (hidden 768, 12 layers, 12 heads, intermediate
+      3072, qkv bias, layer_norm_eps 1e-6 as MAE, decoder 512 x 8 x 16 with intermediate 2048, mask_ratio 0.75,
+      norm_pix_loss, no dropout), `attn_implementation="sdpa"` (the fastest attention HF offers on CPU).
+
+One step = the objective's loss on one batch of random 224x224 images (both sides draw their own random mask
+inside the step, as in training), backward, then `zero_grad(set_to_none=True)`. No optimizer: this measures the
+model's step, not AdamW. Both sides use the same batch (same seed).
+
+Timing: for each batch size, both sides run in their own fresh worker subprocess, driven step by step from this
+process: `--warmup` steps each, then `--rounds` rounds of one step each, alternating which side goes first
+(ABBA) so load drift on a shared machine hits both; the median step time is reported.
+
+Memory: as in bench/trunk_vs_hf.py, the worker's resident-set high-water mark (VmHWM) minus its RSS before the
+model was built (both workers import the same libraries and make their inputs first); run with the
+GLIBC_TUNABLES below so that the high-water mark covers every transient peak. As an allocator-independent
+cross-check, the bytes autograd saves for backward in the warm-up step (each storage once, parameters excluded).
+
+Aggregate (the RESULT line): ours_ms / peer_ms are the SUM over the batch sizes of each side's median step time;
+ratio = peer_ms / ours_ms (> 1: ours is faster); mem_ratio = ours' summed (peak - baseline) / the peer's
+(< 1: ours uses less memory). `--small` runs a small model (192 wide, 2 blocks, 64x64 images, decoder 128 x 2)
+as a quick CPU smoke of the script; its numbers are not the benchmark.
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736 \\
+        .venv/bin/python bench/mae_vs_hf.py [--batches 8,32] [--warmup 1 --rounds 5] [--threads 2] [--small]
+
+Ends with: RESULT name=mae_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+BASE = {"image": 224, "patch": 16, "dim": 768, "depth": 12, "heads": 12, "ffn": 3072,
+        "dec_dim": 512, "dec_depth": 8, "dec_heads": 16}
+SMALL = {"image": 64, "patch": 16, "dim": 192, "depth": 2, "heads": 3, "ffn": 768,
+         "dec_dim": 128, "dec_depth": 2, "dec_heads": 4}
+MASK_RATIO = 0.75
+
+
+def _status(key: str) -> int:
+    """VmHWM / VmRSS of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def build_ours(d: dict):
+    from omnissl.backbones.encoder import Encoder
+    from omnissl.backbones.frontends import ImagePatches
+    from omnissl.backbones.transformer import SinCosPositions, Transformer
+    from omnissl.batch import Batch
+    from omnissl.ssl.mae import MAE
+
+    # builders.vit_base16() at the given dims
+    trunk = Transformer(dim=d["dim"], depth=d["depth"], heads=d["heads"], ffn_dim=d["ffn"], pre_norm=True,
+                        dropout=0.0, attn_dropout=0.0, eps=1e-6)
+    encoder = Encoder(ImagePatches(dim=d["dim"], patch=d["patch"]), trunk,
+                      positions=SinCosPositions(d["dim"], two_d=True), feature_norm=False, cls_token=True)
+    model = MAE(encoder, modality="image", mask_ratio=MASK_RATIO, norm_pix_loss=True, decoder_dim=d["dec_dim"],
+                decoder_depth=d["dec_depth"], decoder_heads=d["dec_heads"]).train()
+
+    def loss(images):
+        return model.step(Batch({"image": images})).loss
+
+    return model, loss
+
+
+def build_peer(d: dict):
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    cfg = ViTMAEConfig(hidden_size=d["dim"], num_hidden_layers=d["depth"], num_attention_heads=d["heads"],
+                       intermediate_size=d["ffn"], image_size=d["image"], patch_size=d["patch"], num_channels=3,
+                       qkv_bias=True, layer_norm_eps=1e-6, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                       decoder_hidden_size=d["dec_dim"], decoder_num_hidden_layers=d["dec_depth"],
+                       decoder_num_attention_heads=d["dec_heads"], decoder_intermediate_size=4 * d["dec_dim"],
+                       mask_ratio=MASK_RATIO, norm_pix_loss=True, attn_implementation="sdpa")
+    model = ViTMAEForPreTraining(cfg).train()
+    assert model.config._attn_implementation == "sdpa"
+
+    def loss(images):
+        return model(pixel_values=images).loss
+
+    return model, loss
+
+
+def worker(a) -> None:
+    import importlib
+
+    import torch
+
+    for lib in ("transformers", "omnissl.ssl.mae"):  # both workers import the same libraries: equal baselines
+        importlib.import_module(lib)
+
+    d = SMALL if a.small else BASE
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    images = torch.randn(a.batch, 3, d["image"], d["image"], generator=torch.Generator().manual_seed(0))
+    base = _status("VmRSS")
+    model, loss_of = (build_ours if a.worker == "ours" else build_peer)(d)
+    params = sum(p.numel() for p in model.parameters())
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):  # what autograd keeps for backward (activations), each storage once, parameters excluded
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_storages:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd in ("step", "warmup"):
+            if cmd == "warmup":
+                saved.clear()
+            t0 = time.perf_counter()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if cmd == "warmup" else nullcontext():
+                loss = loss_of(images)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            ms = (time.perf_counter() - t0) * 1e3
+            print(json.dumps({"ms": ms, "loss": float(loss)}), flush=True)
+        elif cmd == "quit":
+            print(json.dumps({"hwm": _status("VmHWM"), "base": base, "params": params,
+                              "saved": sum(saved.values())}), flush=True)
+            return
+
+
+class Side:
+    """A worker subprocess holding one model, stepped over a pipe."""
+
+    def __init__(self, name: str, batch: int, a) -> None:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--batch", str(batch),
+               "--threads", str(a.threads)] + (["--small"] if a.small else [])
+        self.name = name
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read()
+
+    def _read(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} worker died (exit {self.p.wait()})")
+        return json.loads(line)
+
+    def send(self, cmd: str) -> dict:
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def quit(self) -> dict:
+        out = self.send("quit")
+        self.p.wait()
+        return out
+
+
+def run_config(batch: int, a) -> dict:
+    sides = {name: Side(name, batch, a) for name in ("ours", "peer")}
+    times: dict[str, list[float]] = {"ours": [], "peer": []}
+    losses: dict[str, float] = {}
+    for _ in range(a.warmup):
+        for name, s in sides.items():
+            losses[name] = s.send("warmup")["loss"]
+    for r in range(a.rounds):
+        for name in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
+            times[name].append(sides[name].send("step")["ms"])
+        print(f"  batch {batch} round {r}: ours {times['ours'][-1]:.0f} ms, peer {times['peer'][-1]:.0f} ms",
+              flush=True)
+    mem = {name: s.quit() for name, s in sides.items()}
+    return {
+        name: {
+            "median": statistics.median(times[name]), "min": min(times[name]), "max": max(times[name]),
+            "hwm": mem[name]["hwm"] / 2**20, "delta": (mem[name]["hwm"] - mem[name]["base"]) / 2**20,
+            "params": mem[name]["params"], "saved": mem[name]["saved"] / 2**20, "loss": losses.get(name, float("nan")),
+        }
+        for name in sides
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--small", action="store_true", help="a small model for a quick smoke run (not the benchmark)")
+    p.add_argument("--worker", choices=("ours", "peer"))
+    p.add_argument("--batch", type=int)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    d = SMALL if a.small else BASE
+    batches = [int(b) for b in a.batches.split(",")]
+    print(f"MAE {'SMALL smoke' if a.small else 'ViT-B/16'} ({d['dim']}d x {d['depth']} x {d['heads']}h, FFN {d['ffn']}, "
+          f"{d['image']}px / {d['patch']}px patches, decoder {d['dec_dim']} x {d['dec_depth']} x {d['dec_heads']}h), "
+          f"mask {MASK_RATIO}, norm-pix, fwd+bwd, CPU fp32, {a.threads} threads, peer attn_implementation=sdpa; "
+          f"warm-up {a.warmup}, {a.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
+    t0 = time.perf_counter()
+    results = {b: run_config(b, a) for b in batches}
+
+    print()
+    print("| batch | ours ms (median) | peer ms (median) | peer/ours | ours peak MiB (step) | peer peak MiB (step) "
+          "| ours/peer mem (step) | saved for backward MiB ours / peer | params ours / peer | loss ours / peer |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for b, r in results.items():
+        o, q = r["ours"], r["peer"]
+        print(f"| {b} | {o['median']:.0f} ({o['min']:.0f}-{o['max']:.0f}) | {q['median']:.0f} "
+              f"({q['min']:.0f}-{q['max']:.0f}) | {q['median'] / o['median']:.3f} | {o['hwm']:.0f} ({o['delta']:.0f}) "
+              f"| {q['hwm']:.0f} ({q['delta']:.0f}) | {o['delta'] / q['delta']:.3f} "
+              f"| {o['saved']:.0f} / {q['saved']:.0f} | {o['params'] / 1e6:.2f}M / {q['params'] / 1e6:.2f}M "
+              f"| {o['loss']:.3f} / {q['loss']:.3f} |")
+    ours_ms = sum(r["ours"]["median"] for r in results.values())
+    peer_ms = sum(r["peer"]["median"] for r in results.values())
+    mem_ratio = sum(r["ours"]["delta"] for r in results.values()) / sum(r["peer"]["delta"] for r in results.values())
+    print(f"\n(ms: median (min-max) per step; peak: VmHWM of the worker, in parentheses minus its RSS before the "
+          f"model was built; saved for backward: tensors autograd kept in the warm-up step, parameters excluded; "
+          f"loss: the warm-up step's, both near 1 at init under norm-pix.) Wall time {time.perf_counter() - t0:.0f} s, "
+          f"load average {os.getloadavg()[0]:.1f}.")
+    print(f"RESULT name=mae_vs_hf ours_ms={ours_ms:.0f} peer_ms={peer_ms:.0f} ratio={peer_ms / ours_ms:.3f} "
+          f"mem_ratio={mem_ratio:.3f} load={os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
