@@ -52,6 +52,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
+    from omnissl.eval.finetune import link_pretrained_tokenizer
     from omnissl.ssl.base import SSLModule
     from omnissl.train.checks import check_config
     from omnissl.train.loggers import SaveConfigToRun
@@ -73,6 +74,10 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             sub = self.config.get("subcommand")
             config = self.config[sub] if sub else self.config
             link_schedule(config)  # the schedule's total_steps follows trainer.max_steps unless set
+            try:  # fine-tuning on labeled text: the tokenizer of the pretrained encoder, unless one is given
+                link_pretrained_tokenizer(config)
+            except (ValueError, OSError) as e:
+                parser.error(f"model.init_args.pretrained: {e}")
             if errors := check_config(config, sub or "fit"):
                 parser.error("; ".join(errors))
 
