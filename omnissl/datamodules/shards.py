@@ -37,6 +37,8 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,7 +48,10 @@ from typing import Any
 import numpy as np
 from litdata import StreamingDataLoader, StreamingDataset, optimize
 
-from omnissl.datamodules.common import SkipLog, check_on_error, data_root, shown
+from omnissl.batch import SAMPLE_RATE
+from omnissl.datamodules.audio_io import EXTENSIONS, AudioDataError, load_audio, read_audio_manifest
+from omnissl.datamodules.common import SkipLog, check_on_error, data_root, read_manifest, shown
+from omnissl.datamodules.units import read_units, units_path_for
 from omnissl.datamodules.sampler import token_batches
 
 log = logging.getLogger(__name__)
@@ -132,14 +137,12 @@ class SkipRecorder:
 
 @dataclass
 class AudioItems:
-    """optimize() fn: (row, path, samples, label, units) -> one shard item (nothing for a skipped bad item)."""
+    """optimize() fn: (row, path, samples, where, label, units) -> one shard item (nothing for a skipped bad item)."""
 
     on_error: str
     skip: SkipRecorder
 
     def __call__(self, row: tuple) -> Iterator[dict]:
-        from omnissl.batch import SAMPLE_RATE
-        from omnissl.datamodules.audio_io import AudioDataError, load_audio
 
         i, path, size, where, label, units = row
         try:
@@ -216,7 +219,6 @@ class ImageItems:
 
 def guess_kind(source: Path) -> str:
     """audio / image / text from the source's files (a manifest's first listed file, a folder's files)."""
-    from omnissl.datamodules.audio_io import EXTENSIONS
 
     if source.is_file() and source.suffix != ".tsv":
         return "text"
@@ -234,8 +236,6 @@ def guess_kind(source: Path) -> str:
 
 
 def audio_rows(source: Path, *, units: str | None, on_error: str) -> tuple[list[tuple], list[str] | None]:
-    from omnissl.datamodules.audio_io import read_audio_manifest
-    from omnissl.datamodules.units import read_units, units_path_for
 
     m = read_audio_manifest(source, on_error=on_error)
     unit_rows = None
@@ -250,7 +250,6 @@ def audio_rows(source: Path, *, units: str | None, on_error: str) -> tuple[list[
 
 
 def image_rows(source: Path) -> list[tuple]:
-    from omnissl.datamodules.common import read_manifest
 
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -295,8 +294,6 @@ def write_shards(source: str | os.PathLike, out: str, *, kind: str | None = None
             if source.is_dir():
                 inputs = [str(p) for p in sorted(source.rglob("*.txt"))]
             elif source.suffix == ".tsv":
-                from omnissl.datamodules.common import read_manifest
-
                 root, rows = read_manifest(source, require_root=False)
                 inputs = [str(root / r[0]) for r in rows]
             else:
@@ -305,9 +302,16 @@ def write_shards(source: str | os.PathLike, out: str, *, kind: str | None = None
             compression = "zstd"
         if not inputs:
             raise ValueError(f"{source}: no {kind} items to shard")
-        optimize(fn=fn, inputs=inputs, output_dir=out, chunk_bytes=chunk_bytes, num_workers=max(1, num_workers),
-                 compression=compression, compression_level="chunk" if compression else None,
-                 reorder_files=False, mode="overwrite", start_method="fork")
+        try:
+            optimize(fn=fn, inputs=inputs, output_dir=out, chunk_bytes=chunk_bytes, num_workers=max(1, num_workers),
+                     compression=compression, compression_level="chunk" if compression else None,
+                     reorder_files=False, mode="overwrite", start_method="fork")
+        except RuntimeError as e:  # litdata re-raises a worker's error as text: keep the named bad item
+            if local_out:
+                shutil.rmtree(out, ignore_errors=True)
+            found = re.findall(r"(?:AudioDataError|ShardDataError|ValueError): (.+)", str(e))
+            raise ShardDataError(f"{found[0]} (nothing written; --on-error skip leaves such items out)"
+                                 if found else str(e)) from None
         skipped: dict[str, str] = {}
         for f in sorted(Path(tmp).glob("skips-*.jsonl")):
             for line in f.read_text(encoding="utf-8").splitlines():
