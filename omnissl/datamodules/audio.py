@@ -440,7 +440,7 @@ class AudioDataModule(DataModule):
             ds.set_shuffle(shuffle)
             return ShardLoader(ds, collate=self.collate, length=audio_length, pool=self.shard_pool,
                                max_tokens=self.max_tokens, batch_size=self.batch_size, num_workers=self.num_workers,
-                               split=split, skips=self.skips)
+                               split=split, skips=self.skips, trainer=self.trainer)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (None, None)
         sampler = BucketBatchSampler(

@@ -17,8 +17,8 @@ count, label vocabulary, skipped items). One shard item per source item:
 Reading: a split argument `shards:<folder or URI>` (`shards:/data/ls960`, `shards:s3://bucket/ls960`) names a
 shard set. A local folder is read as `local:<folder>`, i.e. through litdata's downloader and cache exactly as
 an object-store URI (one code path; the source folder is never modified); the cache lives under
-`$OMNISSL_DATA/cache/shards`. `ShardItems` is a litdata `StreamingDataset` whose items are decoded by a
-picklable `decode(raw, epoch)` (e.g. `audio.AudioShardDecoder`: crop, units, labels, bad-item handling), and
+`$OMNISSL_DATA/cache/shards` (`$OMNISSL_SHARD_CACHE` if set). `ShardItems` is a litdata `StreamingDataset`
+whose items are decoded by a picklable `decode(raw, epoch)` (e.g. `audio.AudioShardDecoder`: crop, units, labels, bad-item handling), and
 `ShardLoader` is a `StreamingDataLoader` that gathers `pool` items per litdata batch and cuts them into
 length-bucketed batches under `max_tokens` (`sampler.token_batches`, as for manifests) or plain `batch_size`
 batches. litdata assigns chunks to ranks and workers (every item once per epoch, `drop_last=False`) and
@@ -80,7 +80,8 @@ def shard_location(spec: str | os.PathLike) -> str:
 
 
 def cache_dir() -> Path:
-    return data_root() / "cache" / "shards"
+    """Where litdata keeps the chunks it streams: `$OMNISSL_SHARD_CACHE`, default `$OMNISSL_DATA/cache/shards`."""
+    return Path(os.environ.get("OMNISSL_SHARD_CACHE") or data_root() / "cache" / "shards")
 
 
 def read_meta(spec: str | os.PathLike) -> dict:
@@ -105,10 +106,13 @@ def read_meta(spec: str | os.PathLike) -> dict:
 
 
 def encode_flac(x: np.ndarray, sample_rate: int) -> bytes:
+    """16-bit FLAC of float samples in [-1, 1). Quantized as soundfile reads 16-bit audio back (k / 32768), so a
+    16-bit source decodes to exactly the samples it had (libsndfile's own float writer scales by 32767)."""
     import soundfile as sf
 
+    pcm = np.clip(np.round(np.asarray(x, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
     buf = io.BytesIO()
-    sf.write(buf, np.clip(x, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
+    sf.write(buf, pcm, sample_rate, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
 
 
@@ -143,7 +147,6 @@ class AudioItems:
     skip: SkipRecorder
 
     def __call__(self, row: tuple) -> Iterator[dict]:
-
         i, path, size, where, label, units = row
         try:
             x = load_audio(path, expected=size).numpy()
@@ -384,7 +387,7 @@ class ShardLoader(StreamingDataLoader):
 
     def __init__(self, dataset: ShardItems, *, collate: Callable, length: Callable[[dict], int], pool: int,
                  max_tokens: int | None, batch_size: int | None, num_workers: int, split: str = "train",
-                 skips: SkipLog | None = None) -> None:
+                 skips: SkipLog | None = None, trainer: Any = None) -> None:
         if max_tokens is None and batch_size is None:
             raise ValueError("set max_tokens, batch_size or both")
         pool = int(batch_size if max_tokens is None else pool)
@@ -394,8 +397,12 @@ class ShardLoader(StreamingDataLoader):
         self.collate, self.length, self.max_tokens, self.items_per_batch = collate, length, max_tokens, batch_size
         self.split = split
         self.skips = skips if skips is not None else SkipLog("shard item")
-        self.pool_batches: int | None = None  # batches of the pool in progress
-        self.pool_done = 0  # of which handed out
+        # batches the consumer fetches ahead of training: Lightning's fit loop prefetches one batch from a loader
+        # without a length (lightning/pytorch/loops/fetchers.py, _PrefetchDataFetcher), none from one with a length
+        self.lookahead = 1 if trainer is not None and max_tokens is not None else 0
+        self.produced = 0  # batches handed out in this pass
+        self.marks: list[tuple[int, dict]] = []  # (batches handed out before a pool, litdata state at its start)
+        self.alive = False  # a pass is under way
         self.skip_next = 0  # batches of the first pool to skip (a resumed pool)
         self.skipped = 0
 
@@ -419,9 +426,10 @@ class ShardLoader(StreamingDataLoader):
         skip, self.skip_next = self.skip_next, 0
         failed: list[str] = []
         yielded = 0
-        self.pool_batches, self.pool_done = None, 0
+        self.produced, self.marks, self.alive = 0, [], True
         try:
             for pool in super().__iter__():
+                self.marks = [*self.marks[-3:], (self.produced - skip, self.pool_start_state())]
                 good = []
                 for it in pool:
                     if "error" in it:
@@ -429,17 +437,15 @@ class ShardLoader(StreamingDataLoader):
                         self.skips.add(it.get("file", it["error"]), it["error"], warn=False)
                     elif not it.get("short"):
                         good.append(it)
-                batches = self.cut(good)
-                self.pool_batches, self.pool_done = len(batches), 0
-                for k, batch in enumerate(batches):
-                    self.pool_done = k + 1
-                    if k < skip:
+                for k, batch in enumerate(self.cut(good)):
+                    if k < skip:  # a resumed pool: its first batches were trained on before
                         continue
+                    self.produced += 1
                     yielded += 1
                     yield self.collate(batch)
                 skip = 0
-                self.pool_batches = None
         finally:
+            self.alive = False
             if failed:
                 self.skipped += len(failed)
                 log.warning("%s data: skipped %d undecodable shard items this epoch (on_error='skip'); first: %s",
@@ -449,24 +455,31 @@ class ShardLoader(StreamingDataLoader):
                                  f"epoch ({len(failed)} skipped; first: {failed[0]}): an epoch without a batch "
                                  "would repeat forever")
 
-    def state_dict(self) -> dict[str, Any]:
-        """litdata's state at the start of the pool in progress, plus its batches handed out ("pool_done")."""
-        if self.pool_batches is None or self.pool_done >= self.pool_batches:
-            return {"litdata": copy.deepcopy(super().state_dict()), "pool_done": 0, "epoch": self.current_epoch}
+    def pool_start_state(self) -> dict[str, Any]:
+        """litdata's loader state just before the pool it has just handed out (it counts `batch_size` items per
+        pool and takes pools from its workers in turn)."""
         kept = self._num_samples_yielded_streaming, self._latest_worker_idx
-        workers = max(1, self.num_workers)
-        self._num_samples_yielded_streaming -= int(self.batch_size)  # litdata counts full pools, as here
-        self._latest_worker_idx = (self._latest_worker_idx - 1) % workers  # its workers take pools in turn
+        self._num_samples_yielded_streaming -= int(self.batch_size)
+        self._latest_worker_idx = (self._latest_worker_idx - 1) % max(1, self.num_workers)
         try:
-            state = copy.deepcopy(super().state_dict())
+            return copy.deepcopy(super().state_dict())
         finally:
             self._num_samples_yielded_streaming, self._latest_worker_idx = kept
-        return {"litdata": state, "pool_done": self.pool_done, "epoch": self.current_epoch}
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"litdata": litdata's state at the start of the pool holding the next batch to train on, "pool_done":
+        that pool's batches already trained on, "epoch"}. Batches handed out but not trained on (`lookahead`: the
+        consumer fetches that many ahead while the pass runs) are handed out again after a resume."""
+        if not self.alive or not self.marks:
+            return {"litdata": copy.deepcopy(super().state_dict()), "pool_done": 0, "epoch": self.current_epoch}
+        consumed = max(0, self.produced - self.lookahead)
+        before, state = next((b, st) for b, st in reversed(self.marks) if b <= consumed)
+        return {"litdata": state, "pool_done": consumed - before, "epoch": self.current_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not {"litdata", "pool_done", "epoch"} <= set(state):
             raise ValueError(f"a shard loader state needs 'litdata', 'pool_done' and 'epoch', got {sorted(state)}")
-        super().load_state_dict(state["litdata"])
+        super().load_state_dict(copy.deepcopy(state["litdata"]))
         self.skip_next = int(state["pool_done"])
         if not self.restore and int(state["litdata"]["num_samples_yielded"]) == 0:
             self.current_epoch = int(state["epoch"]) - 1  # the pass restarts that epoch (__iter__ adds one)
