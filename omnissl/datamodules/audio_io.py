@@ -226,7 +226,7 @@ def load_audio(
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
         # diagnose only on failure: these stat calls would cost more than decoding a short file
         if in_memory:
-            raise AudioDataError(f"undecodable encoded audio ({e})") from e
+            raise AudioDataError(f"undecodable encoded audio ({str(e).rsplit('>: ', 1)[-1]})") from e
         if not os.path.exists(path):
             raise AudioDataError("file not found" + (" (dangling symlink)" if os.path.islink(path) else "")) from None
         if os.path.isdir(path):

@@ -367,7 +367,8 @@ class ShardItems(StreamingDataset):
         return self.spec
 
     def __getitem__(self, index: Any) -> Any:
-        return self.decode(super().__getitem__(index), int(self.current_epoch))
+        # litdata counts epochs from 1; omnissl's samplers and Lightning from 0 (so crops match the manifest's)
+        return self.decode(super().__getitem__(index), int(self.current_epoch) - 1)
 
 
 def as_list(items: Sequence[Any]) -> list:
