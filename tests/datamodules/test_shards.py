@@ -98,7 +98,7 @@ def test_two_ranks_two_workers_see_every_item_once_per_epoch(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
-    ctx = torch.multiprocessing.get_context("spawn")
+    ctx = torch.multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_rank_main, args=(r, 2, port, f"shards:{out}", outs[r], str(tmp_path / f"c{r}")))
              for r in range(2)]
     for p in procs:
