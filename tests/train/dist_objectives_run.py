@@ -2,7 +2,11 @@
 training set-up, with its per-step losses written for the test to compare.
 
     python dist_objectives_run.py ref OUT [name...]    # 1 process, 2 accumulated micro-batches per update
-    torchrun --nproc_per_node 2 dist_objectives_run.py ddp,fsdp2 OUT [name...]   # 2 processes (gloo), 1 each
+    torchrun --nproc_per_node 2 dist_objectives_run.py ddp,fsdp2,fsdp2_blocks=data2vec2 OUT [name...]
+                                                   # 2 processes (gloo), 1 micro-batch each
+
+fsdp2_blocks: FSDP2 over blocks compiled by omnissl.train.blocks.TrunkBlocks (backend aot_eager: traced by
+dynamo and AOTAutograd, no code generation, so it takes seconds) with activation checkpointing.
 
 The 2-process runs and the 1-process reference see the same global batch (4 items per update): rank r of the
 2-process run takes the batches the DataModule's sampler gives rank r of 2, and the reference takes the same two
@@ -45,6 +49,7 @@ from omnissl.ssl.hubert import HuBERT
 from omnissl.ssl.mae import MAE
 from omnissl.ssl.mlm import MaskedLM
 from omnissl.ssl.wav2vec2 import Wav2Vec2
+from omnissl.train.blocks import TrunkBlocks
 from omnissl.train.checkpoint_io import AtomicCheckpointIO
 
 STEPS, SAVE_AT, PER_RANK, WORLD = 4, 2, 2, 2
@@ -182,7 +187,10 @@ def record(model: SSLModule, rows: list) -> None:
 
 
 def trainer(mode: str, ckpt_dir: Path, steps: int) -> L.Trainer:
-    if mode == "fsdp2":
+    callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=SAVE_AT, save_top_k=-1)]
+    if mode == "fsdp2_blocks":  # FSDP2 over compiled (aot_eager: traced, no code generation) checkpointed blocks
+        callbacks.append(TrunkBlocks(compile=True, backend="aot_eager", activation_checkpointing=True))
+    if mode.startswith("fsdp2"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy, devices = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1), WORLD
@@ -190,9 +198,8 @@ def trainer(mode: str, ckpt_dir: Path, steps: int) -> L.Trainer:
         strategy, devices = "ddp", WORLD
     else:
         strategy, devices = "auto", 1
-    save = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=SAVE_AT, save_top_k=-1)
     return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
-                     callbacks=[save], plugins=[AtomicCheckpointIO()], enable_progress_bar=False,
+                     callbacks=callbacks, plugins=[AtomicCheckpointIO()], enable_progress_bar=False,
                      enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                      accumulate_grad_batches=WORLD if mode == "ref" else 1)
 
@@ -206,7 +213,10 @@ def run(mode: str, out: Path, name: str) -> None:
         t = trainer(mode, out / f"{mode}_{name}_{run_name}", STEPS)
         t.fit(model, Reference(dm) if mode == "ref" else dm, ckpt_path=ckpt_path)
         param = next(model.encoder.trunk.blocks[0].parameters())
-        result = {"rows": rows, "param": type(param).__name__, "world": t.world_size}
+        blocks = [c for c in t.callbacks if isinstance(c, TrunkBlocks)]
+        result = {"rows": rows, "param": type(param).__name__, "world": t.world_size,
+                  "compiled": sum(b.compiled for b in blocks), "checkpointed": sum(b.checkpointed for b in blocks),
+                  "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
         (out / f"{mode}_{name}_{run_name}_rank{t.global_rank}.json").write_text(json.dumps(result))
         return t
 
@@ -218,10 +228,12 @@ def run(mode: str, out: Path, name: str) -> None:
         print(f"{mode} {name}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
-def main(modes: list[str], out: str, names: list[str]) -> None:
+def main(specs: list[str], out: str, names: list[str]) -> None:
+    """specs: "mode" (every name given) or "mode=name+name" (those objectives only)."""
     torch.set_num_threads(1)
-    for mode in modes:
-        for name in names:
+    for spec in specs:
+        mode, _, only = spec.partition("=")
+        for name in only.split("+") if only else names:
             run(mode, Path(out), name)
     if torch.distributed.is_initialized():  # every rank leaves the process group before the interpreter exits
         torch.distributed.barrier()
@@ -229,8 +241,10 @@ def main(modes: list[str], out: str, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    modes = sys.argv[1].split(",")
-    if not set(modes) <= {"ref", "ddp", "fsdp2"} or ("ref" in modes and len(modes) > 1):
-        raise SystemExit(f"modes must be ref alone, or ddp and/or fsdp2 (comma-separated), got {sys.argv[1]!r}")
+    specs = sys.argv[1].split(",")
+    modes = {spec.partition("=")[0] for spec in specs}
+    if not modes <= {"ref", "ddp", "fsdp2", "fsdp2_blocks"} or ("ref" in modes and len(modes) > 1):
+        raise SystemExit(f"modes must be ref alone, or some of ddp, fsdp2, fsdp2_blocks (comma-separated, each "
+                         f"optionally =name+name), got {sys.argv[1]!r}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(modes, sys.argv[2], sys.argv[3:] or list(OBJECTIVES))
+    main(specs, sys.argv[2], sys.argv[3:] or list(OBJECTIVES))

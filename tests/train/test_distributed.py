@@ -9,6 +9,8 @@ What is asserted, per objective and strategy:
   per-rank normalization changes the loss of the next update by > 1e-3);
 - a new Trainer resumed from the step-2 checkpoint (mid-epoch; a folder of shards under FSDP2) trains steps 3
   and 4 with the same losses as the uninterrupted run;
+- the same under FSDP2 with compiled, activation-checkpointed blocks (omnissl.train.blocks.TrunkBlocks with
+  the aot_eager backend: dynamo and AOTAutograd trace the blocks, no code is generated) for data2vec 2.0;
 - under FSDP2 the trunk's parameters are DTensors and the checkpoints are `torch.distributed.checkpoint`
   folders (one shard per rank), which `python -m lightning.fabric.utilities.consolidate_checkpoint` turns into
   a file that `omnissl export` reads, with the same encoder weights as the DDP and the 1-process runs.
@@ -34,6 +36,8 @@ SCRIPT = Path(__file__).with_name("dist_objectives_run.py")
 ROOT = Path(__file__).resolve().parents[2]
 OBJECTIVES = ["wav2vec2", "hubert", "data2vec", "data2vec2", "mae", "mlm"]  # + "clap": one entry in the script
 STRATEGIES = ["ddp", "fsdp2"]
+BLOCKS = "data2vec2"  # also under FSDP2 with compiled, activation-checkpointed blocks (the most parts: EMA teacher)
+CASES = [(name, s) for s in STRATEGIES for name in OBJECTIVES] + [(BLOCKS, "fsdp2_blocks")]
 RTOL = 1e-5
 
 
@@ -53,7 +57,8 @@ def runs(tmp_path_factory) -> Path:
     assert ref.returncode == 0, ref.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                 "127.0.0.1", "--master_port", str(free_port())]
-    dist = subprocess.run([*torchrun, str(SCRIPT), ",".join(STRATEGIES), str(out), *OBJECTIVES],
+    specs = ",".join([*STRATEGIES, f"fsdp2_blocks={BLOCKS}"])
+    dist = subprocess.run([*torchrun, str(SCRIPT), specs, str(out), *OBJECTIVES],
                           capture_output=True, text=True, timeout=900, cwd=out, env=env)
     assert dist.returncode == 0, (dist.stdout + dist.stderr)[-4000:]
     return out
@@ -75,8 +80,7 @@ def update_losses(ranks: list[dict]) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("name", OBJECTIVES)
+@pytest.mark.parametrize(("name", "strategy"), CASES)
 def test_two_processes_train_and_resume_as_one_process_with_the_same_global_batch(runs, name, strategy):
     ref = update_losses(results(runs, "ref", name, "straight"))
     assert sorted(ref) == [0, 1, 2, 3]
@@ -98,7 +102,9 @@ def test_two_processes_train_and_resume_as_one_process_with_the_same_global_batc
         assert resumed[k] == pytest.approx(ref[k], rel=RTOL), (k, resumed, ref)
 
     ckpt = runs / f"{strategy}_{name}_straight" / "epoch=0-step=2.ckpt"
-    if strategy == "fsdp2":
+    if strategy == "fsdp2_blocks":  # the student's, the teacher's and the decoder's blocks went through dynamo
+        assert all(r["compiled"] >= 4 and r["checkpointed"] >= 1 and r["graphs"] >= 1 for r in straight), straight
+    if strategy.startswith("fsdp2"):
         assert {r["param"] for r in straight} == {"DTensor"}
         assert ckpt.is_dir() and (ckpt / ".metadata").is_file() and (ckpt / "meta.pt").is_file()
         assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
