@@ -217,7 +217,12 @@ def top_k_targets(
 
 def check_teacher_in_checkpoint(checkpoint: dict, name: str) -> None:
     """Refuse to resume objective `name` from a Lightning checkpoint without EMA teacher weights."""
-    state = checkpoint.get("state_dict", {})
+    if "state_dict" not in checkpoint:
+        # a sharded (FSDP2) checkpoint: the strategy has already loaded every weight, teacher included, into the
+        # sharded modules (torch.distributed.checkpoint fails naming any key the checkpoint lacks); the dict
+        # Lightning hands this hook holds only the rest
+        return
+    state = checkpoint["state_dict"]
     if not any(k.startswith("teacher.") for k in state):
         raise ValueError(
             f"this checkpoint has no EMA teacher ('teacher.*' weights), so {name} cannot resume from it (it "
