@@ -51,9 +51,24 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n)
 
 
+def seed_interval(values, n_test: int | None = None, level: float = 0.95) -> dict:
+    """`t_interval` over seeds; with one seed (no seed-to-seed interval) and `n_test`, the test set's binomial
+    `level` interval instead, marked {"binomial": True}: it covers the test sampling error only, not the seed's."""
+    ci = t_interval(values, level)
+    if ci["n"] == 1 and n_test:
+        from scipy import stats
+
+        half = float(stats.norm.ppf(0.5 + level / 2)) * binomial_se(ci["mean"], n_test)
+        ci.update(lo=ci["mean"] - half, hi=ci["mean"] + half, binomial=True)
+    return ci
+
+
 def fmt(ci: dict, digits: int = 3) -> str:
-    """"0.412 ± 0.021 [0.360, 0.464] (n=3)": mean ± std [95 % t-interval] (seeds)."""
+    """"0.412 ± 0.021 [0.360, 0.464] (n=3)": mean ± std [95 % t-interval] (seeds); one seed:
+    "0.412 [0.384, 0.440] (n=1: binomial 95 %)" or "0.412 (n=1, no interval)"."""
     if ci["n"] == 1:
+        if ci.get("binomial"):
+            return f"{ci['mean']:.{digits}f} [{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}] (n=1: binomial 95 %)"
         return f"{ci['mean']:.{digits}f} (n=1, no interval)"
     d = digits
     return f"{ci['mean']:.{d}f} ± {ci['std']:.{d}f} [{ci['lo']:.{d}f}, {ci['hi']:.{d}f}] (n={ci['n']})"

@@ -236,7 +236,8 @@ def report(tag: str, tasks: list[str], commit: bool) -> None:
     lines = [f"# Learning curves ({tag})\n",
              "Probe test accuracy (probe of `omnissl probe`: weighted sum of all hidden states, linear head) after "
              "a fixed number of pretraining steps per budget (minutes of an idle 2-core VM; "
-             "bench/learning_curve.py); mean ± std [95 % t-interval] over pretraining seeds (n). "
+             "bench/learning_curve.py); mean ± std [95 % t-interval] over pretraining seeds (n; a point from one "
+             "seed has no seed interval: its bracket is the test set's binomial 95 %). "
              "se: binomial standard error of the test set at that mean. Best layer: the hidden state whose own "
              "probe is best on valid (0 = trunk input), per seed.\n"]
     for task in tasks:
@@ -259,7 +260,7 @@ def report(tag: str, tasks: list[str], commit: bool) -> None:
         for obj in OBJECTIVES:
             for minutes in sorted(m for (t, o, m) in points if t == task and o == obj):
                 rs = points[(task, obj, minutes)]
-                ci = learning.t_interval([r["probe"]["test"] for r in rs])
+                ci = learning.seed_interval([r["probe"]["test"] for r in rs], rs[0]["probe"]["n_test"])
                 per_layer = [sum(x) / len(x) for x in zip(*(r["probe"]["per_layer_test"] for r in rs))]
                 wall = [r["wall_s"] / 60 for r in rs if r.get("wall_s") and minutes]
                 lines.append(
@@ -302,10 +303,10 @@ def plot(tag: str, tasks: list[str], points: dict) -> Path:
             ms = sorted(m for (t, o, m) in points if t == task and o == obj)  # 0: its random init
             if not [m for m in ms if m > 0]:
                 continue
-            cis = [learning.t_interval([r["probe"]["test"] for r in points[(task, obj, m)]]) for m in ms]
+            cis = [learning.seed_interval([r["probe"]["test"] for r in points[(task, obj, m)]],
+                                          points[(task, obj, m)][0]["probe"]["n_test"]) for m in ms]
             means = [c["mean"] for c in cis]
-            err = [[c["mean"] - c["lo"] if c["n"] > 1 else 0 for c in cis],
-                   [c["hi"] - c["mean"] if c["n"] > 1 else 0 for c in cis]]
+            err = [[c["mean"] - c["lo"] for c in cis], [c["hi"] - c["mean"] for c in cis]]
             ax.errorbar(ms, means, yerr=err, marker="o", capsize=4,
                         label=f"{NAMES[obj]} (n={min(c['n'] for c in cis)}-{max(c['n'] for c in cis)} seeds)")
         ax.set_xlabel("pretraining budget (minutes of an idle 2-core CPU; fixed steps)")
@@ -314,7 +315,8 @@ def plot(tag: str, tasks: list[str], points: dict) -> Path:
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle("Probe accuracy vs pretraining budget\n(mean and 95 % t-interval over seeds)", fontsize=10)
+    fig.suptitle("Probe accuracy vs pretraining budget\n(mean and 95 % t-interval over seeds; a point from one seed: "
+                 "the test set's binomial 95 %)", fontsize=10)
     fig.tight_layout()
     path = RESULTS / tag / "learning_curve.png"
     fig.savefig(path, dpi=110)
