@@ -87,7 +87,8 @@ def main() -> None:
         pre = learning.seed_interval(s["pretrained"], base["n_test"])
         rnd = learning.seed_interval(s["random"], base["n_test"])
         table.append(f"| {task} | **{learning.fmt(pre)}** | {learning.fmt(rnd)} | {base['test']:.3f} "
-                     f"[{base['test'] - half:.3f}, {base['test'] + half:.3f}] | {' '.join(map(str, s['best_layer']))} |")
+                     f"[{base['test'] - half:.3f}, {base['test'] + half:.3f}] | "
+                     f"{' '.join(map(str, s['best_layer']))} |")
         lines.append(f"RESULT name=learning_check objective={args.objective} task={task} steps={args.steps} "
                      f"seeds={len(args.seeds)} probe_pretrained={pre['mean']:.4f} probe_random={rnd['mean']:.4f} "
                      f"baseline={base['test']:.4f} ci_pretrained={pre['lo']:.4f},{pre['hi']:.4f} "
