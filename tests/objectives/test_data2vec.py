@@ -354,6 +354,15 @@ def test_variance_guards_stop_a_run_naming_the_metric(kw, metric):
         trainer(max_steps=4).fit(model, data())
 
 
+def test_variance_guards_check_only_after_their_step_as_fairseq():
+    from omnissl.ssl.monitors import VarianceGuards
+
+    guards = VarianceGuards(min_target=0.1, min_pred=0.01, after_steps=5000)
+    guards.check(0.0, 0.0, step=5000)  # fairseq checks when num_updates > 5000
+    with pytest.raises(CollapseError, match="target_var"):
+        guards.check(0.0, 0.0, step=5001)
+
+
 def _embedded(modality: str):
     """The real embedded corpora at their smallest size (generated on first use)."""
     if modality == "audio":
