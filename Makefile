@@ -28,12 +28,16 @@ test-fast: $(STAMP)
 # Speech pretraining on the embedded corpus (generated on first use), then the linear probe vs random init and
 # the log-mel baseline on the embedded keyword-spotting task, then the SUPERB-style report (learned layer
 # weights, accuracy per layer, pretrained vs random init vs log-mel) in runs/demo/report (probe.md + PNG, W&B).
+# It ends with the headline (runs/demo/report/headline.md): pretrained vs log-mel vs random init with 95 %
+# intervals (one seed here: the test set's binomial interval), and the learning curves over seeds
+# (bench/results/learning_curve/recipes/learning_curve.png, copied beside it).
 demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/learning_check.py --objective wav2vec2 --steps 1500 --seeds 0 \
-		--export runs/demo/encoder
+		--export runs/demo/encoder --report runs/demo/report
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/omnissl probe runs/demo/encoder --train embedded:keywords:small \
 		--valid embedded:keywords:small --test embedded:keywords:small --random-init --baseline \
 		--report runs/demo/report --wandb
+	@echo; cat runs/demo/report/headline.md; echo "(the learning curves: runs/demo/report/learning_curve.png)"
 
 bench: $(STAMP)
 	$(PY) bench/trunk_vs_hf.py

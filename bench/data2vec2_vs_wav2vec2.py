@@ -64,7 +64,9 @@ def main() -> None:
     points = learning_curve.collect(args.tag)
     acc = {name: [r["probe"]["test"] for r in points.get((args.task, name, args.minutes), [])
                   if r["seed"] in args.seeds] for name in OBJECTIVES}
-    ci = {name: learning.t_interval(acc[name]) for name in OBJECTIVES}
+    n_test = {name: next((r["probe"]["n_test"] for r in points.get((args.task, name, args.minutes), [])), None)
+              for name in OBJECTIVES}
+    ci = {name: learning.seed_interval(acc[name], n_test[name]) for name in OBJECTIVES}
     test = learning.compare(acc["data2vec2"], acc["wav2vec2"])
     steps = {name: learning_curve.steps_for(name, args.minutes) for name in OBJECTIVES}
     print(f"\nequal budgets of {args.minutes:g} idle-VM minutes, {args.task} (small), seeds {args.seeds}\n")

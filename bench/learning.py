@@ -51,9 +51,24 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n)
 
 
+def seed_interval(values, n_test: int | None = None, level: float = 0.95) -> dict:
+    """`t_interval` over seeds; with one seed (no seed-to-seed interval) and `n_test`, the test set's binomial
+    `level` interval instead, marked {"binomial": True}: it covers the test sampling error only, not the seed's."""
+    ci = t_interval(values, level)
+    if ci["n"] == 1 and n_test:
+        from scipy import stats
+
+        half = float(stats.norm.ppf(0.5 + level / 2)) * binomial_se(ci["mean"], n_test)
+        ci.update(lo=ci["mean"] - half, hi=ci["mean"] + half, binomial=True)
+    return ci
+
+
 def fmt(ci: dict, digits: int = 3) -> str:
-    """"0.412 ± 0.021 [0.360, 0.464] (n=3)": mean ± std [95 % t-interval] (seeds)."""
+    """"0.412 ± 0.021 [0.360, 0.464] (n=3)": mean ± std [95 % t-interval] (seeds); one seed:
+    "0.412 [0.384, 0.440] (n=1: binomial 95 %)" or "0.412 (n=1, no interval)"."""
     if ci["n"] == 1:
+        if ci.get("binomial"):
+            return f"{ci['mean']:.{digits}f} [{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}] (n=1: binomial 95 %)"
         return f"{ci['mean']:.{digits}f} (n=1, no interval)"
     d = digits
     return f"{ci['mean']:.{d}f} ± {ci['std']:.{d}f} [{ci['lo']:.{d}f}, {ci['hi']:.{d}f}] (n={ci['n']})"
@@ -75,7 +90,10 @@ def compare(a, b) -> dict:
 
 
 def recipe_path(objective: str) -> Path:
-    path = ROOT / "recipes" / "audio" / f"{objective}_tiny_cpu.yaml"
+    """recipes/audio/<objective>_tiny_cpu.yaml; HuBERT's iteration 2 ("hubert2") trains the same recipe on
+    other targets (bench/learning_curve.py gives it the units of its iteration 1)."""
+    stem = "hubert" if objective == "hubert2" else objective
+    path = ROOT / "recipes" / "audio" / f"{stem}_tiny_cpu.yaml"
     if not path.exists():
         raise SystemExit(f"no CPU recipe {path}")
     return path
@@ -88,6 +106,17 @@ def hubert_units(seed: int = 0) -> None:
 
     command.main(["--manifest", "embedded:small", "--valid", "embedded:small", "--iteration", "1", "--clusters",
                   "50", "--sample-fraction", "0.5", "--seed", str(seed), "--out-ext", "km50"])
+
+
+def hubert_units_iter2(checkpoint: Path, layer: int, clusters: int, ext: str, seed: int = 0) -> None:
+    """HuBERT iteration 2's targets (Hsu et al. 2021, sec. 3.2 / 4.2): k-means (`clusters`) of trunk block
+    `layer`'s output of the iteration-1 `checkpoint`, over the same corpus and fit fraction as iteration 1,
+    written beside the manifests as .<ext> (cached)."""
+    from omnissl.commands import hubert_units as command
+
+    command.main(["--manifest", "embedded:small", "--valid", "embedded:small", "--iteration", "2", "--checkpoint",
+                  str(checkpoint), "--layer", str(layer), "--clusters", str(clusters), "--sample-fraction", "0.5",
+                  "--seed", str(seed), "--out-ext", ext, "--device", "cpu"])
 
 
 def pretrain_args(objective: str, steps: int, seed: int, run_dir: Path | None = None,

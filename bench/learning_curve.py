@@ -43,8 +43,14 @@ import learning  # noqa: E402
 ROOT = learning.ROOT
 RESULTS = ROOT / "bench" / "results" / "learning_curve"
 RUNS = ROOT / "runs" / "learning_curve"
-OBJECTIVES = ("wav2vec2", "hubert", "data2vec", "data2vec2")
-NAMES = {"wav2vec2": "wav2vec 2.0", "hubert": "HuBERT (iter. 1)", "data2vec": "data2vec", "data2vec2": "data2vec 2.0"}
+OBJECTIVES = ("wav2vec2", "hubert", "hubert2", "data2vec", "data2vec2")
+NAMES = {"wav2vec2": "wav2vec 2.0", "hubert": "HuBERT (iter. 1)", "hubert2": "HuBERT (iter. 2)", "data2vec": "data2vec",
+         "data2vec2": "data2vec 2.0"}
+# HuBERT iteration 2 (Hsu et al. 2021, sec. 4.2: BASE iteration 2 clusters the iteration-1 model's block 6 of 12
+# into 500 units, after 100 MFCC units): here the middle block (2 of 4) of the iteration-1 encoder of the same
+# budget and seed, 100 units after iteration 1's 50. Its budget counts iteration 2's own steps (as many as
+# iteration 1's); iteration 1 of that budget, and the k-means, come before it.
+HUBERT2_LAYER, HUBERT2_CLUSTERS = 2, 100
 
 # Seconds per update of each *_tiny_cpu recipe on the idle 2-core VM, which turn a budget in minutes into the
 # fixed number of steps every run of that budget takes. wav2vec 2.0: 1,500 steps of `make demo` took 272 s of
@@ -54,7 +60,7 @@ NAMES = {"wav2vec2": "wav2vec 2.0", "hubert": "HuBERT (iter. 1)", "data2vec": "d
 # distractors, as cheap as wav2vec 2.0 or less; data2vec v1 adds a full teacher pass to a wav2vec 2.0-like
 # student); `--calibrate` measures the ratios to wav2vec 2.0 interleaved in one process (a ratio is far less
 # sensitive to load than a time), to be run on an idle machine before those budgets are filled.
-IDLE_STEP_S = {"wav2vec2": 0.20, "hubert": 0.20, "data2vec": 0.30, "data2vec2": 0.36}
+IDLE_STEP_S = {"wav2vec2": 0.20, "hubert": 0.20, "hubert2": 0.20, "data2vec": 0.30, "data2vec2": 0.36}
 
 
 def steps_for(objective: str, minutes: float) -> int:
@@ -121,9 +127,12 @@ def run_point(objective: str, minutes: float, seed: int, tasks: list[str], tag: 
     from omnissl.checkpoints import load_backbone, save_backbone
 
     steps = steps_for(objective, minutes)
+    if objective == "hubert2":  # iteration 1 of this budget and seed first; its encoder's units are the targets
+        extra = hubert2_extra(minutes, seed, tasks, tag, extra, commit)
     key, key0 = config_hash(objective, steps, extra), config_hash(objective, 0, extra)
     todo = [t for t in tasks if not fresh(result_path(tag, objective, minutes, seed, t), key)]
-    todo0 = [t for t in tasks if not fresh(result_path(tag, objective, 0, seed, t), key0)]
+    todo0 = [t for t in tasks if objective != "hubert2"  # (its random init is iteration 1's: the same weights)
+             and not fresh(result_path(tag, objective, 0, seed, t), key0)]
     if not todo and not todo0:
         print(f"{objective} {minutes:g} min seed {seed}: done ({', '.join(tasks)})", flush=True)
         return
@@ -138,6 +147,9 @@ def run_point(objective: str, minutes: float, seed: int, tasks: list[str], tag: 
         print(f"{objective} {minutes:g} min seed {seed}: pretraining {steps} steps", flush=True)
         load0 = os.getloadavg()[0]
         out = learning.pretrain(objective, steps, seed, run_dir, extra)
+        if out["steps"] != steps:  # stopped early (a signal, a time limit): not the point it would be recorded as
+            raise SystemExit(f"{objective} {minutes:g} min seed {seed}: pretraining stopped after {out['steps']} of "
+                             f"{steps} steps; nothing recorded (run again to redo it)")
         encoder, initial = out["encoder"], out["initial"]
         save_backbone(encoder, package)
         save_backbone(initial, initial_package)
@@ -168,6 +180,21 @@ def run_point(objective: str, minutes: float, seed: int, tasks: list[str], tag: 
               f"{res['best_layer']}) -> {path.name}", flush=True)
         if commit:
             git_commit([path], f"learning curve: {objective} {minutes:g} min, seed {seed}, {task}")
+
+
+def hubert2_extra(minutes: float, seed: int, tasks: list[str], tag: str, extra: list[str], commit: bool) -> list[str]:
+    """Run (or reuse) HuBERT iteration 1 at this budget and seed, make iteration 2's units from its last
+    checkpoint (cached beside the corpus as .km-it2-<iteration-1 config>), and return iteration 2's arguments."""
+    run_point("hubert", minutes, seed, tasks, tag, extra, commit)
+    key1 = config_hash("hubert", steps_for("hubert", minutes), extra)
+    run1 = RUNS / tag / "hubert" / f"{minutes:g}min-seed{seed}-{key1}"
+    ckpts = sorted(run1.glob("**/checkpoints/last.ckpt"))
+    if not ckpts:
+        raise SystemExit(f"HuBERT iteration 2 needs iteration 1's checkpoint: no last.ckpt under {run1} (delete "
+                         "that folder to pretrain iteration 1 again)")
+    ext = f"km-it2-{key1}-L{HUBERT2_LAYER}-K{HUBERT2_CLUSTERS}"
+    learning.hubert_units_iter2(ckpts[-1], HUBERT2_LAYER, HUBERT2_CLUSTERS, ext, seed)
+    return [*extra, f"--data.init_args.units={ext}", f"--model.init_args.num_classes={HUBERT2_CLUSTERS}"]
 
 
 def baseline_result(tag: str, task: str, commit: bool, seeds=(0, 1, 2)) -> dict:
@@ -236,7 +263,8 @@ def report(tag: str, tasks: list[str], commit: bool) -> None:
     lines = [f"# Learning curves ({tag})\n",
              "Probe test accuracy (probe of `omnissl probe`: weighted sum of all hidden states, linear head) after "
              "a fixed number of pretraining steps per budget (minutes of an idle 2-core VM; "
-             "bench/learning_curve.py); mean ± std [95 % t-interval] over pretraining seeds (n). "
+             "bench/learning_curve.py); mean ± std [95 % t-interval] over pretraining seeds (n; a point from one "
+             "seed has no seed interval: its bracket is the test set's binomial 95 %). "
              "se: binomial standard error of the test set at that mean. Best layer: the hidden state whose own "
              "probe is best on valid (0 = trunk input), per seed.\n"]
     for task in tasks:
@@ -259,7 +287,7 @@ def report(tag: str, tasks: list[str], commit: bool) -> None:
         for obj in OBJECTIVES:
             for minutes in sorted(m for (t, o, m) in points if t == task and o == obj):
                 rs = points[(task, obj, minutes)]
-                ci = learning.t_interval([r["probe"]["test"] for r in rs])
+                ci = learning.seed_interval([r["probe"]["test"] for r in rs], rs[0]["probe"]["n_test"])
                 per_layer = [sum(x) / len(x) for x in zip(*(r["probe"]["per_layer_test"] for r in rs))]
                 wall = [r["wall_s"] / 60 for r in rs if r.get("wall_s") and minutes]
                 lines.append(
@@ -302,10 +330,10 @@ def plot(tag: str, tasks: list[str], points: dict) -> Path:
             ms = sorted(m for (t, o, m) in points if t == task and o == obj)  # 0: its random init
             if not [m for m in ms if m > 0]:
                 continue
-            cis = [learning.t_interval([r["probe"]["test"] for r in points[(task, obj, m)]]) for m in ms]
+            cis = [learning.seed_interval([r["probe"]["test"] for r in points[(task, obj, m)]],
+                                          points[(task, obj, m)][0]["probe"]["n_test"]) for m in ms]
             means = [c["mean"] for c in cis]
-            err = [[c["mean"] - c["lo"] if c["n"] > 1 else 0 for c in cis],
-                   [c["hi"] - c["mean"] if c["n"] > 1 else 0 for c in cis]]
+            err = [[c["mean"] - c["lo"] for c in cis], [c["hi"] - c["mean"] for c in cis]]
             ax.errorbar(ms, means, yerr=err, marker="o", capsize=4,
                         label=f"{NAMES[obj]} (n={min(c['n'] for c in cis)}-{max(c['n'] for c in cis)} seeds)")
         ax.set_xlabel("pretraining budget (minutes of an idle 2-core CPU; fixed steps)")
@@ -314,7 +342,8 @@ def plot(tag: str, tasks: list[str], points: dict) -> Path:
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle("Probe accuracy vs pretraining budget\n(mean and 95 % t-interval over seeds)", fontsize=10)
+    fig.suptitle("Probe accuracy vs pretraining budget\n(mean and 95 % t-interval over seeds; a point from one seed: "
+                 "the test set's binomial 95 %)", fontsize=10)
     fig.tight_layout()
     path = RESULTS / tag / "learning_curve.png"
     fig.savefig(path, dpi=110)

@@ -12,12 +12,15 @@ One step = what a training loop does per update:
         position) -> backward -> AdamW step -> zero_grad.
 
 The two models are built in one process and stepped in interleaved rounds (order alternating); medians are
-reported. On CUDA, peak memory per side is torch.cuda.max_memory_allocated over its steps (mem_ratio =
-ours / peer); on the CPU it is not measured (nan). The machine's load average is printed beside the timings:
-numbers taken while other jobs load the machine are not final.
+reported. On CUDA, a side's peak memory is its own resident state (parameters and AdamW moments) plus the
+largest rise of torch.cuda.max_memory_allocated above the memory allocated when its step starts (activations,
+gradients, logits): the other side's resident state, which shares the process, is not counted
+(mem_ratio = ours / peer). On the CPU memory is not measured (nan). The machine's load average is printed
+beside the timings: numbers taken while other jobs load the machine are not final.
 
     python bench/mlm_vs_hf.py [--dim 768 --layers 12 --heads 12 --ffn 3072 --vocab 32768] [--batch 32]
                               [--seq 128] [--warmup 2 --rounds 10] [--device cuda] [--bf16]
+    python bench/mlm_vs_hf.py --small        # smoke run: 2 x 128, vocab 4096, batch 8, 3 rounds (any CPU)
 
 Ends with: RESULT name=mlm_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer>
 """
@@ -94,7 +97,14 @@ def build(a, device):
         peer_opt.zero_grad(set_to_none=True)
         return float(out.loss.detach())
 
-    return {"ours": ours_step, "peer": peer_step}, collate_ms
+    resident = {"ours": lambda: resident_bytes(ours, ours_opt), "peer": lambda: resident_bytes(peer, peer_opt)}
+    return {"ours": ours_step, "peer": peer_step}, collate_ms, resident
+
+
+def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes of a side's state that stays between steps: parameters and optimizer state (grads are freed)."""
+    tensors = list(model.parameters()) + [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def main() -> None:
@@ -104,10 +114,16 @@ def main() -> None:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    p.add_argument("--small", action="store_true",
+                   help="smoke run: 2 x 128 (2 heads, FFN 512), vocab 4096, batch 8, 1 warm-up and 3 rounds")
     a = p.parse_args()
+    if a.warmup < 1:
+        p.error("--warmup must be >= 1 (the first step creates the optimizer state)")
+    if a.small:
+        a.dim, a.layers, a.heads, a.ffn, a.vocab, a.batch, a.warmup, a.rounds = 128, 2, 2, 512, 4096, 8, 1, 3
     device = torch.device(a.device)
     torch.manual_seed(0)
-    steps, collate_ms = build(a, device)
+    steps, collate_ms, resident = build(a, device)
     cuda = device.type == "cuda"
     times: dict[str, list[float]] = {"ours": [], "peer": []}
     peak = {"ours": 0, "peer": 0}
@@ -117,14 +133,16 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                start = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
                 loss = steps[name]()
             if cuda:
                 torch.cuda.synchronize()
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
-            if r >= a.warmup:
+            if r >= a.warmup:  # after the first step (warm-up), AdamW's moments are resident, not a rise
                 times[name].append((time.perf_counter() - t0) * 1e3)
+                if cuda:  # own resident state + what the step added on top of what was allocated
+                    peak[name] = max(peak[name], resident[name]() + torch.cuda.max_memory_allocated() - start)
             if not math.isfinite(loss):
                 raise RuntimeError(f"{name}: non-finite loss {loss}")
     ours_ms, peer_ms = statistics.median(times["ours"]), statistics.median(times["peer"])

@@ -234,8 +234,11 @@ class Checkpoint(NamedTuple):
 def _torch_load(path: Path, what: str) -> dict:
     """torch.load(weights_only=True) of a Lightning checkpoint, every failure named with the file."""
     if path.is_dir():
+        # FSDP2 (ModelParallelStrategy) folders keep the weights under "state_dict": fabric's consolidation writes
+        # a checkpoint omnissl reads; lightning.pytorch's expects FSDPStrategy's "model" key (docs/scale.md)
         raise ValueError(f"{path} is a directory (a distributed checkpoint?); {what} reads single-file Lightning "
-                         "checkpoints: consolidate it first (lightning.pytorch.utilities.consolidate_checkpoint)")
+                         "checkpoints: consolidate it first with `python -m lightning.fabric.utilities."
+                         f"consolidate_checkpoint {path}` (writes {path}.consolidated)")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:

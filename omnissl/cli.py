@@ -52,10 +52,14 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
+    from omnissl.eval.finetune import link_pretrained_tokenizer
     from omnissl.ssl.base import SSLModule
     from omnissl.train.checks import check_config
     from omnissl.train.loggers import SaveConfigToRun
+    from omnissl.train.quiet import EvalModeCheck, quiet_third_party
     from omnissl.train.runs import RunError, link_schedule, prepare_fit
+
+    quiet_third_party()  # Lightning's litlogger tip, torch's LeafSpec deprecation, its teacher-blind eval check
 
     class OmnisslCLI(LightningCLI):
         @staticmethod
@@ -63,10 +67,17 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING}
 
         def parse_arguments(self, parser, args) -> None:  # + linked and degenerate settings, before any work
-            super().parse_arguments(parser, args)
+            # `args` given: parsed instead of sys.argv, which then holds the calling program's own arguments
+            # (a script calling lightning_cli([...]), e.g. bench/learning_check.py in `make demo`); Lightning's
+            # parse_arguments warns about that pair, which is how this function is meant to be called.
+            self.config = parser.parse_args(args)
             sub = self.config.get("subcommand")
             config = self.config[sub] if sub else self.config
             link_schedule(config)  # the schedule's total_steps follows trainer.max_steps unless set
+            try:  # fine-tuning on labeled text: the tokenizer of the pretrained encoder, unless one is given
+                link_pretrained_tokenizer(config)
+            except (ValueError, OSError) as e:
+                parser.error(f"model.init_args.pretrained: {e}")
             if errors := check_config(config, sub or "fit"):
                 parser.error("; ".join(errors))
 
@@ -109,6 +120,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         auto_configure_optimizers=False,  # objectives take injected optimizer/scheduler (Lightning #19110)
         save_config_callback=SaveConfigToRun,
         parser_kwargs={"allow_abbrev": False},  # --trainer.max_step is an error, as the same typo in YAML
+        trainer_defaults={"callbacks": [EvalModeCheck()]},  # replaces Lightning's check, which counts the teacher
         args=args,
         run=run,
     )

@@ -26,7 +26,7 @@ def layer(module: str) -> tuple[int, str]:
     """(rank, name) of an omnissl module; a module may import only modules of a lower or equal rank."""
     parts = module.split(".")[1:]
     top = parts[0] if parts else ""
-    if top in ("", "batch"):
+    if top in ("", "batch", "progress"):  # progress: the tqdm bars of long jobs, a leaf like batch
         return 0, "batch"
     if top in ("ops", "optim"):
         return 1, "ops"

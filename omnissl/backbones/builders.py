@@ -66,14 +66,16 @@ def vit_base16(*, pre_norm: bool = True, checkpoint_activations: bool = False) -
 
 
 def tiny(modality: str = "audio", *, dim: int = 64, depth: int = 2, heads: int = 4, pre_norm: bool = False,
-         vocab_size: int = 1024, layerdrop: float = 0.0, dropout: float = 0.0) -> Encoder:
+         vocab_size: int = 1024, layerdrop: float = 0.0, dropout: float = 0.0,
+         extractor_mode: str = "group") -> Encoder:
     """A small encoder of any modality for tests and CPU demos. Audio keeps wav2vec 2.0's kernels and
-    strides (320 samples per token) with 64 channels."""
+    strides (320 samples per token) with 64 channels; extractor_mode "group" (BASE: first-layer GroupNorm, no
+    conv bias) or "layer" (LARGE, fairseq `layer_norm`: per-frame LayerNorm after every conv, conv bias)."""
     trunk = Transformer(dim=dim, depth=depth, heads=heads, ffn_dim=4 * dim, pre_norm=pre_norm,
                         dropout=dropout, attn_dropout=dropout, layerdrop=layerdrop)
     if modality == "audio":
         conv = tuple((64, k, s) for _, k, s in WAV2VEC2_CONV)
-        return Encoder(ConvFeatureExtractor(layers=conv, mode="group"), trunk,
+        return Encoder(ConvFeatureExtractor(layers=conv, mode=extractor_mode, bias=extractor_mode == "layer"), trunk,
                        positions=ConvPositions(dim, kernel=16, groups=4, dropout=dropout))
     if modality == "spectrogram":
         return Encoder(LogMelPatches(dim=dim, n_mels=64, patch_time=4, patch_freq=16), trunk,

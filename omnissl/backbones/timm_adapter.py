@@ -1,12 +1,19 @@
 """`TimmViT`: a timm VisionTransformer behind the Backbone protocol (embed / encode with mask= and keep=).
 
-Built with `pretrained=False`; pass `checkpoint_path` to load local weights (nothing is downloaded).
+Weights: `weights=FILE` loads a local timm weights file (.safetensors / .pth / .bin, e.g. saved from
+`timm.create_model(name, pretrained=True).state_dict()`) through timm's own pretrained loader, which drops
+the classifier and resamples the position embeddings to `img_size`; `pretrained=True` alone takes timm's
+hub weights (from the local Hugging Face cache when offline); `checkpoint_path` is timm's strict loader of a
+whole model checkpoint. Every other timm option (drop_path_rate, pretrained_cfg_overlay, ...) passes through.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import Tensor, nn
 
 from omnissl.backbones.protocol import BackboneOutput, Tokens
@@ -15,11 +22,22 @@ from omnissl.backbones.protocol import BackboneOutput, Tokens
 class TimmViT(nn.Module):
     samples_per_token = None
 
-    def __init__(self, name: str = "vit_base_patch16_224", *, checkpoint_path: str = "", img_size: int = 224,
-                 **kwargs) -> None:
+    def __init__(self, name: str = "vit_base_patch16_224", *, pretrained: bool = False, weights: str = "",
+                 checkpoint_path: str = "", img_size: int = 224, **kwargs) -> None:
         super().__init__()
-        self.vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size,
-                                     checkpoint_path=checkpoint_path, **kwargs)
+        if weights:
+            if not Path(weights).is_file():
+                raise FileNotFoundError(f"TimmViT weights: {weights} is not a file")
+            overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+            kwargs["pretrained_cfg_overlay"] = {**overlay, "file": str(weights)}
+            pretrained = True
+        kwargs.setdefault("num_classes", 0)  # features only: the probe / objective brings its own head
+        try:
+            self.vit = timm.create_model(name, pretrained=pretrained, img_size=img_size,
+                                         checkpoint_path=checkpoint_path, **kwargs)
+        except LocalEntryNotFoundError as e:
+            raise RuntimeError(f"timm {name!r}: pretrained weights are not in the local Hugging Face cache and the "
+                               "hub cannot be reached; pass weights=<local weights file>") from e
         if getattr(self.vit, "pos_embed", None) is None or not getattr(self.vit, "no_embed_class", False) is False:
             raise ValueError(f"timm model {name!r} must be a ViT with class-token positions in pos_embed")
         self.dim = self.vit.embed_dim

@@ -5,6 +5,8 @@
     omnissl data manifest FOLDER --out FILE [--on-error {raise,skip}]
     omnissl data inspect MANIFEST [--on-error {raise,skip}] [--png FILE] [--workers N]
     omnissl data tokenizer --corpus PATH|embedded:text --kind {bpe,wordpiece} --vocab-size N --out DIR
+    omnissl data shard MANIFEST_OR_FOLDER --out DIR_OR_URI [--kind {audio,text,image}] [--docs {line,blank}]
+                       [--units EXT] [--chunk-bytes 64MB] [--workers N] [--on-error {raise,skip}]
 
 omnissl/cli.py dispatches `omnissl data <argv>` to `main(argv)`; the return value is the exit status.
 The corpora are the registry `omnissl.datamodules.corpora.CORPORA` (the names `embedded:<name>` specs take).
@@ -38,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, required=True, help="manifest file to write (.tsv)")
     m.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="raise: stop at the first unreadable file; skip: leave it out (logged)")
+    m.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
 
     i = sub.add_parser("inspect", help="decode every item of an audio manifest (or folder) and report",
                        formatter_class=fmt)
@@ -61,6 +64,19 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of embedded:text")
     t.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="what to do with files that are not UTF-8")
+    s = sub.add_parser("shard", help="write a manifest, folder or text corpus as litdata shards (streamed training)",
+                       formatter_class=fmt)
+    s.add_argument("source", help="audio/image manifest (.tsv) or folder; a text file, folder of .txt or manifest of "
+                                  "them; or embedded:<corpus>[:<size>] (its train split)")
+    s.add_argument("--out", required=True, help="output folder or object-store URI (s3://..., gs://...)")
+    s.add_argument("--kind", choices=["audio", "text", "image"], default=None, help="default: from the files")
+    s.add_argument("--docs", choices=["line", "blank"], default="line",
+                   help="text documents: one per line, or separated by blank lines")
+    s.add_argument("--units", default=None, help="audio: also store HuBERT units from <manifest stem>.<EXT>")
+    s.add_argument("--chunk-bytes", default="64MB", help="target size of one chunk file")
+    s.add_argument("--workers", type=int, default=1, help="encoding processes")
+    s.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="raise: stop at the first bad item, naming it; skip: leave it out (counted, listed)")
     return p
 
 
@@ -75,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             p.exit(2, f"omnissl data generate: error: {e}\n")
     if args.command == "manifest":
         return _manifest(args)
+    if args.command == "shard":
+        return _shard(args)
     if args.command == "tokenizer":
         try:
             return _tokenizer(args)
@@ -107,6 +125,30 @@ def _tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(args: argparse.Namespace) -> int:
+    from omnissl.datamodules.audio_io import AudioDataError
+    from omnissl.datamodules.common import is_embedded
+    from omnissl.datamodules.corpora import embedded_corpus
+    from omnissl.datamodules.shards import ShardDataError, write_shards
+
+    t0 = time.perf_counter()
+    source = args.source
+    try:
+        if is_embedded(source):
+            source = embedded_corpus(source, size="small")["train"]
+        meta = write_shards(source, args.out, kind=args.kind, docs=args.docs, units=args.units,
+                            on_error=args.on_error, chunk_bytes=args.chunk_bytes, num_workers=args.workers)
+    except (AudioDataError, ShardDataError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"omnissl data shard: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {meta['count']} {meta['kind']} items of {source} to {args.out} in {time.perf_counter() - t0:.1f} s; "
+          f"skipped {len(meta['skipped'])}")
+    for where, why in list(meta["skipped"].items())[:20]:
+        print(f"skipped: {where}: {why}")
+    print(f"train on them with  train: shards:{args.out}")
+    return 0 if meta["count"] else 1
+
+
 def _generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     paths = CORPORA[args.kind].generate(args.out, size=args.size, seed=args.seed).values()
@@ -118,7 +160,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _manifest(args: argparse.Namespace) -> int:
     from omnissl.datamodules.audio_io import AudioDataError, write_audio_manifest
+    from omnissl.progress import set_quiet
 
+    set_quiet(args.quiet)
     if not args.folder.is_dir():
         print(f"omnissl data manifest: error: {args.folder} is not a folder", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, nargs="+", metavar="N",
                    help="image encoders with --hf: H [W] of the fixed-size ViT position table")
     p.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
     return p
 
 
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
 
     from omnissl.eval.export import export_checkpoint
+    from omnissl.progress import set_quiet
 
+    set_quiet(args.quiet)
     try:
         out = export_checkpoint(args.checkpoint, args.out, hf=args.hf, heads=args.heads, image_size=size,
                                 overwrite=args.overwrite)

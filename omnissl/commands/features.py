@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
                         "was set; off for a package)")
     p.add_argument("--split", default="train", help="embedded manifests only: which split")
     p.add_argument("--device", default=None, help="device of the encoder (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
     return p
 
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         if normalize is None:
             normalize = not Path(a.encoder).is_dir() and trained_with_normalized_audio(a.encoder)
         paths = dump_features(encoder, resolve_manifest(a.manifest, a.split), a.out, layer=a.layer,
-                              fmt=a.format, normalize=normalize, device=device(a.device))
+                              fmt=a.format, normalize=normalize, device=device(a.device),
+                              progress=False if a.quiet else None)
     except (ValueError, FileNotFoundError, AudioDataError) as e:
         p.exit(2, f"omnissl features: error: {e}\n")
     print(f"wrote {len(paths)} arrays (layer {a.layer}, {a.format}) under {a.out}")

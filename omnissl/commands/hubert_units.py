@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-batch-size", type=int, default=10_000, help="MiniBatchKMeans batch_size")
     p.add_argument("--max-iter", type=int, default=100, help="MiniBatchKMeans max_iter")
     p.add_argument("--device", default=None, help="iteration 2: device of the encoder (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
     return p
 
 
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from omnissl.datamodules.audio_io import AudioDataError
     from omnissl.eval.units import make_units
+    from omnissl.progress import set_quiet
+
+    set_quiet(a.quiet)
 
     try:
         make_units(a.manifest, valid=a.valid, iteration=a.iteration, checkpoint=a.checkpoint, layer=a.layer,

@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     from omnissl.eval.probe import run_probe
     from omnissl.eval.probe_data import load_probe_data, source_modality
     from omnissl.eval.report import log_report, write_report
+    from omnissl.eval.tfidf import tfidf_baseline
     from omnissl.eval.upstream import EncoderStates, baseline_states, reinitialized
+    from omnissl.progress import set_quiet
     from omnissl.train.loggers import wandb_mode
 
     parser = argparse.ArgumentParser(
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-init", action="store_true",
                         help="also probe the same architecture re-initialized (seed --seed)")
     parser.add_argument("--baseline", action="store_true",
-                        help="also probe the non-learned baseline (log-mel, bag of tokens, raw pixels)")
+                        help="also probe the non-learned baseline (log-mel; text: TF-IDF + logistic regression; raw pixels)")
     parser.add_argument("--wandb", action="store_true",
                         help="log the report to a new W&B run (offline without credentials or with WANDB_MODE=offline; "
                              "skipped with WANDB_MODE=disabled)")
@@ -65,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="text: the pretraining tokenizer (none: the package's tokenizer.json or the "
                              "checkpoint's tokenizer)")
     parser.add_argument("--image-size", type=int, default=224, help="images: resize/crop size")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
     args = parser.parse_args(argv)
+    set_quiet(args.quiet)
     if args.wandb and args.report is None:
         parser.error("--wandb logs the report: add --report DIR")
     valid_heads = {"classify": ("linear", "mlp"), "ctc": ("linear", "lstm")}[args.task]
@@ -103,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_probe(EncoderStates(enc), data, name, **opts))
             print(f"{name}: {_describe(rows[-1].result)}; layer weights "
                   + " ".join(f"{w:.3f}" for w in rows[-1].result.layer_weights), flush=True)
-        if args.baseline:
+        if args.baseline and data.modality == "text":  # TF-IDF + logistic regression (omnissl/eval/tfidf.py)
+            rows.append(tfidf_baseline(data))
+            print(f"{rows[-1].name}: {_describe(rows[-1].result)}", flush=True)
+        elif args.baseline:
             base = baseline_states(data.modality, vocab_size=data.vocab_size)
-            name = {"audio": "log-mel baseline", "text": "bag-of-tokens baseline", "image": "pixel baseline"}
+            name = {"audio": "log-mel baseline", "image": "pixel baseline"}
             rows.append(run_probe(base, data, name[data.modality], **{**opts, "layer": None}))
             print(f"{rows[-1].name}: {_describe(rows[-1].result)}", flush=True)
     except (ValueError, FileNotFoundError, AudioDataError) as e:

@@ -45,8 +45,9 @@ which every item failed raises, naming the manifest).
 
 from __future__ import annotations
 
+import io
+import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,12 +60,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from omnissl.batch import SAMPLE_RATE
-from omnissl.datamodules.audio_io import AudioDataError, AudioManifest, line_offsets, load_audio, read_audio_manifest
+from omnissl.datamodules.audio_io import (AudioDataError, AudioManifest, crop_start, crop_units, line_offsets, load_audio,
+                                          read_audio_manifest)
 from omnissl.datamodules.base import DataModule
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import SkipLog, check_on_error, class_index, is_embedded
 from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
 from omnissl.datamodules.sampler import BucketBatchSampler, ResumableLoader
+from omnissl.datamodules.shards import ShardItems, ShardLoader, is_shards, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +146,6 @@ class AudioDataset(Dataset):
             row = int(self.rows[i])
             return {"id": i, "error": msg, "file": str(self.manifest.root / self.manifest.paths[row])}
 
-    def _crop_start(self, i: int, n: int, num: int, epoch: int) -> int:
-        step = self.samples_per_unit if self.units_path is not None else 1
-        slots = (n - num) // step  # crop starts on multiples of `step`
-        if self.crop == "center":
-            k = slots // 2
-        else:
-            k = int(np.random.default_rng((self.seed, epoch, i)).integers(0, slots + 1))
-        return k * step
-
     def _load(self, i: int, epoch: int) -> dict:
         # NOTE(ref): fairseq's RawAudioDataset (wav2vec 2.0 base, pad=False) crops every item of a batch to the
         # batch's shortest; we crop each item to max_samples alone and pad (Batch.lengths carries the valid
@@ -159,19 +153,12 @@ class AudioDataset(Dataset):
         row = int(self.rows[i])
         n = int(self.manifest.sizes[row])
         num = n if self.max_samples is None else min(n, self.max_samples)
-        start = self._crop_start(i, n, num, epoch) if num < n else 0
+        step = self.samples_per_unit if self.units_path is not None else 1
+        start = crop_start(n, num, step=step, crop=self.crop, seed=self.seed, epoch=epoch, i=i) if num < n else 0
         item: dict = {"id": i}
         if self.units_path is not None:
-            units = self._units(row)
-            spu = self.samples_per_unit
-            tol = max(2, round(0.1 * SAMPLE_RATE / spu))  # fairseq's 0.1 s label-length tolerance
-            if abs(len(units) - n / spu) > tol:
-                raise AudioDataError(
-                    f"{len(units)} units at {SAMPLE_RATE // spu} Hz for {n} samples (expected about {n / spu:.0f}): "
-                    f"{self.units_path} does not match this audio"
-                )
-            first = start // spu
-            item["units"] = torch.from_numpy(units[first : first + math.ceil(num / spu)])
+            item["units"] = crop_units(self._units(row), n=n, start=start, num=num,
+                                       samples_per_unit=self.samples_per_unit, source=self.units_path)
         x = load_audio(self.manifest.root / self.manifest.paths[row], start=start, num=num, expected=n)
         if self.normalize:  # wav2vec 2.0 large / data2vec: zero mean, unit variance per utterance
             x = torch.nn.functional.layer_norm(x, x.shape)
@@ -201,6 +188,53 @@ class DropFailed:
     def __call__(self, items: Sequence[dict]):
         good = [it for it in items if "error" not in it]
         return (self.collate(good) if good else None), [it for it in items if "error" in it]
+
+
+@dataclass
+class AudioShardDecoder:
+    """`ShardItems` decode of an audio shard item: the same crop, units, labels and bad-item handling as
+    `AudioDataset`, from the item's FLAC bytes (crops are functions of (seed, epoch, id)). An item under
+    `min_samples` becomes {"id", "short": True} (dropped by the loader); an undecodable one raises
+    `AudioDataError` naming the shard set, the item and its source file, or with on_error="skip" becomes
+    {"id", "error", "file"}."""
+
+    source: str
+    max_samples: int | None
+    min_samples: int
+    crop: str
+    seed: int
+    normalize: bool
+    on_error: str
+    samples_per_unit: int | None = None  # set: the items' units are HuBERT targets at this hop
+    classes: Sequence[str] | None = None
+
+    def __call__(self, raw: dict, epoch: int) -> dict:
+        i, n = int(raw["id"]), int(raw["n"])
+        if n < self.min_samples:
+            return {"id": i, "short": True}
+        num = n if self.max_samples is None else min(n, self.max_samples)
+        spu = self.samples_per_unit
+        start = crop_start(n, num, step=spu or 1, crop=self.crop, seed=self.seed, epoch=epoch, i=i) if num < n else 0
+        item: dict = {"id": i}
+        try:
+            if spu is not None:
+                item["units"] = crop_units(np.asarray(raw["units"]), n=n, start=start, num=num, samples_per_unit=spu,
+                                           source="its units")
+            x = load_audio(io.BytesIO(np.asarray(raw["audio"], dtype=np.uint8).tobytes()), start=start, num=num, expected=n)
+        except AudioDataError as e:
+            msg = f"{self.source} item {i} (from {json.loads(raw['origin'])['where']}): {e}"
+            if self.on_error == "raise":
+                raise AudioDataError(msg) from None
+            return {"id": i, "error": msg, "file": f"{self.source}#{i}"}
+        item["audio"] = torch.nn.functional.layer_norm(x, x.shape) if self.normalize else x
+        if self.classes is not None and raw.get("label"):
+            item["label"] = list(self.classes).index(raw["label"])
+        return item
+
+
+def audio_length(item: dict) -> int:
+    """Bucketing length of a decoded audio item (`ShardLoader`)."""
+    return int(item["audio"].shape[-1])
 
 
 class AudioLoader(ResumableLoader):
@@ -254,7 +288,8 @@ class AudioDataModule(DataModule):
     Defaults follow fairseq's wav2vec 2.0 base LibriSpeech recipe (`wav2vec2_base_librispeech.yaml`):
     crop 250 k samples, drop utterances under 32 k samples, 1.4 M samples per batch per device.
 
-    train / valid / test: a .tsv manifest, a folder, or "embedded:..." (None: no such split).
+    train / valid / test: a .tsv manifest, a folder, "embedded:...", or "shards:<folder or URI>" (a shard set of
+        `omnissl data shard`, streamed with litdata: omnissl/datamodules/shards.py) (None: no such split).
     max_samples: crop length (None: no crop). min_samples: shorter utterances are dropped (counted, logged).
     max_tokens: padded samples per batch (None: fixed `batch_size` batches). batch_size: items per batch
         (a cap when max_tokens is also set).
@@ -262,6 +297,7 @@ class AudioDataModule(DataModule):
     label_rate: units per second (50 Hz: one per 320 samples).
     normalize: zero-mean unit-variance waveform per utterance (wav2vec 2.0 large, data2vec).
     on_error: "raise" (default) or "skip" bad items. seed: shuffling and crop seed.
+    shard_pool: shard splits with max_tokens: items gathered per litdata batch and bucketed into batches.
 
     Public after `setup()` besides the `DataModule` surface: `sources()` (split -> manifest path),
     `unit_files()` ((manifest, unit file) pairs); `units` and `label_rate` are the constructor's.
@@ -272,6 +308,7 @@ class AudioDataModule(DataModule):
         max_samples: int | None = 250_000, min_samples: int = 32_000, max_tokens: int | None = 1_400_000,
         batch_size: int | None = None, num_workers: int = 4, on_error: Literal["raise", "skip"] = "raise",
         units: str | None = None, label_rate: float = 50.0, normalize: bool = False, seed: int = 0,
+        shard_pool: int = 256,
     ) -> None:  # fmt: skip
         super().__init__(skipping="audio file")
         self.save_hyperparameters()
@@ -287,7 +324,7 @@ class AudioDataModule(DataModule):
         self.max_samples, self.min_samples = max_samples, min_samples
         self.max_tokens, self.batch_size, self.num_workers = max_tokens, batch_size, num_workers
         self.on_error, self.units, self.label_rate = on_error, units, label_rate
-        self.normalize, self.seed = normalize, seed
+        self.normalize, self.seed, self.shard_pool = normalize, seed, shard_pool
         self.collate = Collate()
 
     # -- preparation -------------------------------------------------------------------------------------
@@ -297,9 +334,10 @@ class AudioDataModule(DataModule):
         self.sources()
 
     def source(self, split: str) -> Path | None:
-        """The manifest (or folder) of `split`, generating an embedded corpus on first use; None: no such split."""
+        """The manifest (or folder) of `split`, generating an embedded corpus on first use; None: no such split
+        or a shard set ("shards:...", read by litdata)."""
         spec = self.specs[split]
-        if spec is None:
+        if spec is None or is_shards(spec):
             return None
         if is_embedded(spec):
             return embedded_corpus(spec, size="default")[split]
@@ -318,11 +356,15 @@ class AudioDataModule(DataModule):
         wanted = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ("test",)}
         splits = wanted.get(stage or "", ("train", "valid", "test"))
         manifests = {s: read_audio_manifest(self.source(s), on_error=self.on_error)
-                     for s in splits if self.specs[s] is not None and s not in self.datasets}  # fmt: skip
+                     for s in splits if self.specs[s] is not None and s not in self.datasets
+                     and not is_shards(self.specs[s])}  # fmt: skip
+        shards = [s for s in splits if is_shards(self.specs[s]) and s not in self.datasets]
         if self.classes is None:
-            self.classes = self._classes(manifests)
+            self.classes = self._shard_classes() if is_shards(self.specs["train"]) else self._classes(manifests)
         for s, m in manifests.items():
             self.datasets[s] = self._dataset(s, m)
+        for s in shards:
+            self.datasets[s] = self._shard_dataset(s)
         if stage == "fit" and self.specs["train"] is None:
             raise ValueError("AudioDataModule: fitting needs a train split")
 
@@ -359,9 +401,34 @@ class AudioDataModule(DataModule):
                            f"min_samples={self.min_samples} ({m.source})")
         return ds
 
+    def _shard_classes(self) -> list[str] | None:
+        labels = read_meta(self.specs["train"]).get("labels")
+        return class_index(labels, self.specs["train"]) if labels else None
+
+    def _shard_dataset(self, split: str) -> ShardItems:
+        spec = str(self.specs[split])
+        meta = read_meta(spec)
+        if meta and meta.get("kind") != "audio":
+            raise ValueError(f"{split} data {spec} holds {meta.get('kind')} shards, not audio")
+        spu = None
+        if self.units is not None:
+            if not meta.get("units"):
+                raise ValueError(f"units={self.units!r}: the shards {spec} were written without units "
+                                 "(omnissl data shard MANIFEST --units km)")
+            rate = SAMPLE_RATE / self.label_rate
+            if not rate.is_integer():
+                raise ValueError(f"label_rate {self.label_rate} Hz must divide {SAMPLE_RATE} Hz")
+            spu = int(rate)
+        decode = AudioShardDecoder(
+            source=spec, max_samples=self.max_samples, min_samples=self.min_samples,
+            crop="random" if split == "train" else "center", seed=self.seed, normalize=self.normalize,
+            on_error=self.on_error, samples_per_unit=spu, classes=self.classes,
+        )  # fmt: skip
+        return ShardItems(spec, decode=decode, shuffle=split == "train", seed=self.seed)
+
     # -- loaders -----------------------------------------------------------------------------------------
 
-    def dataset(self, split: str) -> AudioDataset | None:
+    def dataset(self, split: str) -> AudioDataset | ShardItems | None:
         """The Dataset of `split`, set up on first use; None when no such split was given."""
         if split not in self.datasets and self.specs.get(split) is not None:
             self.setup({"train": "fit", "valid": "validate"}.get(split, "test"))
@@ -369,6 +436,11 @@ class AudioDataModule(DataModule):
 
     def build_loader(self, ds: Dataset, split: str, shuffle: bool) -> DataLoader:
         """Length-bucketed batches under `max_tokens` (`BucketBatchSampler`); failed items dropped (`AudioLoader`)."""
+        if isinstance(ds, ShardItems):
+            ds.set_shuffle(shuffle)
+            return ShardLoader(ds, collate=self.collate, length=audio_length, pool=self.shard_pool,
+                               max_tokens=self.max_tokens, batch_size=self.batch_size, num_workers=self.num_workers,
+                               split=split, skips=self.skips, trainer=self.trainer)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (None, None)
         sampler = BucketBatchSampler(

@@ -11,6 +11,7 @@ files: the frame count); fairseq's count at a file's native rate is accepted too
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from omnissl.batch import SAMPLE_RATE
 from omnissl.datamodules.common import read_lines, shown
+from omnissl.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ def scan_folder(folder: str | os.PathLike, *, on_error: str = "raise") -> AudioM
     folder = Path(folder).expanduser().resolve()
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and not p.is_dir())
     paths, sizes, bad = [], [], []
-    for p in files:
+    for p in progress(files, desc=f"scanning {folder.name}", unit="file"):
         try:
             if not _utf8_name(p):  # soundfile cannot even open it, and no UTF-8 manifest could list it
                 raise AudioDataError("its name is not valid UTF-8: rename the file")
@@ -176,14 +178,16 @@ def _truncated_wav(f: sf.SoundFile) -> str | None:
 
 
 def load_audio(
-    path: str | os.PathLike, *, start: int = 0, num: int | None = None, expected: int | None = None
+    path: str | os.PathLike | io.BytesIO, *, start: int = 0, num: int | None = None, expected: int | None = None
 ) -> Tensor:
-    """Decode samples [start, start + num) of `path`, counted at 16 kHz -> float32 (num,) mono at 16 kHz.
+    """Decode samples [start, start + num) of `path` (a file, or an encoded file in memory: `io.BytesIO`, as
+    shards hold them), counted at 16 kHz -> float32 (num,) mono at 16 kHz.
 
     Only the needed span is read. Stereo is averaged, other rates are resampled (torchaudio's windowed
     sinc). `expected` (the manifest's count) is checked against the file's header. Raises `AudioDataError`
     (missing, empty, corrupt, truncated or unreadable file; a length that disagrees with the manifest)."""
-    path = str(path)
+    in_memory = isinstance(path, io.BytesIO)
+    path = path if in_memory else str(path)
     try:
         with sf.SoundFile(path) as f:
             sr, frames = f.samplerate, f.frames
@@ -222,6 +226,8 @@ def load_audio(
         raise AudioDataError("its name is not valid UTF-8: rename the file") from None
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
         # diagnose only on failure: these stat calls would cost more than decoding a short file
+        if in_memory:
+            raise AudioDataError(f"undecodable encoded audio ({str(e).rsplit('>: ', 1)[-1]})") from e
         if not os.path.exists(path):
             raise AudioDataError("file not found" + (" (dangling symlink)" if os.path.islink(path) else "")) from None
         if os.path.isdir(path):
@@ -236,6 +242,32 @@ def load_audio(
         x = _resampler(sr)(x)
         x = x[:num] if len(x) >= num else torch.nn.functional.pad(x, (0, num - len(x)))
     return x.contiguous()
+
+
+def crop_start(n: int, num: int, *, step: int, crop: str, seed: int, epoch: int, i: int) -> int:
+    """Start of a `num`-sample crop of an `n`-sample item, on a multiple of `step` (the unit hop, or 1): centred
+    for crop="center", else uniform from (seed, epoch, i), so it depends on neither the worker nor the order."""
+    slots = (n - num) // step
+    if crop == "center":
+        k = slots // 2
+    else:
+        k = int(np.random.default_rng((seed, epoch, i)).integers(0, slots + 1))
+    return k * step
+
+
+def crop_units(units: np.ndarray, *, n: int, start: int, num: int, samples_per_unit: int, source: object) -> Tensor:
+    """The units of the crop [start, start + num) of an `n`-sample item: those whose frame starts inside it.
+    Raises `AudioDataError` naming `source` when the unit count does not match the audio (fairseq's 0.1 s
+    tolerance)."""
+    spu = samples_per_unit
+    tol = max(2, round(0.1 * SAMPLE_RATE / spu))
+    if abs(len(units) - n / spu) > tol:
+        raise AudioDataError(
+            f"{len(units)} units at {SAMPLE_RATE // spu} Hz for {n} samples (expected about {n / spu:.0f}): "
+            f"{source} does not match this audio"
+        )
+    first = start // spu
+    return torch.from_numpy(np.ascontiguousarray(units[first : first + math.ceil(num / spu)], dtype=np.int64))
 
 
 def line_offsets(path: Path) -> np.ndarray:

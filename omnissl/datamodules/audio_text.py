@@ -1,8 +1,18 @@
 """`AudioTextDataModule`: (audio, caption) pairs for contrastive language-audio pretraining (CLAP).
 
 Manifests are fairseq-style TSVs whose third column is the caption: a root line, then
-`relpath<TAB>num_samples<TAB>caption`. `"embedded:captions"` generates the synthetic captioned-sound corpus
-(`omnissl.datamodules.corpora.captions`) into `$OMNISSL_DATA` on first use.
+`relpath<TAB>num_samples<TAB>caption`. Rows that share a file are several captions of one clip (Clotho and
+AudioCaps have 5): a training item is a clip with one of its captions drawn at random each time (LAION-CLAP),
+an evaluation item a clip with its first caption (the validation loss), and `eval_captions(split, clips)` gives
+every caption of the clips for retrieval (LAION-CLAP's several-captions protocol, omnissl/ssl/clap.py).
+`"embedded:captions"` generates the synthetic captioned-sound corpus (`omnissl.datamodules.corpora.captions`)
+into `$OMNISSL_DATA` on first use and reads its `<split>.captions.tsv` (5 captions per clip); its test split
+holds the held-out factor combinations.
+
+Zero-shot classification data: `zeroshot`, a labeled audio manifest (`relpath<TAB>num_samples<TAB>label`, e.g.
+`embedded:keywords`' or the captions corpus's `zeroshot.tsv`, the default with an embedded train), classified
+against prompts of its class names (`zeroshot_data()`); a `<manifest stem>.classes.json` beside it
+({"classes": [...], "heldout": [...]}) fixes the candidate classes and marks the held-out ones.
 
 Captions are tokenized by a `tokenizers` tokenizer: a given `tokenizer.json`, or one trained on the train
 captions (byte-level BPE or WordPiece, specials as in `omnissl.datamodules.text`), once, in
@@ -16,13 +26,15 @@ evaluation). A caption describes its whole clip, so keep `max_samples` at least 
 exact pairs (the embedded clips are at most 4 s). An undecodable file raises `AudioDataError` naming it, or
 with `on_error="skip"` is replaced by the next decodable item and counted.
 
-Items are {"id", "audio": (T,) float32, "text": (N,) int64}; `Collate(text_pad_id=pad_id)` pads both
-into a `Batch` with `inputs` "audio" (B, T) and "text" (B, N) and their `lengths`.
+Items are {"id", "audio": (T,) float32, "text": (N,) int64} (id: the clip's index in its split);
+`Collate(text_pad_id=pad_id)` pads both into a `Batch` with `inputs` "audio" (B, T) and "text" (B, N) and their
+`lengths`. Zero-shot items are {"id", "audio", "label"}.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +46,9 @@ from torch.utils.data import Dataset
 from omnissl.datamodules.audio_io import AudioDataError, load_clip
 from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import SkipLog, check_data_args, check_on_error, data_root, load_or_next, read_manifest
+from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, class_index, data_root, encode_labels,
+                                        is_embedded, load_or_next, read_manifest)
+from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
 from omnissl.datamodules.tokenizers import cached_tokenizer, check_tokenizer, expected_info, set_token_ids
 
 
@@ -50,18 +64,32 @@ def read_caption_manifest(path: str | os.PathLike) -> tuple[list[Path], list[str
     return files, captions
 
 
-class AudioTextDataset(Dataset):
-    """(audio, caption ids) items: {"id", "audio": (T,) float32, "text": (N,) int64}."""
+def group_captions(files: Sequence[Path], captions: Sequence[str]) -> tuple[list[Path], list[list[str]]]:
+    """Rows -> (clips, their captions): rows that name the same file are captions of one clip (first-seen order)."""
+    order: dict[Path, list[str]] = {}
+    for f, c in zip(files, captions):
+        order.setdefault(f, []).append(c)
+    return list(order), list(order.values())
 
-    def __init__(self, files: Sequence[Path], token_ids: Sequence[np.ndarray], *, max_samples: int,
-                 random_crop: bool, on_error: str = "raise", skips: SkipLog | None = None,
+
+class AudioTextDataset(Dataset):
+    """(audio, caption ids) items: {"id", "audio": (T,) float32, "text": (N,) int64}; a clip's caption is drawn
+    at random among its captions when `random_caption` (training), else its first. With `labels` instead of
+    captions, items are {"id", "audio", "label"} (zero-shot classification)."""
+
+    def __init__(self, files: Sequence[Path], token_ids: Sequence[Sequence[np.ndarray]] | None = None, *,
+                 max_samples: int, random_crop: bool, random_caption: bool = False,
+                 labels: Sequence[int] | None = None, on_error: str = "raise", skips: SkipLog | None = None,
                  source: object = "the caption manifest") -> None:
         check_on_error(on_error)
-        if len(files) != len(token_ids) or not files:
-            raise ValueError(f"need as many captions as files (got {len(files)} files, {len(token_ids)} captions)")
+        described = labels if token_ids is None else token_ids
+        if described is None or len(files) != len(described) or not files:
+            raise ValueError(f"need as many captions (or labels) as files (got {len(files)} files)")
         self.files = [str(f) for f in files]
-        self.token_ids = list(token_ids)
+        self.token_ids = None if token_ids is None else [list(t) for t in token_ids]
+        self.labels = None if labels is None else [int(x) for x in labels]
         self.max_samples, self.random_crop, self.on_error, self.source = max_samples, random_crop, on_error, source
+        self.random_caption = random_caption
         self.skips = skips if skips is not None else SkipLog("audio file")
 
     @property
@@ -77,14 +105,21 @@ class AudioTextDataset(Dataset):
 
     def _load(self, j: int) -> dict:
         audio = load_clip(self.files[j], self.max_samples, random=self.random_crop)
-        return {"id": j, "audio": audio, "text": torch.from_numpy(self.token_ids[j].astype(np.int64))}
+        if self.token_ids is None:
+            return {"id": j, "audio": audio, "label": self.labels[j]}
+        caps = self.token_ids[j]
+        # torch's global generator: seeded per worker and epoch by the loaders, like the random crop
+        k = int(torch.randint(0, len(caps), ())) if self.random_caption and len(caps) > 1 else 0
+        return {"id": j, "audio": audio, "text": torch.from_numpy(caps[k].astype(np.int64))}
 
 
 class AudioTextDataModule(DataModule):
-    """Captioned audio (see module doc). train / valid / test: caption manifests or "embedded:captions";
-    without `valid`, a fixed `valid_fraction` of train. Attributes known at construction: `vocab_size`
-    (padded to 64), `pad_id`, `mask_id`, `bos_id`, `eos_id`, `special_ids`; after `setup()`, besides the
-    `DataModule` surface: `tokenizer_path`."""
+    """Captioned audio (see module doc). train / valid / test: caption manifests or "embedded:captions" (whose
+    valid and test splits are used unless given); without `valid`, a fixed `valid_fraction` of train's clips.
+    zeroshot: a labeled audio manifest for zero-shot classification (default with an embedded train: the
+    corpus's zero-shot clips; "none" for none). Attributes known at construction: `vocab_size` (padded to 64),
+    `pad_id`, `mask_id`, `bos_id`, `eos_id`, `special_ids`; after `setup()`, besides the `DataModule` surface:
+    `tokenizer_path`, `eval_captions()`, `zeroshot_data()`, `tokenize()`."""
 
     def __init__(
         self,
@@ -92,6 +127,7 @@ class AudioTextDataModule(DataModule):
         train: str = "embedded:captions",
         valid: str | None = None,
         test: str | None = None,
+        zeroshot: str | None = None,
         valid_fraction: float = 0.01,
         embedded_size: str = "small",
         tokenizer: str | None = None,
@@ -111,6 +147,7 @@ class AudioTextDataModule(DataModule):
         if max_text_tokens < 3:
             raise ValueError(f"max_text_tokens must be at least 3 (<s> x </s>), got {max_text_tokens}")
         self.train, self.valid, self.test, self.valid_fraction = train, valid, test, valid_fraction
+        self.zeroshot = zeroshot
         self.embedded_size, self.tokenizer = embedded_size, tokenizer
         self.tokenizer_kind, self.min_frequency = tokenizer_kind, min_frequency
         self.max_text_tokens, self.max_samples = max_text_tokens, max_samples
@@ -120,12 +157,36 @@ class AudioTextDataModule(DataModule):
         self._vocab_arg = vocab_size
         self.collate = Collate(text_pad_id=self.pad_id)
         self.tokenizer_path: Path | None = None
+        self._tok = None
+        self.zeroshot_classes: list[str] | None = None
+        self.zeroshot_heldout: list[bool] | None = None
 
-    def manifests(self) -> dict[str, tuple[list[Path], list[str]]]:
-        """{"train": (files, captions), "valid": (files, captions)[, "test": ...]}."""
-        pairs = pretraining_splits(self.train, self.valid, self.test, corpus="captions", size=self.embedded_size,
-                                   valid_fraction=self.valid_fraction,
-                                   read=lambda src: list(zip(*read_caption_manifest(src))))
+    def _sources(self) -> tuple[dict[str, object], object | None]:
+        """({split: caption manifest}, zero-shot manifest or None); an embedded train brings every caption of its
+        clips (`<split>.captions.tsv`), its valid and test splits and its zero-shot clips."""
+        zeroshot = None if self.zeroshot in (None, "none") else self.zeroshot
+        if not is_embedded(self.train):
+            return {"train": self.train, "valid": self.valid, "test": self.test}, zeroshot
+        if parse_embedded(self.train)[0] != "captions":
+            raise ValueError(f"this DataModule reads 'embedded:captions', not {self.train!r}")
+        found = embedded_corpus(self.train, size=self.embedded_size)
+        every = {s: m.with_name(f"{s}.captions.tsv") for s, m in found.items()}
+        if self.zeroshot is None:
+            zeroshot = found["train"].with_name("zeroshot.tsv")
+        return {"train": every["train"], "valid": self.valid or every["valid"],
+                "test": self.test or every["test"]}, zeroshot
+
+    def manifests(self) -> dict[str, tuple[list[Path], list[list[str]]]]:
+        """{"train": (clips, captions per clip), "valid": ...[, "test": ...]}."""
+        sources, _ = self._sources()
+        read = lambda src: list(zip(*group_captions(*read_caption_manifest(src))))  # noqa: E731
+        if sources["valid"] is not None:
+            pairs = {s: read(src) for s, src in sources.items() if src is not None}
+        else:
+            pairs = pretraining_splits(str(sources["train"]), None, None, corpus="captions", size=self.embedded_size,
+                                       valid_fraction=self.valid_fraction, read=read)
+            if sources["test"] is not None:
+                pairs["test"] = read(sources["test"])
         return {s: ([f for f, _ in ps], [c for _, c in ps]) for s, ps in pairs.items()}
 
     def _tokenizer_path(self, captions: list[str]) -> Path:
@@ -138,22 +199,72 @@ class AudioTextDataModule(DataModule):
                                 cache_dir=self.cache_dir)
 
     def prepare_data(self) -> None:
-        self._tokenizer_path(self.manifests()["train"][1])
+        self._tokenizer_path([c for caps in self.manifests()["train"][1] for c in caps])
+
+    def tokenize(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """Texts -> `<s> ... </s>` token ids (1-D int64 tensors), truncated to max_text_tokens (after setup)."""
+        if self._tok is None:
+            raise RuntimeError("call setup() before tokenize()")
+        return [torch.tensor(e.ids, dtype=torch.long) for e in self._tok.encode_batch(list(texts),
+                                                                                       add_special_tokens=True)]
 
     def setup(self, stage: str | None = None) -> None:
         splits = self.manifests()
         if not splits["train"][0]:
             raise ValueError(f"no (audio, caption) pairs in {self.train!r}")
-        self.tokenizer_path = self._tokenizer_path(splits["train"][1])
+        self.tokenizer_path = self._tokenizer_path([c for caps in splits["train"][1] for c in caps])
         tok = check_tokenizer(self.tokenizer_path, self.info)
         tok.no_padding()
         tok.enable_truncation(self.max_text_tokens)
-        sources = {"train": self.train, "valid": self.valid or self.train, "test": self.test}
+        self._tok = tok
+        sources, zeroshot = self._sources()
+        sources = {**sources, "valid": sources["valid"] or sources["train"]}
         self.datasets = {}
         for split, (files, caps) in splits.items():
             if not files:
                 continue
-            ids = [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(caps, add_special_tokens=True)]
-            self.datasets[split] = AudioTextDataset(files, ids, max_samples=self.max_samples,
-                                                    random_crop=split == "train", on_error=self.on_error,
-                                                    skips=self.skips, source=sources[split])
+            flat = [c for cs in caps for c in cs]
+            ids = [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(flat, add_special_tokens=True)]
+            per_clip, k = [], 0
+            for cs in caps:
+                per_clip.append(ids[k:k + len(cs)])
+                k += len(cs)
+            self.datasets[split] = AudioTextDataset(files, per_clip, max_samples=self.max_samples,
+                                                    random_crop=split == "train", random_caption=split == "train",
+                                                    on_error=self.on_error, skips=self.skips, source=sources[split])
+        if zeroshot is not None:
+            self._setup_zeroshot(Path(str(zeroshot)))
+
+    def _setup_zeroshot(self, manifest: Path) -> None:
+        root, rows = read_manifest(manifest)
+        if any(len(r) < 3 for r in rows):
+            raise ValueError(f"{manifest}: a zero-shot manifest needs a label column (relpath<TAB>num_samples<TAB>"
+                             "label)")
+        labels = [r[2] for r in rows]
+        spec = manifest.with_name(f"{manifest.stem}.classes.json")
+        if spec.is_file():
+            described = json.loads(spec.read_text())
+            classes = [str(c) for c in described["classes"]]
+            held = set(described.get("heldout", []))
+            self.zeroshot_heldout = [c in held for c in classes] if held else None
+        else:
+            classes = class_index(labels, manifest)
+        self.zeroshot_classes = classes
+        self.datasets["zeroshot"] = AudioTextDataset([root / r[0] for r in rows], None,
+                                                     labels=encode_labels(labels, classes, manifest),
+                                                     max_samples=self.max_samples, random_crop=False,
+                                                     on_error=self.on_error, skips=self.skips, source=manifest)
+
+    def eval_captions(self, split: str, clips: Sequence[int]) -> list[list[torch.Tensor]]:
+        """Every caption (token ids) of each of `clips` (indices into `split`'s dataset, as `Batch.ids`)."""
+        ds = self.dataset(split)
+        if ds is None or ds.token_ids is None:
+            raise ValueError(f"no captioned split {split!r}")
+        return [[torch.from_numpy(t.astype(np.int64)) for t in ds.token_ids[int(i)]] for i in clips]
+
+    def zeroshot_data(self):
+        """(loader of labeled clips, class names, tokenize, held-out flags per class or None), or None without
+        zero-shot data: what CLAP's validation classifies by prompts."""
+        if self.dataset("zeroshot") is None:
+            return None
+        return self.loader("zeroshot", shuffle=False), self.zeroshot_classes, self.tokenize, self.zeroshot_heldout

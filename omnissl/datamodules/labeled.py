@@ -2,7 +2,7 @@
 
 A labeled manifest is the unlabeled one with a third column `label`: a root line, then
 `relpath<TAB>size<TAB>label` (size: UTF-8 bytes for text, pixels for images). Image sources may also be
-folders with class subfolders. Text may also come inline as `.jsonl` ({"text": ..., "label": ...} per line).
+folders with class subfolders, or plain lists without a root line, `path<TAB>label` (`labeled_images`). Text may also come inline as `.jsonl` ({"text": ..., "label": ...} per line).
 `classes` is the train split's label set in the one label policy (`common.class_index`: numeric-aware order;
 index = position); a valid or test label that does not occur in training is an error naming the file and the
 label. Items carry "label" (int); `Collate` puts them in `Batch.targets["label"]` (B,) int64.
@@ -95,13 +95,13 @@ class LabeledImageDataModule(DataModule):
 
     def setup(self, stage: str | None = None) -> None:
         sources = self.sources()
-        items = {s: list_images(src) for s, src in sources.items() if src is not None}
+        items = {s: labeled_images(src) for s, src in sources.items() if src is not None}
         if not items["train"]:
             raise ValueError(f"no images found in {sources['train']} (extensions {', '.join(IMAGE_EXTENSIONS)})")
         for f, lab in items["train"]:
             if lab is None:
-                raise ValueError(f"{sources['train']}: {f} has no label (expected a third column `label` or "
-                                 f"class subfolders)")
+                raise ValueError(f"{sources['train']}: {f} has no label (expected a last column `label`: "
+                                 f"path<TAB>label or path<TAB>size<TAB>label, or class subfolders)")
         self.classes = class_index([lab for _, lab in items["train"]], sources["train"])
         tf = transforms(self.image_size, self.mean, self.std, min_scale=self.min_scale, hflip=self.hflip,
                         crop_pct=self.eval_crop_pct, augment=self.train_augment)
@@ -113,6 +113,21 @@ class LabeledImageDataModule(DataModule):
             self.datasets[split] = ImageDataset([f for f, _ in its], tf["train" if split == "train" else "eval"],
                                                 labels=labels, on_error=self.on_error, skips=self.skips,
                                                 source=sources[split])
+
+
+def labeled_images(source: str) -> list[tuple[Path, str | None]]:
+    """(file, label or None) of a labeled image source: class subfolders (`list_images`); a manifest (first line
+    its root folder) `relpath<TAB>size<TAB>label`; or a plain list (no root line) whose last column is the label:
+    `path<TAB>label` (the common form) or `path<TAB>size<TAB>label`. A line without that column has no label."""
+    if not Path(source).is_file():
+        return list_images(source)
+    root, rows = read_manifest(source, require_root=False)
+    with open(source, encoding="utf-8", errors="replace") as f:
+        first = next((line.strip() for line in f if line.strip()), "")
+    has_root = "\t" not in first and (Path(source).parent / first).is_dir()
+    column = 2 if has_root else -1  # a manifest's 2nd column is the size; a list's 2-column form is path, label
+    return [(root / row[0], row[column] if len(row) > max(column, 1) and row[column] != "" else None)
+            for row in rows]
 
 
 # ------------------------------------------------------------------------------------------------------ text

@@ -88,18 +88,7 @@ class BucketBatchSampler(BatchSampler):
             bs = int(self.batch_size)  # type: ignore[arg-type]
             batches = [order[k : k + bs].tolist() for k in range(0, n, bs)]
         else:
-            order = order[np.argsort(self.lengths[order], kind="stable")]
-            cur: list[int] = []
-            longest = 0
-            for i, size in zip(order.tolist(), self.lengths[order].tolist()):
-                longest_new = max(longest, size)
-                if cur and ((len(cur) + 1) * longest_new > self.max_tokens or len(cur) == (self.batch_size or n + 1)):
-                    batches.append(cur)
-                    cur, longest_new = [], size
-                cur.append(i)
-                longest = longest_new
-            if cur:
-                batches.append(cur)
+            batches = token_batches(order, self.lengths, max_tokens=self.max_tokens, batch_size=self.batch_size)
             if self.shuffle:
                 batches = [batches[k] for k in rng.permutation(len(batches))]
         if batches and len(batches) % self.num_replicas:
@@ -114,6 +103,30 @@ class BucketBatchSampler(BatchSampler):
 
     def __len__(self) -> int:
         return len(self._global_batches()) // self.num_replicas
+
+
+def token_batches(order: np.ndarray, lengths: np.ndarray, *, max_tokens: int,
+                  batch_size: int | None = None) -> list[list[int]]:
+    """Items `order` (indices into `lengths`) sorted by length (stable: ties keep `order`'s order) and cut
+    greedily into batches with `len(batch) * longest <= max_tokens` and `len(batch) <= batch_size`: the one
+    length bucketing (`BucketBatchSampler` over a whole split, `ShardLoader` over a streamed pool)."""
+    order = np.asarray(order, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = order[np.argsort(lengths[order], kind="stable")]
+    cap = batch_size or len(order) + 1
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i, size in zip(order.tolist(), lengths[order].tolist()):
+        longest_new = max(longest, size)
+        if cur and ((len(cur) + 1) * longest_new > max_tokens or len(cur) == cap):
+            batches.append(cur)
+            cur, longest_new = [], size
+        cur.append(i)
+        longest = longest_new
+    if cur:
+        batches.append(cur)
+    return batches
 
 
 class EpochHolder:

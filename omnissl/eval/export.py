@@ -37,6 +37,7 @@ from omnissl.backbones.encoder import Encoder
 from omnissl.checkpoints import TOKENIZER, Checkpoint, encoder_info, load_strict, read_checkpoint, write_package
 from omnissl.eval.hf import encoder_to_hf
 from omnissl.eval.hf.tokenizer import save_hf_tokenizer
+from omnissl.progress import progress
 from omnissl.ssl.heads import MaskedLMHead
 from omnissl.ssl.quantizer import GumbelQuantizer
 
@@ -90,7 +91,18 @@ def _wav2vec2_heads(ckpt: Checkpoint) -> tuple[dict[str, nn.Module], dict]:
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, hf: bool = False, heads: bool = False,
                       image_size: int | tuple[int, int] | None = None, overwrite: bool = True) -> Path:
     """`omnissl export`: a Lightning checkpoint -> an encoder package, or a transformers directory (hf)."""
-    ckpt = read_checkpoint(checkpoint)
+    with progress(total=2, desc=f"export {Path(checkpoint).name}", unit="step") as bar:
+        bar.set_postfix_str("reading the checkpoint")
+        ckpt = read_checkpoint(checkpoint)
+        bar.update()
+        bar.set_postfix_str("converting and writing")
+        out = _export(ckpt, checkpoint, out, hf=hf, heads=heads, image_size=image_size, overwrite=overwrite)
+        bar.update()
+    return out
+
+
+def _export(ckpt: Checkpoint, checkpoint: str | Path, out: str | Path, *, hf: bool, heads: bool,
+            image_size: int | tuple[int, int] | None, overwrite: bool) -> Path:
     objective = str(ckpt.info.get("objective", ""))
     out = Path(out)
     if not hf:

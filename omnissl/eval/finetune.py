@@ -27,10 +27,21 @@ Freezing (fairseq `wav2vec2_asr`, REFERENCE §B.2 fine-tuning):
     The feature norm and projection after the extractor always train (fairseq keeps `layer_norm` and
     `post_extract_proj` outside the frozen `feature_extractor`).
 
+Text (sequence classification, RoBERTa's fine-tuning: mean pooling here, see `UtteranceClassifier`): the data is
+a `LabeledTextDataModule` and the encoder's frontend is its token embedding, which trains (`freeze_frontend_steps:
+0`, recipes/text/finetune_labeled_text_tiny_cpu.yaml). The labeled texts must be tokenized with the pretraining
+tokenizer: `link_pretrained_tokenizer` (called by the CLI on the parsed config, before anything is built) points
+the DataModule at the tokenizer that travels with the `pretrained` checkpoint or the `load_backbone` package
+when none is given, and `setup` refuses a DataModule whose tokenizer is another one.
+
 Legend: B batch, N tokens, D width, K classes, V vocabulary (blank included), L layers.
 """
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +51,9 @@ from torch.nn.parallel import DistributedDataParallel
 from omnissl.backbones.encoder import Encoder
 from omnissl.backbones.protocol import BackboneOutput
 from omnissl.batch import Batch
-from omnissl.checkpoints import load_encoder_weights
+from omnissl.checkpoints import load_encoder_weights, read_tokenizer
 from omnissl.datamodules.audio import AudioDataModule
+from omnissl.datamodules.common import atomic_file, data_root
 from omnissl.eval.ctc import WORD_SEP, CharVocab, greedy_decode, read_transcripts
 from omnissl.eval.metrics import edit_distance
 from omnissl.ops import mean_pool
@@ -104,6 +116,58 @@ def llrd_param_groups(model: nn.Module, *, encoder: Encoder, layer_decay: float,
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
+# ------------------------------------------------------------------------------------- text: the tokenizer
+
+
+def pretrained_source(init_args: Any) -> str | None:
+    """Where a fine-tuning config's encoder weights come from: `pretrained` (a checkpoint or package), else the
+    `path` of an `encoder: {class_path: omnissl.checkpoints.load_backbone, ...}`; None when neither."""
+    if init_args is None:
+        return None
+    if init_args.get("pretrained"):
+        return str(init_args.get("pretrained"))
+    enc = init_args.get("encoder")
+    if enc is not None and hasattr(enc, "get") and str(enc.get("class_path", "")).endswith("load_backbone"):
+        path = (enc.get("init_args") or {}).get("path")
+        return None if path is None else str(path)
+    return None
+
+
+def tokenizer_file(text: str) -> Path:
+    """The tokenizer JSON `text` as a file in the data cache (`tokenizers/pretrained-<sha256 prefix>/`),
+    written once and atomically; the same text always gives the same file."""
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    path = data_root() / "cache" / "tokenizers" / f"pretrained-{digest}" / "tokenizer.json"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def link_pretrained_tokenizer(config: Any) -> None:
+    """In place, on a parsed `omnissl fit/validate/test` config: when the model fine-tunes a pretrained encoder
+    (`FineTune` subclass with `pretrained` or a `load_backbone` encoder) on a `LabeledTextDataModule` whose
+    `tokenizer` is not set, set it to the tokenizer that travels with the pretrained checkpoint or package (so
+    the labeled texts get the token ids the encoder was trained on). Other configs are left alone; a
+    pretrained source without a tokenizer is left to `FineTune.setup` to refuse."""
+    try:
+        model_class, data_class = config.get("model.class_path"), config.get("data.class_path")
+        init_args = config.get("model.init_args")
+    except (KeyError, AttributeError):
+        return
+    if not (isinstance(model_class, str) and isinstance(data_class, str)):
+        return
+    if not data_class.endswith("LabeledTextDataModule") or config.get("data.init_args.tokenizer") is not None:
+        return
+    source = pretrained_source(init_args)
+    if source is None:
+        return
+    text = read_tokenizer(source)
+    if text is not None:
+        config["data.init_args.tokenizer"] = str(tokenizer_file(text))
+
+
 # ---------------------------------------------------------------------------------------------- modules
 
 
@@ -146,6 +210,9 @@ class FineTune(SSLModule):
             raise ValueError(f"need 0 <= mask_prob < 1 and mask_length >= 1, got {mask_prob}, {mask_length}")
         if pretrained is not None:
             load_encoder_weights(encoder, pretrained)
+        # text: the tokenizer the encoder was pretrained with (None: unknown, e.g. a random-init encoder)
+        self.pretrained_tokenizer = read_tokenizer(pretrained) if pretrained is not None and modality == "text" \
+            else None
         self.encoder, self.modality = encoder, modality
         self.layer_decay = layer_decay
         self.freeze_encoder_steps, self.freeze_frontend_steps = freeze_encoder_steps, freeze_frontend_steps
@@ -181,6 +248,31 @@ class FineTune(SSLModule):
             return self.encoder.encode(tokens, mask=mask, return_layers=return_layers)
 
     # --- Lightning hooks ------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.modality == "text":
+            self.check_text_data(self.trainer.datamodule)
+
+    def check_text_data(self, dm: Any) -> None:
+        """A text DataModule must tokenize with the encoder's pretraining tokenizer: its vocabulary must fit the
+        token embedding, and when the pretrained checkpoint carries a tokenizer, the DataModule's must be the
+        same (ValueError naming both otherwise)."""
+        path = getattr(dm, "tokenizer_path", None)
+        if dm is None or path is None:
+            raise ValueError(f"modality text needs a text DataModule with a tokenizer (LabeledTextDataModule), "
+                             f"got {type(dm).__name__}")
+        rows = self.encoder.frontend.embed.num_embeddings
+        if dm.vocab_size > rows:
+            raise ValueError(f"the DataModule's tokenizer {path} has {dm.vocab_size} tokens but the encoder embeds "
+                             f"only {rows}: tokenize with the pretraining tokenizer (data.init_args.tokenizer)")
+        if self.pretrained_tokenizer is not None and Path(path).read_text(encoding="utf-8") != self.pretrained_tokenizer:
+            raise ValueError(f"the DataModule tokenizes with {path}, not the tokenizer the pretrained encoder was "
+                             f"trained with (it travels with the checkpoint): drop data.init_args.tokenizer to use "
+                             f"that one, or pass a package's tokenizer.json")
+        pad = getattr(self.encoder.frontend.embed, "padding_idx", None)
+        if pad is not None and pad != dm.pad_id:
+            raise ValueError(f"the encoder's padding id is {pad} but the tokenizer's <pad> is {dm.pad_id} ({path})")
 
     def on_fit_start(self) -> None:
         # after the strategy wrapped the model: DDP says itself whether it accepts parameters without gradients

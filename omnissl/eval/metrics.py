@@ -2,57 +2,53 @@
 
 CER and WER follow the usual ASR convention (SUPERB ASR, sclite): the total number of substitutions,
 deletions and insertions over all utterances, divided by the total number of reference units. A rate can
-exceed 1 when the hypotheses insert a lot.
+exceed 1 when the hypotheses insert a lot. The rates are jiwer's, the distances rapidfuzz's Levenshtein (the
+C++ library under jiwer, about 5000x faster than a Python table on 150-character strings); this module fixes
+the units (every character counts, spaces included and nothing stripped; words are whitespace-separated, as
+`str.split`) and adds the input checks (pairs, nothing to score, all references empty: an error, not a 0).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
+import jiwer
+from rapidfuzz.distance import Levenshtein
 from torch import Tensor
 
-
-def edit_distance(ref: Sequence, hyp: Sequence) -> int:
-    """Levenshtein distance between two sequences (unit cost for substitution, deletion, insertion).
-
-    One row of the dynamic-programming table at a time: O(len(ref) * len(hyp)) time, O(len(hyp)) memory.
-    """
-    prev = list(range(len(hyp) + 1))  # distance of ref[:0] to hyp[:j]
-    for i, r in enumerate(ref, start=1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, start=1):
-            cur[j] = min(prev[j] + 1,             # delete r
-                         cur[j - 1] + 1,          # insert h
-                         prev[j - 1] + (r != h))  # substitute (or match)
-        prev = cur
-    return prev[-1]
+CHARS = jiwer.ReduceToListOfListOfChars()  # jiwer's default CER transform also strips: ours keeps every character
+WORDS = jiwer.Compose([jiwer.RemoveWhiteSpace(replace_by_space=True), jiwer.RemoveMultipleSpaces(), jiwer.Strip(),
+                       jiwer.ReduceToListOfListOfWords()])  # = str.split()
 
 
-def _check_pairs(refs: Sequence, hyps: Sequence) -> None:
+def edit_distance(ref: Sequence[Hashable], hyp: Sequence[Hashable]) -> int:
+    """Levenshtein distance between two sequences (unit cost for substitution, deletion, insertion): of
+    strings, character by character; of other sequences (words, token ids), item by item."""
+    return int(Levenshtein.distance(ref, hyp))
+
+
+def check_pairs(refs: Sequence[str], hyps: Sequence[str], *, words: bool) -> None:
+    """ValueError when references and hypotheses do not pair up, when there are none, or when every
+    reference is empty (a rate over zero units is undefined)."""
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     if not refs:
         raise ValueError("no utterances to score")
-
-
-def error_rate(refs: Sequence[Sequence], hyps: Sequence[Sequence]) -> float:
-    """Corpus-level error rate: sum of edit distances / total reference length."""
-    _check_pairs(refs, hyps)
-    total = sum(len(r) for r in refs)
-    if total == 0:
+    if not any((r.split() if words else r) for r in refs):
         raise ValueError("the references are all empty: the error rate is undefined")
-    return sum(edit_distance(r, h) for r, h in zip(refs, hyps)) / total
 
 
 def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """Character error rate over strings; spaces count as characters (as in SUPERB's PR/ASR scoring of
     letter sequences)."""
-    return error_rate(list(refs), list(hyps))
+    check_pairs(refs, hyps, words=False)
+    return float(jiwer.cer(list(refs), list(hyps), reference_transform=CHARS, hypothesis_transform=CHARS))
 
 
 def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """Word error rate over whitespace-separated words."""
-    return error_rate([r.split() for r in refs], [h.split() for h in hyps])
+    check_pairs(refs, hyps, words=True)
+    return float(jiwer.wer(list(refs), list(hyps), reference_transform=WORDS, hypothesis_transform=WORDS))
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:

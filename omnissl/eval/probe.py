@@ -35,6 +35,7 @@ from omnissl.eval.metrics import accuracy, cer, wer
 from omnissl.eval.probe_data import ProbeData
 from omnissl.eval.results import ProbeResult, UpstreamScores
 from omnissl.eval.upstream import Features, extract, frozen, seeded
+from omnissl.progress import progress
 
 # --------------------------------------------------------------------------------------------------------
 # training
@@ -52,7 +53,8 @@ def _fit(model: nn.Module, loss_of, score_of, train_n: int, *, valid: bool, high
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     g = torch.Generator().manual_seed(seed)
     best, best_state, best_epoch = None, None, epochs
-    for epoch in range(1, epochs + 1):
+    bar = progress(range(1, epochs + 1), desc="probe head", unit="epoch", leave=False)
+    for epoch in bar:
         model.train()
         for idx in torch.randperm(train_n, generator=g).split(batch_size):
             opt.zero_grad(set_to_none=True)
@@ -66,6 +68,7 @@ def _fit(model: nn.Module, loss_of, score_of, train_n: int, *, valid: bool, high
                 score = score_of("valid")
             if best is None or (score > best if higher_is_better else score < best):
                 best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
+            bar.set_postfix(valid=f"{score:.3f}", best=f"{best:.3f}", refresh=False)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -197,7 +200,7 @@ def extract_splits(states, data: ProbeData, *, task: str = "classify", layer_nor
     """Cached features of every split (pooled for classification, frames with transcripts for CTC), and the
     CTC vocabulary (from the training transcripts)."""
     frames = task == "ctc"
-    feats = {s: extract(states, loader, frames=frames, layer_norm=layer_norm, need_labels=not frames,
+    feats = {s: extract(states, progress(loader, desc=f"features ({s})", unit="batch"), frames=frames, layer_norm=layer_norm, need_labels=not frames,
                         source=data.sources[s], device=device) for s, loader in data.loaders.items()}
     vocab = None
     if frames:

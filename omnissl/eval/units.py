@@ -37,6 +37,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ from omnissl.datamodules.audio_io import AudioDataError, AudioManifest, load_aud
 from omnissl.datamodules.common import atomic_file
 from omnissl.datamodules.corpora import embedded_corpus
 from omnissl.datamodules.units import units_path_for
+from omnissl.progress import StepLines, progress, shows_progress
 
 
 def resolve_manifest(spec: str | os.PathLike, split: str) -> Path:
@@ -160,16 +162,18 @@ def fit_kmeans(feats: np.ndarray, clusters: int, *, seed: int, n_init: int = 20,
     if len(feats) < clusters:
         raise ValueError(f"{len(feats)} frames in the fit sample, fewer than {clusters} clusters: raise "
                          "--sample-fraction or lower --clusters")
+    verbose = shows_progress()  # sklearn's verbose lines (as fairseq's learn_kmeans.py) drive a bar on a terminal
     km = MiniBatchKMeans(n_clusters=clusters, init="k-means++", max_iter=max_iter, batch_size=batch_size,
                          tol=0.0, max_no_improvement=100, n_init=n_init, reassignment_ratio=0.0,
-                         random_state=seed, compute_labels=False, verbose=0)
-    return km.fit(feats)
+                         random_state=seed, compute_labels=False, verbose=int(verbose))
+    if not verbose:
+        return km.fit(feats)
+    with StepLines(r"Minibatch step (\d+)/(\d+)", desc=f"k-means K={clusters}") as out, redirect_stdout(out):
+        return km.fit(feats)
 
 
 def _progress(it, total: int, desc: str) -> Iterator:
-    from tqdm import tqdm
-
-    return iter(tqdm(it, total=total, desc=desc, unit="shard", file=sys.stderr))
+    return iter(progress(it, total=total, desc=desc, unit="shard"))
 
 
 def make_units(

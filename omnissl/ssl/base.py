@@ -193,9 +193,13 @@ class SSLModule(L.LightningModule, abc.ABC):
                      on_step=on_step, on_epoch=not on_step)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        counted = self._update_count
         out = self.step(batch)
         checked = self._check_finite(out, batch)
         if checked is None:
+            # a skipped micro-batch contributes no gradient, so its positions leave the update's count too (else
+            # the other micro-batches' gradients would be divided by positions that were never backpropagated)
+            self._update_count = counted
             # skipped: a zero loss on the parameters themselves, not through the batch's graph (0 x a NaN
             # activation's gradient is NaN, and the update would poison the weights), so every parameter gets an
             # exact zero gradient and every rank's backward stays in step; no loss is logged (a bar showing 0.000

@@ -18,13 +18,14 @@ import torch
 from torch import Tensor
 
 from omnissl.backbones.encoder import Encoder
+from omnissl.backbones.protocol import Tokens
 from omnissl.batch import Batch
 from omnissl.checkpoints import load_encoder_weights
 from omnissl.ssl.base import SSLModule, StepOutput
 from omnissl.ssl.frames import ShortUtteranceFilter
 from omnissl.ssl.heads import regression_head
 from omnissl.ssl.losses import loss_vs_zero, regression_loss
-from omnissl.ssl.masking import block_mask, check_span_args, span_mask
+from omnissl.ssl.masking import block_mask, check_span_args, mlm_select, span_mask
 from omnissl.ssl.monitors import VarianceGuards, monitors
 from omnissl.ssl.teacher import FRONT_KEYS, STUDENT_KEYS, EMATeacher, TeacherHooks, check_teacher_input
 
@@ -36,8 +37,9 @@ class Data2Vec(TeacherHooks, SSLModule):
     `examples/data2vec/config/audio/pretraining/base_librispeech.yaml`, REFERENCE §B.4): span mask p 0.65,
     length 10; top-8 FFN outputs (before the last residual), instance-normed; Linear head; L2 / √D;
     EMA 0.999 -> 0.9999 over 30 k updates; guards target_var >= 0.1, pred_var >= 0.01 after 5 k updates.
-    Text base: mask_prob 0.35, mask_length 4, top_k 10, target_source "ffn" (fairseq `fc_results`),
-    target_norm "layer", head_layers 2, loss_beta 4, loss_scale 1, anneal 300 k. Vision: target_source
+    Text base: mask_prob 0.35, mask_length 4 (fairseq `masked_lm` spans, see `mask`; min_spans unused),
+    top_k 10, target_source "ffn" (fairseq `fc_results`), target_norm "layer", head_layers 2, loss_beta 4,
+    loss_scale 1, anneal 300 k. Vision: target_source
     "layers", the raw block outputs (for a pre-LN trunk the top one before the final LayerNorm, as fairseq's
     `data2vec_vision` appends each block's output before `norm`).
 
@@ -47,6 +49,9 @@ class Data2Vec(TeacherHooks, SSLModule):
     text also the embedding LayerNorm (the post-LN trunk's input norm; fairseq `ema_transformer_layers_only`
     copies `layernorm_embedding`).
     init_from: a checkpoint whose `encoder.*` weights start the student; the teacher starts as its copy.
+    NOTE(ref): a CLS token (vision) starts at zero; fairseq's data2vec_vision draws `cls_emb` from a truncated
+    N(0, 0.02²). Measured on vit_base16 (pre-LN) at init, the teacher targets change by 0.27 % (relative L2)
+    between the two inits, and no loss reads the CLS output.
 
     Metrics: loss, target_var, pred_var (fairseq `compute_var`), ema_decay, masked_frac, loss_vs_zero,
     dropped_short.
@@ -59,7 +64,7 @@ class Data2Vec(TeacherHooks, SSLModule):
         modality: str = "audio",
         mask_prob: float = 0.65,  # audio base (sec. 4.2): p 0.65, span 10; text: 0.35, 4
         mask_length: int = 10,
-        min_spans: int = 2,
+        min_spans: int = 1,  # fairseq data2vec_audio apply_mask: min_masks=1 (wav2vec 2.0: 2)
         top_k: int = 8,  # audio K = 8; text K = 10
         target_source: str = "ffn",  # audio, text: FFN output before the last residual; vision: "layers"
         target_norm: str | None = "instance",  # audio/vision instance norm; text "layer"
@@ -126,21 +131,36 @@ class Data2Vec(TeacherHooks, SSLModule):
                                     final_norm=self.final_target_norm, num_prefix=self.encoder.num_prefix,
                                     source=self.target_source)
 
+    def mask(self, tokens: Tokens, generator: torch.Generator) -> Tensor:
+        """The student's mask (B, N) bool, True = masked, over the tokens after any CLS.
+
+        Patch grids (images): block-wise masks of mask_length x mask_length squares (padded patches of
+        shorter spectrograms are never masked nor regressed). Text: fairseq `MaskTokensDataset` (data2vec text
+        runs the `masked_lm` task with mask_multiple_length 4): per row int(p·T/L + u) starts drawn from every
+        valid token, each masking L tokens clipped to the row, with no same-count constraint, so the last token
+        can be masked (`mlm_select`). Other sequences (audio): `span_mask` (fairseq `compute_mask_indices`).
+        """
+        b, n, _ = tokens.x.shape
+        device = tokens.x.device
+        if tokens.grid is not None:  # the CLS token is added later, never masked
+            mask = block_mask(tokens.grid, b, mask_prob=self.mask_prob, block=self.mask_length, generator=generator,
+                              device=device)
+            if tokens.padding_mask is not None:  # squares fall uniformly, so valid patches keep the rate
+                mask &= ~tokens.padding_mask
+            return mask
+        if self.modality == "text":
+            valid = (torch.ones(b, n, dtype=torch.bool, device=device) if tokens.padding_mask is None
+                     else ~tokens.padding_mask)
+            return mlm_select(valid, mask_prob=self.mask_prob, span=self.mask_length, generator=generator)
+        return span_mask((b, n), padding_mask=tokens.padding_mask, mask_prob=self.mask_prob, span=self.mask_length,
+                         min_spans=self.min_spans, same_count=True, generator=generator, device=device)
+
     def step(self, batch: Batch) -> StepOutput:
         batch, dropped = self.short(batch, self.modality, self.encoder)
         x, lengths = batch.inputs[self.modality], batch.lengths.get(self.modality)
         tokens = self.encoder.embed(x, lengths)
         b, n, _ = tokens.x.shape
-        gen = self.generator(x.device)
-        if tokens.grid is not None:  # patch grids (images): block-wise masks of mask_length x mask_length squares
-            mask = block_mask(tokens.grid, b, mask_prob=self.mask_prob, block=self.mask_length, generator=gen,
-                              device=x.device)  # over the patches; the CLS token is added later, never masked
-            if tokens.padding_mask is not None:  # padded patches (spectrograms of shorter clips) are never masked
-                mask &= ~tokens.padding_mask  # nor regressed; squares fall uniformly, so valid patches keep the rate
-        else:
-            mask = span_mask((b, n), padding_mask=tokens.padding_mask, mask_prob=self.mask_prob,
-                             span=self.mask_length, min_spans=self.min_spans, same_count=True, generator=gen,
-                             device=x.device)
+        mask = self.mask(tokens, self.generator(x.device))
         out = self.encoder.encode(tokens, mask=mask)
         target = self.targets(tokens)[mask]  # (B·M, D)
         pred = self.head(out.last[:, self.encoder.num_prefix:][mask])  # (B·M, D)

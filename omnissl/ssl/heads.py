@@ -12,13 +12,16 @@ from omnissl.backbones.transformer import SinCosPositions, Transformer
 
 
 def regression_head(dim: int, layers: int) -> nn.Module:
-    """data2vec's `final_proj`: Linear(D, D) (audio), or layers-1 x [Linear(d, 2d), GELU] then Linear(., D)
-    (text, head_layers 2)."""
+    """data2vec's `final_proj`: Linear(D, D) (audio), or [Linear(D, 2D), GELU], then layers-2 x
+    [Linear(2D, 2D), GELU], then Linear(2D, D) (text, head_layers 2); fairseq data2vec_text doubles the width
+    once, in the first layer."""
+    if layers < 1:
+        raise ValueError(f"head_layers must be >= 1, got {layers}")
     mods: list[nn.Module] = []
     cur = dim
     for _ in range(layers - 1):
-        mods += [nn.Linear(cur, 2 * cur), nn.GELU()]
-        cur *= 2
+        mods += [nn.Linear(cur, 2 * dim), nn.GELU()]
+        cur = 2 * dim
     mods.append(nn.Linear(cur, dim))
     return nn.Sequential(*mods) if len(mods) > 1 else mods[0]
 

@@ -6,6 +6,8 @@ Legend: B batch, N tokens, D width, M predicted positions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -150,3 +152,70 @@ def feature_penalty(raw: Tensor, padding_mask: Tensor | None) -> Tensor:
         return sq.mean()
     valid = (~padding_mask).float()
     return (sq * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Contrastive language-audio (CLAP) / CLIP: the one gather across ranks (DESIGN "Rules that keep it correct")
+
+
+def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """Every rank's rows of `x` (B_r, ...) concatenated in rank order -> (all rows (ΣB_r, ...), this rank's
+    offset). Autograd-aware (torch.distributed.nn.functional.all_gather): the gradient reaching each rank's
+    slice is the sum over all ranks of the gradients of their losses with respect to it, so summing the local
+    losses over ranks is differentiating the loss of the global batch (open_clip `gather_with_grad`, and its
+    `local_loss` labels). Ranks may hold different row counts (padded for the collective, then stripped).
+    Without an initialized process group (one process), `x` itself and offset 0."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    most = max(counts)
+    padded = x if x.shape[0] == most else torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])
+    parts = all_gather(padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]), sum(counts[:rank])
+
+
+def contrastive_pairs(
+    a: Tensor,
+    b: Tensor,
+    log_scale: Tensor,
+    *,
+    max_scale: float = 100.0,
+    gather: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CLIP / CLAP's symmetric InfoNCE (Radford et al. 2021; Wu et al. 2023, LAION-CLAP `ClipLoss`) over the
+    pairs (a_i, b_i): logits s·â_i·b̂_jᵀ over every b_j of the global batch (negatives gathered from all ranks,
+    `gather_with_grad`), cross-entropy with the partner, in both directions:
+
+        loss_sum = ½ Σ_{i local} [CE(s·â_i B̂ᵀ, i + offset) + CE(s·b̂_i Âᵀ, i + offset)]
+
+    a, b (B, D) this rank's pairs (L2-normalized here); log_scale: the learnable log of s, used clamped to
+    [0, ln max_scale] (LAION clamps the parameter to the same range after each step). Features, logits and the
+    cross-entropy are fp32. Returns (loss_sum, count B, correct a->b, correct b->a), the corrects counting
+    local rows whose partner has the highest logit. Summed over ranks and divided by the global count this is
+    the loss of the global batch, gradients included (SSLModule.normalize does exactly that).
+    """
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must both be (B, D)")
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a = F.normalize(a.float(), dim=-1, eps=1e-8)
+        b = F.normalize(b.float(), dim=-1, eps=1e-8)
+        scale = log_scale.float().clamp(0.0, math.log(max_scale)).exp()
+        all_a, offset = gather_with_grad(a) if gather else (a, 0)
+        all_b, _ = gather_with_grad(b) if gather else (b, 0)
+        labels = torch.arange(a.shape[0], device=a.device) + offset
+        logits_ab = scale * a @ all_b.t()  # (B, ΣB)
+        logits_ba = scale * b @ all_a.t()
+        loss_sum = 0.5 * (F.cross_entropy(logits_ab, labels, reduction="sum")
+                          + F.cross_entropy(logits_ba, labels, reduction="sum"))
+        with torch.no_grad():
+            correct_ab = (logits_ab.argmax(-1) == labels).sum()
+            correct_ba = (logits_ba.argmax(-1) == labels).sum()
+    return loss_sum, torch.tensor(a.shape[0], device=a.device), correct_ab, correct_ba

@@ -75,6 +75,9 @@ class MAE(SSLModule):
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        # the encoder sees kept tokens only (keep=), so the mask embedding is never used: frozen, so that no
+        # unused parameter stops DDP's reducer (find_unused_parameters False) or reaches the optimizer
+        encoder.mask_emb.requires_grad_(False)
         self.encoder, self.modality = encoder, modality
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.decoder = MAEDecoder(in_dim=encoder.dim, out_dim=encoder.frontend.patch_dim, dim=decoder_dim,

@@ -21,13 +21,23 @@ def _lowest_k(scores: Tensor, k: Tensor) -> Tensor:
     return ranks < k[:, None]
 
 
+def _max_spans(lengths: Tensor, mask_prob: float, span: int, min_spans: int) -> Tensor:
+    """The most span starts `span_mask` can draw for rows of valid `lengths`: max(min_spans, int(p·T/span + u))
+    with u < 1 is at most max(min_spans, floor(p·T/span) + 1)."""
+    return torch.clamp(torch.floor(mask_prob * lengths.double() / span).long() + 1, min=min_spans)
+
+
 def check_span_args(mask_prob: float, span: int, min_spans: int, *, min_frames: int | None = None) -> int:
     """Check an objective's `span_mask` settings when it is built (0 < mask_prob < 1, span >= 1) and return the
-    fewest valid frames a row needs to be masked: max(min_spans + 1, min_frames), min_frames defaulting to
-    `span` (feed it to ShortUtteranceFilter)."""
+    fewest valid frames a row needs to be masked: the fewest T that `span_mask` accepts (T - span larger than
+    the most spans it can draw, so that no row can be masked whole), and at least max(min_spans + 1,
+    min_frames), min_frames defaulting to `span` (feed it to ShortUtteranceFilter)."""
     if not 0.0 < mask_prob < 1.0 or span < 1:
         raise ValueError(f"need 0 < mask_prob < 1 and mask_length >= 1, got {mask_prob}, {span}")
-    return max(min_spans + 1, span if min_frames is None else min_frames)
+    fewest = span + 1
+    while fewest - span <= int(_max_spans(torch.tensor([fewest]), mask_prob, span, min_spans)):
+        fewest += 1  # T - span grows by 1 per frame and the span count by mask_prob / span < 1: this ends
+    return max(min_spans + 1, span if min_frames is None else min_frames, fewest)
 
 
 def span_mask(
@@ -48,22 +58,29 @@ def span_mask(
     Spans overlap, so p = 0.65, span = 10 masks about 1 - (1 - 0.065)^10 = 49 % of frames. With
     `same_count`, every row is subsampled at random to the smallest masked count in the batch, so masked
     frames reshape to (B, M, D). Padding is never masked. Defaults: wav2vec 2.0 base (REFERENCE §B.2).
+
+    Rows too short to hold their spans (T - span not above the most spans they can draw, see
+    `check_span_args` for the fewest frames) are a ValueError naming them. NOTE(ref): fairseq draws the starts
+    of such rows from num_spans + 1 positions instead, which can mask the whole row; it then raises "the
+    entire sequence is masked" at random (for T = 12, span 10, 2 spans: one draw in three). We refuse those
+    rows up front, deterministically; a row we accept keeps at least its last frame unmasked (as fairseq's).
     """
     b, n = shape
     device = torch.device(device) if device is not None else (
         padding_mask.device if padding_mask is not None else torch.device("cpu"))
     lengths = _valid_lengths(padding_mask, b, n, device)
-    u = torch.rand(b, generator=generator, device=device)
-    num = torch.clamp((mask_prob * lengths.double() / span + u.double()).long(), min=min_spans)
-    # fairseq: when T - span <= num_spans, starts come from num_spans + 1 positions instead
-    starts_range = torch.where(lengths - span > num, lengths - span, num + 1)
-    too_short = starts_range > lengths
+    too_short = lengths - span <= _max_spans(lengths, mask_prob, span, min_spans)
     if bool(too_short.any()):
         bad = too_short.nonzero().flatten().tolist()
+        fewest = check_span_args(mask_prob, span, min_spans, min_frames=1)
         raise ValueError(
-            f"rows {bad} have {lengths[too_short].tolist()} frames, too few for {min_spans}+ spans of {span}; "
-            "filter shorter utterances (min_samples) or lower min_spans"
+            f"rows {bad} have {lengths[too_short].tolist()} frames, too few for {min_spans}+ spans of {span} "
+            f"at mask_prob {mask_prob} without masking a whole row (need at least {fewest}); filter shorter "
+            "utterances (min_samples) or lower min_spans / mask_length"
         )
+    u = torch.rand(b, generator=generator, device=device)
+    num = torch.clamp((mask_prob * lengths.double() / span + u.double()).long(), min=min_spans)
+    starts_range = lengths - span  # > num for every accepted row
     pos = torch.arange(n, device=device)[None]
     scores = torch.rand(b, n, generator=generator, device=device)
     scores = scores.masked_fill(pos >= starts_range[:, None], 2.0)  # out of range: never among the lowest
@@ -153,20 +170,23 @@ def random_keep(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """MAE's random masking: keep int(T·(1 - mask_ratio)) tokens per row, chosen uniformly, where T is the
-    shortest valid length in the batch (padding is never kept). Returns keep (B, N) bool, the same count per
-    row; the masked (predicted) tokens are `~keep & ~padding_mask`. Default ratio: MAE (He et al. 2022)."""
+    """MAE's random masking: keep int(T·(1 - mask_ratio)) of each row's T valid tokens, chosen uniformly
+    (MAE `random_masking`). Returns keep (B, N) bool; the masked (predicted) tokens are `~keep & ~padding_mask`.
+    In a padded batch every row is masked at the rate of its own length, and shorter rows also keep their first
+    padding positions (`equal_keep`), so that every row keeps the same number of tokens, the longest row's, as
+    an encoder of kept tokens needs (padding stays padding there). Default ratio: MAE (He et al. 2022)."""
     b, n = shape
     device = torch.device(device) if device is not None else (
         padding_mask.device if padding_mask is not None else torch.device("cpu"))
     lengths = _valid_lengths(padding_mask, b, n, device)
-    n_keep = int(int(lengths.min()) * (1.0 - mask_ratio))
-    if n_keep < 1:
+    n_keep = (lengths.double() * (1.0 - mask_ratio)).long()
+    if bool((n_keep < 1).any()):
         raise ValueError(f"mask_ratio {mask_ratio} keeps no token of a {int(lengths.min())}-token row")
     noise = torch.rand(b, n, generator=generator, device=device)
     if padding_mask is not None:
         noise = noise.masked_fill(padding_mask, 2.0)
-    return _lowest_k(noise, torch.full((b,), n_keep, device=device))
+    keep = _lowest_k(noise, n_keep)
+    return equal_keep(~keep, padding_mask)
 
 
 def _block_select(

@@ -58,7 +58,7 @@ class VarianceGuards:
                                   patience=0, remedies=self.REMEDIES)
 
     def check(self, target_var: float, pred_var: float, step: int) -> None:
-        if step < self.after:
+        if step <= self.after:  # fairseq: `num_updates > 5000`
             return
         self.target.update(target_var, step)
         self.pred.update(pred_var, step)

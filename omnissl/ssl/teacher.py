@@ -195,6 +195,11 @@ def top_k_targets(
     the average (`instance_norm_targets` / `layer_norm_targets`). padding_mask (B, N) True at padding:
     excluded from the instance statistics and zeroed in the output. Runs in fp32 with autocast off.
     Returns (B, N, D) fp32.
+
+    NOTE(ref): fairseq's `F.instance_norm` takes its statistics over the padded time axis too; its pretraining
+    never pads (wav2vec-style batches are cropped to the shortest, `pad=False`), so the statistics over the
+    valid frames are the faithful analogue for our padded batches: a row's targets do not depend on what it was
+    batched with (tests/objectives/test_data2vec.py, `test_top_k_targets_match_naive_reference`).
     """
     if not 1 <= k <= len(layers):
         raise ValueError(f"top_k must be in [1, {len(layers)}], got {k}")
@@ -212,7 +217,12 @@ def top_k_targets(
 
 def check_teacher_in_checkpoint(checkpoint: dict, name: str) -> None:
     """Refuse to resume objective `name` from a Lightning checkpoint without EMA teacher weights."""
-    state = checkpoint.get("state_dict", {})
+    if "state_dict" not in checkpoint:
+        # a sharded (FSDP2) checkpoint: the strategy has already loaded every weight, teacher included, into the
+        # sharded modules (torch.distributed.checkpoint fails naming any key the checkpoint lacks); the dict
+        # Lightning hands this hook holds only the rest
+        return
+    state = checkpoint["state_dict"]
     if not any(k.startswith("teacher.") for k in state):
         raise ValueError(
             f"this checkpoint has no EMA teacher ('teacher.*' weights), so {name} cannot resume from it (it "

@@ -127,8 +127,76 @@ def test_given_tokenizer_and_embedded_captions():
     dm2 = make("embedded:captions", embedded_size="tiny", tokenizer=str(dm.tokenizer_path))
     assert dm2.tokenizer_path == dm.tokenizer_path and dm2.vocab_size == dm.vocab_size
     tok = load_tokenizer(dm.tokenizer_path)
-    _, rows = read_manifest(manifests["train"])
+    root, rows = read_manifest(manifests["train"].with_name("train.captions.tsv"))
+    every: dict[str, list[str]] = {}
+    for rel, _, cap in rows:
+        every.setdefault(str(root / rel), []).append(cap)
     batch = next(iter(dm.train_dataloader()))
     for i, text in zip(batch.ids, batch.inputs["text"]):
-        assert tok.decode(text.tolist()) == rows[int(i)][2]
+        # a training item pairs a clip with one of its 5 captions
+        assert tok.decode(text.tolist()) in every[dm.dataset("train").files[int(i)]]
+    assert all(len(c) == 5 for c in every.values())
     assert batch.inputs["audio"].shape[1] <= 16_000 and len(dm.dataset("valid")) == 1
+    assert len(dm.dataset("test")) == 3 and len(dm.dataset("zeroshot")) == 14
+    # eval items carry the first caption; eval_captions gives all 5
+    item = dm.dataset("valid")[0]
+    caps = dm.eval_captions("valid", [0])[0]
+    assert len(caps) == 5 and torch.equal(item["text"], caps[0])
+
+
+def test_several_captions_per_clip_are_grouped_and_drawn(pairs, tmp_path):
+    root, rows = read_manifest(pairs)
+    multi = tmp_path / "multi.tsv"
+    lines = [f"{rel}\t{n}\t{cap}" for rel, n, cap in rows] + [f"{rows[0][0]}\t{rows[0][1]}\tAnother caption."]
+    multi.write_text(f"{root}\n" + "\n".join(lines) + "\n")
+    dm = make(multi)
+    ds = dm.dataset("train")
+    assert len(ds) == 4 and [len(t) for t in ds.token_ids] == [2, 1, 1, 1]
+    tok = load_tokenizer(dm.tokenizer_path)
+    torch.manual_seed(0)
+    drawn = {tok.decode(ds[0]["text"].tolist()) for _ in range(30)}
+    assert drawn == {CAPTIONS[0], "Another caption."}
+    assert [tok.decode(t.tolist()) for t in dm.eval_captions("train", [0])[0]] == [CAPTIONS[0], "Another caption."]
+
+
+def test_zeroshot_manifest_labels_and_classes(pairs, tmp_path):
+    root, rows = read_manifest(pairs)
+    zs = tmp_path / "zs.tsv"
+    zs.write_text(f"{root}\n" + "\n".join(f"{rel}\t{n}\t{'dog' if i % 2 else 'rain'}"
+                                          for i, (rel, n, _) in enumerate(rows)) + "\n")
+    dm = make(pairs, zeroshot=str(zs))
+    loader, classes, tokenize, heldout = dm.zeroshot_data()
+    assert classes == ["dog", "rain"] and heldout is None
+    batch = next(iter(loader))
+    assert batch.targets["label"].tolist() == [1, 0, 1, 0] and "text" not in batch.inputs
+    assert tokenize(["a dog"])[0][0] == dm.bos_id
+    (tmp_path / "zs.classes.json").write_text('{"classes": ["cat", "dog", "rain"], "heldout": ["cat"]}')
+    dm = make(pairs, zeroshot=str(zs))
+    _, classes, _, heldout = dm.zeroshot_data()
+    assert classes == ["cat", "dog", "rain"] and heldout == [True, False, False]
+    assert make(pairs).zeroshot_data() is None
+
+
+def test_embedded_held_out_combinations_never_train():
+    """The held-out classes are absent from every train and valid clip, present in every test clip, and the
+    zero-shot clips are single events of their class."""
+    import json
+
+    from omnissl.datamodules.corpora import captions as corpus
+
+    found = embedded_corpus("embedded:captions", size="tiny", seed=0)
+    for split in ("train", "valid", "test"):
+        labs = [json.loads(x) for x in found[split].with_suffix(".labels.jsonl").read_text().splitlines()]
+        for lab in labs:
+            held = [c for c in lab["classes"] if c in corpus.HELD_OUT]
+            assert bool(held) == (split == "test"), (split, lab["classes"])
+            assert len(lab["captions"]) == corpus.NUM_CAPTIONS == len(set(lab["captions"]))
+            assert lab["captions"][0] == lab["caption"]
+    zs = [json.loads(x) for x in found["train"].with_name("zeroshot.labels.jsonl").read_text().splitlines()]
+    assert sorted(z["label"] for z in zs) == sorted(corpus.CLASSES)
+    for z in zs:
+        assert z["classes"] == [z["label"]] and z["heldout"] == (z["label"] in corpus.HELD_OUT)
+    # the rule holds over many draws, not only the tiny corpus: 300 training scenes, none held out
+    for i in range(300):
+        scene = corpus.draw_scene(np.random.default_rng([5, i]))
+        assert not {corpus.event_class(e) for e in scene["events"]} & set(corpus.HELD_OUT)

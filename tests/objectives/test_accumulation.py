@@ -18,6 +18,7 @@ from omnissl.ssl.frames import encoder_frames
 from omnissl.ssl.heads import ConvDecoder1d
 from omnissl.ssl.hubert import HuBERT
 from omnissl.ssl.mae import MAE
+from omnissl.ssl.mlm import MaskedLM
 from omnissl.ssl.wav2vec2 import Wav2Vec2
 
 
@@ -54,9 +55,17 @@ def images(n, seed) -> Batch:
     return Batch({"image": torch.randn(n, 3, 32, 32, generator=g)}, {}, {}, torch.arange(n) + 10 * seed)
 
 
+def text(lengths, seed) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lengths)
+    ids = torch.randint(5, 64, (len(lengths), max(lengths)), generator=g)
+    ids = ids.masked_fill(torch.arange(ids.shape[1])[None] >= lens[:, None], 1)  # pad id 1
+    return Batch({"text": ids}, {"text": lens}, {}, torch.arange(len(lengths)) + 10 * seed)
+
+
 def case(name):
     """(model, two micro-batches whose counts differ several-fold)"""
-    short, long = [4000], [16000, 12000, 9000]
+    short, long = [4800], [16000, 12000, 9000]  # 14 frames: span masks need 13
     if name == "wav2vec2":
         model = Wav2Vec2(tiny("audio"), final_dim=32, num_distractors=5, dropout_features=0.0,
                          codebook_entries=16)
@@ -71,11 +80,14 @@ def case(name):
         model = Data2Vec2(enc, top_k=2, clone_batch=2, decoder_input_dropout=0.0,
                           decoder=ConvDecoder1d(in_dim=enc.dim, dim=32, layers=2, groups=4))
         return model, [audio(short, 1), audio(long, 2)]
+    if name == "mlm":
+        model = MaskedLM(tiny("text", vocab_size=64), mask_id=4, special_ids=[0, 1, 2, 3, 4], num_tokens=64)
+        return model, [text([12], 1), text([48, 40, 33], 2)]
     model = MAE(tiny("image"), decoder_dim=32, decoder_depth=1, decoder_heads=4)
     return model, [images(1, 1), images(5, 2)]
 
 
-@pytest.mark.parametrize("name", ["wav2vec2", "hubert", "data2vec", "data2vec2", "mae"])
+@pytest.mark.parametrize("name", ["wav2vec2", "hubert", "data2vec", "data2vec2", "mae", "mlm"])
 def test_one_update_of_two_micro_batches_has_the_gradient_of_their_union(name, monkeypatch):
     torch.manual_seed(0)
     model, micro = case(name)
@@ -120,7 +132,7 @@ SSLModule.generator = lambda self, device=None: torch.Generator().manual_seed(0)
 torch.manual_seed(0)
 model = HuBERT(tiny("audio"), num_classes=10, final_dim=32)
 model.optimizer_factory = RecordGrads
-lengths = [[4000], [16000, 12000, 9000], [6000, 5000], [16000, 16000, 15000, 14000]]  # rank 0: 0, 1; rank 1: 2, 3
+lengths = [[4800], [16000, 12000, 9000], [6000, 5000], [16000, 16000, 15000, 14000]]  # rank 0: 0, 1; rank 1: 2, 3
 batches = [audio(n, i, True, model.encoder) for i, n in enumerate(lengths)]
 reference = copy.deepcopy(model)
 
@@ -169,3 +181,36 @@ def test_two_ranks_with_accumulation_divide_by_the_global_count_of_the_update(tm
     assert result["n"][0] == result["n"][1] > 0
     assert max(result["counts"]) >= 3 * min(result["counts"]), result["counts"]
     assert result["err"] <= 1e-6 + 1e-5 * result["scale"], result
+
+
+@pytest.mark.parametrize("bad_first", [False, True])
+def test_a_skipped_micro_batch_leaves_the_update_count(bad_first):
+    """on_nonfinite: skip under accumulation: the skipped micro-batch adds no gradient, and its masked positions
+    must not join the update's count either; the update's gradient is that of the finite micro-batch alone over
+    its own count (before the fix it was divided by both micro-batches' counts)."""
+    torch.manual_seed(0)
+    model, (good, other) = case("hubert")
+    model.on_nonfinite = "skip"
+    model.optimizer_factory = RecordGrads
+    bad = Batch({"audio": torch.full_like(other.inputs["audio"], float("nan"))}, other.lengths, other.targets,
+                other.ids)
+    micro = [bad, good] if bad_first else [good, bad]
+    reference = copy.deepcopy(model)
+    sums, counts = [], []
+    reference.normalize = lambda loss_sum, count: (sums.append(loss_sum), counts.append(count), loss_sum)[-1]
+    reference.train()
+    reference._micro = int(bad_first)  # the micro-batch index the good batch has in the update (its masks)
+    reference.step(good)
+    (sums[0] / float(counts[0])).backward()
+    want = [p.grad for g in reference.configure_optimizers().param_groups for p in g["params"] if p.grad is not None]
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=1,
+                        accumulate_grad_batches=2, limit_val_batches=0)
+    loader = torch.utils.data.DataLoader(micro, batch_size=None, collate_fn=lambda b: b)
+    trainer.fit(model, train_dataloaders=loader)
+    assert model.skipped_nonfinite == 1
+    got = trainer.optimizers[0].seen
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

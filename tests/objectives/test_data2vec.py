@@ -5,6 +5,7 @@ reference, the 2.0 teacher running once per sample for M clones, collapse guards
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -353,6 +354,15 @@ def test_variance_guards_stop_a_run_naming_the_metric(kw, metric):
         trainer(max_steps=4).fit(model, data())
 
 
+def test_variance_guards_check_only_after_their_step_as_fairseq():
+    from omnissl.ssl.monitors import VarianceGuards
+
+    guards = VarianceGuards(min_target=0.1, min_pred=0.01, after_steps=5000)
+    guards.check(0.0, 0.0, step=5000)  # fairseq checks when num_updates > 5000
+    with pytest.raises(CollapseError, match="target_var"):
+        guards.check(0.0, 0.0, step=5001)
+
+
 def _embedded(modality: str):
     """The real embedded corpora at their smallest size (generated on first use)."""
     if modality == "audio":
@@ -574,3 +584,79 @@ def test_padded_patches_are_never_masked_nor_regressed(which, monkeypatch):
     assert torch.isfinite(out.loss)
     (target,) = seen
     assert len(target) > 0 and bool((target.abs().sum(-1) > 0).all()), "a padded (all-zero) target was regressed"
+
+
+@pytest.mark.parametrize("layers,widths", [(1, [(64, 64)]), (2, [(64, 128), (128, 64)]),
+                                           (3, [(64, 128), (128, 128), (128, 64)]),
+                                           (4, [(64, 128), (128, 128), (128, 128), (128, 64)])])
+def test_regression_head_doubles_the_width_once_as_fairseq(layers, widths):
+    """fairseq data2vec_text `_build_regression_head`: next_dim = 2·D in the first layer only, then 2·D -> 2·D,
+    then back to D (the audit found ours doubling at every layer from head_layers 3 on: 64 -> 128 -> 256)."""
+    from omnissl.ssl.heads import regression_head
+
+    head = regression_head(64, layers)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == widths
+    assert sum(isinstance(m, torch.nn.GELU) for m in head.modules()) == layers - 1
+    with pytest.raises(ValueError, match="head_layers"):
+        regression_head(64, 0)
+
+
+def naive_mask_tokens(t: int, p: float, span: int, rng) -> np.ndarray:
+    """fairseq MaskTokensDataset (mask_multiple_length = span) for one row of t tokens."""
+    num = int(p * t / float(span) + rng.random())
+    starts = rng.choice(t, num, replace=False)
+    idx = (starts[:, None] + np.arange(span)[None]).ravel()
+    out = np.zeros(t, dtype=bool)
+    out[idx[idx < t]] = True
+    return out
+
+
+def test_v1_text_masks_as_fairseq_masked_lm():
+    """data2vec text (fairseq `masked_lm`, mask_prob 0.35, mask_multiple_length 4): starts drawn from every
+    token, spans clipped to the row, no same-count constraint. Before the fix the audio span mask was used: the
+    last token was never masked and every row masked the same count."""
+    torch.manual_seed(0)
+    model = Data2Vec(tiny("text", vocab_size=64), modality="text", mask_prob=0.35, mask_length=4, top_k=2,
+                     target_norm="layer", head_layers=2, loss_beta=4.0, loss_scale=1.0)
+    lengths = torch.tensor([64, 40, 17])
+    ids = torch.randint(5, 64, (3, 64)).masked_fill(torch.arange(64)[None] >= lengths[:, None], 1)
+    tokens = model.encoder.embed(ids, lengths)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.stack([model.mask(tokens, g) for _ in range(600)])  # (draws, B, N)
+    assert not (masks & tokens.padding_mask).any()
+    rng = np.random.default_rng(0)
+    for row, t in enumerate(lengths.tolist()):
+        ref = np.stack([naive_mask_tokens(t, 0.35, 4, rng) for _ in range(600)])
+        ours = masks[:, row, :t].numpy()
+        # masked count per row (sd ~3.5 / sqrt(600)) and how often the last token is masked (~0.3 for t = 64)
+        assert abs(ours.sum(1).mean() - ref.sum(1).mean()) < 0.1 * ref.sum(1).mean() + 0.3, row
+        assert abs(ours[:, -1].mean() - ref[:, -1].mean()) < 0.08, (row, ours[:, -1].mean(), ref[:, -1].mean())
+        assert ours[:, -1].any()
+    counts = masks.sum(-1)  # (draws, B): rows differ within a batch (no same_count)
+    assert (counts[:, 0] != counts[:, 1]).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("recipe", ["data2vec_base", "data2vec2_base"])
+def test_image_recipes_leave_the_collapse_guards_off_as_fairseq(recipe):
+    """fairseq's image models never stop on variance: data2vec_vision only logs target_var / pred_var, and
+    base_images_only_task.yaml sets min_target_var 0 and min_pred_var 0 (the audio configs keep 0.1 / 0.01)."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    args = yaml.safe_load((root / f"recipes/image/{recipe}.yaml").read_text())["model"]["init_args"]
+    assert args["min_target_var"] == 0 and args["min_pred_var"] == 0
+    audio = yaml.safe_load((root / f"recipes/audio/{recipe}.yaml").read_text())["model"]["init_args"]
+    assert (audio["min_target_var"], audio["min_pred_var"]) == (0.1, 0.01)
+
+
+def test_v1_audio_draws_at_least_one_span_as_fairseq():
+    """fairseq data2vec_audio masks with min_masks=1 (wav2vec 2.0: 2), so 12-frame rows are masked, not dropped."""
+    model = v1()
+    assert model.min_spans == 1 and model.short.min_frames == 12
+    model.train()
+    out = model.step(audio_batch([3960, 16000]))  # 12 and 49 frames
+    assert "dropped_short" not in out.metrics or out.metrics["dropped_short"] == 0
+    assert out.batch_size == 2

@@ -26,10 +26,10 @@ def inputs(modality: str, seed: int = 0):
     return torch.randn(2, 3, 32, 32, generator=g), None
 
 
-def naive_block(block, x):
+def naive_block(block, x, attn_mask=None):
     """A block by hand from its weights (eval: no dropout) -> (raw block output, FFN output before the residual)."""
     def attn(y):
-        return block.attn(y, None)
+        return block.attn(y, attn_mask)
 
     def ffn(y):
         return block.fc2(F.gelu(block.fc1(y)))
@@ -43,7 +43,10 @@ def naive_block(block, x):
     return block.norm2(a + h), h
 
 
-def naive_norm(y, how):
+def naive_norm(y, how, lengths=None):
+    if how == "instance" and lengths is not None:  # over each row's valid frames only; padding zeroed
+        return torch.stack([torch.cat([naive_norm(r[:t][None], how)[0], torch.zeros_like(r[t:])])
+                            for r, t in zip(y, lengths.tolist())])
     if how == "instance":  # over time per channel
         mu, var = y.mean(1, keepdim=True), y.var(1, unbiased=False, keepdim=True)
         return (y - mu) / (var + 1e-5).sqrt()
@@ -53,21 +56,22 @@ def naive_norm(y, how):
     return y
 
 
-def naive_targets(model, source, norm, final_norm):
-    """Capture each teacher block's input, recompute it by hand, pick the FFN or raw block outputs, drop the CLS,
-    normalize each, average the top K, normalize the average."""
+def naive_targets(model, source, norm, final_norm, lengths=None):
+    """Capture each teacher block's input (and attention mask), recompute it by hand, pick the FFN or raw block
+    outputs, drop the CLS, normalize each (instance norm over each row's valid frames), average the top K,
+    normalize the average."""
     blocks = model.teacher.module.trunk.blocks
     seen = []
-    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for b in blocks]
-    return seen, hooks, lambda: _finish(model, blocks, seen, source, norm, final_norm)
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args)) for b in blocks]
+    return seen, hooks, lambda: _finish(model, blocks, seen, source, norm, final_norm, lengths)
 
 
-def _finish(model, blocks, seen, source, norm, final_norm):
-    outs = [naive_block(b, x) for b, x in zip(blocks, seen)]
+def _finish(model, blocks, seen, source, norm, final_norm, lengths=None):
+    outs = [naive_block(b, *args) for b, args in zip(blocks, seen)]
     layers = [o[0] if source == "layers" else o[1] for o in outs][-model.top_k:]
     p = model.encoder.num_prefix
-    avg = sum(naive_norm(y[:, p:].float(), norm) for y in layers) / model.top_k
-    return naive_norm(avg, final_norm)
+    avg = sum(naive_norm(y[:, p:].float(), norm, lengths) for y in layers) / model.top_k
+    return naive_norm(avg, final_norm, lengths)
 
 
 CASES = {
@@ -124,6 +128,35 @@ def test_targets_match_a_naive_reference_from_the_teachers_blocks(which, modalit
     if source == "ffn":  # and not the block outputs (a different quantity: the test can tell them apart)
         other = _finish(model, model.teacher.module.trunk.blocks, seen, "layers", norm, final_norm)
         assert (got - other).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("which", ["data2vec", "data2vec2"])
+def test_padded_audio_targets_match_the_naive_reference_and_the_row_alone(which):
+    """A padded audio batch (the usual case): attention and instance-norm statistics over each row's valid frames
+    (fairseq never pads in pretraining), so the short row's targets are those of the row run alone."""
+    torch.manual_seed(0)
+    kw, (source, norm, final_norm) = CASES[(which, "audio")]
+    model = build(which, "audio", **kw)
+    with torch.no_grad():
+        for p in model.teacher.module.trunk.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.train()
+    x, _ = inputs("audio")
+    lengths = torch.tensor([8000, 5000])
+    x[1, 5000:] = 0.0
+    frames = (~model.encoder.embed(x, lengths).padding_mask).sum(1)
+    assert frames.tolist()[0] > frames.tolist()[1]
+    seen, hooks, finish = naive_targets(model, source, norm, final_norm, lengths=frames)
+    with torch.no_grad():
+        got = teacher_targets(model, x, lengths)
+        for h in hooks:
+            h.remove()
+        want = finish()
+        alone = teacher_targets(model, x[1:, :5000], lengths[1:])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    t = int(frames[1])
+    torch.testing.assert_close(got[1, :t], alone[0], rtol=1e-4, atol=1e-4)
+    assert (got[1, t:] == 0).all()
 
 
 def test_pre_ln_block_targets_are_taken_before_the_final_layer_norm():
@@ -225,3 +258,38 @@ def test_data2vec2_masks_half_of_the_frames():
     model.train()
     out = model.step(Batch({"audio": inputs("audio")[0]}, {}))
     assert float(out.metrics["masked_frac"]) == pytest.approx(0.5, abs=0.02)
+
+
+# fairseq's settings per base recipe (configs: audio/pretraining/base_librispeech, text/pretraining/base,
+# vision/pretraining/base_imagenet, v2/base_{audio,text,images}_only_task): what the naive references above
+# are built with, and the 2.0 student's settings the audit found missing
+RECIPES = {
+    ("data2vec", "audio"): dict(target_source="ffn", target_norm="instance", top_k=8),
+    ("data2vec", "text"): dict(target_source="ffn", target_norm="layer", top_k=10, head_layers=2),
+    ("data2vec", "image"): dict(target_source="layers", target_norm=None, final_target_norm="layer"),
+    ("data2vec2", "audio"): dict(target_source="ffn", target_norm="instance", top_k=8, decoder_input_dropout=0.1),
+    ("data2vec2", "text"): dict(target_source="ffn", target_norm="instance", top_k=12, decoder_input_dropout=0.1,
+                                ema_blocks_only=True, teacher_embeds=False, loss_scale=1.0),
+    ("data2vec2", "image"): dict(target_source="ffn", target_norm="instance", final_target_norm="layer", top_k=10,
+                                 decoder_input_dropout=0.0, teacher_embeds=True, loss_scale=None),
+}
+
+
+@pytest.mark.parametrize("which,modality", list(RECIPES))
+def test_base_recipes_define_the_targets_the_references_are_checked_for(which, modality):
+    """The naive-reference cases above use each base recipe's target definition, and the recipes hold fairseq's
+    values (before the audit: 2.0 block outputs, v1 text `layers`, no decoder input dropout, image loss_scale 1,
+    a text teacher with averaged embeddings, a pre-LN image model)."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = yaml.safe_load((root / f"recipes/{modality}/{which}_base.yaml").read_text())["model"]["init_args"]
+    for key, want in RECIPES[(which, modality)].items():
+        assert recipe.get(key) == want, (key, recipe.get(key), want)
+    source, norm, final_norm = CASES[(which, modality)][1]
+    assert (recipe.get("target_source"), recipe.get("target_norm"), recipe.get("final_target_norm")) == (
+        source, norm, final_norm)
+    if (which, modality) == ("data2vec2", "image"):  # fairseq's image model is post-LN (layer_norm_first false)
+        assert recipe["encoder"]["init_args"]["pre_norm"] is False

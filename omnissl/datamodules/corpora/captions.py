@@ -20,10 +20,20 @@ written, so a caption never describes a part that was cut and every rendered eve
 generating factors after the crop (kind, start/end seconds, frequencies, colour, beep count and times, level,
 background) are saved as labels.
 
-Layout of `out/`: `clips/<k>/<i>.wav` (16 kHz mono PCM-16), `train.tsv` and `valid.tsv` (root line, then
-`relpath<TAB>num_samples<TAB>caption`; valid = 5 %, seeded) and `train.labels.jsonl` / `valid.labels.jsonl`
-(one JSON object per manifest row, same order). Sizes: "tiny" 12 clips of 1-2 s (tests), "small" 600 clips
-of 2-4 s, "default" 5 000 clips of 2-4 s (about 350 MB).
+Zero-shot is zero-shot: `HELD_OUT` names three classes of events ("high-pitched buzzy tone", "low pure tone",
+"low beeps") that combine factors seen in training but never together; no train or valid clip holds one. The
+test split is made of scenes with such an event (retrieval on unseen combinations), and `zeroshot.tsv` of
+single-event clips of all 14 `CLASSES` (zero-shot classification, held-out classes marked). Every clip has
+`NUM_CAPTIONS` captions: the canonical one (above) and paraphrases (other words and orders for the same
+factors: "a buzzy tone at a high pitch", "first ..., then ...", "with a faint hiss in the background").
+
+Layout of `out/`: `clips/<k>/<i>.wav`, `test/<i>.wav`, `zeroshot/<i>.wav` (16 kHz mono PCM-16); `train.tsv`,
+`valid.tsv`, `test.tsv` (root line, then `relpath<TAB>num_samples<TAB>caption`, the canonical caption; valid =
+5 % of the training clips, seeded); `<split>.captions.tsv` (one row per caption, 5 per clip);
+`zeroshot.tsv` (`relpath<TAB>num_samples<TAB>class`) and `zeroshot.classes.json`; `<split>.labels.jsonl` (one
+JSON object per manifest row, same order). Sizes: "tiny" 12 clips of 1-2 s (+ 3 test, 14 zero-shot; tests),
+"small" 600 clips of 2-4 s (+ 120 test, 140 zero-shot), "default" 5 000 clips of 2-4 s (+ 500, 560; about
+400 MB).
 """
 
 from __future__ import annotations
@@ -41,8 +51,11 @@ from omnissl.batch import SAMPLE_RATE
 from omnissl.datamodules.common import cached_generation, check_size, write_manifest
 from omnissl.datamodules.corpora.speech import espeak, run_shards
 
-VERSION = 2
+VERSION = 3
 NUM_CLIPS = {"tiny": 12, "small": 600, "default": 5000}
+NUM_TEST = {"tiny": 3, "small": 120, "default": 500}  # scenes with a held-out combination
+ZEROSHOT_PER_CLASS = {"tiny": 1, "small": 10, "default": 40}  # single-event clips per zero-shot class
+NUM_CAPTIONS = 5  # captions per clip (Clotho and AudioCaps' evaluation sets have 5)
 DURATION_S = {"tiny": (1.0, 2.0), "small": (2.0, 4.0), "default": (2.0, 4.0)}
 VALID_FRACTION = 0.05
 MIN_EVENT_S = 0.25
@@ -56,6 +69,17 @@ SPEECH_VOICES = {"man": ("m1", "m2", "m3", "m4", "m5", "m7"), "woman": ("f1", "f
 SHARD_CLIPS = 200  # clips per generating process when speech is on (espeak-ng keeps state within a process)
 COLORS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f^alpha
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+PITCH_BANDS = {"low": (150.0, 400.0), "mid-pitched": (400.0, 1200.0), "high-pitched": (1200.0, 3000.0)}
+BEEP_RANGE = (300.0, 3000.0)
+# The zero-shot classes: what one non-speech event is, named by its generating factors. The held-out ones are
+# combinations of factors that each occur in training but never together (no train or valid clip holds such
+# an event, in audio or caption): a zero-shot evaluation on them is zero-shot.
+CLASSES = (
+    "low pure tone", "low buzzy tone", "mid-pitched pure tone", "mid-pitched buzzy tone", "high-pitched pure tone",
+    "high-pitched buzzy tone", "rising sweep", "falling sweep", "white noise", "pink noise", "brown noise",
+    "low beeps", "mid-pitched beeps", "high-pitched beeps",
+)
+HELD_OUT = ("high-pitched buzzy tone", "low pure tone", "low beeps")
 
 
 def pitch_word(freq_hz: float) -> str:
@@ -69,42 +93,84 @@ def pitch_word(freq_hz: float) -> str:
 Speaker = Callable[..., np.ndarray]  # (word, voice=, rate=, pitch=, key=) -> float (T,) at 16 kHz
 
 
-def draw_scene(rng: np.random.Generator, speaker: Speaker | None = None,
-               words: Sequence[str] = ()) -> dict[str, Any]:
+def event_class(ev: dict[str, Any]) -> str | None:
+    """The zero-shot class of an event (`CLASSES`), None for speech."""
+    if ev["kind"] == "tone":
+        return f"{pitch_word(ev['freq_hz'])} {ev['timbre']} tone"
+    if ev["kind"] == "sweep":
+        return f"{ev['direction']} sweep"
+    if ev["kind"] == "noise":
+        return f"{ev['color']} noise"
+    if ev["kind"] == "beeps":
+        return f"{pitch_word(ev['freq_hz'])} beeps"
+    return None
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def draw_event(rng: np.random.Generator, kind: str, t: float, speaker: Speaker | None, words: Sequence[str],
+               label: str | None = None) -> dict[str, Any]:
+    """One event of `kind` starting at t; `label` (a `CLASSES` entry of that kind) fixes its class."""
+    level = "quiet" if rng.random() < 0.2 else "normal"
+    ev: dict[str, Any] = {"kind": kind, "level": level, "start_s": t}
+    pitch = next((p for p in PITCH_BANDS if label and label.startswith(p + " ")), None)
+    if kind == "speech":
+        assert speaker is not None
+        who = "man" if rng.random() < 0.5 else "woman"
+        voice = f"{rng.choice(SPEECH_ACCENTS)}+{rng.choice(SPEECH_VOICES[who])}"
+        word = str(words[int(rng.integers(len(words)))])
+        wave = speaker(word, voice=voice, rate=int(rng.integers(130, 200)), pitch=int(rng.integers(30, 70)),
+                       key=int(rng.integers(2**31)))
+        ev.update(speaker=who, voice=voice, word=word, samples=wave, end_s=t + len(wave) / SAMPLE_RATE)
+    elif kind == "beeps":
+        lo, hi = BEEP_RANGE
+        if pitch is not None:
+            lo, hi = max(lo, PITCH_BANDS[pitch][0]), min(hi, PITCH_BANDS[pitch][1])
+        freq = _log_uniform(rng, lo, hi)
+        beep_s, gap_s = float(rng.uniform(0.08, 0.15)), float(rng.uniform(0.08, 0.2))
+        count = int(rng.integers(2, 6))
+        ev.update(freq_hz=freq, beep_s=beep_s, beep_times_s=[t + k * (beep_s + gap_s) for k in range(count)])
+        ev["end_s"] = ev["beep_times_s"][-1] + beep_s
+    else:
+        ev["end_s"] = t + float(rng.uniform(0.5, 1.8))
+        if kind == "tone":
+            freq = _log_uniform(rng, *(PITCH_BANDS[pitch] if pitch else (150.0, 3000.0)))
+            timbre = "pure" if rng.random() < 0.6 else "buzzy"
+            if label is not None:
+                timbre = label.split()[-2]
+            ev.update(freq_hz=freq, timbre=timbre)
+        elif kind == "sweep":
+            lo = _log_uniform(rng, 200.0, 1000.0)
+            hi = lo * _log_uniform(rng, 2.0, 4.0)
+            up = bool(rng.random() < 0.5) if label is None else label == "rising sweep"
+            ev.update(direction="rising" if up else "falling", f0_hz=lo if up else hi, f1_hz=hi if up else lo)
+        else:
+            color = str(rng.choice(list(COLORS)))
+            ev["color"] = color if label is None else label.split()[0]
+    return ev
+
+
+def draw_scene(rng: np.random.Generator, speaker: Speaker | None = None, words: Sequence[str] = (), *,
+               held_out: bool = False, first: str | None = None, num_events: int | None = None) -> dict[str, Any]:
     """A scene on an open timeline: {"events": [...], "end_s"}; beeps carry their onset list, speech its
-    waveform (under "samples", never saved). Without a `speaker` there are no speech events."""
+    waveform (under "samples", never saved). Without a `speaker` there are no speech events.
+
+    held_out False: no event is of a `HELD_OUT` class (such draws are redrawn); True: any class may occur.
+    first: the class of the first event (a `CLASSES` entry). num_events: fixed count (else 1-3)."""
     kinds = KINDS if speaker is not None and words else KINDS[:-1]
     events = []
     t = float(rng.uniform(0.0, 0.4))
-    for _ in range(int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))):
-        kind = kinds[int(rng.integers(len(kinds)))]
-        level = "quiet" if rng.random() < 0.2 else "normal"
-        ev: dict[str, Any] = {"kind": kind, "level": level, "start_s": t}
-        if kind == "speech":
-            who = "man" if rng.random() < 0.5 else "woman"
-            voice = f"{rng.choice(SPEECH_ACCENTS)}+{rng.choice(SPEECH_VOICES[who])}"
-            word = str(words[int(rng.integers(len(words)))])
-            wave = speaker(word, voice=voice, rate=int(rng.integers(130, 200)), pitch=int(rng.integers(30, 70)),
-                           key=int(rng.integers(2**31)))
-            ev.update(speaker=who, voice=voice, word=word, samples=wave, end_s=t + len(wave) / SAMPLE_RATE)
-        elif kind == "beeps":
-            freq = float(np.exp(rng.uniform(np.log(300), np.log(3000))))
-            beep_s, gap_s = float(rng.uniform(0.08, 0.15)), float(rng.uniform(0.08, 0.2))
-            count = int(rng.integers(2, 6))
-            ev.update(freq_hz=freq, beep_s=beep_s, beep_times_s=[t + k * (beep_s + gap_s) for k in range(count)])
-            ev["end_s"] = ev["beep_times_s"][-1] + beep_s
+    count = num_events or int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
+    for k in range(count):
+        if k == 0 and first is not None:
+            ev = draw_event(rng, first.split()[-1], t, speaker, words, label=first)  # the kind ends the class
         else:
-            ev["end_s"] = t + float(rng.uniform(0.5, 1.8))
-            if kind == "tone":
-                ev.update(freq_hz=float(np.exp(rng.uniform(np.log(150), np.log(3000)))),
-                          timbre="pure" if rng.random() < 0.6 else "buzzy")
-            elif kind == "sweep":
-                lo = float(np.exp(rng.uniform(np.log(200), np.log(1000))))
-                hi = lo * float(np.exp(rng.uniform(np.log(2), np.log(4))))
-                up = bool(rng.random() < 0.5)
-                ev.update(direction="rising" if up else "falling", f0_hz=lo if up else hi, f1_hz=hi if up else lo)
-            else:
-                ev["color"] = str(rng.choice(list(COLORS)))
+            for _ in range(100):
+                ev = draw_event(rng, kinds[int(rng.integers(len(kinds)))], t, speaker, words)
+                if held_out or event_class(ev) not in HELD_OUT:
+                    break
         events.append(ev)
         t = ev["end_s"] + float(rng.uniform(0.15, 0.8))
     return {"events": events, "end_s": events[-1]["end_s"]}
@@ -168,6 +234,69 @@ def caption(events: list[dict[str, Any]], background: dict[str, Any] | None, rng
     if background is not None:
         text += " over faint hiss" if background["kind"] == "hiss" else " over a low electrical hum"
     return text[0].upper() + text[1:] + "."
+
+
+def paraphrase_phrase(ev: dict[str, Any], rng: np.random.Generator) -> str:
+    """Another wording of one event's phrase (same factors, other words and order)."""
+    quiet = ev["level"] == "quiet"
+    q = str(rng.choice(["quiet ", "faint ", "soft "])) if quiet else ""
+    kind = ev["kind"]
+    if kind == "tone":
+        p, t = pitch_word(ev["freq_hz"]), ev["timbre"]
+        t2 = {"pure": str(rng.choice(["pure", "clean", "pure sine"])), "buzzy": str(rng.choice(["buzzy", "harsh buzzy"]))}[t]
+        return str(rng.choice([f"a {q}{p} {t2} tone", f"a {q}{t2} tone at a {p.replace('-pitched', '')} pitch",
+                               f"a steady {q}{p} {t2} tone", f"a {q}{p} tone with a {t2} timbre"]))
+    if kind == "sweep":
+        up = ev["direction"] == "rising"
+        return str(rng.choice([f"a {q}{ev['direction']} sweep", f"a {q}tone sweeping {'up' if up else 'down'}",
+                               f"a {q}pitch glide going {'up' if up else 'down'}",
+                               f"a {q}{'rising' if up else 'falling'} frequency sweep"]))
+    if kind == "speech":
+        soft = "softly " if quiet else ""
+        return str(rng.choice([f'a {ev["speaker"]} {soft}saying "{ev["word"]}"',
+                               f'the word "{ev["word"]}" {soft}spoken by a {ev["speaker"]}',
+                               f'a {ev["speaker"]}\'s voice {soft}saying "{ev["word"]}"']))
+    if kind == "noise":
+        c = ev["color"]
+        short = ev["end_s"] - ev["start_s"] < 0.8
+        if short:
+            return str(rng.choice([f"a short burst of {q}{c} noise", f"a brief {q}{c} noise burst"]))
+        return str(rng.choice([f"{q}{c} noise", f"a {q}stretch of {c} noise", f"steady {q}{c} noise"]))
+    n, p = ev["count"], pitch_word(ev["freq_hz"])
+    if n == 1:
+        return str(rng.choice([f"a single {q}{p} beep", f"one {q}{p} beep"]))
+    return str(rng.choice([f"{NUMBERS[n]} {q}{p} beeps", f"a series of {NUMBERS[n]} {q}{p} beeps",
+                           f"{q}{p} beeps, {NUMBERS[n]} of them"]))
+
+
+def paraphrases(events: list[dict[str, Any]], background: dict[str, Any] | None, first: str,
+                rng: np.random.Generator, k: int = NUM_CAPTIONS) -> list[str]:
+    """`first` (the canonical caption) and k - 1 different wordings of the same clip: other phrases for each
+    event (same order), connectors, openers and background phrases."""
+    out = [first]
+    for _ in range(20 * k):
+        if len(out) == k:
+            break
+        parts = [paraphrase_phrase(ev, rng) for ev in events]
+        if len(parts) == 2:
+            text = str(rng.choice([f"{parts[0]}, followed by {parts[1]}", f"{parts[0]}, then {parts[1]}",
+                                   f"{parts[0]} and then {parts[1]}", f"first {parts[0]}, then {parts[1]}"]))
+        elif len(parts) == 3:
+            text = str(rng.choice([f"{parts[0]}, then {parts[1]}, followed by {parts[2]}",
+                                   f"{parts[0]}, {parts[1]} and then {parts[2]}",
+                                   f"first {parts[0]}, then {parts[1]}, and finally {parts[2]}"]))
+        else:
+            text = parts[0]
+        if background is not None:
+            text += str(rng.choice([" over faint hiss", " with a faint hiss in the background", " against a soft hiss"]
+                                   if background["kind"] == "hiss" else
+                                   [" over a low electrical hum", " with a mains hum in the background",
+                                    " over a humming background"]))
+        text = str(rng.choice(["", "the sound of ", "you can hear ", "a recording of "])) + text
+        text = text[0].upper() + text[1:] + "."
+        if text not in out:
+            out.append(text)
+    return out
 
 
 # -------------------------------------------------------------------------------------------------- render
@@ -239,22 +368,45 @@ def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_
     return np.clip(y, -1.0, 1.0)
 
 
+SPLIT_KEYS = {"train": 0, "test": 1, "zeroshot": 2}  # a clip's random stream: (seed, split, index)
+
+
 def make_clip(seed: int, index: int, size: str, speaker: Speaker | None = None,
-              words: Sequence[str] = ()) -> tuple[np.ndarray, dict[str, Any]]:
-    """One clip: (waveform (T,) float64, labels with the post-crop factors and the caption)."""
-    rng = np.random.default_rng([seed, index])
+              words: Sequence[str] = (), split: str = "train") -> tuple[np.ndarray, dict[str, Any]]:
+    """One clip: (waveform (T,) float64, labels with the post-crop factors, the caption and its paraphrases).
+
+    split "train" (train and valid): scenes without any `HELD_OUT` class; "test": scenes whose first event is of
+    a held-out class (HELD_OUT[index % 3]), kept by the crop; "zeroshot": one event of class
+    CLASSES[index % len(CLASSES)] (label "label", "heldout" whether it is held out)."""
+    if split not in SPLIT_KEYS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_KEYS)}")
+    rng = np.random.default_rng([seed, index] if split == "train" else [seed, SPLIT_KEYS[split], index])
     num_samples = int(round(float(rng.uniform(*DURATION_S[size])) * SAMPLE_RATE))
     duration = num_samples / SAMPLE_RATE
-    scene = draw_scene(rng, speaker, words)
+    label = None
+    if split == "test":
+        label = HELD_OUT[index % len(HELD_OUT)]
+        scene = draw_scene(rng, speaker, words, held_out=True, first=label)
+    elif split == "zeroshot":
+        label = CLASSES[index % len(CLASSES)]
+        scene = draw_scene(rng, speaker, words, held_out=True, first=label, num_events=1)
+    else:
+        scene = draw_scene(rng, speaker, words)
+
+    def kept(evs: list[dict[str, Any]]) -> bool:  # the crop keeps an event (of the forced class)
+        return bool(evs) and (label is None or any(event_class(e) == label for e in evs))
+
     events: list[dict[str, Any]] = []
     for _ in range(20):  # a crop window that keeps at least one event
         start = float(rng.uniform(0.0, max(0.0, scene["end_s"] - duration * 0.5)))
         events = crop_scene(scene, start, duration)
-        if events:
+        if kept(events):
             break
     else:
         start = scene["events"][0]["start_s"]
         events = crop_scene(scene, start, duration)
+        if not kept(events):
+            raise RuntimeError(f"clip {index} of split {split}: no crop keeps its {label or 'events'}")
     u = rng.random()
     background = None if u < 0.5 else {"kind": "hiss"} if u < 0.8 else {"kind": "hum",
                                                                          "freq_hz": float(rng.choice([50, 60]))}
@@ -267,9 +419,13 @@ def make_clip(seed: int, index: int, size: str, speaker: Speaker | None = None,
                 ev[k] = round(v, 4)
             elif isinstance(v, list) and all(isinstance(x, float) for x in v):
                 ev[k] = [round(x, 4) for x in v]
-    labels = {"caption": text, "num_samples": num_samples, "duration_s": duration,
+    captions = paraphrases(events, background, text, np.random.default_rng([seed, 7, SPLIT_KEYS[split], index]))
+    labels = {"caption": text, "captions": captions, "num_samples": num_samples, "duration_s": duration,
               "crop_start_s": round(start, 4), "background": background, "events": events,
-              "num_events": len(events), "kinds": [ev["kind"] for ev in events]}
+              "num_events": len(events), "kinds": [ev["kind"] for ev in events],
+              "classes": [event_class(ev) for ev in events]}
+    if split == "zeroshot":
+        labels.update(label=label, heldout=label in HELD_OUT)
     if not math.isfinite(float(np.abs(wave).max())):
         raise RuntimeError(f"non-finite audio in clip {index}")
     return wave, labels
@@ -330,16 +486,18 @@ def _speaker(engine_seed: int) -> Speaker:
     return speak
 
 
-def _write_clips(out: str, seed: int, size: str, indices: list[int], speech: bool) -> list[dict[str, Any]]:
-    """Render and write clips `indices` -> their labels (with "path"). With speech, run in a fresh process."""
+def _write_clips(out: str, seed: int, size: str, indices: list[int], speech: bool,
+                 split: str = "train") -> list[dict[str, Any]]:
+    """Render and write clips `indices` of `split` -> their labels (with "path"). With speech, run in a fresh
+    process."""
     import soundfile as sf
 
-    speaker = _speaker(seed * 1_000_003 + indices[0]) if speech else None
+    speaker = _speaker(seed * 1_000_003 + indices[0] + 7_919 * SPLIT_KEYS[split]) if speech else None
     words = spoken_words(seed) if speech else []
     labels = []
     for i in indices:
-        wave, lab = make_clip(seed, i, size, speaker, words)
-        rel = f"clips/{i // 1000:03d}/{i:05d}.wav"
+        wave, lab = make_clip(seed, i, size, speaker, words, split=split)
+        rel = f"clips/{i // 1000:03d}/{i:05d}.wav" if split == "train" else f"{split}/{i:05d}.wav"
         (Path(out) / rel).parent.mkdir(parents=True, exist_ok=True)
         sf.write(Path(out) / rel, wave, SAMPLE_RATE, subtype="PCM_16", format="WAV")
         labels.append({"path": rel, **lab})
@@ -347,8 +505,13 @@ def _write_clips(out: str, seed: int, size: str, indices: list[int], speech: boo
 
 
 def generate(out: Path, size: str = "small", seed: int = 0) -> dict[str, Path]:
-    """Write the corpus to `out` (once per (size, seed, speech on/off)) -> {"train": tsv, "valid": tsv}.
+    """Write the corpus to `out` (once per (size, seed, speech on/off)) -> {"train", "valid", "test": tsv}.
 
+    train / valid: scenes without a held-out class (`HELD_OUT`); test: scenes with one (unseen combinations of
+    seen factors). Their manifests hold each clip's canonical caption; `<split>.captions.tsv` beside them every
+    caption (`NUM_CAPTIONS` paraphrases, one row each, the canonical one first: rows that share a file are
+    captions of one clip). `zeroshot.tsv` is a labeled manifest (`relpath<TAB>num_samples<TAB>class`) of
+    single-event clips of every `CLASSES` entry, with `zeroshot.classes.json` ({"classes", "heldout"}).
     Each manifest has a labels file beside it: `<split>.labels.jsonl`, one JSON object per row. Spoken words
     (espeak-ng, through `omnissl.datamodules.corpora.speech`) are one of the event kinds when its wheel is
     installed; each block of 200 clips is then rendered by a fresh process, so that espeak-ng's internal state
@@ -358,25 +521,40 @@ def generate(out: Path, size: str = "small", seed: int = 0) -> dict[str, Path]:
     speech = speech_available()
     config = {"corpus": "captions", "version": VERSION, "size": size, "seed": seed, "speech": speech}
 
+    def render_split(tmp: Path, split: str, n: int, speech: bool) -> list[dict[str, Any]]:
+        blocks = [list(range(k, min(n, k + SHARD_CLIPS))) for k in range(0, n, SHARD_CLIPS)]
+        if speech:
+            done = run_shards(_write_clips, [(str(tmp), seed, size, b, True, split) for b in blocks],
+                              f"captioned clips ({split})")
+        else:
+            done = [_write_clips(str(tmp), seed, size, b, False, split)
+                    for b in tqdm(blocks, desc=f"captioned clips ({split})", unit="block")]
+        return [lab for block in done for lab in block]
+
+    def write_labels(path: Path, labs: list[dict[str, Any]]) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for lab in labs:
+                f.write(json.dumps(lab, sort_keys=True) + "\n")
+
     def build(tmp: Path, final: Path) -> dict[str, str]:
         n = NUM_CLIPS[size]
         perm = np.random.default_rng(seed).permutation(n)
         valid = set(perm[: max(1, round(VALID_FRACTION * n))].tolist())
-        blocks = [list(range(k, min(n, k + SHARD_CLIPS))) for k in range(0, n, SHARD_CLIPS)]
-        if speech:
-            done = run_shards(_write_clips, [(str(tmp), seed, size, b, True) for b in blocks], "captioned clips")
-        else:
-            done = [_write_clips(str(tmp), seed, size, b, False)
-                    for b in tqdm(blocks, desc="captioned clips", unit="block")]
         labels: dict[str, list] = {"train": [], "valid": []}
-        for i, lab in enumerate(lab for block in done for lab in block):
+        for i, lab in enumerate(render_split(tmp, "train", n, speech)):
             labels["valid" if i in valid else "train"].append(lab)
+        labels["test"] = render_split(tmp, "test", NUM_TEST[size], speech)
         for split, labs in labels.items():
             write_manifest(tmp / f"{split}.tsv", final, [(lab["path"], lab["num_samples"], lab["caption"])
                                                          for lab in labs])
-            with open(tmp / f"{split}.labels.jsonl", "w", encoding="utf-8") as f:
-                for lab in labs:
-                    f.write(json.dumps(lab, sort_keys=True) + "\n")
-        return {"train": "train.tsv", "valid": "valid.tsv"}
+            write_manifest(tmp / f"{split}.captions.tsv", final, [(lab["path"], lab["num_samples"], c)
+                                                                  for lab in labs for c in lab["captions"]])
+            write_labels(tmp / f"{split}.labels.jsonl", labs)
+        zero = render_split(tmp, "zeroshot", ZEROSHOT_PER_CLASS[size] * len(CLASSES), False)
+        write_manifest(tmp / "zeroshot.tsv", final, [(lab["path"], lab["num_samples"], lab["label"]) for lab in zero])
+        write_labels(tmp / "zeroshot.labels.jsonl", zero)
+        (tmp / "zeroshot.classes.json").write_text(json.dumps({"classes": list(CLASSES), "heldout": list(HELD_OUT)},
+                                                              indent=1) + "\n")
+        return {"train": "train.tsv", "valid": "valid.tsv", "test": "test.tsv"}
 
     return cached_generation(Path(out), config, build)

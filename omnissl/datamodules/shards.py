@@ -1,0 +1,486 @@
+"""Streamed, sharded corpora with `litdata`: the one way omnissl writes and reads shards.
+
+Writing (`write_shards`, the `omnissl data shard` command): litdata's `optimize()` turns a manifest, folder or
+text file into chunk files plus litdata's `index.json`, and omnissl adds `omnissl_shards.json` (kind, item
+count, label vocabulary, skipped items). One shard item per source item:
+
+* audio: `{"id": manifest row, "audio": FLAC bytes as a uint8 array (16 kHz mono, 16-bit), "n": samples, "origin": JSON
+  {"file", "where": manifest line},
+  "label": str ("" when none), "units": int32 array (empty when none)}`; the FLAC is the compression (litdata's
+  zstd would not shrink it further, so audio chunks are not zstd-compressed);
+* text: `{"text": one document, "origin": {"file", "where": "<file>:<first line>"}}`, chunks zstd-compressed;
+  documents are one per line (`docs="line"`) or separated by blank lines (`docs="blank"`), read line by line
+  (a file is never read whole into memory);
+* image: `{"id": manifest row, "image": the encoded file's bytes (PNG/JPEG as stored, uint8 array), "origin",
+  "label"}`.
+
+Reading: a split argument `shards:<folder or URI>` (`shards:/data/ls960`, `shards:s3://bucket/ls960`) names a
+shard set. A local folder is read as `local:<folder>`, i.e. through litdata's downloader and cache exactly as
+an object-store URI (one code path; the source folder is never modified); the cache lives under
+`$OMNISSL_DATA/cache/shards` (`$OMNISSL_SHARD_CACHE` if set). `ShardItems` is a litdata `StreamingDataset`
+whose items are decoded by a picklable `decode(raw, epoch)` (e.g. `audio.AudioShardDecoder`: crop, units, labels, bad-item handling), and
+`ShardLoader` is a `StreamingDataLoader` that gathers `pool` items per litdata batch and cuts them into
+length-bucketed batches under `max_tokens` (`sampler.token_batches`, as for manifests) or plain `batch_size`
+batches. litdata assigns chunks to ranks and workers (every item once per epoch, `drop_last=False`) and
+shuffles chunks and items per (seed, epoch).
+
+Resume: `ShardLoader.state_dict()` = litdata's own loader state at the start of the pool in progress + the
+batches of that pool already handed out; Lightning saves it in every checkpoint (as for `ResumableLoader`) and
+`load_state_dict` replays litdata's position, recomputes that pool (same items, same crops: crops are
+functions of (seed, epoch, id)) and skips its finished batches, so a resumed epoch sees each item once.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from litdata import StreamingDataLoader, StreamingDataset, optimize
+
+from omnissl.batch import SAMPLE_RATE
+from omnissl.datamodules.audio_io import EXTENSIONS, AudioDataError, load_audio, read_audio_manifest
+from omnissl.datamodules.common import SkipLog, check_on_error, data_root, read_manifest, shown
+from omnissl.datamodules.units import read_units, units_path_for
+from omnissl.datamodules.sampler import token_batches
+
+log = logging.getLogger(__name__)
+
+PREFIX = "shards:"
+META = "omnissl_shards.json"
+KINDS = ("audio", "text", "image")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class ShardDataError(RuntimeError):
+    """A shard set that cannot be read, or a shard item that cannot be decoded (the message names both)."""
+
+
+def is_shards(spec: object) -> bool:
+    return isinstance(spec, str) and spec.startswith(PREFIX)
+
+
+def shard_location(spec: str | os.PathLike) -> str:
+    """The litdata input of `spec` ("shards:<folder or URI>", or the bare folder / URI): an object-store URI as
+    is, a local folder as "local:<absolute folder>" (read through litdata's downloader and cache like a URI)."""
+    where = str(spec)[len(PREFIX):] if is_shards(spec) else str(spec)
+    if "://" in where or where.startswith("local:"):
+        return where
+    return "local:" + str(Path(where).expanduser().absolute())
+
+
+def cache_dir() -> Path:
+    """Where litdata keeps the chunks it streams: `$OMNISSL_SHARD_CACHE`, default `$OMNISSL_DATA/cache/shards`."""
+    return Path(os.environ.get("OMNISSL_SHARD_CACHE") or data_root() / "cache" / "shards")
+
+
+def read_meta(spec: str | os.PathLike) -> dict:
+    """`omnissl_shards.json` of a shard set (kind, count, labels, skipped); {} for a litdata set without one."""
+    where = shard_location(spec)
+    if where.startswith("local:"):
+        path = Path(where[len("local:"):]) / META
+        if not (path.parent / "index.json").is_file():
+            raise ShardDataError(f"{spec}: no litdata shard set here (index.json missing); write one with "
+                                 "`omnissl data shard`")
+        return json.loads(path.read_text()) if path.is_file() else {}
+    import fsspec  # object stores: litdata's own dependency for remote file systems
+
+    try:
+        with fsspec.open(f"{where.rstrip('/')}/{META}", "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def encode_flac(x: np.ndarray, sample_rate: int) -> bytes:
+    """16-bit FLAC of float samples in [-1, 1). Quantized as soundfile reads 16-bit audio back (k / 32768), so a
+    16-bit source decodes to exactly the samples it had (libsndfile's own float writer scales by 32767)."""
+    import soundfile as sf
+
+    pcm = np.clip(np.round(np.asarray(x, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+    buf = io.BytesIO()
+    sf.write(buf, pcm, sample_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def as_bytes_array(data: bytes) -> np.ndarray:
+    """Encoded bytes as a uint8 array: litdata then stores them as they are (given plain `bytes` that look like
+    audio or an image, its serializers would re-encode them, as WAV or decoded pixels)."""
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def origin(path: object, where: str) -> str:
+    """Where a shard item came from, as JSON {"file", "where"} (a bare file name ending in .wav or .png would be
+    taken by litdata's serializers for a file to read in)."""
+    return json.dumps({"file": shown(path), "where": where})
+
+
+@dataclass
+class SkipRecorder:
+    """Appends (item, reason) lines to a file in `folder` (one per writing process; collected after)."""
+
+    folder: str
+
+    def __call__(self, where: str, reason: str) -> None:
+        with open(Path(self.folder) / f"skips-{os.getpid()}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps([where, reason]) + "\n")
+
+
+@dataclass
+class AudioItems:
+    """optimize() fn: (row, path, samples, where, label, units) -> one shard item (nothing for a skipped bad item)."""
+
+    on_error: str
+    skip: SkipRecorder
+
+    def __call__(self, row: tuple) -> Iterator[dict]:
+        i, path, size, where, label, units = row
+        try:
+            x = load_audio(path, expected=size).numpy()
+        except AudioDataError as e:
+            if self.on_error == "raise":
+                raise AudioDataError(f"{where}: {e}") from None
+            self.skip(where, str(e))
+            return
+        yield {"id": int(i), "audio": as_bytes_array(encode_flac(x, SAMPLE_RATE)), "n": int(len(x)),
+               "origin": origin(path, where), "label": label or "", "units": np.asarray(units if units is not None else [], dtype=np.int32)}
+
+
+@dataclass
+class TextItems:
+    """optimize() fn: a text file -> its documents, read line by line (never the whole file)."""
+
+    docs: str
+    on_error: str
+    skip: SkipRecorder
+
+    def __call__(self, path: str) -> Iterator[dict]:
+        doc: list[str] = []
+        first = 0
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    why = f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
+                    if self.on_error == "raise":
+                        raise ValueError(f"{shown(path)}:{number}: {why}; re-encode the file as UTF-8, or pass "
+                                         "--on-error skip") from None
+                    self.skip(f"{shown(path)}:{number}", why)
+                    continue
+                if number == 1:
+                    line = line.lstrip("\ufeff")
+                if self.docs == "line":
+                    if line.strip():
+                        yield {"text": line, "origin": origin(path, f"{shown(path)}:{number}")}
+                    continue
+                if line.strip():
+                    first = first or number
+                    doc.append(line)
+                elif doc:
+                    yield {"text": "\n".join(doc), "origin": origin(path, f"{shown(path)}:{first}")}
+                    doc, first = [], 0
+        if doc:
+            yield {"text": "\n".join(doc), "origin": origin(path, f"{shown(path)}:{first}")}
+
+
+@dataclass
+class ImageItems:
+    """optimize() fn: (row, path, label) -> the image file's bytes, checked decodable."""
+
+    on_error: str
+    skip: SkipRecorder
+
+    def __call__(self, row: tuple) -> Iterator[dict]:
+        from PIL import Image
+
+        i, path, where, label = row
+        try:
+            data = Path(path).read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many types for a bad file
+            if self.on_error == "raise":
+                raise ShardDataError(f"{where}: unreadable image ({e})") from None
+            self.skip(where, f"unreadable image ({e})")
+            return
+        yield {"id": int(i), "image": as_bytes_array(data), "origin": origin(path, where), "label": label or ""}
+
+
+def guess_kind(source: Path) -> str:
+    """audio / image / text from the source's files (a manifest's first listed file, a folder's files)."""
+
+    if source.is_file() and source.suffix != ".tsv":
+        return "text"
+    names = ([p.name for p in source.rglob("*") if p.is_file()] if source.is_dir()
+             else [line.split("\t")[0] for line in source.read_text(encoding="utf-8").splitlines()[1:3]])
+    suffixes = {Path(n).suffix.lower() for n in names}
+    if suffixes & set(EXTENSIONS):
+        return "audio"
+    if suffixes & set(IMAGE_EXTENSIONS):
+        return "image"
+    if ".txt" in suffixes:
+        return "text"
+    raise ValueError(f"{source}: cannot tell audio, text or images apart from its files {sorted(suffixes)[:5]}; "
+                     "pass --kind")
+
+
+def audio_rows(source: Path, *, units: str | None, on_error: str) -> tuple[list[tuple], list[str] | None]:
+
+    m = read_audio_manifest(source, on_error=on_error)
+    unit_rows = None
+    if units is not None:
+        path = units_path_for(source, units)
+        unit_rows = read_units(path)
+        if len(unit_rows) != len(m):
+            raise ValueError(f"{path} has {len(unit_rows)} lines but {source} lists {len(m)} utterances")
+    rows = [(i, str(m.root / m.paths[i]), int(m.sizes[i]), m.where(i), None if m.labels is None else m.labels[i],
+             None if unit_rows is None else unit_rows[i]) for i in range(len(m))]
+    return rows, m.labels
+
+
+def image_rows(source: Path) -> list[tuple]:
+
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        return [(i, str(p), str(p), p.parent.name if p.parent != source else None) for i, p in enumerate(files)]
+    root, rows = read_manifest(source, require_root=False)
+    return [(i, str(root / r[0]), f"{source}:{i + 2}", r[2] if len(r) > 2 else None) for i, r in enumerate(rows)]
+
+
+def write_shards(source: str | os.PathLike, out: str, *, kind: str | None = None, docs: str = "line",
+                 units: str | None = None, on_error: str = "raise", chunk_bytes: str = "64MB",
+                 num_workers: int = 1) -> dict:
+    """Shard `source` (audio/image manifest or folder; a text file, a folder of .txt or a manifest of them) into
+    `out` (folder or object-store URI) with litdata's `optimize()`; returns the metadata written beside them
+    (`omnissl_shards.json`). Bad items raise naming the file (on_error="raise") or are counted and left out."""
+    check_on_error(on_error)
+    if docs not in ("line", "blank"):
+        raise ValueError(f"docs must be 'line' or 'blank', got {docs!r}")
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    kind = kind or guess_kind(source)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if units is not None and kind != "audio":
+        raise ValueError("units go with audio shards only")
+    local_out = "://" not in out
+    if local_out and Path(out).exists() and any(Path(out).iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty: choose a new or empty --out folder")
+    labels: list[str] | None = None
+    with tempfile.TemporaryDirectory(prefix="omnissl-shard-skips-") as tmp:
+        skip = SkipRecorder(tmp)
+        compression = None
+        if kind == "audio":
+            inputs, labels = audio_rows(source, units=units, on_error=on_error)
+            fn: Callable = AudioItems(on_error, skip)
+        elif kind == "image":
+            inputs = image_rows(source)
+            found = [r[3] for r in inputs]
+            labels = None if any(lab is None for lab in found) else found  # type: ignore[assignment]
+            fn = ImageItems(on_error, skip)
+        else:
+            if source.is_dir():
+                inputs = [str(p) for p in sorted(source.rglob("*.txt"))]
+            elif source.suffix == ".tsv":
+                root, rows = read_manifest(source, require_root=False)
+                inputs = [str(root / r[0]) for r in rows]
+            else:
+                inputs = [str(source)]
+            fn = TextItems(docs, on_error, skip)
+            compression = "zstd"
+        if not inputs:
+            raise ValueError(f"{source}: no {kind} items to shard")
+        try:
+            optimize(fn=fn, inputs=inputs, output_dir=out, chunk_bytes=chunk_bytes, num_workers=max(1, num_workers),
+                     compression=compression, compression_level="chunk" if compression else None,
+                     reorder_files=False, mode="overwrite", start_method="fork")
+        except RuntimeError as e:  # litdata re-raises a worker's error as text: keep the named bad item
+            if local_out:
+                shutil.rmtree(out, ignore_errors=True)
+            found = re.findall(r"(?:AudioDataError|ShardDataError|ValueError): (.+)", str(e))
+            raise ShardDataError(f"{found[0]} (nothing written; --on-error skip leaves such items out)"
+                                 if found else str(e)) from None
+        skipped: dict[str, str] = {}
+        for f in sorted(Path(tmp).glob("skips-*.jsonl")):
+            for line in f.read_text(encoding="utf-8").splitlines():
+                where, why = json.loads(line)
+                skipped[where] = why
+    count = sum(c["chunk_size"] for c in _index(out)["chunks"])
+    meta = {"kind": kind, "source": str(source), "count": count, "skipped": skipped, "docs": docs if kind == "text"
+            else None, "units": units, "labels": sorted(set(labels)) if labels else None}
+    _write_text(out, META, json.dumps(meta, indent=1, sort_keys=True))
+    return meta
+
+
+def _index(out: str) -> dict:
+    if "://" not in out:
+        return json.loads((Path(out) / "index.json").read_text())
+    import fsspec
+
+    with fsspec.open(f"{out.rstrip('/')}/index.json", "r") as f:
+        return json.load(f)
+
+
+def _write_text(out: str, name: str, text: str) -> None:
+    if "://" not in out:
+        (Path(out) / name).write_text(text)
+        return
+    import fsspec
+
+    with fsspec.open(f"{out.rstrip('/')}/{name}", "w") as f:
+        f.write(text)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+class ShardItems(StreamingDataset):
+    """A litdata `StreamingDataset` over `spec` ("shards:<folder or URI>") whose items are `decode(raw, epoch)`.
+
+    Every item is seen once per epoch across ranks and workers (`drop_last=False`); chunk and item order are
+    litdata's shuffle of (seed, epoch). `meta` is the set's `omnissl_shards.json`."""
+
+    def __init__(self, spec: str, *, decode: Callable[[dict, int], dict], shuffle: bool, seed: int) -> None:
+        self.meta = read_meta(spec)
+        cache = cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        super().__init__(shard_location(spec), cache_dir=str(cache), shuffle=shuffle, seed=seed, drop_last=False)
+        self.spec, self.decode = spec, decode
+
+    @property
+    def source(self) -> str:
+        return self.spec
+
+    def __getitem__(self, index: Any) -> Any:
+        # litdata counts epochs from 1; omnissl's samplers and Lightning from 0 (so crops match the manifest's)
+        return self.decode(super().__getitem__(index), int(self.current_epoch) - 1)
+
+
+def as_list(items: Sequence[Any]) -> list:
+    """collate_fn of `ShardLoader`: the pool as a list (batches are cut and collated in the main process)."""
+    return list(items)
+
+
+class ShardLoader(StreamingDataLoader):
+    """litdata's `StreamingDataLoader` over a `ShardItems`, yielding collated batches (module docstring).
+
+    Each litdata batch is a pool of `pool` decoded items; items with "error" (on_error="skip") are counted in
+    `skips` and dropped, items with "short" (under min_samples) are dropped; the rest are cut into batches by
+    length under `max_tokens` (`token_batches`) or into `batch_size` batches, each passed to `collate`.
+    `length(item)` is an item's size for bucketing. A pass in which every item failed raises `ShardDataError`.
+    Without `max_tokens` the loader has a length (pools); with it the batch count is unknown in advance and
+    `len()` raises TypeError (Lightning then runs the epoch to its end)."""
+
+    def __init__(self, dataset: ShardItems, *, collate: Callable, length: Callable[[dict], int], pool: int,
+                 max_tokens: int | None, batch_size: int | None, num_workers: int, split: str = "train",
+                 skips: SkipLog | None = None, trainer: Any = None) -> None:
+        if max_tokens is None and batch_size is None:
+            raise ValueError("set max_tokens, batch_size or both")
+        pool = int(batch_size if max_tokens is None else pool)
+        if pool <= 0:
+            raise ValueError(f"the shard pool must hold at least one item, got {pool}")
+        super().__init__(dataset, batch_size=pool, num_workers=num_workers, collate_fn=as_list)
+        self.collate, self.length, self.max_tokens, self.items_per_batch = collate, length, max_tokens, batch_size
+        self.split = split
+        self.skips = skips if skips is not None else SkipLog("shard item")
+        # batches the consumer fetches ahead of training: Lightning's fit loop prefetches one batch from a loader
+        # without a length (lightning/pytorch/loops/fetchers.py, _PrefetchDataFetcher), none from one with a length
+        self.lookahead = 1 if trainer is not None and max_tokens is not None else 0
+        self.produced = 0  # batches handed out in this pass
+        self.marks: list[tuple[int, dict]] = []  # (batches handed out before a pool, litdata state at its start)
+        self.alive = False  # a pass is under way
+        self.skip_next = 0  # batches of the first pool to skip (a resumed pool)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        if self.max_tokens is not None:
+            raise TypeError("a max_tokens ShardLoader has no length: its batch count depends on the items")
+        return super().__len__()
+
+    def cut(self, items: list[dict]) -> list[list[dict]]:
+        if self.max_tokens is None:
+            return [items] if items else []
+        sizes = np.array([self.length(it) for it in items], dtype=np.int64)
+        if len(sizes) and sizes.max() > self.max_tokens:
+            raise ValueError(f"an item of {int(sizes.max())} exceeds max_tokens={self.max_tokens}: raise "
+                             "max_tokens or lower max_samples")
+        groups = token_batches(np.arange(len(items)), sizes, max_tokens=self.max_tokens,
+                               batch_size=self.items_per_batch)
+        return [[items[i] for i in g] for g in groups]
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        skip, self.skip_next = self.skip_next, 0
+        failed: list[str] = []
+        yielded = 0
+        self.produced, self.marks, self.alive = 0, [], True
+        try:
+            for pool in super().__iter__():
+                self.marks = [*self.marks[-3:], (self.produced - skip, self.pool_start_state())]
+                good = []
+                for it in pool:
+                    if "error" in it:
+                        failed.append(it["error"])
+                        self.skips.add(it.get("file", it["error"]), it["error"], warn=False)
+                    elif not it.get("short"):
+                        good.append(it)
+                for k, batch in enumerate(self.cut(good)):
+                    if k < skip:  # a resumed pool: its first batches were trained on before
+                        continue
+                    self.produced += 1
+                    yielded += 1
+                    yield self.collate(batch)
+                skip = 0
+        finally:
+            self.alive = False
+            if failed:
+                self.skipped += len(failed)
+                log.warning("%s data: skipped %d undecodable shard items this epoch (on_error='skip'); first: %s",
+                            self.split, len(failed), " | ".join(failed[:3]))
+        if failed and not yielded:
+            raise ShardDataError(f"{self.split} data: every item of {self.dataset.source} failed to decode this "
+                                 f"epoch ({len(failed)} skipped; first: {failed[0]}): an epoch without a batch "
+                                 "would repeat forever")
+
+    def pool_start_state(self) -> dict[str, Any]:
+        """litdata's loader state just before the pool it has just handed out (it counts `batch_size` items per
+        pool and takes pools from its workers in turn)."""
+        kept = self._num_samples_yielded_streaming, self._latest_worker_idx
+        self._num_samples_yielded_streaming -= int(self.batch_size)
+        self._latest_worker_idx = (self._latest_worker_idx - 1) % max(1, self.num_workers)
+        try:
+            return copy.deepcopy(super().state_dict())
+        finally:
+            self._num_samples_yielded_streaming, self._latest_worker_idx = kept
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"litdata": litdata's state at the start of the pool holding the next batch to train on, "pool_done":
+        that pool's batches already trained on, "epoch"}. Batches handed out but not trained on (`lookahead`: the
+        consumer fetches that many ahead while the pass runs) are handed out again after a resume."""
+        if not self.alive or not self.marks:
+            return {"litdata": copy.deepcopy(super().state_dict()), "pool_done": 0, "epoch": self.current_epoch}
+        consumed = max(0, self.produced - self.lookahead)
+        before, state = next((b, st) for b, st in reversed(self.marks) if b <= consumed)
+        return {"litdata": state, "pool_done": consumed - before, "epoch": self.current_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not {"litdata", "pool_done", "epoch"} <= set(state):
+            raise ValueError(f"a shard loader state needs 'litdata', 'pool_done' and 'epoch', got {sorted(state)}")
+        super().load_state_dict(copy.deepcopy(state["litdata"]))
+        self.skip_next = int(state["pool_done"])
+        if not self.restore and int(state["litdata"]["num_samples_yielded"]) == 0:
+            self.current_epoch = int(state["epoch"]) - 1  # the pass restarts that epoch (__iter__ adds one)

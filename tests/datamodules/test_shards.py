@@ -1,0 +1,265 @@
+"""Streamed litdata shards (omnissl/datamodules/shards.py, `omnissl data shard`): a round trip gives back the
+manifest's samples; 2 ranks x 2 workers (real gloo processes) see every item once per epoch; a `omnissl fit`
+SIGKILLed mid-epoch and re-run finishes the epoch with every item seen once; a corrupt item is named or
+counted; text documents are split by lines or blank lines."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnissl.commands.data import main as data_main
+from omnissl.datamodules.audio import AudioDataModule
+from omnissl.datamodules.audio_io import AudioDataError, read_audio_manifest
+from omnissl.datamodules.corpora import embedded_corpus
+from omnissl.datamodules.shards import ShardItems, read_meta, write_shards
+
+ROOT = Path(__file__).resolve().parents[2]
+OMNISSL = str(Path(sys.executable).parent / "omnissl")
+
+
+@pytest.fixture(autouse=True)
+def _shard_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMNISSL_SHARD_CACHE", str(tmp_path / "litdata-cache"))
+
+
+def _subset(tmp: Path, n: int) -> Path:
+    """A manifest of the first `n` utterances of embedded speech (small, train)."""
+    src = embedded_corpus("embedded:speech:small")["train"]
+    lines = src.read_text().splitlines()
+    out = tmp / f"first{n}.tsv"
+    out.write_text("\n".join([str(src.parent)] + lines[1 : n + 1]) + "\n")
+    return out
+
+
+def _ids(loader) -> list[int]:
+    return [i for batch in loader for i in batch.ids.tolist()]
+
+
+def test_round_trip_gives_back_the_manifests_samples(tmp_path, capsys):
+    src = embedded_corpus("embedded:speech:tiny")["train"]
+    out = tmp_path / "shards"
+    assert data_main(["shard", str(src), "--out", str(out), "--chunk-bytes", "200KB"]) == 0
+    assert f"train: shards:{out}" in capsys.readouterr().out
+    meta = read_meta(f"shards:{out}")
+    n = len(read_audio_manifest(src))
+    assert meta["kind"] == "audio" and meta["count"] == n and meta["skipped"] == {}
+    assert len(list(out.glob("chunk-*.bin"))) > 1
+    files_bytes = sum((src.parent / p).stat().st_size for p in read_audio_manifest(src).paths)
+    shard_bytes = sum(p.stat().st_size for p in out.iterdir())
+    assert shard_bytes < files_bytes  # FLAC is smaller than the WAV files
+
+    kw = dict(max_samples=None, min_samples=0, max_tokens=None, batch_size=2, num_workers=0)
+    from_files = AudioDataModule(train=str(src), valid=str(src), **kw)
+    from_shards = AudioDataModule(train=f"shards:{out}", valid=f"shards:{out}", **kw)
+    a, b = ({int(i): x[: int(k)] for bt in dm.loader("valid")
+             for i, x, k in zip(bt.ids, bt.inputs["audio"], bt.lengths["audio"])} for dm in (from_files, from_shards))
+    assert sorted(a) == sorted(b) == list(range(n))
+    for i in a:  # 16-bit WAV -> 16-bit FLAC is lossless: the very same samples
+        assert torch.equal(a[i], b[i]), f"item {i} differs"
+    # training crops: random, a function of (seed, epoch, id) as for manifests
+    crop = dict(kw, max_samples=16_000)
+    e0 = {int(i): x for bt in AudioDataModule(train=f"shards:{out}", **crop).loader("train")
+          for i, x in zip(bt.ids, bt.inputs["audio"])}
+    files = {int(i): x for bt in AudioDataModule(train=str(src), **crop).loader("train")
+             for i, x in zip(bt.ids, bt.inputs["audio"])}
+    assert all(torch.equal(e0[i], files[i]) for i in e0) and len(e0) == n
+
+
+def _rank_main(rank: int, world: int, port: int, spec: str, out: str, cache: str) -> None:
+    os.environ["OMNISSL_SHARD_CACHE"] = cache
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world)
+    try:
+        dm = AudioDataModule(train=spec, max_samples=1600, min_samples=0, max_tokens=8000, num_workers=2,
+                             shard_pool=8, seed=3)
+        dm.setup("fit")
+        loader = dm.loader("train")
+        epochs = [_ids(loader) for _ in range(2)]
+        Path(out).write_text(json.dumps(epochs))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_two_workers_see_every_item_once_per_epoch(tmp_path):
+    manifest = _subset(tmp_path, 40)
+    out = tmp_path / "shards"
+    write_shards(manifest, str(out), chunk_bytes="300KB")
+    assert len(list(out.glob("chunk-*.bin"))) >= 4  # enough chunks for 2 ranks x 2 workers
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
+    ctx = torch.multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, f"shards:{out}", outs[r], str(tmp_path / f"c{r}")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+        assert p.exitcode == 0, f"rank process exited with {p.exitcode}"
+    per_rank = [json.loads(Path(o).read_text()) for o in outs]
+    for epoch in range(2):
+        seen = per_rank[0][epoch] + per_rank[1][epoch]
+        assert sorted(seen) == list(range(40)), f"epoch {epoch}: {sorted(seen)}"
+        assert per_rank[0][epoch] and per_rank[1][epoch]  # both ranks had data
+    assert per_rank[0][0] != per_rank[0][1]  # reshuffled per epoch
+
+
+def test_resume_within_a_pool_and_across_epochs_in_process(tmp_path):
+    """The loader state taken after any batch resumes with exactly the batches an uninterrupted pass has left."""
+    manifest = _subset(tmp_path, 24)
+    out = tmp_path / "shards"
+    write_shards(manifest, str(out), chunk_bytes="300KB")
+
+    def loader():
+        return AudioDataModule(train=f"shards:{out}", max_samples=3200, min_samples=0, max_tokens=9600,
+                               num_workers=2, shard_pool=6, seed=1).loader("train")
+
+    ref = loader()
+    full = [[b.ids.tolist() for b in ref] for _ in range(2)]
+    for epoch, cut in [(0, 1), (0, 4), (1, 3)]:
+        run = loader()
+        if epoch:
+            list(run)
+        it = iter(run)
+        head = [next(it).ids.tolist() for _ in range(cut)]
+        state = run.state_dict()
+        del it
+        resumed = loader()
+        resumed.load_state_dict(state)
+        tail = [b.ids.tolist() for b in resumed]
+        assert head + tail == full[epoch], f"epoch {epoch}, cut after {cut} batches"
+    assert sorted(i for b in full[0] for i in b) == list(range(24))
+
+
+def _trace(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_sigkilled_streamed_fit_resumes_and_sees_every_item_once(tmp_path):
+    manifest = _subset(tmp_path, 30)
+    shards = tmp_path / "shards"
+    write_shards(manifest, str(shards), chunk_bytes="300KB")
+    trace = tmp_path / "trace.jsonl"
+    cfg = tmp_path / "overrides.yaml"
+    cfg.write_text(f"""
+trainer:
+  max_steps: -1
+  max_epochs: 1
+  limit_val_batches: 0
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{save_last: true, every_n_train_steps: 1}}
+    - class_path: step_trace.StepTrace
+      init_args: {{path: {trace}}}
+data:
+  init_args: {{train: "shards:{shards}", valid: null, max_samples: 16000, min_samples: 0, max_tokens: 48000,
+               num_workers: 2, shard_pool: 6}}
+""")
+    cmd = [OMNISSL, "fit", "-c", str(ROOT / "recipes/trainer/cpu.yaml"), "-c",
+           str(ROOT / "recipes/audio/wav2vec2_tiny_cpu.yaml"), "-c", str(cfg), "--run_name", "streamed"]
+    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               OMNISSL_SHARD_CACHE=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests/train"), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            assert time.monotonic() < deadline, "the run did not reach step 4"
+            rows = _trace(trace)
+            if rows and rows[-1]["step"] >= 4:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    first_pid = _trace(trace)[0]["pid"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "resuming from" in out.stderr
+    rows = _trace(trace)
+    after = [r for r in rows if r["pid"] != first_pid]
+    assert after and 2 <= after[0]["step"] - 1 <= 4  # resumed mid-epoch from the last checkpoint
+    by_step = {r["step"]: r for r in rows}  # a step traced twice: the resumed run's row is the one trained on
+    assert sorted(by_step) == list(range(1, max(by_step) + 1))
+    seen = [i for s in sorted(by_step) for i in by_step[s]["ids"]]
+    assert sorted(seen) == list(range(30)), f"ids seen in the epoch: {sorted(seen)}"
+
+
+def _corrupt_one_flac(shards: Path) -> None:
+    """Overwrite the 'fLaC' magic of the second encoded item of the first chunk (an undecodable item)."""
+    chunk = sorted(shards.glob("chunk-*.bin"))[0]
+    data = bytearray(chunk.read_bytes())
+    at = [k for k in range(len(data) - 4) if data[k : k + 4] == b"fLaC"]
+    assert len(at) >= 2
+    data[at[1] : at[1] + 4] = b"XXXX"
+    chunk.write_bytes(bytes(data))
+
+
+def test_a_corrupt_shard_item_is_named_or_counted(tmp_path):
+    src = embedded_corpus("embedded:speech:tiny")["train"]
+    shards = tmp_path / "shards"
+    write_shards(src, str(shards), chunk_bytes="300KB")
+    _corrupt_one_flac(shards)
+    kw = dict(max_samples=16_000, min_samples=0, max_tokens=None, batch_size=2, num_workers=0)
+    with pytest.raises(AudioDataError, match=r"shards:.* item \d+ \(from .*train\.tsv:\d+: .*\.wav\): undecodable encoded audio \(Format not"):
+        _ids(AudioDataModule(train=f"shards:{shards}", **kw).loader("train"))
+    dm = AudioDataModule(train=f"shards:{shards}", on_error="skip", **kw)
+    seen = _ids(dm.loader("train"))
+    n = len(read_audio_manifest(src))
+    assert len(seen) == n - 1 and len(dm.skipped) == 1
+    (where, why), = dm.skipped.items()
+    assert where.startswith(f"shards:{shards}#") and "undecodable" in why
+    assert int(where.rsplit("#", 1)[1]) not in seen
+
+
+def test_a_bad_source_file_is_named_or_counted_when_sharding(tmp_path, capsys):
+    src = embedded_corpus("embedded:speech:tiny")["train"]
+    lines = src.read_text().splitlines()
+    root = tmp_path / "audio"
+    for line in lines[1:]:
+        rel = line.split("\t")[0]
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes((src.parent / rel).read_bytes())
+    bad = lines[2].split("\t")[0]
+    (root / bad).write_bytes((root / bad).read_bytes()[:60])  # truncated
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("\n".join([str(root)] + lines[1:]) + "\n")
+    assert data_main(["shard", str(manifest), "--out", str(tmp_path / "raise")]) == 1
+    err = capsys.readouterr().err
+    assert f"{manifest}:3" in err and bad in err and not (tmp_path / "raise").exists()
+    assert data_main(["shard", str(manifest), "--out", str(tmp_path / "skip"), "--on-error", "skip"]) == 0
+    meta = read_meta(f"shards:{tmp_path / 'skip'}")
+    assert meta["count"] == len(lines) - 2 and list(meta["skipped"]) == [f"{manifest}:3: {root / bad}"]
+
+
+def test_text_documents_by_line_or_blank_line(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("first doc line one\nline two\n\nsecond doc\n\n\nthird\n")
+    write_shards(text, str(tmp_path / "lines"), docs="line")
+    write_shards(text, str(tmp_path / "blank"), docs="blank")
+    docs = {}
+    for kind in ("lines", "blank"):
+        ds = ShardItems(f"shards:{tmp_path / kind}", decode=lambda raw, epoch: raw, shuffle=False, seed=0)
+        docs[kind] = [ds[i]["text"] for i in range(len(ds))]
+    assert docs["lines"] == ["first doc line one", "line two", "second doc", "third"]
+    assert docs["blank"] == ["first doc line one\nline two", "second doc", "third"]
+    assert read_meta(f"shards:{tmp_path / 'blank'}")["kind"] == "text"
+    assert list((tmp_path / "blank").glob("*.zstd.bin"))  # text chunks are zstd-compressed

@@ -1,0 +1,200 @@
+"""CLAP: the loss against a naive reference (one process and gathered over 2 gloo processes), the clamped logit
+scale, the retrieval metrics on hand-computed examples, packages, and the towers' freezing."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from omnissl.backbones import builders
+from omnissl.batch import Batch
+from omnissl.ssl.clap import CLAP, load_package, retrieval_metrics, zeroshot_accuracy
+from omnissl.ssl.losses import contrastive_pairs
+
+HERE = Path(__file__).resolve().parent
+
+
+def naive_loss(a: torch.Tensor, b: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """½ Σ_i [-log softmax_j(s cos(a_i, b_j))_i - log softmax_j(s cos(b_i, a_j))_i], one term at a time."""
+    s = log_scale.clamp(0, math.log(100)).exp()
+    total = a.new_zeros(())
+    n = a.shape[0]
+    for i in range(n):
+        for x, y in ((a, b), (b, a)):
+            logits = torch.stack([s * torch.dot(x[i], y[j]) / (x[i].norm() * y[j].norm()) for j in range(n)])
+            total = total - 0.5 * (logits[i] - torch.logsumexp(logits, 0))
+    return total
+
+
+def test_loss_and_gradients_equal_the_naive_reference():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ls = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
+    loss, count, right_ab, right_ba = contrastive_pairs(a, b, ls)
+    ref = naive_loss(a.float(), b.float(), ls.float())
+    assert int(count) == 7 and torch.allclose(loss, ref, rtol=1e-5)
+    grads = torch.autograd.grad(loss, (a, b, ls))
+    a2, b2, ls2 = (t.detach().float().requires_grad_(True) for t in (a, b, ls))
+    ref_grads = torch.autograd.grad(naive_loss(a2, b2, ls2), (a2, b2, ls2))
+    for x, y in zip(grads, ref_grads):
+        assert torch.allclose(x.float(), y, rtol=1e-4, atol=1e-6)
+    # accuracy: a0 -> b0 and a1 -> b1 are right (b1 is closer to a1 than b0 is); b0 -> a0 right, b1 -> a0 wrong
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.1], [1.0, 0.2]])
+    _, _, right_ab, right_ba = contrastive_pairs(a, b, torch.tensor(0.0))
+    assert int(right_ab) == 2 and int(right_ba) == 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gathered_loss_over_two_processes_equals_the_global_batch(tmp_path):
+    sys.path.insert(0, str(HERE))
+    try:
+        from clap_gather_run import setup
+    finally:
+        sys.path.remove(str(HERE))
+    out = tmp_path / "grads.pt"
+    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]), OMP_NUM_THREADS="1")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(HERE / "clap_gather_run.py"), str(r), "2", str(port), str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    got = torch.load(out, weights_only=True)
+    audio, text, wa, wt = setup()
+    wa.requires_grad_(True)
+    wt.requires_grad_(True)
+    ls = torch.tensor(2.0, requires_grad=True)
+    loss, count, right_at, right_ta = contrastive_pairs(audio @ wa.t(), text @ wt.t(), ls)
+    loss.backward()
+    assert int(got["count"]) == int(count) == 8
+    assert torch.allclose(got["loss_sum"], loss.detach(), rtol=1e-5)
+    assert int(got["right_at"]) == int(right_at) and int(got["right_ta"]) == int(right_ta)
+    for name, ref in (("wa", wa.grad), ("wt", wt.grad), ("log_scale", ls.grad)):
+        assert torch.allclose(got[name], ref, rtol=1e-4, atol=1e-6), name
+    # without the gather, each rank's loss sees only its own negatives: a different loss (the test can fail)
+    local = sum(contrastive_pairs(audio[r] @ wa.t(), text[r] @ wt.t(), ls)[0] for r in (slice(0, 3), slice(3, 8)))
+    assert not torch.allclose(local.detach(), loss.detach(), rtol=1e-3)
+
+
+def tiny_clap(**kw) -> CLAP:
+    torch.manual_seed(0)
+    return CLAP(builders.tiny("audio", dim=32, depth=1), builders.tiny("text", dim=32, depth=1, vocab_size=64),
+                dim=16, **kw)
+
+
+def fake_batches(n: int, b: int = 4) -> list[Batch]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for k in range(n):
+        audio = torch.randn(b, 4000, generator=g) * 0.1
+        text = torch.randint(3, 64, (b, 6), generator=g)
+        out.append(Batch({"audio": audio, "text": text}, {"audio": torch.full((b,), 4000),
+                                                          "text": torch.full((b,), 6)}, {}, torch.arange(b) + k * b))
+    return out
+
+
+def test_logit_scale_is_used_clamped_and_kept_in_range_by_training():
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    at_max = contrastive_pairs(a, b, torch.tensor(math.log(100.0)))[0]
+    assert torch.allclose(contrastive_pairs(a, b, torch.tensor(math.log(1e4)))[0], at_max)
+    assert torch.allclose(contrastive_pairs(a, b, torch.tensor(-3.0))[0], contrastive_pairs(a, b, torch.tensor(0.0))[0])
+    model = tiny_clap(optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    assert math.isclose(float(model.logit_scale.detach().exp()), 1 / 0.07, rel_tol=1e-6)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(99.0))
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, *args, **kwargs):
+            seen.append(float(model.logit_scale.detach()))
+
+    trainer.callbacks.append(Watch())
+    for name, p in model.named_parameters():  # only the scale moves, by +1 per step whatever the batch
+        p.requires_grad_(name == "logit_scale")
+    model.logit_scale.register_hook(lambda g: torch.full_like(g, -1.0))
+    loader = torch.utils.data.DataLoader(fake_batches(3), batch_size=None, collate_fn=lambda b: b)
+    trainer.fit(model, train_dataloaders=loader)
+    assert len(seen) == 3 and all(0.0 <= s <= math.log(100.0) + 1e-6 for s in seen)
+    assert seen[-1] == pytest.approx(math.log(100.0))
+
+
+def test_retrieval_metrics_on_hand_computed_examples():
+    # 3 clips; clip 0 has 2 captions, clips 1 and 2 one each; unit vectors so that the similarities are chosen
+    audio = torch.eye(3)
+    text = torch.tensor([[1.0, 0.0, 0.0],    # clip 0, caption a: clip 0 first (rank 0)
+                         [0.1, 0.9, 0.0],    # clip 0, caption b: clip 1 first, clip 0 second (rank 1)
+                         [0.0, 0.2, 0.8],    # clip 1: clip 2 first, clip 1 second (rank 1)
+                         [0.0, 0.0, 1.0]])   # clip 2: rank 0
+    text = torch.nn.functional.normalize(text, dim=-1)
+    m = retrieval_metrics(audio, text, [2, 1, 1], ks=(1, 2))
+    # text -> audio ranks: [0, 1, 1, 0] -> R@1 0.5, R@2 1, mAP@10 mean(1, 1/2, 1/2, 1) = 0.75
+    assert m["t2a_R@1"] == pytest.approx(0.5) and m["t2a_R@2"] == pytest.approx(1.0)
+    assert m["t2a_mAP@10"] == pytest.approx(0.75)
+    # audio -> text: sims of clip 0 to captions [1, .11, 0, 0] -> own ranks [0, 1]; AP = (1/1 + 2/2) / 2 = 1
+    # clip 1: [0, .99, .24, 0] -> own caption (index 2) rank 1; AP = (1/2) / 1 = 0.5
+    # clip 2: [0, 0, .97, 1] -> own caption (index 3) rank 0; AP = 1
+    assert m["a2t_R@1"] == pytest.approx(2 / 3) and m["a2t_R@2"] == pytest.approx(1.0)
+    assert m["a2t_mAP@10"] == pytest.approx((1 + 0.5 + 1) / 3)
+    # captions found late, the worse one listed first: clip 0's own captions rank 3 and 2 (0-based), clip 1's
+    # 2 and 3; AP sorts the ranks: (1/3 + 2/4) / 2 each (LAION's caption order would give (1/4 + 2/3) / 2)
+    audio = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    text = torch.nn.functional.normalize(torch.tensor([[0.2, 0.8], [0.6, 0.4], [0.7, 0.3], [0.9, 0.1]]), dim=-1)
+    m = retrieval_metrics(audio, text, [2, 2])  # clip 0: captions 0, 1; clip 1: captions 2, 3
+    assert m["a2t_mAP@10"] == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert m["a2t_R@1"] == 0.0 and m["a2t_R@5"] == 1.0
+    with pytest.raises(ValueError, match="disagree"):
+        retrieval_metrics(audio, text, [2, 1])
+
+
+def test_zeroshot_accuracy_breakdown():
+    preds, labels = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 2, 2, 1])
+    m = zeroshot_accuracy(preds, labels, heldout=[False, True, False])
+    assert m == {"zeroshot_acc": 0.5, "zeroshot_acc_heldout": 0.0, "zeroshot_acc_seen": pytest.approx(2 / 3)}
+
+
+def test_frozen_towers_get_no_gradient_and_partial_freezing_keeps_the_top():
+    model = tiny_clap(freeze_audio_layers=-1, freeze_text_layers=1)
+    model.train()
+    assert not model.encoder.training and model.text_encoder.training
+    batch = fake_batches(1)[0]
+    model.step(batch).loss.backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is None for p in model.text_encoder.frontend.parameters())
+    assert model.text_encoder.trunk.blocks[0].fc1.weight.grad is None
+    assert model.audio_proj[0].weight.grad is not None and model.logit_scale.grad is not None
+    with pytest.raises(ValueError, match="frozen layers"):
+        tiny_clap(freeze_audio_layers=5)
+
+
+def test_package_round_trip(tmp_path):
+    model = tiny_clap().eval()
+    model.save_package(tmp_path / "pkg", tokenizer='{"fake": true}')
+    again = load_package(tmp_path / "pkg")
+    batch = fake_batches(1)[0]
+    with torch.no_grad():
+        for f in ("embed_audio", "embed_text"):
+            key = "audio" if f == "embed_audio" else "text"
+            assert torch.allclose(getattr(model, f)(batch.inputs[key], batch.lengths[key]),
+                                  getattr(again, f)(batch.inputs[key], batch.lengths[key]), atol=1e-6)
+    assert torch.equal(again.logit_scale, model.logit_scale)
+    from omnissl.checkpoints import load_encoder
+
+    audio = load_encoder(tmp_path / "pkg")  # the audio tower alone, as any encoder
+    assert audio.dim == 32 and (tmp_path / "pkg" / "text" / "tokenizer.json").is_file()

@@ -1,0 +1,32 @@
+"""The statistics of the learning benches (bench/learning.py): seed intervals, and the binomial interval that
+marks a one-seed point (make demo)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import learning  # noqa: E402
+
+
+def test_t_interval_matches_student_t():
+    ci = learning.t_interval([0.40, 0.45, 0.50])
+    # mean 0.45, std 0.05, t(0.975, 2) = 4.302653
+    assert ci["n"] == 3 and ci["mean"] == pytest.approx(0.45) and ci["std"] == pytest.approx(0.05)
+    assert ci["hi"] - ci["mean"] == pytest.approx(4.302653 * 0.05 / math.sqrt(3), rel=1e-5)
+    assert learning.fmt(ci) == "0.450 ± 0.050 [0.326, 0.574] (n=3)"
+
+
+def test_one_seed_gets_the_binomial_interval_marked_as_such():
+    ci = learning.seed_interval([0.4], n_test=1152)
+    half = 1.959964 * math.sqrt(0.4 * 0.6 / 1152)
+    assert ci["binomial"] and ci["lo"] == pytest.approx(0.4 - half, rel=1e-5)
+    assert ci["hi"] == pytest.approx(0.4 + half, rel=1e-5)
+    assert learning.fmt(ci) == "0.400 [0.372, 0.428] (n=1: binomial 95 %)"
+    # without a test-set size there is no interval at all, and several seeds keep the t-interval
+    assert learning.fmt(learning.seed_interval([0.4])) == "0.400 (n=1, no interval)"
+    several = learning.seed_interval([0.40, 0.45, 0.50], n_test=1152)
+    assert "binomial" not in several and several == learning.t_interval([0.40, 0.45, 0.50])
