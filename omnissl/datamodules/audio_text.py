@@ -208,6 +208,12 @@ class AudioTextDataModule(DataModule):
         return [torch.tensor(e.ids, dtype=torch.long) for e in self._tok.encode_batch(list(texts),
                                                                                        add_special_tokens=True)]
 
+    def decode(self, ids) -> str:
+        """Token ids -> text (after setup)."""
+        if self._tok is None:
+            raise RuntimeError("call setup() before decode()")
+        return self._tok.decode([int(i) for i in ids])
+
     def setup(self, stage: str | None = None) -> None:
         splits = self.manifests()
         if not splits["train"][0]:
