@@ -249,8 +249,7 @@ class CLAP(SSLModule):
             ids = torch.cat([i for i, _ in cached])
             emb = torch.cat([e for _, e in cached])
             if self.trainer.world_size > 1:
-                ids = self.all_gather(ids).flatten(0, 1)
-                emb = self.all_gather(emb).flatten(0, 1)
+                ids, emb = self.gather_rows(ids), self.gather_rows(emb)
             order, first = torch.unique(ids, return_inverse=True)
             keep = torch.zeros(len(order), dtype=torch.long, device=emb.device)
             keep[first] = torch.arange(len(ids), device=emb.device)  # one embedding per clip
@@ -265,6 +264,14 @@ class CLAP(SSLModule):
                 metrics.update(self.zeroshot(data))
         for name, value in metrics.items():
             self.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
+
+    def gather_rows(self, x: Tensor) -> Tensor:
+        """Every rank's rows of x (evaluation only, no gradient), whatever each rank's count."""
+        counts = self.all_gather(torch.tensor(x.shape[0], device=x.device)).flatten().tolist()
+        most = int(max(counts))
+        padded = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])]) if x.shape[0] < most else x
+        parts = self.all_gather(padded)  # (world, most, ...)
+        return torch.cat([parts[r, :int(n)] for r, n in enumerate(counts)])
 
     @torch.no_grad()
     def zeroshot(self, data) -> dict[str, float]:
@@ -282,8 +289,8 @@ class CLAP(SSLModule):
             labels.append(batch.targets["label"].cpu())
         preds_t, labels_t = torch.cat(preds), torch.cat(labels)
         if self.attached and self.trainer.world_size > 1:  # each rank classified its shard of the clips
-            preds_t = self.all_gather(preds_t.to(self.device)).flatten().cpu()
-            labels_t = self.all_gather(labels_t.to(self.device)).flatten().cpu()
+            preds_t = self.gather_rows(preds_t.to(self.device)).cpu()
+            labels_t = self.gather_rows(labels_t.to(self.device)).cpu()
         return zeroshot_accuracy(preds_t, labels_t, heldout)
 
     # --- checkpoints and packages ------------------------------------------------------------------------------
