@@ -32,6 +32,7 @@ COMMANDS = {
     "probe": ("omnissl.commands.probe:main", "frozen-encoder probes (linear / MLP / attentive) with a report"),
     "features": ("omnissl.commands.features:main", "dump one layer's hidden states per utterance of a manifest"),
     "pll": ("omnissl.commands.pll:main", "pseudo-log-likelihood of texts under a masked LM (MaskedLM checkpoint)"),
+    "zeroshot": ("omnissl.commands.zeroshot:main", "CLAP zero-shot classification and audio-text retrieval, report"),
 }
 REMOVED = {
     "predict": "no omnissl objective defines predict_step; use `omnissl features` to dump an encoder's outputs",

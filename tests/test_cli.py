@@ -101,7 +101,7 @@ def test_every_trainer_recipe_parses(recipe, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # The dispatch table: every subcommand listed, helps with defaults, known failures in one line
 
-COMMANDS = ["fit", "validate", "test", "data", "hubert-units", "export", "probe", "features", "pll"]
+COMMANDS = ["fit", "validate", "test", "data", "hubert-units", "export", "probe", "features", "pll", "zeroshot"]
 
 
 def test_help_lists_every_subcommand_and_version():
@@ -115,14 +115,14 @@ def test_help_lists_every_subcommand_and_version():
 
 
 @pytest.mark.parametrize("argv", [["data", "generate"], ["data", "manifest"], ["data", "inspect"], ["hubert-units"],
-                                  ["export"], ["features"], ["pll"]])
+                                  ["export"], ["features"], ["pll"], ["zeroshot"]])
 def test_every_argparse_option_has_help_and_shows_its_default(argv):
     import argparse
 
-    from omnissl.commands import data, export, features, hubert_units, pll
+    from omnissl.commands import data, export, features, hubert_units, pll, zeroshot
 
     parser = {"data": data.parser, "hubert-units": hubert_units.parser, "export": export.parser,
-              "features": features.parser, "pll": pll.parser}[argv[0]]()
+              "features": features.parser, "pll": pll.parser, "zeroshot": zeroshot.parser}[argv[0]]()
     if argv[0] == "data":
         parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[1]]
     text = " ".join(parser.format_help().split())  # unwrapped

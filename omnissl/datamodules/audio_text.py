@@ -153,7 +153,14 @@ class AudioTextDataModule(DataModule):
         self.max_text_tokens, self.max_samples = max_text_tokens, max_samples
         self.batch_size, self.num_workers, self.seed, self.on_error = batch_size, num_workers, seed, on_error
         self.cache_dir = Path(cache_dir) if cache_dir else data_root() / "cache"
-        set_token_ids(self, expected_info(tokenizer, tokenizer_kind, vocab_size))
+        if tokenizer is not None and Path(tokenizer).is_dir():
+            tokenizer = str(Path(tokenizer) / "tokenizer.json")  # a text encoder's package: its tokenizer
+            self.tokenizer = tokenizer
+        # a given tokenizer that does not exist yet (written by an earlier step of a pipeline, e.g. the MLM run a
+        # text tower starts from) is announced as a tokenizer of `tokenizer_kind` and `vocab_size`, and checked
+        # against that at setup
+        known = tokenizer if tokenizer is not None and Path(tokenizer).is_file() else None
+        set_token_ids(self, expected_info(known, tokenizer_kind, vocab_size))
         self._vocab_arg = vocab_size
         self.collate = Collate(text_pad_id=self.pad_id)
         self.tokenizer_path: Path | None = None
@@ -207,6 +214,12 @@ class AudioTextDataModule(DataModule):
             raise RuntimeError("call setup() before tokenize()")
         return [torch.tensor(e.ids, dtype=torch.long) for e in self._tok.encode_batch(list(texts),
                                                                                        add_special_tokens=True)]
+
+    def decode(self, ids) -> str:
+        """Token ids -> text (after setup)."""
+        if self._tok is None:
+            raise RuntimeError("call setup() before decode()")
+        return self._tok.decode([int(i) for i in ids])
 
     def setup(self, stage: str | None = None) -> None:
         splits = self.manifests()

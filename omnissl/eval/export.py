@@ -13,7 +13,9 @@ and final_proj -> Wav2Vec2ForPreTraining, MaskedLM's lm_head -> RobertaForMasked
 A text encoder's tokenizer travels with it: the checkpoint holds the text of its run's tokenizer file
 (checkpoint["omnissl"]["tokenizer"]); a package gets it as tokenizer.json, a --hf export as tokenizer.json +
 tokenizer_config.json with the special-token roles set (eval/hf/tokenizer.py), so that AutoTokenizer loads it.
-A MaskedLM checkpoint exported with --hf --heads becomes a RobertaForMaskedLM.
+A MaskedLM checkpoint exported with --hf --heads becomes a RobertaForMaskedLM. A CLAP checkpoint exports its
+audio tower alone as any encoder; with --heads (package) both towers, projections and logit scale
+(omnissl/eval/zeroshot.py `export_clap`: the audio tower's package with `text/` and `clap.json` inside).
 
 An audio --hf export also writes preprocessor_config.json (Wav2Vec2FeatureExtractor, 16 kHz), so that
 `AutoFeatureExtractor.from_pretrained(dir)` prepares raw audio as training did: do_normalize is the training data
@@ -37,6 +39,7 @@ from omnissl.backbones.encoder import Encoder
 from omnissl.checkpoints import TOKENIZER, Checkpoint, encoder_info, load_strict, read_checkpoint, write_package
 from omnissl.eval.hf import encoder_to_hf
 from omnissl.eval.hf.tokenizer import save_hf_tokenizer
+from omnissl.eval.zeroshot import export_clap
 from omnissl.progress import progress
 from omnissl.ssl.heads import MaskedLMHead
 from omnissl.ssl.quantizer import GumbelQuantizer
@@ -105,6 +108,8 @@ def _export(ckpt: Checkpoint, checkpoint: str | Path, out: str | Path, *, hf: bo
             image_size: int | tuple[int, int] | None, overwrite: bool) -> Path:
     objective = str(ckpt.info.get("objective", ""))
     out = Path(out)
+    if heads and not hf and objective.rsplit(".", 1)[-1] == "CLAP":  # both towers, projections, logit scale
+        return export_clap(checkpoint, out, overwrite=overwrite)
     if not hf:
         state = {f"encoder.{k}": v for k, v in ckpt.encoder.state_dict().items()}
         classes = {}

@@ -35,7 +35,7 @@ from omnissl.backbones.config import build_module, module_config
 from omnissl.backbones.encoder import Encoder
 from omnissl.backbones.frontends import TokenEmbedding
 from omnissl.batch import Batch
-from omnissl.checkpoints import load_backbone, load_head_weights, load_strict, save_backbone
+from omnissl.checkpoints import load_backbone, load_encoder_weights, load_head_weights, load_strict, save_backbone
 from omnissl.ops import mean_pool
 from omnissl.ssl.base import SSLModule, StepOutput
 from omnissl.ssl.losses import contrastive_pairs
@@ -95,7 +95,10 @@ class CLAP(SSLModule):
     LAION-CLAP); max_logit_scale: the clamp (100). freeze_audio_layers / freeze_text_layers: -1 freezes a tower,
     k > 0 its input side and first k blocks (`freeze_layers`; a frozen tower runs in eval mode, without dropout).
     gather: negatives from every rank (False: each rank contrasts its own batch only). prompt: the zero-shot
-    template. zeroshot_every: validate zero-shot every n-th validation (0: never).
+    template. zeroshot_every: validate zero-shot every n-th validation (0: never). audio_init_from /
+    text_init_from: an omnissl checkpoint or package whose encoder weights start that tower (loaded at `setup`,
+    strictly: the tower must be built with the same architecture; a text tower's package also carries the
+    tokenizer the DataModule must use, `data.tokenizer`).
 
     Metrics: acc_a2t / acc_t2a (in-batch top-1 of the global batch, local rows), logit_scale (s). At the end of
     a validation epoch: val/a2t_R@{1,5,10}, val/t2a_R@{1,5,10}, val/a2t_mAP@10, val/t2a_mAP@10 on the valid
@@ -118,6 +121,8 @@ class CLAP(SSLModule):
         gather: bool = True,
         prompt: str = PROMPT,
         zeroshot_every: int = 1,
+        audio_init_from: str | None = None,
+        text_init_from: str | None = None,
         **base,
     ) -> None:
         super().__init__(**base)
@@ -145,8 +150,24 @@ class CLAP(SSLModule):
         self.freeze_audio_layers, self.freeze_text_layers = freeze_audio_layers, freeze_text_layers
         freeze_layers(encoder, freeze_audio_layers)
         freeze_layers(text_encoder, freeze_text_layers)
+        self.audio_init_from, self.text_init_from = audio_init_from, text_init_from
         self._val: list[tuple[Tensor, Tensor]] = []
         self._validations = 0
+
+    def setup(self, stage: str) -> None:
+        """Start the towers from pretrained omnissl runs (before a resumed run's own state is restored), and check
+        that the DataModule's tokenizer fits the text tower."""
+        for path, tower in ((self.audio_init_from, self.encoder), (self.text_init_from, self.text_encoder)):
+            if path and stage == "fit":
+                load_encoder_weights(tower, path)
+        dm = self.trainer.datamodule if self.attached else None
+        pad, vocab = self.text_encoder.frontend.pad_id, self.text_encoder.frontend.embed.num_embeddings
+        if dm is not None and getattr(dm, "pad_id", pad) != pad:
+            raise ValueError(f"the text tower pads with id {pad} but the DataModule's tokenizer with {dm.pad_id}: "
+                             f"build the tower with pad_id={dm.pad_id}")
+        if dm is not None and getattr(dm, "vocab_size", vocab) > vocab:
+            raise ValueError(f"the DataModule's vocabulary ({dm.vocab_size}) is larger than the text tower's ({vocab}); "
+                             "a tower from an MLM run needs that run's tokenizer (data.tokenizer: its package)")
 
     # --- towers -----------------------------------------------------------------------------------------------
 
@@ -228,8 +249,7 @@ class CLAP(SSLModule):
             ids = torch.cat([i for i, _ in cached])
             emb = torch.cat([e for _, e in cached])
             if self.trainer.world_size > 1:
-                ids = self.all_gather(ids).flatten(0, 1)
-                emb = self.all_gather(emb).flatten(0, 1)
+                ids, emb = self.gather_rows(ids), self.gather_rows(emb)
             order, first = torch.unique(ids, return_inverse=True)
             keep = torch.zeros(len(order), dtype=torch.long, device=emb.device)
             keep[first] = torch.arange(len(ids), device=emb.device)  # one embedding per clip
@@ -245,6 +265,14 @@ class CLAP(SSLModule):
         for name, value in metrics.items():
             self.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
 
+    def gather_rows(self, x: Tensor) -> Tensor:
+        """Every rank's rows of x (evaluation only, no gradient), whatever each rank's count."""
+        counts = self.all_gather(torch.tensor(x.shape[0], device=x.device)).flatten().tolist()
+        most = int(max(counts))
+        padded = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])]) if x.shape[0] < most else x
+        parts = self.all_gather(padded)  # (world, most, ...)
+        return torch.cat([parts[r, :int(n)] for r, n in enumerate(counts)])
+
     @torch.no_grad()
     def zeroshot(self, data) -> dict[str, float]:
         """Zero-shot accuracy on a DataModule's `zeroshot_data()`: (loader of labeled clips, class names,
@@ -259,7 +287,11 @@ class CLAP(SSLModule):
                                                                else lengths.to(self.device)).float(), dim=-1)
             preds.append((a @ classes_emb.t()).argmax(-1).cpu())
             labels.append(batch.targets["label"].cpu())
-        return zeroshot_accuracy(torch.cat(preds), torch.cat(labels), heldout)
+        preds_t, labels_t = torch.cat(preds), torch.cat(labels)
+        if self.attached and self.trainer.world_size > 1:  # each rank classified its shard of the clips
+            preds_t = self.gather_rows(preds_t.to(self.device)).cpu()
+            labels_t = self.gather_rows(labels_t.to(self.device)).cpu()
+        return zeroshot_accuracy(preds_t, labels_t, heldout)
 
     # --- checkpoints and packages ------------------------------------------------------------------------------
 
