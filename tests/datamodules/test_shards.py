@@ -154,7 +154,7 @@ def test_sigkilled_streamed_fit_resumes_and_sees_every_item_once(tmp_path):
     cfg = tmp_path / "overrides.yaml"
     cfg.write_text(f"""
 trainer:
-  max_steps: -1
+  max_steps: 1000  # the schedule's length; the epoch ends first
   max_epochs: 1
   limit_val_batches: 0
   log_every_n_steps: 1
