@@ -386,11 +386,13 @@ class ShardLoader(StreamingDataLoader):
     Without `max_tokens` the loader has a length (pools); with it the batch count is unknown in advance and
     `len()` raises TypeError (Lightning then runs the epoch to its end)."""
 
-    def __init__(self, dataset: ShardItems, *, collate: Callable, length: Callable[[dict], int], pool: int,
+    def __init__(self, dataset: ShardItems, *, collate: Callable, pool: int, length: Callable[[dict], int] | None = None,
                  max_tokens: int | None, batch_size: int | None, num_workers: int, split: str = "train",
                  skips: SkipLog | None = None, trainer: Any = None) -> None:
         if max_tokens is None and batch_size is None:
             raise ValueError("set max_tokens, batch_size or both")
+        if max_tokens is not None and length is None:
+            raise ValueError("max_tokens batches need the items' `length`")
         pool = int(batch_size if max_tokens is None else pool)
         if pool <= 0:
             raise ValueError(f"the shard pool must hold at least one item, got {pool}")
@@ -415,6 +417,7 @@ class ShardLoader(StreamingDataLoader):
     def cut(self, items: list[dict]) -> list[list[dict]]:
         if self.max_tokens is None:
             return [items] if items else []
+        assert self.length is not None
         sizes = np.array([self.length(it) for it in items], dtype=np.int64)
         if len(sizes) and sizes.max() > self.max_tokens:
             raise ValueError(f"an item of {int(sizes.max())} exceeds max_tokens={self.max_tokens}: raise "

@@ -263,3 +263,24 @@ def test_text_documents_by_line_or_blank_line(tmp_path):
     assert docs["blank"] == ["first doc line one\nline two", "second doc", "third"]
     assert read_meta(f"shards:{tmp_path / 'blank'}")["kind"] == "text"
     assert list((tmp_path / "blank").glob("*.zstd.bin"))  # text chunks are zstd-compressed
+
+
+def test_image_shards_read_back_the_same_images(tmp_path):
+    from omnissl.datamodules.image import ImageDataModule
+
+    src = embedded_corpus("embedded:images:tiny")["train"]
+    out = tmp_path / "images"
+    assert data_main(["shard", str(src), "--out", str(out)]) == 0
+    assert read_meta(f"shards:{out}")["kind"] == "image"
+    kw = dict(image_size=32, batch_size=4, num_workers=0)
+    files = ImageDataModule(train=str(src), valid=str(src), **kw)
+    shards = ImageDataModule(train=f"shards:{out}", valid=f"shards:{out}", **kw)
+    files.setup(), shards.setup()
+    a, b = ({int(i): x for bt in dm.loader("valid") for i, x in zip(bt.ids, bt.inputs["image"])}
+            for dm in (files, shards))
+    assert sorted(a) == sorted(b) and len(a) > 4
+    assert all(torch.equal(a[i], b[i]) for i in a)  # same decoded, same eval transform
+    train = [int(i) for bt in shards.loader("train") for i in bt.ids]
+    assert sorted(train) == sorted(a)  # every image once per epoch
+    with pytest.raises(ValueError, match="must be too"):
+        ImageDataModule(train=f"shards:{out}", valid=str(src), **kw).setup()
