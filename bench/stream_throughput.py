@@ -4,7 +4,8 @@
     python bench/stream_throughput.py [--manifest M.tsv] [--workers 2] [--rounds 3]
 
 Default corpus: the embedded speech corpus (small, train split; 16 kHz 16-bit WAV). The manifest is sharded once
-(`write_shards`, 16-bit FLAC in litdata chunks) into a temporary folder; litdata's cache is a temporary folder
+(`write_shards`: 16-bit PCM in zstd-compressed litdata chunks, or FLAC with --audio-format flac) into a
+temporary folder; litdata's cache is a temporary folder
 too. After one warm-up epoch of each (page cache, litdata's chunk copies), `--rounds` epochs of each are timed,
 interleaved so load from other processes hits both alike; the median samples per second of each is reported:
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-samples", type=int, default=64_000, help="crop (4 s, the tiny recipes')")
     p.add_argument("--max-tokens", type=int, default=384_000)
+    p.add_argument("--audio-format", choices=["pcm", "flac"], default="pcm", help="how the shards hold audio")
     args = p.parse_args(argv)
     manifest = args.manifest or embedded_corpus("embedded:speech:small")["train"]
     m = read_audio_manifest(manifest)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMNISSL_SHARD_CACHE"] = str(Path(tmp) / "cache")
         shards = Path(tmp) / "shards"
         t0 = time.perf_counter()
-        write_shards(manifest, str(shards), chunk_bytes="16MB", num_workers=1)
+        write_shards(manifest, str(shards), chunk_bytes="16MB", num_workers=1, audio_format=args.audio_format)
         shard_time = time.perf_counter() - t0
         shard_bytes = sum(f.stat().st_size for f in shards.iterdir())
         kw = dict(max_samples=args.max_samples, min_samples=0, max_tokens=args.max_tokens,
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(rounds: files {[round(r, 1) for r in rates['files']]}, shards {[round(r, 1) for r in rates['shards']]})")
     print(f"RESULT name=stream_vs_files ratio={med['shards'] / med['files']:.3f} shard_bytes={shard_bytes} "
           f"files_bytes={files_bytes} files_sps={med['files']:.1f} shards_sps={med['shards']:.1f} "
-          f"workers={args.workers} load={load[0]:.1f}")
+          f"audio_format={args.audio_format} workers={args.workers} load={load[0]:.1f}")
     return 0
 
 

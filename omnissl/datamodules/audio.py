@@ -220,7 +220,7 @@ class AudioShardDecoder:
             if spu is not None:
                 item["units"] = crop_units(np.asarray(raw["units"]), n=n, start=start, num=num, samples_per_unit=spu,
                                            source="its units")
-            x = load_audio(io.BytesIO(np.asarray(raw["audio"], dtype=np.uint8).tobytes()), start=start, num=num, expected=n)
+            x = shard_audio(raw["audio"], start=start, num=num, expected=n)
         except AudioDataError as e:
             msg = f"{self.source} item {i} (from {json.loads(raw['origin'])['where']}): {e}"
             if self.on_error == "raise":
@@ -230,6 +230,17 @@ class AudioShardDecoder:
         if self.classes is not None and raw.get("label"):
             item["label"] = list(self.classes).index(raw["label"])
         return item
+
+
+def shard_audio(stored: np.ndarray, *, start: int, num: int, expected: int) -> torch.Tensor:
+    """Samples [start, start + num) of a shard item's audio: int16 PCM (sliced; / 32768, as soundfile reads
+    16-bit audio) or FLAC bytes (uint8, decoded by `load_audio`). Raises `AudioDataError`."""
+    stored = np.asarray(stored)
+    if stored.dtype == np.int16:
+        if len(stored) != expected:
+            raise AudioDataError(f"holds {len(stored)} samples but its header says {expected}")
+        return torch.from_numpy(stored[start : start + num].astype(np.float32) / 32768.0)
+    return load_audio(io.BytesIO(stored.astype(np.uint8, copy=False).tobytes()), start=start, num=num, expected=expected)
 
 
 def audio_length(item: dict) -> int:

@@ -42,10 +42,12 @@ def _ids(loader) -> list[int]:
     return [i for batch in loader for i in batch.ids.tolist()]
 
 
-def test_round_trip_gives_back_the_manifests_samples(tmp_path, capsys):
+@pytest.mark.parametrize("audio_format", ["pcm", "flac"])
+def test_round_trip_gives_back_the_manifests_samples(tmp_path, capsys, audio_format):
     src = embedded_corpus("embedded:speech:tiny")["train"]
     out = tmp_path / "shards"
-    assert data_main(["shard", str(src), "--out", str(out), "--chunk-bytes", "200KB"]) == 0
+    assert data_main(["shard", str(src), "--out", str(out), "--chunk-bytes", "200KB",
+                      "--audio-format", audio_format]) == 0
     assert f"train: shards:{out}" in capsys.readouterr().out
     meta = read_meta(f"shards:{out}")
     n = len(read_audio_manifest(src))
@@ -53,7 +55,7 @@ def test_round_trip_gives_back_the_manifests_samples(tmp_path, capsys):
     assert len(list(out.glob("chunk-*.bin"))) > 1
     files_bytes = sum((src.parent / p).stat().st_size for p in read_audio_manifest(src).paths)
     shard_bytes = sum(p.stat().st_size for p in out.iterdir())
-    assert shard_bytes < files_bytes  # FLAC is smaller than the WAV files
+    assert shard_bytes < files_bytes  # zstd-compressed PCM or FLAC: smaller than the WAV files
 
     kw = dict(max_samples=None, min_samples=0, max_tokens=None, batch_size=2, num_workers=0)
     from_files = AudioDataModule(train=str(src), valid=str(src), **kw)
@@ -61,7 +63,7 @@ def test_round_trip_gives_back_the_manifests_samples(tmp_path, capsys):
     a, b = ({int(i): x[: int(k)] for bt in dm.loader("valid")
              for i, x, k in zip(bt.ids, bt.inputs["audio"], bt.lengths["audio"])} for dm in (from_files, from_shards))
     assert sorted(a) == sorted(b) == list(range(n))
-    for i in a:  # 16-bit WAV -> 16-bit FLAC is lossless: the very same samples
+    for i in a:  # 16-bit WAV -> 16-bit PCM or FLAC is lossless: the very same samples
         assert torch.equal(a[i], b[i]), f"item {i} differs"
     # training crops: random, a function of (seed, epoch, id) as for manifests
     crop = dict(kw, max_samples=16_000)
@@ -216,7 +218,7 @@ def _corrupt_one_flac(shards: Path) -> None:
 def test_a_corrupt_shard_item_is_named_or_counted(tmp_path):
     src = embedded_corpus("embedded:speech:tiny")["train"]
     shards = tmp_path / "shards"
-    write_shards(src, str(shards), chunk_bytes="300KB")
+    write_shards(src, str(shards), chunk_bytes="300KB", audio_format="flac")
     _corrupt_one_flac(shards)
     kw = dict(max_samples=16_000, min_samples=0, max_tokens=None, batch_size=2, num_workers=0)
     with pytest.raises(AudioDataError, match=r"shards:.* item \d+ \(from .*train\.tsv:\d+: .*\.wav\): undecodable encoded audio \(Format not"):
