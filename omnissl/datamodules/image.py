@@ -37,11 +37,11 @@ from torch.utils.data import Dataset
 
 from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, is_embedded, load_or_next,
-                                        read_manifest, shown)
+from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, class_index, is_embedded,
+                                        load_or_next, read_manifest, shown)
 from omnissl.datamodules.corpora import embedded_corpus
 from omnissl.datamodules.sampler import item_rng
-from omnissl.datamodules.shards import ShardItems, is_shards
+from omnissl.datamodules.shards import ShardItems, is_shards, read_meta
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -213,6 +213,27 @@ def shard_splits(specs: dict[str, str | None], owner: str) -> dict[str, str]:
     return given  # type: ignore[return-value]
 
 
+def image_shard_datasets(shards: dict[str, str], tf: dict[str, Any], *, seed: int, on_error: str,
+                         labeled: bool = False) -> tuple[dict[str, ShardItems], list[str] | None]:
+    """({split: ShardItems}, classes) of image shard sets; `labeled`: classes are the train set's labels (the
+    one label policy, `class_index`) and a valid/test label unseen in training is an error naming the set."""
+    classes = None
+    if labeled:
+        metas = {s: read_meta(spec) for s, spec in shards.items()}
+        if not metas["train"].get("labels"):
+            raise ValueError(f"{shards['train']}: the shards hold no labels (class subfolders or a third column "
+                             "`label` when sharding)")
+        classes = class_index(metas["train"]["labels"], shards["train"])
+        for s, meta in metas.items():
+            unseen = sorted(set(meta.get("labels") or []) - set(classes))
+            if unseen:
+                raise ValueError(f"{shards[s]}: labels {unseen[:10]} do not occur in the training split")
+    datasets = {s: ShardItems(spec, decode=ImageShardDecoder(spec, tf["train" if s == "train" else "eval"], seed,
+                                                             on_error, classes),
+                              shuffle=s == "train", seed=seed) for s, spec in shards.items()}
+    return datasets, classes
+
+
 class ImageDataModule(DataModule):
     """Unlabeled images for MAE / data2vec pretraining (see module doc for sources and transforms).
 
@@ -264,9 +285,7 @@ class ImageDataModule(DataModule):
                         crop_pct=self.eval_crop_pct)
         shards = shard_splits({"train": self.train, "valid": self.valid, "test": self.test}, "ImageDataModule")
         if shards:
-            self.datasets = {s: ShardItems(spec, decode=ImageShardDecoder(spec, tf["train" if s == "train" else "eval"],
-                                                                          self.seed, self.on_error),
-                                           shuffle=s == "train", seed=self.seed) for s, spec in shards.items()}
+            self.datasets, _ = image_shard_datasets(shards, tf, seed=self.seed, on_error=self.on_error)
             return
         files = self.split_files()
         if not files["train"]:

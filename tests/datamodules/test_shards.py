@@ -286,3 +286,20 @@ def test_image_shards_read_back_the_same_images(tmp_path):
     assert sorted(train) == sorted(a)  # every image once per epoch
     with pytest.raises(ValueError, match="must be too"):
         ImageDataModule(train=f"shards:{out}", valid=str(src), **kw).setup()
+
+
+def test_labeled_image_shards_keep_classes_and_labels(tmp_path):
+    from omnissl.datamodules.labeled import LabeledImageDataModule
+
+    found = embedded_corpus("embedded:labeled_images:tiny")
+    for split in ("train", "valid"):
+        write_shards(found[split], str(tmp_path / split))
+    kw = dict(image_size=16, batch_size=8, num_workers=0, train_augment=False)
+    files = LabeledImageDataModule(train=str(found["train"]), valid=str(found["valid"]), **kw)
+    shards = LabeledImageDataModule(train=f"shards:{tmp_path / 'train'}", valid=f"shards:{tmp_path / 'valid'}", **kw)
+    files.setup(), shards.setup()
+    assert shards.classes == files.classes and len(shards.classes) > 1
+    a, b = ({int(i): (x, int(y)) for bt in dm.loader("valid")
+             for i, x, y in zip(bt.ids, bt.inputs["image"], bt.targets["label"])} for dm in (files, shards))
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in a)
