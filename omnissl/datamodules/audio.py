@@ -60,11 +60,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from omnissl.batch import SAMPLE_RATE
-from omnissl.datamodules.audio_io import (AudioDataError, AudioManifest, crop_start, crop_units, line_offsets, load_audio,
+from omnissl.datamodules.audio_io import (AudioDataError, AudioManifest, crop_units, line_offsets, load_audio,
                                           read_audio_manifest)
 from omnissl.datamodules.base import DataModule
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import SkipLog, check_on_error, class_index, is_embedded
+from omnissl.datamodules.common import SkipLog, check_on_error, class_index, crop_start, is_embedded
 from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
 from omnissl.datamodules.sampler import BucketBatchSampler, ResumableLoader
 from omnissl.datamodules.shards import ShardItems, ShardLoader, is_shards, read_meta

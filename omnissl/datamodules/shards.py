@@ -382,8 +382,11 @@ class ShardItems(StreamingDataset):
         return self.spec
 
     def __getitem__(self, index: Any) -> Any:
+        raw = super().__getitem__(index)
+        if "id" not in raw:  # text documents: their place in the set
+            raw = {**raw, "id": int(getattr(index, "index", index))}
         # litdata counts epochs from 1; omnissl's samplers and Lightning from 0 (so crops match the manifest's)
-        return self.decode(super().__getitem__(index), int(self.current_epoch) - 1)
+        return self.decode(raw, int(self.current_epoch) - 1)
 
 
 def as_list(items: Sequence[Any]) -> list:

@@ -303,3 +303,38 @@ def test_labeled_image_shards_keep_classes_and_labels(tmp_path):
              for i, x, y in zip(bt.ids, bt.inputs["image"], bt.targets["label"])} for dm in (files, shards))
     assert sorted(a) == sorted(b)
     assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in a)
+
+
+def test_streamed_text_documents_become_block_windows(tmp_path):
+    from omnissl.datamodules.text import TextDataModule
+
+    src = embedded_corpus("embedded:text:tiny")["train"]  # a manifest of .txt files
+    files = TextDataModule(train=str(src), vocab_size=512, min_frequency=1, block_size=32, batch_size=4,
+                           num_workers=0, progress=False, cache_dir=str(tmp_path / "cache"))
+    files.setup()
+    out = tmp_path / "text"
+    meta = write_shards(src, str(out), docs="blank")
+    assert meta["kind"] == "text" and meta["count"] > 4
+    with pytest.raises(ValueError, match="give `tokenizer`"):
+        TextDataModule(train=f"shards:{out}", vocab_size=512, num_workers=0).setup()
+    dm = TextDataModule(train=f"shards:{out}", valid=f"shards:{out}", tokenizer=str(files.tokenizer_path),
+                        vocab_size=512, block_size=32, batch_size=4, num_workers=0)
+    dm.setup()
+    seen, lengths = [], []
+    for bt in dm.loader("train"):
+        seen += bt.ids.tolist()
+        assert (bt.inputs["text"][:, 0] == dm.bos_id).all()
+        lengths += bt.lengths["text"].tolist()
+    assert sorted(seen) == list(range(meta["count"])) and max(lengths) == 32  # long documents cut to a block
+    ds = dm.dataset("valid")
+    raw, item = super(ShardItems, ds).__getitem__(0), ds[0]
+    from omnissl.datamodules.tokenizers import load_tokenizer
+
+    ids = load_tokenizer(files.tokenizer_path).encode(raw["text"]).ids
+    expected = ([dm.bos_id] + ids + [dm.eos_id])[:32] if len(ids) + 2 <= 32 else None
+    if expected is not None:
+        assert item["text"].tolist() == expected
+    else:  # centred window of `<tokens> </s>`
+        body = ids + [dm.eos_id]
+        k = (len(body) - 31) // 2
+        assert item["text"].tolist() == [dm.bos_id] + body[k : k + 31]
