@@ -338,3 +338,29 @@ def test_streamed_text_documents_become_block_windows(tmp_path):
         body = ids + [dm.eos_id]
         k = (len(body) - 31) // 2
         assert item["text"].tolist() == [dm.bos_id] + body[k : k + 31]
+
+
+def test_captioned_audio_shards_pair_the_same_audio_and_caption(tmp_path):
+    from omnissl.datamodules.audio_text import AudioTextDataModule
+
+    found = embedded_corpus("embedded:captions:tiny")
+    for split in ("train", "valid"):
+        write_shards(found[split], str(tmp_path / split))
+    kw = dict(max_samples=8000, batch_size=4, num_workers=0, vocab_size=512, min_frequency=1,
+              cache_dir=str(tmp_path / "cache"))
+    files = AudioTextDataModule(train=str(found["train"]), valid=str(found["valid"]), **kw)
+    files.setup()
+    shards = AudioTextDataModule(train=f"shards:{tmp_path / 'train'}", valid=f"shards:{tmp_path / 'valid'}",
+                                 **dict(kw, tokenizer=str(files.tokenizer_path)))
+    shards.setup()
+
+    def items(dm):
+        return {int(i): (a[: int(na)], t[: int(nt)]) for bt in dm.loader("valid")
+                for i, a, na, t, nt in zip(bt.ids, bt.inputs["audio"], bt.lengths["audio"], bt.inputs["text"],
+                                           bt.lengths["text"])}
+
+    a, b = items(files), items(shards)
+    assert sorted(a) == sorted(b) and a
+    assert all(torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1]) for i in a)
+    n = read_meta(f"shards:{tmp_path / 'train'}")["count"]
+    assert sorted(int(i) for bt in shards.loader("train") for i in bt.ids) == list(range(n))
