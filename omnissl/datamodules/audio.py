@@ -240,7 +240,8 @@ def shard_audio(stored: np.ndarray, *, start: int, num: int, expected: int) -> t
         if len(stored) != expected:
             raise AudioDataError(f"holds {len(stored)} samples but its header says {expected}")
         return torch.from_numpy(stored[start : start + num].astype(np.float32) / 32768.0)
-    return load_audio(io.BytesIO(stored.astype(np.uint8, copy=False).tobytes()), start=start, num=num, expected=expected)
+    encoded = io.BytesIO(stored.astype(np.uint8, copy=False).tobytes())
+    return load_audio(encoded, start=start, num=num, expected=expected)
 
 
 def audio_length(item: dict) -> int:

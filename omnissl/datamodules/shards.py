@@ -21,14 +21,15 @@ Reading: a split argument `shards:<folder or URI>` (`shards:/data/ls960`, `shard
 shard set. A local folder is read as `local:<folder>`, i.e. through litdata's downloader and cache exactly as
 an object-store URI (one code path; the source folder is never modified); the cache lives under
 `$OMNISSL_DATA/cache/shards` (`$OMNISSL_SHARD_CACHE` if set). `ShardItems` is a litdata `StreamingDataset`
-whose items are decoded by a picklable `decode(raw, epoch)` (e.g. `audio.AudioShardDecoder`: crop, units, labels, bad-item handling), and
-`ShardLoader` is a `StreamingDataLoader` that gathers `pool` items per litdata batch and cuts them into
-length-bucketed batches under `max_tokens` (`sampler.token_batches`, as for manifests) or plain `batch_size`
-batches. litdata assigns chunks to ranks and workers (every item once per epoch, `drop_last=False`) and
-shuffles chunks and items per (seed, epoch).
+whose items are decoded by a picklable `decode(raw, epoch)` (e.g. `audio.AudioShardDecoder`: crop, units,
+labels, bad-item handling), and `ShardLoader` is a `StreamingDataLoader` that gathers `pool` items per litdata
+batch and cuts them into length-bucketed batches under `max_tokens` (`sampler.token_batches`, as for manifests)
+or plain `batch_size` batches. litdata assigns chunks to ranks and workers (every item once per epoch,
+`drop_last=False`) and shuffles chunks and items per (seed, epoch).
 
-Resume: `ShardLoader.state_dict()` = litdata's own loader state at the start of the pool in progress + the
-batches of that pool already handed out; Lightning saves it in every checkpoint (as for `ResumableLoader`) and
+Resume: `ShardLoader.state_dict()` = litdata's own loader state at the start of the pool holding the next batch
+to train on + that pool's batches already trained on (Lightning fetches one batch ahead from a loader without a
+length: `lookahead`); Lightning saves it in every checkpoint (as for `ResumableLoader`) and
 `load_state_dict` replays litdata's position, recomputes that pool (same items, same crops: crops are
 functions of (seed, epoch, id)) and skips its finished batches, so a resumed epoch sees each item once.
 """
@@ -167,7 +168,8 @@ class AudioItems:
             return
         audio = pcm16(x) if self.audio_format == "pcm" else as_bytes_array(encode_flac(x, SAMPLE_RATE))
         yield {"id": int(i), "audio": audio, "n": int(len(x)),
-               "origin": origin(path, where), "label": label or "", "units": np.asarray(units if units is not None else [], dtype=np.int32)}
+               "origin": origin(path, where), "label": label or "",
+               "units": np.asarray(units if units is not None else [], dtype=np.int32)}
 
 
 @dataclass
@@ -404,7 +406,8 @@ class ShardLoader(StreamingDataLoader):
     Without `max_tokens` the loader has a length (pools); with it the batch count is unknown in advance and
     `len()` raises TypeError (Lightning then runs the epoch to its end)."""
 
-    def __init__(self, dataset: ShardItems, *, collate: Callable, pool: int, length: Callable[[dict], int] | None = None,
+    def __init__(self, dataset: ShardItems, *, collate: Callable, pool: int,
+                 length: Callable[[dict], int] | None = None,
                  max_tokens: int | None, batch_size: int | None, num_workers: int, split: str = "train",
                  skips: SkipLog | None = None, trainer: Any = None) -> None:
         if max_tokens is None and batch_size is None:

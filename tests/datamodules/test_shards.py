@@ -221,7 +221,8 @@ def test_a_corrupt_shard_item_is_named_or_counted(tmp_path):
     write_shards(src, str(shards), chunk_bytes="300KB", audio_format="flac")
     _corrupt_one_flac(shards)
     kw = dict(max_samples=16_000, min_samples=0, max_tokens=None, batch_size=2, num_workers=0)
-    with pytest.raises(AudioDataError, match=r"shards:.* item \d+ \(from .*train\.tsv:\d+: .*\.wav\): undecodable encoded audio \(Format not"):
+    named = r"shards:.* item \d+ \(from .*train\.tsv:\d+: .*\.wav\): undecodable encoded audio \(Format not"
+    with pytest.raises(AudioDataError, match=named):
         _ids(AudioDataModule(train=f"shards:{shards}", **kw).loader("train"))
     dm = AudioDataModule(train=f"shards:{shards}", on_error="skip", **kw)
     seen = _ids(dm.loader("train"))
