@@ -98,13 +98,23 @@ def read_meta(spec: str | os.PathLike) -> dict:
             raise ShardDataError(f"{spec}: no litdata shard set here (index.json missing); write one with "
                                  "`omnissl data shard`")
         return json.loads(path.read_text()) if path.is_file() else {}
-    import fsspec  # object stores: litdata's own dependency for remote file systems
-
     try:
-        with fsspec.open(f"{where.rstrip('/')}/{META}", "r") as f:
+        with remote_file(f"{where.rstrip('/')}/{META}", "r") as f:
             return json.load(f)
     except FileNotFoundError:
         return {}
+
+
+def remote_file(uri: str, mode: str) -> Any:
+    """An object-store file through fsspec (its backend for the scheme, e.g. s3fs or gcsfs, must be installed;
+    litdata itself streams the chunks with its own clients)."""
+    import fsspec
+
+    try:
+        return fsspec.open(uri, mode)
+    except ImportError as e:
+        raise ShardDataError(f"{uri}: omnissl reads and writes {META} of an object store through fsspec, whose "
+                             f"backend for this scheme is missing ({e})") from None
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -347,9 +357,7 @@ def write_shards(source: str | os.PathLike, out: str, *, kind: str | None = None
 def _index(out: str) -> dict:
     if "://" not in out:
         return json.loads((Path(out) / "index.json").read_text())
-    import fsspec
-
-    with fsspec.open(f"{out.rstrip('/')}/index.json", "r") as f:
+    with remote_file(f"{out.rstrip('/')}/index.json", "r") as f:
         return json.load(f)
 
 
@@ -357,9 +365,7 @@ def _write_text(out: str, name: str, text: str) -> None:
     if "://" not in out:
         (Path(out) / name).write_text(text)
         return
-    import fsspec
-
-    with fsspec.open(f"{out.rstrip('/')}/{name}", "w") as f:
+    with remote_file(f"{out.rstrip('/')}/{name}", "w") as f:
         f.write(text)
 
 
