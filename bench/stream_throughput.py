@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-samples", type=int, default=64_000, help="crop (4 s, the tiny recipes')")
     p.add_argument("--max-tokens", type=int, default=384_000)
+    p.add_argument("--shard-pool", type=int, default=64, help="items per litdata batch, cut into max_tokens batches")
     p.add_argument("--audio-format", choices=["pcm", "flac"], default="pcm", help="how the shards hold audio")
     args = p.parse_args(argv)
     manifest = args.manifest or embedded_corpus("embedded:speech:small")["train"]
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         kw = dict(max_samples=args.max_samples, min_samples=0, max_tokens=args.max_tokens,
                   num_workers=args.workers, seed=0)
         dms = {"files": AudioDataModule(train=str(manifest), **kw),
-               "shards": AudioDataModule(train=f"shards:{shards}", **kw)}
+               "shards": AudioDataModule(train=f"shards:{shards}", shard_pool=args.shard_pool, **kw)}
         loaders = {k: dm.loader("train") for k, dm in dms.items()}
         for k in loaders:  # warm-up
             epoch(loaders[k])
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(rounds: files {[round(r, 1) for r in rates['files']]}, shards {[round(r, 1) for r in rates['shards']]})")
     print(f"RESULT name=stream_vs_files ratio={med['shards'] / med['files']:.3f} shard_bytes={shard_bytes} "
           f"files_bytes={files_bytes} files_sps={med['files']:.1f} shards_sps={med['shards']:.1f} "
-          f"audio_format={args.audio_format} workers={args.workers} load={load[0]:.1f}")
+          f"audio_format={args.audio_format} workers={args.workers} shard_pool={args.shard_pool} load={load[0]:.1f}")
     return 0
 
 

@@ -397,18 +397,42 @@ class ShardItems(StreamingDataset):
         return self.decode(raw, int(self.current_epoch) - 1)
 
 
-def as_list(items: Sequence[Any]) -> list:
-    """collate_fn of `ShardLoader`: the pool as a list (batches are cut and collated in the main process)."""
-    return list(items)
+@dataclass
+class PoolBatches:
+    """collate_fn of `ShardLoader`, run in the DataLoader worker: a pool of decoded items -> {"batches": collated
+    batches, "failed": [(name, error)]}. Items with "error" (on_error="skip") are reported, items with "short"
+    (under min_samples) dropped; the rest are cut by length under `max_tokens` (`token_batches`, capped at
+    `batch_size` items; `length(item)` is an item's size) or are one `batch_size` batch. Collating here, in the
+    worker, sends a few batch tensors to the main process instead of every item's."""
+
+    collate: Callable
+    max_tokens: int | None
+    batch_size: int | None
+    length: Callable[[dict], int] | None = None
+
+    def cut(self, items: list[dict]) -> list[list[dict]]:
+        if self.max_tokens is None:
+            return [items] if items else []
+        assert self.length is not None
+        sizes = np.array([self.length(it) for it in items], dtype=np.int64)
+        if len(sizes) and sizes.max() > self.max_tokens:
+            raise ValueError(f"an item of {int(sizes.max())} exceeds max_tokens={self.max_tokens}: raise "
+                             "max_tokens or lower max_samples")
+        groups = token_batches(np.arange(len(items)), sizes, max_tokens=self.max_tokens, batch_size=self.batch_size)
+        return [[items[i] for i in g] for g in groups]
+
+    def __call__(self, pool: Sequence[dict]) -> dict:
+        failed = [(it.get("file", it["error"]), it["error"]) for it in pool if "error" in it]
+        good = [it for it in pool if "error" not in it and not it.get("short")]
+        return {"batches": [self.collate(g) for g in self.cut(good)], "failed": failed}
 
 
 class ShardLoader(StreamingDataLoader):
     """litdata's `StreamingDataLoader` over a `ShardItems`, yielding collated batches (module docstring).
 
-    Each litdata batch is a pool of `pool` decoded items; items with "error" (on_error="skip") are counted in
-    `skips` and dropped, items with "short" (under min_samples) are dropped; the rest are cut into batches by
-    length under `max_tokens` (`token_batches`) or into `batch_size` batches, each passed to `collate`.
-    `length(item)` is an item's size for bucketing. A pass in which every item failed raises `ShardDataError`.
+    Each litdata batch is a pool of `pool` decoded items, cut into collated batches in the worker
+    (`PoolBatches`); items that failed (on_error="skip") are counted in `skips`. A pass in which every item
+    failed raises `ShardDataError`.
     Without `max_tokens` the loader has a length (pools); with it the batch count is unknown in advance and
     `len()` raises TypeError (Lightning then runs the epoch to its end)."""
 
@@ -423,8 +447,9 @@ class ShardLoader(StreamingDataLoader):
         pool = int(batch_size if max_tokens is None else pool)
         if pool <= 0:
             raise ValueError(f"the shard pool must hold at least one item, got {pool}")
-        super().__init__(dataset, batch_size=pool, num_workers=num_workers, collate_fn=as_list)
-        self.collate, self.length, self.max_tokens, self.items_per_batch = collate, length, max_tokens, batch_size
+        super().__init__(dataset, batch_size=pool, num_workers=num_workers,
+                         collate_fn=PoolBatches(collate, max_tokens, batch_size, length))
+        self.max_tokens = max_tokens
         self.split = split
         self.skips = skips if skips is not None else SkipLog("shard item")
         # batches the consumer fetches ahead of training: Lightning's fit loop prefetches one batch from a loader
@@ -441,18 +466,6 @@ class ShardLoader(StreamingDataLoader):
             raise TypeError("a max_tokens ShardLoader has no length: its batch count depends on the items")
         return super().__len__()
 
-    def cut(self, items: list[dict]) -> list[list[dict]]:
-        if self.max_tokens is None:
-            return [items] if items else []
-        assert self.length is not None
-        sizes = np.array([self.length(it) for it in items], dtype=np.int64)
-        if len(sizes) and sizes.max() > self.max_tokens:
-            raise ValueError(f"an item of {int(sizes.max())} exceeds max_tokens={self.max_tokens}: raise "
-                             "max_tokens or lower max_samples")
-        groups = token_batches(np.arange(len(items)), sizes, max_tokens=self.max_tokens,
-                               batch_size=self.items_per_batch)
-        return [[items[i] for i in g] for g in groups]
-
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         skip, self.skip_next = self.skip_next, 0
         failed: list[str] = []
@@ -461,19 +474,15 @@ class ShardLoader(StreamingDataLoader):
         try:
             for pool in super().__iter__():
                 self.marks = [*self.marks[-3:], (self.produced - skip, self.pool_start_state())]
-                good = []
-                for it in pool:
-                    if "error" in it:
-                        failed.append(it["error"])
-                        self.skips.add(it.get("file", it["error"]), it["error"], warn=False)
-                    elif not it.get("short"):
-                        good.append(it)
-                for k, batch in enumerate(self.cut(good)):
+                for name, error in pool["failed"]:
+                    failed.append(error)
+                    self.skips.add(name, error, warn=False)
+                for k, batch in enumerate(pool["batches"]):
                     if k < skip:  # a resumed pool: its first batches were trained on before
                         continue
                     self.produced += 1
                     yielded += 1
-                    yield self.collate(batch)
+                    yield batch
                 skip = 0
         finally:
             self.alive = False
