@@ -320,7 +320,7 @@ class AudioDataModule(DataModule):
         max_samples: int | None = 250_000, min_samples: int = 32_000, max_tokens: int | None = 1_400_000,
         batch_size: int | None = None, num_workers: int = 4, on_error: Literal["raise", "skip"] = "raise",
         units: str | None = None, label_rate: float = 50.0, normalize: bool = False, seed: int = 0,
-        shard_pool: int = 256,
+        shard_pool: int = 64,
     ) -> None:  # fmt: skip
         super().__init__(skipping="audio file")
         self.save_hyperparameters()
