@@ -6,7 +6,8 @@
     omnissl data inspect MANIFEST [--on-error {raise,skip}] [--png FILE] [--workers N]
     omnissl data tokenizer --corpus PATH|embedded:text --kind {bpe,wordpiece} --vocab-size N --out DIR
     omnissl data shard MANIFEST_OR_FOLDER --out DIR_OR_URI [--kind {audio,text,image}] [--docs {line,blank}]
-                       [--units EXT] [--chunk-bytes 64MB] [--workers N] [--on-error {raise,skip}]
+                       [--units EXT] [--audio-format {pcm,flac}] [--chunk-bytes 64MB] [--workers N]
+                       [--on-error {raise,skip}]
 
 omnissl/cli.py dispatches `omnissl data <argv>` to `main(argv)`; the return value is the exit status.
 The corpora are the registry `omnissl.datamodules.corpora.CORPORA` (the names `embedded:<name>` specs take).
@@ -73,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--docs", choices=["line", "blank"], default="line",
                    help="text documents: one per line, or separated by blank lines")
     s.add_argument("--units", default=None, help="audio: also store HuBERT units from <manifest stem>.<EXT>")
+    s.add_argument("--audio-format", choices=["pcm", "flac"], default="pcm",
+                   help="audio: 16-bit PCM in zstd chunks (fast to read) or 16-bit FLAC (smallest)")
     s.add_argument("--chunk-bytes", default="64MB", help="target size of one chunk file")
     s.add_argument("--workers", type=int, default=1, help="encoding processes")
     s.add_argument("--on-error", choices=["raise", "skip"], default="raise",
@@ -137,7 +140,8 @@ def _shard(args: argparse.Namespace) -> int:
         if is_embedded(source):
             source = embedded_corpus(source, size="small")["train"]
         meta = write_shards(source, args.out, kind=args.kind, docs=args.docs, units=args.units,
-                            on_error=args.on_error, chunk_bytes=args.chunk_bytes, num_workers=args.workers)
+                            on_error=args.on_error, chunk_bytes=args.chunk_bytes, num_workers=args.workers,
+                            audio_format=args.audio_format)
     except (AudioDataError, ShardDataError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"omnissl data shard: error: {e}", file=sys.stderr)
         return 1

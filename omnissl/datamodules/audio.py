@@ -60,11 +60,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from omnissl.batch import SAMPLE_RATE
-from omnissl.datamodules.audio_io import (AudioDataError, AudioManifest, crop_start, crop_units, line_offsets, load_audio,
+from omnissl.datamodules.audio_io import (AudioDataError, AudioManifest, crop_units, line_offsets, load_audio,
                                           read_audio_manifest)
 from omnissl.datamodules.base import DataModule
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import SkipLog, check_on_error, class_index, is_embedded
+from omnissl.datamodules.common import SkipLog, check_on_error, class_index, crop_start, is_embedded
 from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
 from omnissl.datamodules.sampler import BucketBatchSampler, ResumableLoader
 from omnissl.datamodules.shards import ShardItems, ShardLoader, is_shards, read_meta
@@ -220,7 +220,7 @@ class AudioShardDecoder:
             if spu is not None:
                 item["units"] = crop_units(np.asarray(raw["units"]), n=n, start=start, num=num, samples_per_unit=spu,
                                            source="its units")
-            x = load_audio(io.BytesIO(np.asarray(raw["audio"], dtype=np.uint8).tobytes()), start=start, num=num, expected=n)
+            x = shard_audio(raw["audio"], start=start, num=num, expected=n)
         except AudioDataError as e:
             msg = f"{self.source} item {i} (from {json.loads(raw['origin'])['where']}): {e}"
             if self.on_error == "raise":
@@ -230,6 +230,18 @@ class AudioShardDecoder:
         if self.classes is not None and raw.get("label"):
             item["label"] = list(self.classes).index(raw["label"])
         return item
+
+
+def shard_audio(stored: np.ndarray, *, start: int, num: int, expected: int) -> torch.Tensor:
+    """Samples [start, start + num) of a shard item's audio: int16 PCM (sliced; / 32768, as soundfile reads
+    16-bit audio) or FLAC bytes (uint8, decoded by `load_audio`). Raises `AudioDataError`."""
+    stored = np.asarray(stored)
+    if stored.dtype == np.int16:
+        if len(stored) != expected:
+            raise AudioDataError(f"holds {len(stored)} samples but its header says {expected}")
+        return torch.from_numpy(stored[start : start + num].astype(np.float32) / 32768.0)
+    encoded = io.BytesIO(stored.astype(np.uint8, copy=False).tobytes())
+    return load_audio(encoded, start=start, num=num, expected=expected)
 
 
 def audio_length(item: dict) -> int:
@@ -308,7 +320,7 @@ class AudioDataModule(DataModule):
         max_samples: int | None = 250_000, min_samples: int = 32_000, max_tokens: int | None = 1_400_000,
         batch_size: int | None = None, num_workers: int = 4, on_error: Literal["raise", "skip"] = "raise",
         units: str | None = None, label_rate: float = 50.0, normalize: bool = False, seed: int = 0,
-        shard_pool: int = 256,
+        shard_pool: int = 64,
     ) -> None:  # fmt: skip
         super().__init__(skipping="audio file")
         self.save_hyperparameters()

@@ -244,17 +244,6 @@ def load_audio(
     return x.contiguous()
 
 
-def crop_start(n: int, num: int, *, step: int, crop: str, seed: int, epoch: int, i: int) -> int:
-    """Start of a `num`-sample crop of an `n`-sample item, on a multiple of `step` (the unit hop, or 1): centred
-    for crop="center", else uniform from (seed, epoch, i), so it depends on neither the worker nor the order."""
-    slots = (n - num) // step
-    if crop == "center":
-        k = slots // 2
-    else:
-        k = int(np.random.default_rng((seed, epoch, i)).integers(0, slots + 1))
-    return k * step
-
-
 def crop_units(units: np.ndarray, *, n: int, start: int, num: int, samples_per_unit: int, source: object) -> Tensor:
     """The units of the crop [start, start + num) of an `n`-sample item: those whose frame starts inside it.
     Raises `AudioDataError` naming `source` when the unit count does not match the audio (fairseq's 0.1 s

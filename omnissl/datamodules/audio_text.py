@@ -26,6 +26,10 @@ evaluation). A caption describes its whole clip, so keep `max_samples` at least 
 exact pairs (the embedded clips are at most 4 s). An undecodable file raises `AudioDataError` naming it, or
 with `on_error="skip"` is replaced by the next decodable item and counted.
 
+Streamed: `train: shards:<folder or URI>` of `omnissl data shard CAPTIONS.tsv` (audio shards whose label is the
+caption, one caption per clip; docs/streaming.md): captions tokenized in the workers, windows from (seed, epoch,
+id).
+
 Items are {"id", "audio": (T,) float32, "text": (N,) int64} (id: the clip's index in its split);
 `Collate(text_pad_id=pad_id)` pads both into a `Batch` with `inputs` "audio" (B, T) and "text" (B, N) and their
 `lengths`. Zero-shot items are {"id", "audio", "label"}.
@@ -37,19 +41,23 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from omnissl.datamodules.audio import shard_audio
 from omnissl.datamodules.audio_io import AudioDataError, load_clip
 from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, class_index, data_root, encode_labels,
-                                        is_embedded, load_or_next, read_manifest)
+from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, class_index, crop_start, data_root,
+                                        encode_labels, is_embedded, load_or_next, read_manifest)
 from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
-from omnissl.datamodules.tokenizers import cached_tokenizer, check_tokenizer, expected_info, set_token_ids
+from omnissl.datamodules.shards import ShardItems, is_shards, read_meta
+from omnissl.datamodules.tokenizers import (cached_tokenizer, check_tokenizer, expected_info, load_tokenizer,
+                                            set_token_ids)
 
 
 def read_caption_manifest(path: str | os.PathLike) -> tuple[list[Path], list[str]]:
@@ -111,6 +119,45 @@ class AudioTextDataset(Dataset):
         # torch's global generator: seeded per worker and epoch by the loaders, like the random crop
         k = int(torch.randint(0, len(caps), ())) if self.random_caption and len(caps) > 1 else 0
         return {"id": j, "audio": audio, "text": torch.from_numpy(caps[k].astype(np.int64))}
+
+
+@dataclass
+class AudioTextShardDecoder:
+    """`ShardItems` decode of a captioned-audio shard item (an audio shard whose "label" is the caption):
+    {"id", "audio": a `max_samples` window (random from (seed, epoch, id), or centred), "text": `<s> ... </s>`
+    truncated to `max_text_tokens`}. An undecodable item raises `AudioDataError` naming the set and the item,
+    or with on_error="skip" becomes {"id", "error", "file"} (counted by the loader)."""
+
+    source: str
+    tokenizer: str
+    max_text_tokens: int
+    max_samples: int
+    random_crop: bool
+    seed: int
+    on_error: str
+
+    def __call__(self, raw: dict, epoch: int) -> dict:
+        tok = self.__dict__.get("loaded")
+        if tok is None:
+            tok = self.__dict__["loaded"] = load_tokenizer(self.tokenizer)
+            tok.no_padding()
+            tok.enable_truncation(self.max_text_tokens)
+        i, n = int(raw["id"]), int(raw["n"])
+        num = min(n, self.max_samples)
+        start = crop_start(n, num, step=1, crop="random" if self.random_crop else "center", seed=self.seed,
+                           epoch=epoch, i=i) if num < n else 0
+        try:
+            audio = shard_audio(raw["audio"], start=start, num=num, expected=n)
+        except AudioDataError as e:
+            msg = f"{self.source} item {i}: {e}"
+            if self.on_error == "raise":
+                raise AudioDataError(msg) from None
+            return {"id": i, "error": msg, "file": f"{self.source}#{i}"}
+        ids = np.asarray(tok.encode(raw["label"], add_special_tokens=True).ids, dtype=np.int64)
+        return {"id": i, "audio": audio, "text": torch.from_numpy(ids)}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "loaded"}
 
 
 class AudioTextDataModule(DataModule):
@@ -206,6 +253,9 @@ class AudioTextDataModule(DataModule):
                                 cache_dir=self.cache_dir)
 
     def prepare_data(self) -> None:
+        if is_shards(self.train):
+            self._shard_setup(build=False)
+            return
         self._tokenizer_path([c for caps in self.manifests()["train"][1] for c in caps])
 
     def tokenize(self, texts: Sequence[str]) -> list[torch.Tensor]:
@@ -221,7 +271,35 @@ class AudioTextDataModule(DataModule):
             raise RuntimeError("call setup() before decode()")
         return self._tok.decode([int(i) for i in ids])
 
+    def _shard_setup(self, build: bool = True) -> None:
+        """Streamed captioned audio (`omnissl data shard CAPTIONS.tsv`: the caption is the item's label); the
+        tokenizer is the given one or is trained on the train set's captions (recorded when sharding)."""
+        given = {"train": self.train, "valid": self.valid, "test": self.test}
+        plain = [s for s, spec in given.items() if spec is not None and not is_shards(spec)]
+        if plain:
+            raise ValueError(f"AudioTextDataModule: train is a shard set, so {plain} must be too")
+        captions = read_meta(self.train).get("labels") or []
+        if self.tokenizer is None and not captions:
+            raise ValueError(f"{self.train}: the shards hold no captions (third manifest column when sharding)")
+        self.tokenizer_path = self._tokenizer_path(captions)
+        tok = check_tokenizer(self.tokenizer_path, self.info)
+        tok.no_padding()
+        tok.enable_truncation(self.max_text_tokens)
+        self._tok = tok
+        if not build:
+            return
+        self.datasets = {}
+        for split, spec in given.items():
+            if spec is None:
+                continue
+            decode = AudioTextShardDecoder(spec, str(self.tokenizer_path), self.max_text_tokens, self.max_samples,
+                                           split == "train", self.seed, self.on_error)
+            self.datasets[split] = ShardItems(spec, decode=decode, shuffle=split == "train", seed=self.seed)
+
     def setup(self, stage: str | None = None) -> None:
+        if is_shards(self.train):
+            self._shard_setup()
+            return
         splits = self.manifests()
         if not splits["train"][0]:
             raise ValueError(f"no (audio, caption) pairs in {self.train!r}")
@@ -271,8 +349,9 @@ class AudioTextDataModule(DataModule):
     def eval_captions(self, split: str, clips: Sequence[int]) -> list[list[torch.Tensor]]:
         """Every caption (token ids) of each of `clips` (indices into `split`'s dataset, as `Batch.ids`)."""
         ds = self.dataset(split)
-        if ds is None or ds.token_ids is None:
-            raise ValueError(f"no captioned split {split!r}")
+        if ds is None or getattr(ds, "token_ids", None) is None:
+            raise ValueError(f"no captioned split {split!r} (retrieval over several captions per clip needs a caption "
+                             "manifest or the embedded corpus; a streamed shard set holds one caption per clip)")
         return [[torch.from_numpy(t.astype(np.int64)) for t in ds.token_ids[int(i)]] for i in clips]
 
     def zeroshot_data(self):

@@ -24,6 +24,7 @@ from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import SkipLog, holdout, is_embedded
 from omnissl.datamodules.corpora import CORPORA, embedded_corpus, parse_embedded
 from omnissl.datamodules.sampler import make_loader
+from omnissl.datamodules.shards import ShardItems, ShardLoader
 
 
 class DataModule(L.LightningDataModule):
@@ -55,7 +56,13 @@ class DataModule(L.LightningDataModule):
         return self.build_loader(ds, split, split == "train" if shuffle is None else shuffle)
 
     def build_loader(self, ds: Dataset, split: str, shuffle: bool) -> DataLoader:
-        """Plain `batch_size` batches in an order that is a function of (seed, epoch, rank) (`make_loader`)."""
+        """Plain `batch_size` batches in an order that is a function of (seed, epoch, rank) (`make_loader`); a
+        shard set's: litdata's order of (seed, epoch) (`ShardLoader`)."""
+        if isinstance(ds, ShardItems):
+            ds.set_shuffle(shuffle)
+            return ShardLoader(ds, collate=self.collate, pool=int(self.batch_size), max_tokens=None,
+                               batch_size=self.batch_size, num_workers=self.num_workers, split=split,
+                               skips=self.skips, trainer=self.trainer)
         return make_loader(ds, trainer=self.trainer, batch_size=self.batch_size, shuffle=shuffle, seed=self.seed,
                            num_workers=self.num_workers, collate_fn=self.collate)
 

@@ -237,6 +237,19 @@ def file_sha1(path: Path) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
+def crop_start(n: int, num: int, *, step: int, crop: str, seed: int, epoch: int, i: int) -> int:
+    """Start of a `num`-sample crop of an `n`-sample item, on a multiple of `step` (the unit hop, or 1): centred
+    for crop="center", else uniform from (seed, epoch, i), so it depends on neither the worker nor the order."""
+    import numpy as np
+
+    slots = (n - num) // step
+    if crop == "center":
+        k = slots // 2
+    else:
+        k = int(np.random.default_rng((seed, epoch, i)).integers(0, slots + 1))
+    return k * step
+
+
 def holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of range(n) into (keep, held-out) index lists, each in ascending order."""
     import numpy as np

@@ -5,6 +5,8 @@ Sources (`train`, `valid`):
   subfolders (`root/<class>/<file>`, torchvision's ImageFolder layout) the subfolder is the item's label,
   flat folders have none;
 * a file list (`.tsv` / `.txt`): optional root line, then `relpath[<TAB>size[<TAB>label]]` per line;
+* `"shards:<folder or URI>"`: a shard set of `omnissl data shard` (litdata, streamed; omnissl/datamodules/shards.py);
+  then valid / test, when given, are shard sets too (no valid split is held out of a stream);
 * `"embedded:images"`: real images that pip wheels ship (digits and photo crops; see
   `omnissl.datamodules.corpora.images`), generated into `$OMNISSL_DATA` on first use.
 
@@ -21,18 +23,25 @@ Items are {"id", "image": (3, image_size, image_size) float32} (+ "label" in lab
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, is_embedded, load_or_next,
-                                        read_manifest, shown)
+from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, class_index, is_embedded,
+                                        load_or_next, read_manifest, shown)
 from omnissl.datamodules.corpora import embedded_corpus
+from omnissl.datamodules.sampler import item_rng
+from omnissl.datamodules.shards import ShardItems, is_shards, read_meta
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -108,23 +117,24 @@ def _to_8bit(im):
     return im
 
 
-def load_rgb(path: Path) -> torch.Tensor:
-    """Decode an image file -> uint8 (3, H, W); raises ValueError naming the file if it cannot be decoded (or
-    is larger than PIL's decompression-bomb limit, `PIL.Image.MAX_IMAGE_PIXELS`). 16-bit images are scaled
-    to 8 bits, not clipped."""
+def load_rgb(path: Path | io.BytesIO, name: object = None) -> torch.Tensor:
+    """Decode an image file (or encoded bytes in memory, named `name` in errors) -> uint8 (3, H, W); raises
+    ValueError naming the file if it cannot be decoded (or is larger than PIL's decompression-bomb limit,
+    `PIL.Image.MAX_IMAGE_PIXELS`). 16-bit images are scaled to 8 bits, not clipped."""
     from PIL import Image, UnidentifiedImageError
 
+    shown_name = shown(path if name is None else name)
     try:
         with Image.open(path) as im:
             im = _to_8bit(im).convert("RGB")  # L, P, LA, RGBA, I;16 ... -> 3 channels
             arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             w, h = im.size
     except Image.DecompressionBombError as e:
-        raise ValueError(f"{shown(path)}: refused as a possible decompression bomb ({e})") from None
+        raise ValueError(f"{shown_name}: refused as a possible decompression bomb ({e})") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise ValueError(f"{shown(path)}: cannot decode image: {e}") from None
+        raise ValueError(f"{shown_name}: cannot decode image: {e}") from None
     if w == 0 or h == 0:
-        raise ValueError(f"{path}: empty image ({w}x{h})")
+        raise ValueError(f"{shown_name}: empty image ({w}x{h})")
     return arr.view(h, w, 3).permute(2, 0, 1).contiguous()
 
 
@@ -160,6 +170,68 @@ class ImageDataset(Dataset):
         if self.labels is not None:
             item["label"] = self.labels[j]
         return item
+
+
+@dataclass
+class ImageShardDecoder:
+    """`ShardItems` decode of an image shard item: `transform` of the decoded image with torch's generator seeded
+    by (seed, epoch, id) (as `SeededItems` does for files), "label" as the index in `classes` when given. An
+    undecodable item raises ValueError naming the shard set, the item and its source, or with on_error="skip"
+    becomes {"id", "error", "file"} (counted by the loader)."""
+
+    source: str
+    transform: Any
+    seed: int
+    on_error: str
+    classes: Sequence[str] | None = None
+
+    def __call__(self, raw: dict, epoch: int) -> dict:
+        i = int(raw["id"])
+        name = f"{self.source} item {i} (from {json.loads(raw['origin'])['where']})"
+        try:
+            with item_rng(self.seed, epoch, i):
+                image = self.transform(load_rgb(io.BytesIO(np.asarray(raw["image"], np.uint8).tobytes()), name))
+        except ValueError as e:
+            if self.on_error == "raise":
+                raise
+            return {"id": i, "error": str(e), "file": f"{self.source}#{i}"}
+        item = {"id": i, "image": image}
+        if self.classes is not None and raw.get("label"):
+            item["label"] = list(self.classes).index(raw["label"])
+        return item
+
+
+def shard_splits(specs: dict[str, str | None], owner: str) -> dict[str, str]:
+    """{split: "shards:..."} of the splits given, when train is a shard set (then every given split must be)."""
+    given = {s: spec for s, spec in specs.items() if spec is not None}
+    if not is_shards(given.get("train")):
+        return {}
+    plain = [s for s, spec in given.items() if not is_shards(spec)]
+    if plain:
+        raise ValueError(f"{owner}: train is a shard set, so {plain} must be too (shards:<folder or URI>); "
+                         "without valid, there is no valid split")
+    return given  # type: ignore[return-value]
+
+
+def image_shard_datasets(shards: dict[str, str], tf: dict[str, Any], *, seed: int, on_error: str,
+                         labeled: bool = False) -> tuple[dict[str, ShardItems], list[str] | None]:
+    """({split: ShardItems}, classes) of image shard sets; `labeled`: classes are the train set's labels (the
+    one label policy, `class_index`) and a valid/test label unseen in training is an error naming the set."""
+    classes = None
+    if labeled:
+        metas = {s: read_meta(spec) for s, spec in shards.items()}
+        if not metas["train"].get("labels"):
+            raise ValueError(f"{shards['train']}: the shards hold no labels (class subfolders or a third column "
+                             "`label` when sharding)")
+        classes = class_index(metas["train"]["labels"], shards["train"])
+        for s, meta in metas.items():
+            unseen = sorted(set(meta.get("labels") or []) - set(classes))
+            if unseen:
+                raise ValueError(f"{shards[s]}: labels {unseen[:10]} do not occur in the training split")
+    datasets = {s: ShardItems(spec, decode=ImageShardDecoder(spec, tf["train" if s == "train" else "eval"], seed,
+                                                             on_error, classes),
+                              shuffle=s == "train", seed=seed) for s, spec in shards.items()}
+    return datasets, classes
 
 
 class ImageDataModule(DataModule):
@@ -209,11 +281,15 @@ class ImageDataModule(DataModule):
             embedded_corpus(self.train, size=self.embedded_size)
 
     def setup(self, stage: str | None = None) -> None:
+        tf = transforms(self.image_size, self.mean, self.std, min_scale=self.min_scale, hflip=self.hflip,
+                        crop_pct=self.eval_crop_pct)
+        shards = shard_splits({"train": self.train, "valid": self.valid, "test": self.test}, "ImageDataModule")
+        if shards:
+            self.datasets, _ = image_shard_datasets(shards, tf, seed=self.seed, on_error=self.on_error)
+            return
         files = self.split_files()
         if not files["train"]:
             raise ValueError(f"no images found in {self.train!r} (extensions {', '.join(IMAGE_EXTENSIONS)})")
-        tf = transforms(self.image_size, self.mean, self.std, min_scale=self.min_scale, hflip=self.hflip,
-                        crop_pct=self.eval_crop_pct)
         sources = {"train": self.train, "valid": self.valid or self.train, "test": self.test}
         self.datasets = {s: ImageDataset(fs, tf["train" if s == "train" else "eval"], on_error=self.on_error,
                                          skips=self.skips, source=sources[s])

@@ -29,8 +29,8 @@ from omnissl.datamodules.common import (SPLITS, SkipLog, check_data_args, class_
                                         file_fingerprint, is_embedded, read_manifest)
 from omnissl.datamodules.corpora import CORPORA, embedded_corpus, parse_embedded
 from omnissl.datamodules.documents import decode_utf8
-from omnissl.datamodules.image import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset, list_images,
-                                       transforms)
+from omnissl.datamodules.image import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset,
+                                       image_shard_datasets, list_images, shard_splits, transforms)
 from omnissl.datamodules.tokenizers import (cached_tokenizer, check_tokenizer, expected_info, resolve_tokenizer,
                                             set_token_ids)
 
@@ -94,6 +94,13 @@ class LabeledImageDataModule(DataModule):
         self.sources()
 
     def setup(self, stage: str | None = None) -> None:
+        shards = shard_splits({"train": self.train, "valid": self.valid, "test": self.test}, type(self).__name__)
+        if shards:  # streamed litdata shards (omnissl/datamodules/shards.py)
+            tf = transforms(self.image_size, self.mean, self.std, min_scale=self.min_scale, hflip=self.hflip,
+                            crop_pct=self.eval_crop_pct, augment=self.train_augment)
+            self.datasets, self.classes = image_shard_datasets(shards, tf, seed=self.seed, on_error=self.on_error,
+                                                               labeled=True)
+            return
         sources = self.sources()
         items = {s: labeled_images(src) for s, src in sources.items() if src is not None}
         if not items["train"]:

@@ -17,6 +17,7 @@ mid-epoch and resumed from its last checkpoint sees the same batches and the sam
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -154,6 +155,14 @@ class ItemSampler(DistributedSampler):
                 yield (i, epoch)
 
 
+@contextlib.contextmanager
+def item_rng(seed: int, epoch: int, i: int) -> Iterator[None]:
+    """Within: torch's CPU generator seeded by (seed, epoch, i); restored after (`SeededItems`, shard decoders)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(stable_hash("item", seed, epoch, i))
+        yield
+
+
 class SeededItems(Dataset):
     """`dataset[(i, epoch)]`: `dataset[i]` with torch's CPU generator seeded by (seed, epoch, i) for the call and
     restored after, so the random transforms of an item are a function of (seed, epoch, i) only (the same in
@@ -167,8 +176,7 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int] | int) -> Any:
         i, epoch = key if isinstance(key, tuple) else (key, 0)
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(stable_hash("item", self.seed, epoch, i))
+        with item_rng(self.seed, epoch, i):
             return self.dataset[i]
 
     def __getattr__(self, name: str) -> Any:

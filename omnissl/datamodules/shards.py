@@ -4,10 +4,13 @@ Writing (`write_shards`, the `omnissl data shard` command): litdata's `optimize(
 text file into chunk files plus litdata's `index.json`, and omnissl adds `omnissl_shards.json` (kind, item
 count, label vocabulary, skipped items). One shard item per source item:
 
-* audio: `{"id": manifest row, "audio": FLAC bytes as a uint8 array (16 kHz mono, 16-bit), "n": samples, "origin": JSON
-  {"file", "where": manifest line},
-  "label": str ("" when none), "units": int32 array (empty when none)}`; the FLAC is the compression (litdata's
-  zstd would not shrink it further, so audio chunks are not zstd-compressed);
+* audio: `{"id": manifest row, "audio": 16 kHz mono 16-bit samples, "n": samples, "origin": JSON {"file",
+  "where": manifest line},
+  "label": str ("" when none), "units": int32 array (empty when none)}`. `audio_format="pcm"` (default): the
+  samples as an int16 array in zstd-compressed chunks (about 0.77 of 16-bit WAV on the embedded speech; reading
+  is a slice, faster than opening WAV files); "flac": 16-bit FLAC bytes (uint8 array) in uncompressed chunks
+  (about 0.6 of WAV, for object stores where bytes cost more than CPU; decoding is ~4x slower than reading
+  WAV);
 * text: `{"text": one document, "origin": {"file", "where": "<file>:<first line>"}}`, chunks zstd-compressed;
   documents are one per line (`docs="line"`) or separated by blank lines (`docs="blank"`), read line by line
   (a file is never read whole into memory);
@@ -18,14 +21,15 @@ Reading: a split argument `shards:<folder or URI>` (`shards:/data/ls960`, `shard
 shard set. A local folder is read as `local:<folder>`, i.e. through litdata's downloader and cache exactly as
 an object-store URI (one code path; the source folder is never modified); the cache lives under
 `$OMNISSL_DATA/cache/shards` (`$OMNISSL_SHARD_CACHE` if set). `ShardItems` is a litdata `StreamingDataset`
-whose items are decoded by a picklable `decode(raw, epoch)` (e.g. `audio.AudioShardDecoder`: crop, units, labels, bad-item handling), and
-`ShardLoader` is a `StreamingDataLoader` that gathers `pool` items per litdata batch and cuts them into
-length-bucketed batches under `max_tokens` (`sampler.token_batches`, as for manifests) or plain `batch_size`
-batches. litdata assigns chunks to ranks and workers (every item once per epoch, `drop_last=False`) and
-shuffles chunks and items per (seed, epoch).
+whose items are decoded by a picklable `decode(raw, epoch)` (e.g. `audio.AudioShardDecoder`: crop, units,
+labels, bad-item handling), and `ShardLoader` is a `StreamingDataLoader` that gathers `pool` items per litdata
+batch and cuts them into length-bucketed batches under `max_tokens` (`sampler.token_batches`, as for manifests)
+or plain `batch_size` batches. litdata assigns chunks to ranks and workers (every item once per epoch,
+`drop_last=False`) and shuffles chunks and items per (seed, epoch).
 
-Resume: `ShardLoader.state_dict()` = litdata's own loader state at the start of the pool in progress + the
-batches of that pool already handed out; Lightning saves it in every checkpoint (as for `ResumableLoader`) and
+Resume: `ShardLoader.state_dict()` = litdata's own loader state at the start of the pool holding the next batch
+to train on + that pool's batches already trained on (Lightning fetches one batch ahead from a loader without a
+length: `lookahead`); Lightning saves it in every checkpoint (as for `ResumableLoader`) and
 `load_state_dict` replays litdata's position, recomputes that pool (same items, same crops: crops are
 functions of (seed, epoch, id)) and skips its finished batches, so a resumed epoch sees each item once.
 """
@@ -59,6 +63,7 @@ log = logging.getLogger(__name__)
 PREFIX = "shards:"
 META = "omnissl_shards.json"
 KINDS = ("audio", "text", "image")
+AUDIO_FORMATS = ("pcm", "flac")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
@@ -93,26 +98,34 @@ def read_meta(spec: str | os.PathLike) -> dict:
             raise ShardDataError(f"{spec}: no litdata shard set here (index.json missing); write one with "
                                  "`omnissl data shard`")
         return json.loads(path.read_text()) if path.is_file() else {}
-    import fsspec  # object stores: litdata's own dependency for remote file systems
-
     try:
-        with fsspec.open(f"{where.rstrip('/')}/{META}", "r") as f:
+        with remote_file(f"{where.rstrip('/')}/{META}", "r") as f:
             return json.load(f)
     except FileNotFoundError:
         return {}
+
+
+def remote_file(uri: str, mode: str) -> Any:
+    """An object-store file through fsspec (its backend for the scheme, e.g. s3fs or gcsfs, must be installed;
+    litdata itself streams the chunks with its own clients)."""
+    import fsspec
+
+    try:
+        return fsspec.open(uri, mode)
+    except ImportError as e:
+        raise ShardDataError(f"{uri}: omnissl reads and writes {META} of an object store through fsspec, whose "
+                             f"backend for this scheme is missing ({e})") from None
 
 
 # ------------------------------------------------------------------------------------------------- writing
 
 
 def encode_flac(x: np.ndarray, sample_rate: int) -> bytes:
-    """16-bit FLAC of float samples in [-1, 1). Quantized as soundfile reads 16-bit audio back (k / 32768), so a
-    16-bit source decodes to exactly the samples it had (libsndfile's own float writer scales by 32767)."""
+    """16-bit FLAC of float samples in [-1, 1) (`pcm16`: a 16-bit source decodes to exactly the samples it had)."""
     import soundfile as sf
 
-    pcm = np.clip(np.round(np.asarray(x, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
     buf = io.BytesIO()
-    sf.write(buf, pcm, sample_rate, format="FLAC", subtype="PCM_16")
+    sf.write(buf, pcm16(x), sample_rate, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
 
 
@@ -139,12 +152,20 @@ class SkipRecorder:
             f.write(json.dumps([where, reason]) + "\n")
 
 
+def pcm16(x: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1) -> int16, quantized as soundfile reads 16-bit audio back (k / 32768), so a 16-bit
+    source round-trips exactly (libsndfile's own float writer scales by 32767)."""
+    return np.clip(np.round(np.asarray(x, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+
+
 @dataclass
 class AudioItems:
-    """optimize() fn: (row, path, samples, where, label, units) -> one shard item (nothing for a skipped bad item)."""
+    """optimize() fn: (row, path, samples, where, label, units) -> one shard item (nothing for a skipped bad item).
+    audio_format "pcm": the samples as int16 (chunks zstd-compressed); "flac": 16-bit FLAC bytes (uint8)."""
 
     on_error: str
     skip: SkipRecorder
+    audio_format: str = "pcm"
 
     def __call__(self, row: tuple) -> Iterator[dict]:
         i, path, size, where, label, units = row
@@ -155,8 +176,10 @@ class AudioItems:
                 raise AudioDataError(f"{where}: {e}") from None
             self.skip(where, str(e))
             return
-        yield {"id": int(i), "audio": as_bytes_array(encode_flac(x, SAMPLE_RATE)), "n": int(len(x)),
-               "origin": origin(path, where), "label": label or "", "units": np.asarray(units if units is not None else [], dtype=np.int32)}
+        audio = pcm16(x) if self.audio_format == "pcm" else as_bytes_array(encode_flac(x, SAMPLE_RATE))
+        yield {"id": int(i), "audio": audio, "n": int(len(x)),
+               "origin": origin(path, where), "label": label or "",
+               "units": np.asarray(units if units is not None else [], dtype=np.int32)}
 
 
 @dataclass
@@ -263,11 +286,13 @@ def image_rows(source: Path) -> list[tuple]:
 
 def write_shards(source: str | os.PathLike, out: str, *, kind: str | None = None, docs: str = "line",
                  units: str | None = None, on_error: str = "raise", chunk_bytes: str = "64MB",
-                 num_workers: int = 1) -> dict:
+                 num_workers: int = 1, audio_format: str = "pcm") -> dict:
     """Shard `source` (audio/image manifest or folder; a text file, a folder of .txt or a manifest of them) into
     `out` (folder or object-store URI) with litdata's `optimize()`; returns the metadata written beside them
     (`omnissl_shards.json`). Bad items raise naming the file (on_error="raise") or are counted and left out."""
     check_on_error(on_error)
+    if audio_format not in AUDIO_FORMATS:
+        raise ValueError(f"audio_format must be one of {AUDIO_FORMATS}, got {audio_format!r}")
     if docs not in ("line", "blank"):
         raise ValueError(f"docs must be 'line' or 'blank', got {docs!r}")
     source = Path(source).expanduser()
@@ -287,7 +312,8 @@ def write_shards(source: str | os.PathLike, out: str, *, kind: str | None = None
         compression = None
         if kind == "audio":
             inputs, labels = audio_rows(source, units=units, on_error=on_error)
-            fn: Callable = AudioItems(on_error, skip)
+            fn: Callable = AudioItems(on_error, skip, audio_format)
+            compression = "zstd" if audio_format == "pcm" else None
         elif kind == "image":
             inputs = image_rows(source)
             found = [r[3] for r in inputs]
@@ -322,7 +348,8 @@ def write_shards(source: str | os.PathLike, out: str, *, kind: str | None = None
                 skipped[where] = why
     count = sum(c["chunk_size"] for c in _index(out)["chunks"])
     meta = {"kind": kind, "source": str(source), "count": count, "skipped": skipped, "docs": docs if kind == "text"
-            else None, "units": units, "labels": sorted(set(labels)) if labels else None}
+            else None, "units": units, "labels": sorted(set(labels)) if labels else None,
+            "audio_format": audio_format if kind == "audio" else None}
     _write_text(out, META, json.dumps(meta, indent=1, sort_keys=True))
     return meta
 
@@ -330,9 +357,7 @@ def write_shards(source: str | os.PathLike, out: str, *, kind: str | None = None
 def _index(out: str) -> dict:
     if "://" not in out:
         return json.loads((Path(out) / "index.json").read_text())
-    import fsspec
-
-    with fsspec.open(f"{out.rstrip('/')}/index.json", "r") as f:
+    with remote_file(f"{out.rstrip('/')}/index.json", "r") as f:
         return json.load(f)
 
 
@@ -340,9 +365,7 @@ def _write_text(out: str, name: str, text: str) -> None:
     if "://" not in out:
         (Path(out) / name).write_text(text)
         return
-    import fsspec
-
-    with fsspec.open(f"{out.rstrip('/')}/{name}", "w") as f:
+    with remote_file(f"{out.rstrip('/')}/{name}", "w") as f:
         f.write(text)
 
 
@@ -367,35 +390,66 @@ class ShardItems(StreamingDataset):
         return self.spec
 
     def __getitem__(self, index: Any) -> Any:
+        raw = super().__getitem__(index)
+        if "id" not in raw:  # text documents: their place in the set
+            raw = {**raw, "id": int(getattr(index, "index", index))}
         # litdata counts epochs from 1; omnissl's samplers and Lightning from 0 (so crops match the manifest's)
-        return self.decode(super().__getitem__(index), int(self.current_epoch) - 1)
+        return self.decode(raw, int(self.current_epoch) - 1)
 
 
-def as_list(items: Sequence[Any]) -> list:
-    """collate_fn of `ShardLoader`: the pool as a list (batches are cut and collated in the main process)."""
-    return list(items)
+@dataclass
+class PoolBatches:
+    """collate_fn of `ShardLoader`, run in the DataLoader worker: a pool of decoded items -> {"batches": collated
+    batches, "failed": [(name, error)]}. Items with "error" (on_error="skip") are reported, items with "short"
+    (under min_samples) dropped; the rest are cut by length under `max_tokens` (`token_batches`, capped at
+    `batch_size` items; `length(item)` is an item's size) or are one `batch_size` batch. Collating here, in the
+    worker, sends a few batch tensors to the main process instead of every item's."""
+
+    collate: Callable
+    max_tokens: int | None
+    batch_size: int | None
+    length: Callable[[dict], int] | None = None
+
+    def cut(self, items: list[dict]) -> list[list[dict]]:
+        if self.max_tokens is None:
+            return [items] if items else []
+        assert self.length is not None
+        sizes = np.array([self.length(it) for it in items], dtype=np.int64)
+        if len(sizes) and sizes.max() > self.max_tokens:
+            raise ValueError(f"an item of {int(sizes.max())} exceeds max_tokens={self.max_tokens}: raise "
+                             "max_tokens or lower max_samples")
+        groups = token_batches(np.arange(len(items)), sizes, max_tokens=self.max_tokens, batch_size=self.batch_size)
+        return [[items[i] for i in g] for g in groups]
+
+    def __call__(self, pool: Sequence[dict]) -> dict:
+        failed = [(it.get("file", it["error"]), it["error"]) for it in pool if "error" in it]
+        good = [it for it in pool if "error" not in it and not it.get("short")]
+        return {"batches": [self.collate(g) for g in self.cut(good)], "failed": failed}
 
 
 class ShardLoader(StreamingDataLoader):
     """litdata's `StreamingDataLoader` over a `ShardItems`, yielding collated batches (module docstring).
 
-    Each litdata batch is a pool of `pool` decoded items; items with "error" (on_error="skip") are counted in
-    `skips` and dropped, items with "short" (under min_samples) are dropped; the rest are cut into batches by
-    length under `max_tokens` (`token_batches`) or into `batch_size` batches, each passed to `collate`.
-    `length(item)` is an item's size for bucketing. A pass in which every item failed raises `ShardDataError`.
+    Each litdata batch is a pool of `pool` decoded items, cut into collated batches in the worker
+    (`PoolBatches`); items that failed (on_error="skip") are counted in `skips`. A pass in which every item
+    failed raises `ShardDataError`.
     Without `max_tokens` the loader has a length (pools); with it the batch count is unknown in advance and
     `len()` raises TypeError (Lightning then runs the epoch to its end)."""
 
-    def __init__(self, dataset: ShardItems, *, collate: Callable, length: Callable[[dict], int], pool: int,
+    def __init__(self, dataset: ShardItems, *, collate: Callable, pool: int,
+                 length: Callable[[dict], int] | None = None,
                  max_tokens: int | None, batch_size: int | None, num_workers: int, split: str = "train",
                  skips: SkipLog | None = None, trainer: Any = None) -> None:
         if max_tokens is None and batch_size is None:
             raise ValueError("set max_tokens, batch_size or both")
+        if max_tokens is not None and length is None:
+            raise ValueError("max_tokens batches need the items' `length`")
         pool = int(batch_size if max_tokens is None else pool)
         if pool <= 0:
             raise ValueError(f"the shard pool must hold at least one item, got {pool}")
-        super().__init__(dataset, batch_size=pool, num_workers=num_workers, collate_fn=as_list)
-        self.collate, self.length, self.max_tokens, self.items_per_batch = collate, length, max_tokens, batch_size
+        super().__init__(dataset, batch_size=pool, num_workers=num_workers,
+                         collate_fn=PoolBatches(collate, max_tokens, batch_size, length))
+        self.max_tokens = max_tokens
         self.split = split
         self.skips = skips if skips is not None else SkipLog("shard item")
         # batches the consumer fetches ahead of training: Lightning's fit loop prefetches one batch from a loader
@@ -412,17 +466,6 @@ class ShardLoader(StreamingDataLoader):
             raise TypeError("a max_tokens ShardLoader has no length: its batch count depends on the items")
         return super().__len__()
 
-    def cut(self, items: list[dict]) -> list[list[dict]]:
-        if self.max_tokens is None:
-            return [items] if items else []
-        sizes = np.array([self.length(it) for it in items], dtype=np.int64)
-        if len(sizes) and sizes.max() > self.max_tokens:
-            raise ValueError(f"an item of {int(sizes.max())} exceeds max_tokens={self.max_tokens}: raise "
-                             "max_tokens or lower max_samples")
-        groups = token_batches(np.arange(len(items)), sizes, max_tokens=self.max_tokens,
-                               batch_size=self.items_per_batch)
-        return [[items[i] for i in g] for g in groups]
-
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         skip, self.skip_next = self.skip_next, 0
         failed: list[str] = []
@@ -431,19 +474,15 @@ class ShardLoader(StreamingDataLoader):
         try:
             for pool in super().__iter__():
                 self.marks = [*self.marks[-3:], (self.produced - skip, self.pool_start_state())]
-                good = []
-                for it in pool:
-                    if "error" in it:
-                        failed.append(it["error"])
-                        self.skips.add(it.get("file", it["error"]), it["error"], warn=False)
-                    elif not it.get("short"):
-                        good.append(it)
-                for k, batch in enumerate(self.cut(good)):
+                for name, error in pool["failed"]:
+                    failed.append(error)
+                    self.skips.add(name, error, warn=False)
+                for k, batch in enumerate(pool["batches"]):
                     if k < skip:  # a resumed pool: its first batches were trained on before
                         continue
                     self.produced += 1
                     yielded += 1
-                    yield self.collate(batch)
+                    yield batch
                 skip = 0
         finally:
             self.alive = False

@@ -4,6 +4,10 @@ Modules: `documents` (reading), `tokenizers` (training, loading, cache), `token_
 block packing); this one holds the DataModule (the `omnissl data tokenizer` command is omnissl/commands/data.py).
 
 Pipeline (RoBERTa pretraining data, fairseq `examples/roberta`):
+Streamed (`train: shards:<folder or URI>` from `omnissl data shard CORPUS --docs {line,blank}`, with
+`tokenizer` given): one item per document, `<s>` + a `block_size` window of its tokens + `</s>` (random window
+for train), no packing; docs/streaming.md.
+
 1. Documents (`train`, `valid`, `test`): a corpus is a folder (every `*.txt` below it, sorted; one document
    per file), a manifest (`.tsv`: root line, then `relpath[<TAB>...]`), a single text file (one document), or `"embedded:text"`
    (the standard library's docstrings, generated into `$OMNISSL_DATA` on first use; see
@@ -34,17 +38,52 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
-from omnissl.datamodules.common import atomic_file, check_data_args, data_root, file_fingerprint, file_sha1
+from omnissl.datamodules.common import (atomic_file, check_data_args, crop_start, data_root, file_fingerprint,
+                                        file_sha1)
 from omnissl.datamodules.documents import list_documents
+from omnissl.datamodules.shards import ShardItems, is_shards, read_meta
 from omnissl.datamodules.token_cache import BREAK_MODES, TokenBlockDataset, block_ranges, pretokenize
 from omnissl.datamodules.tokenizers import (CACHE_VERSION, cache_key, check_tokenizer, expected_info,
                                             load_tokenizer, resolve_tokenizer, set_token_ids, word_boundaries)
+
+
+@dataclass
+class TextShardDecoder:
+    """`ShardItems` decode of a text shard item (one document): {"id", "text": (N,) int64 `<s>` + window},
+    the window of at most `block_size - 1` tokens of "tokens + `</s>`" (random from (seed, epoch, id) or
+    centred). The tokenizer is loaded once per process."""
+
+    tokenizer: str
+    block_size: int
+    bos_id: int
+    eos_id: int
+    crop: str
+    seed: int
+
+    def __call__(self, raw: dict, epoch: int) -> dict:
+        tok = self.__dict__.get("loaded")
+        if tok is None:
+            tok = self.__dict__["loaded"] = load_tokenizer(self.tokenizer)
+            tok.no_padding()
+            tok.no_truncation()
+        i = int(raw["id"])
+        stream = np.append(np.asarray(tok.encode(raw["text"]).ids, dtype=np.int64), self.eos_id)
+        body = self.block_size - 1
+        if len(stream) > body:
+            start = crop_start(len(stream), body, step=1, crop=self.crop, seed=self.seed, epoch=epoch, i=i)
+            stream = stream[start : start + body]
+        return {"id": i, "text": torch.from_numpy(np.concatenate([[self.bos_id], stream]).astype(np.int64))}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "loaded"}
 
 
 class TextDataModule(DataModule):
@@ -130,9 +169,47 @@ class TextDataModule(DataModule):
     # Lightning hooks ------------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
+        if is_shards(self.train):
+            self._shard_tokenizer()
+            return
         self._prepare()
 
+    def _shard_tokenizer(self) -> Path:
+        """The given tokenizer of streamed text (a shard set is not read whole to train one)."""
+        if self.tokenizer is None:
+            raise ValueError(f"train={self.train!r} is streamed: give `tokenizer` (a tokenizer.json or its folder; "
+                             "`omnissl data tokenizer --corpus ...` trains one on a sample)")
+        path = Path(self.tokenizer)
+        self.tokenizer_path = path / "tokenizer.json" if path.is_dir() else path
+        check_tokenizer(self.tokenizer_path, self.info)
+        return self.tokenizer_path
+
+    def _setup_shards(self) -> None:
+        """Streamed documents: one item per document, `<s>` + its tokens + `</s>`, cut to a `block_size` window
+        (random per (seed, epoch, item) for train, centred otherwise)."""
+        # NOTE(ref): RoBERTa packs documents into full blocks (`sample_break_mode: complete`); a stream is read
+        # one document per item here (packing=False semantics), so each item's place is exact for resume.
+        path = self._shard_tokenizer()
+        given = {"train": self.train, "valid": self.valid, "test": self.test}
+        plain = [s for s, spec in given.items() if spec is not None and not is_shards(spec)]
+        if plain:
+            raise ValueError(f"TextDataModule: train is a shard set, so {plain} must be too (shards:<folder or URI>)")
+        self.datasets = {}
+        for split, spec in given.items():
+            if spec is None:
+                continue
+            kind = read_meta(spec).get("kind")
+            if kind not in (None, "text"):
+                raise ValueError(f"{split} data {spec} holds {kind} shards, not text")
+            decode = TextShardDecoder(str(path), block_size=self.block_size, bos_id=self.bos_id,
+                                      eos_id=self.eos_id, crop="random" if split == "train" else "center",
+                                      seed=self.seed)
+            self.datasets[split] = ShardItems(spec, decode=decode, shuffle=split == "train", seed=self.seed)
+
     def setup(self, stage: str | None = None) -> None:
+        if is_shards(self.train):
+            self._setup_shards()
+            return
         caches = self._prepare()
         check_tokenizer(self.tokenizer_path, self.info)
         self.datasets = {}

@@ -42,10 +42,12 @@ def _ids(loader) -> list[int]:
     return [i for batch in loader for i in batch.ids.tolist()]
 
 
-def test_round_trip_gives_back_the_manifests_samples(tmp_path, capsys):
+@pytest.mark.parametrize("audio_format", ["pcm", "flac"])
+def test_round_trip_gives_back_the_manifests_samples(tmp_path, capsys, audio_format):
     src = embedded_corpus("embedded:speech:tiny")["train"]
     out = tmp_path / "shards"
-    assert data_main(["shard", str(src), "--out", str(out), "--chunk-bytes", "200KB"]) == 0
+    assert data_main(["shard", str(src), "--out", str(out), "--chunk-bytes", "200KB",
+                      "--audio-format", audio_format]) == 0
     assert f"train: shards:{out}" in capsys.readouterr().out
     meta = read_meta(f"shards:{out}")
     n = len(read_audio_manifest(src))
@@ -53,7 +55,7 @@ def test_round_trip_gives_back_the_manifests_samples(tmp_path, capsys):
     assert len(list(out.glob("chunk-*.bin"))) > 1
     files_bytes = sum((src.parent / p).stat().st_size for p in read_audio_manifest(src).paths)
     shard_bytes = sum(p.stat().st_size for p in out.iterdir())
-    assert shard_bytes < files_bytes  # FLAC is smaller than the WAV files
+    assert shard_bytes < files_bytes  # zstd-compressed PCM or FLAC: smaller than the WAV files
 
     kw = dict(max_samples=None, min_samples=0, max_tokens=None, batch_size=2, num_workers=0)
     from_files = AudioDataModule(train=str(src), valid=str(src), **kw)
@@ -61,7 +63,7 @@ def test_round_trip_gives_back_the_manifests_samples(tmp_path, capsys):
     a, b = ({int(i): x[: int(k)] for bt in dm.loader("valid")
              for i, x, k in zip(bt.ids, bt.inputs["audio"], bt.lengths["audio"])} for dm in (from_files, from_shards))
     assert sorted(a) == sorted(b) == list(range(n))
-    for i in a:  # 16-bit WAV -> 16-bit FLAC is lossless: the very same samples
+    for i in a:  # 16-bit WAV -> 16-bit PCM or FLAC is lossless: the very same samples
         assert torch.equal(a[i], b[i]), f"item {i} differs"
     # training crops: random, a function of (seed, epoch, id) as for manifests
     crop = dict(kw, max_samples=16_000)
@@ -154,7 +156,7 @@ def test_sigkilled_streamed_fit_resumes_and_sees_every_item_once(tmp_path):
     cfg = tmp_path / "overrides.yaml"
     cfg.write_text(f"""
 trainer:
-  max_steps: -1
+  max_steps: 1000  # the schedule's length; the epoch ends first
   max_epochs: 1
   limit_val_batches: 0
   log_every_n_steps: 1
@@ -216,10 +218,11 @@ def _corrupt_one_flac(shards: Path) -> None:
 def test_a_corrupt_shard_item_is_named_or_counted(tmp_path):
     src = embedded_corpus("embedded:speech:tiny")["train"]
     shards = tmp_path / "shards"
-    write_shards(src, str(shards), chunk_bytes="300KB")
+    write_shards(src, str(shards), chunk_bytes="300KB", audio_format="flac")
     _corrupt_one_flac(shards)
     kw = dict(max_samples=16_000, min_samples=0, max_tokens=None, batch_size=2, num_workers=0)
-    with pytest.raises(AudioDataError, match=r"shards:.* item \d+ \(from .*train\.tsv:\d+: .*\.wav\): undecodable encoded audio \(Format not"):
+    named = r"shards:.* item \d+ \(from .*train\.tsv:\d+: .*\.wav\): undecodable encoded audio \(Format not"
+    with pytest.raises(AudioDataError, match=named):
         _ids(AudioDataModule(train=f"shards:{shards}", **kw).loader("train"))
     dm = AudioDataModule(train=f"shards:{shards}", on_error="skip", **kw)
     seen = _ids(dm.loader("train"))
@@ -263,3 +266,102 @@ def test_text_documents_by_line_or_blank_line(tmp_path):
     assert docs["blank"] == ["first doc line one\nline two", "second doc", "third"]
     assert read_meta(f"shards:{tmp_path / 'blank'}")["kind"] == "text"
     assert list((tmp_path / "blank").glob("*.zstd.bin"))  # text chunks are zstd-compressed
+
+
+def test_image_shards_read_back_the_same_images(tmp_path):
+    from omnissl.datamodules.image import ImageDataModule
+
+    src = embedded_corpus("embedded:images:tiny")["train"]
+    out = tmp_path / "images"
+    assert data_main(["shard", str(src), "--out", str(out)]) == 0
+    assert read_meta(f"shards:{out}")["kind"] == "image"
+    kw = dict(image_size=32, batch_size=4, num_workers=0)
+    files = ImageDataModule(train=str(src), valid=str(src), **kw)
+    shards = ImageDataModule(train=f"shards:{out}", valid=f"shards:{out}", **kw)
+    files.setup(), shards.setup()
+    a, b = ({int(i): x for bt in dm.loader("valid") for i, x in zip(bt.ids, bt.inputs["image"])}
+            for dm in (files, shards))
+    assert sorted(a) == sorted(b) and len(a) > 4
+    assert all(torch.equal(a[i], b[i]) for i in a)  # same decoded, same eval transform
+    train = [int(i) for bt in shards.loader("train") for i in bt.ids]
+    assert sorted(train) == sorted(a)  # every image once per epoch
+    with pytest.raises(ValueError, match="must be too"):
+        ImageDataModule(train=f"shards:{out}", valid=str(src), **kw).setup()
+
+
+def test_labeled_image_shards_keep_classes_and_labels(tmp_path):
+    from omnissl.datamodules.labeled import LabeledImageDataModule
+
+    found = embedded_corpus("embedded:labeled_images:tiny")
+    for split in ("train", "valid"):
+        write_shards(found[split], str(tmp_path / split))
+    kw = dict(image_size=16, batch_size=8, num_workers=0, train_augment=False)
+    files = LabeledImageDataModule(train=str(found["train"]), valid=str(found["valid"]), **kw)
+    shards = LabeledImageDataModule(train=f"shards:{tmp_path / 'train'}", valid=f"shards:{tmp_path / 'valid'}", **kw)
+    files.setup(), shards.setup()
+    assert shards.classes == files.classes and len(shards.classes) > 1
+    a, b = ({int(i): (x, int(y)) for bt in dm.loader("valid")
+             for i, x, y in zip(bt.ids, bt.inputs["image"], bt.targets["label"])} for dm in (files, shards))
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in a)
+
+
+def test_streamed_text_documents_become_block_windows(tmp_path):
+    from omnissl.datamodules.text import TextDataModule
+
+    src = embedded_corpus("embedded:text:tiny")["train"]  # a manifest of .txt files
+    files = TextDataModule(train=str(src), vocab_size=512, min_frequency=1, block_size=32, batch_size=4,
+                           num_workers=0, progress=False, cache_dir=str(tmp_path / "cache"))
+    files.setup()
+    out = tmp_path / "text"
+    meta = write_shards(src, str(out), docs="blank")
+    assert meta["kind"] == "text" and meta["count"] > 4
+    with pytest.raises(ValueError, match="give `tokenizer`"):
+        TextDataModule(train=f"shards:{out}", vocab_size=512, num_workers=0).setup()
+    dm = TextDataModule(train=f"shards:{out}", valid=f"shards:{out}", tokenizer=str(files.tokenizer_path),
+                        vocab_size=512, block_size=32, batch_size=4, num_workers=0)
+    dm.setup()
+    seen, lengths = [], []
+    for bt in dm.loader("train"):
+        seen += bt.ids.tolist()
+        assert (bt.inputs["text"][:, 0] == dm.bos_id).all()
+        lengths += bt.lengths["text"].tolist()
+    assert sorted(seen) == list(range(meta["count"])) and max(lengths) == 32  # long documents cut to a block
+    ds = dm.dataset("valid")
+    raw, item = super(ShardItems, ds).__getitem__(0), ds[0]
+    from omnissl.datamodules.tokenizers import load_tokenizer
+
+    ids = load_tokenizer(files.tokenizer_path).encode(raw["text"]).ids
+    expected = ([dm.bos_id] + ids + [dm.eos_id])[:32] if len(ids) + 2 <= 32 else None
+    if expected is not None:
+        assert item["text"].tolist() == expected
+    else:  # centred window of `<tokens> </s>`
+        body = ids + [dm.eos_id]
+        k = (len(body) - 31) // 2
+        assert item["text"].tolist() == [dm.bos_id] + body[k : k + 31]
+
+
+def test_captioned_audio_shards_pair_the_same_audio_and_caption(tmp_path):
+    from omnissl.datamodules.audio_text import AudioTextDataModule
+
+    found = embedded_corpus("embedded:captions:tiny")
+    for split in ("train", "valid"):
+        write_shards(found[split], str(tmp_path / split))
+    kw = dict(max_samples=8000, batch_size=4, num_workers=0, vocab_size=512, min_frequency=1,
+              cache_dir=str(tmp_path / "cache"))
+    files = AudioTextDataModule(train=str(found["train"]), valid=str(found["valid"]), **kw)
+    files.setup()
+    shards = AudioTextDataModule(train=f"shards:{tmp_path / 'train'}", valid=f"shards:{tmp_path / 'valid'}",
+                                 **dict(kw, tokenizer=str(files.tokenizer_path)))
+    shards.setup()
+
+    def items(dm):
+        return {int(i): (a[: int(na)], t[: int(nt)]) for bt in dm.loader("valid")
+                for i, a, na, t, nt in zip(bt.ids, bt.inputs["audio"], bt.lengths["audio"], bt.inputs["text"],
+                                           bt.lengths["text"])}
+
+    a, b = items(files), items(shards)
+    assert sorted(a) == sorted(b) and a
+    assert all(torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1]) for i in a)
+    n = read_meta(f"shards:{tmp_path / 'train'}")["count"]
+    assert sorted(int(i) for bt in shards.loader("train") for i in bt.ids) == list(range(n))

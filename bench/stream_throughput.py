@@ -1,0 +1,86 @@
+"""Audio from local litdata shards vs from the manifest's files, both through the full `AudioDataModule`
+(decode, crop, length-bucketed batches under max_tokens, collate), same crops, same workers.
+
+    python bench/stream_throughput.py [--manifest M.tsv] [--workers 2] [--rounds 3]
+
+Default corpus: the embedded speech corpus (small, train split; 16 kHz 16-bit WAV). The manifest is sharded once
+(`write_shards`: 16-bit PCM in zstd-compressed litdata chunks, or FLAC with --audio-format flac) into a
+temporary folder; litdata's cache is a temporary folder
+too. After one warm-up epoch of each (page cache, litdata's chunk copies), `--rounds` epochs of each are timed,
+interleaved so load from other processes hits both alike; the median samples per second of each is reported:
+
+    RESULT name=stream_vs_files ratio=<shards/files samples per s> shard_bytes=... files_bytes=... ...
+
+Goal: ratio >= 1.0 with shard_bytes < files_bytes. The load average is printed beside the numbers (timings on a
+shared machine are skewed by other processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from omnissl.datamodules.audio import AudioDataModule
+from omnissl.datamodules.audio_io import read_audio_manifest
+from omnissl.datamodules.corpora import embedded_corpus
+from omnissl.datamodules.shards import write_shards
+
+
+def epoch(loader) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    n = sum(len(b.ids) for b in loader)
+    return n, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", type=Path, default=None, help="default: embedded speech (small) train")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-samples", type=int, default=64_000, help="crop (4 s, the tiny recipes')")
+    p.add_argument("--max-tokens", type=int, default=384_000)
+    p.add_argument("--shard-pool", type=int, default=64, help="items per litdata batch, cut into max_tokens batches")
+    p.add_argument("--audio-format", choices=["pcm", "flac"], default="pcm", help="how the shards hold audio")
+    args = p.parse_args(argv)
+    manifest = args.manifest or embedded_corpus("embedded:speech:small")["train"]
+    m = read_audio_manifest(manifest)
+    files_bytes = sum(os.path.getsize(m.root / path) for path in m.paths)
+    with tempfile.TemporaryDirectory(prefix="omnissl-stream-bench-") as tmp:
+        os.environ["OMNISSL_SHARD_CACHE"] = str(Path(tmp) / "cache")
+        shards = Path(tmp) / "shards"
+        t0 = time.perf_counter()
+        write_shards(manifest, str(shards), chunk_bytes="16MB", num_workers=1, audio_format=args.audio_format)
+        shard_time = time.perf_counter() - t0
+        shard_bytes = sum(f.stat().st_size for f in shards.iterdir())
+        kw = dict(max_samples=args.max_samples, min_samples=0, max_tokens=args.max_tokens,
+                  num_workers=args.workers, seed=0)
+        dms = {"files": AudioDataModule(train=str(manifest), **kw),
+               "shards": AudioDataModule(train=f"shards:{shards}", shard_pool=args.shard_pool, **kw)}
+        loaders = {k: dm.loader("train") for k, dm in dms.items()}
+        for k in loaders:  # warm-up
+            epoch(loaders[k])
+        rates: dict[str, list[float]] = {k: [] for k in loaders}
+        counts: dict[str, int] = {}
+        for _ in range(args.rounds):
+            for k in loaders:
+                n, secs = epoch(loaders[k])
+                counts[k] = n
+                rates[k].append(n / secs)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    load = os.getloadavg()
+    print(f"corpus: {manifest} ({len(m)} items); sharded in {shard_time:.1f} s; samples per epoch: {counts}")
+    print(f"samples/s (median of {args.rounds}): files {med['files']:.1f}  shards {med['shards']:.1f}  "
+          f"(rounds: files {[round(r, 1) for r in rates['files']]}, shards {[round(r, 1) for r in rates['shards']]})")
+    print(f"RESULT name=stream_vs_files ratio={med['shards'] / med['files']:.3f} shard_bytes={shard_bytes} "
+          f"files_bytes={files_bytes} files_sps={med['files']:.1f} shards_sps={med['shards']:.1f} "
+          f"audio_format={args.audio_format} workers={args.workers} shard_pool={args.shard_pool} load={load[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
