@@ -280,9 +280,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def read_progress(path: str | Path) -> int | None:
-    """The optimizer step (`global_step`) a Lightning checkpoint file was written at, read weights-only (memory-
-    mapped: nothing else is read); None when the file does not record it."""
-    step = _torch_load(Path(path), "omnissl").get("global_step")
+    """The optimizer step (`global_step`) a Lightning checkpoint file (or FSDP2 checkpoint folder) was written at,
+    read weights-only (memory-mapped: nothing else is read); None when the file does not record it."""
+    path = Path(path)
+    if path.is_dir() and (path / "meta.pt").is_file():
+        # a sharded (FSDP2) checkpoint: Lightning keeps everything but weights and optimizer state in meta.pt
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        step = meta.get("global_step") if isinstance(meta, dict) else None
+    else:
+        step = _torch_load(path, "omnissl").get("global_step")
     return int(step) if isinstance(step, int) else None
 
 

@@ -20,8 +20,8 @@ before `fully_shard` wraps them (torchtitan's order: checkpointing, compile, the
   `torch.utils.checkpoint` per block, in training only): block activations are recomputed in the backward
   instead of kept, for about a third more compute.
 
-The first steps with compile pay the compilation (about 30 s per distinct graph on a CPU; docs/scale.md has
-the measured step times).
+The first steps with compile pay the compilation (minutes for the CPU demos' models on a loaded 2-core machine;
+docs/scale.md has the measured step and compile times).
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def prepare_fit(config: Any) -> dict:
 
     step = finished = None
     max_steps = config.get("trainer.max_steps")
-    if ckpt is not None and Path(ckpt).is_file():
+    if ckpt is not None and Path(ckpt).exists():  # a file, or an FSDP2 checkpoint folder
         step = read_progress(Path(ckpt))
         finished = max_steps is not None and max_steps > 0 and step is not None and step >= max_steps
     return {"folder": folder, "name": name, "ckpt_path": ckpt, "resumed": ckpt is not None, "step": step,

@@ -51,6 +51,7 @@ from omnissl.ssl.mlm import MaskedLM
 from omnissl.ssl.wav2vec2 import Wav2Vec2
 from omnissl.train.blocks import TrunkBlocks
 from omnissl.train.checkpoint_io import AtomicCheckpointIO
+from omnissl.train.strategies import FSDP2Strategy
 
 STEPS, SAVE_AT, PER_RANK, WORLD = 4, 2, 2, 2
 TRAIN_SIZE = 12  # 6 items per rank, 3 updates per epoch: the step-2 checkpoint is mid-epoch
@@ -190,10 +191,8 @@ def trainer(mode: str, ckpt_dir: Path, steps: int) -> L.Trainer:
     callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=SAVE_AT, save_top_k=-1)]
     if mode == "fsdp2_blocks":  # FSDP2 over compiled (aot_eager: traced, no code generation) checkpointed blocks
         callbacks.append(TrunkBlocks(compile=True, backend="aot_eager", activation_checkpointing=True))
-    if mode.startswith("fsdp2"):
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy, devices = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1), WORLD
+    if mode.startswith("fsdp2"):  # recipes/trainer/fsdp.yaml's strategy: data parallel over every process
+        strategy, devices = FSDP2Strategy(), WORLD
     elif mode == "ddp":
         strategy, devices = "ddp", WORLD
     else:
