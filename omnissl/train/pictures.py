@@ -9,7 +9,8 @@ What it draws, each where it applies (recipes/trainer/cpu.yaml and default.yaml 
 - `codebook_usage` (wav2vec 2.0): how often each entry of each codebook group was the argmax choice over the
   last window of steps (a forward hook on the objective's `quantizer` reads its codes), the entries in use per
   group over training, and the logged code / prob perplexities against G x V.
-- `unit_usage` (HuBERT): frames per unit of the batches' `units` targets, sorted, and, when the batches carry
+- `unit_usage` (HuBERT): frames per unit of the batches' `units` targets (the batches of the logger's steps,
+  every `trainer.log_every_n_steps`), sorted, and, when the batches carry
   utterance labels (`targets["label"]`), unit purity (HuBERT's cluster purity: the share of a unit's frames
   that carry its most frequent label) and label purity over training.
 - `target_variance` (data2vec v1 / 2.0): the logged `train/target_var` and `train/pred_var` (fairseq's
@@ -28,6 +29,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
@@ -74,27 +76,26 @@ class Pictures(Callback):
     def count_codes(self, module, inputs, output) -> None:
         if not module.training or not hasattr(output, "codes"):
             return  # validation batches are not counted
-        codes = output.codes.detach().reshape(-1, module.groups).cpu()  # (frames, G) entry ids
-        if self.code_counts is None:
-            self.code_counts = torch.zeros(module.groups, module.entries, dtype=torch.long)
-        for g in range(module.groups):
-            self.code_counts[g] += torch.bincount(codes[:, g], minlength=module.entries)
+        codes = output.codes.detach().reshape(-1, module.groups)  # (frames, G) entry ids
+        counts = F.one_hot(codes, module.entries).sum(0)  # (G, V), on the codes' device: no host sync per step
+        self.code_counts = counts if self.code_counts is None else self.code_counts + counts
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        for name, value in trainer.callback_metrics.items():
-            if name.startswith("train/") and not name.endswith("_epoch") and value.numel() == 1:
-                series = self.history[name]
-                if not series or series[-1][0] != step:
-                    series.append((step, float(value)))
         for cb in trainer.callbacks:
             if isinstance(cb, OnlineProbe) and cb.num_probes > self.probe_runs and cb.metrics:
                 self.probe_runs = cb.num_probes
                 for name, value in cb.metrics.items():
                     self.history[name].append((step, float(value)))
-        units = getattr(batch, "targets", {}).get("units")
-        if units is not None:
-            self.count_units(units, batch.targets.get("label"))
+        if step % max(1, trainer.log_every_n_steps) == 0:  # at the logger's steps (a read costs a device sync)
+            for name, value in trainer.callback_metrics.items():
+                if name.startswith("train/") and not name.endswith("_epoch") and value.numel() == 1:
+                    series = self.history[name]
+                    if not series or series[-1][0] != step:
+                        series.append((step, float(value)))
+            units = getattr(batch, "targets", {}).get("units")
+            if units is not None:
+                self.count_units(units, batch.targets.get("label"))
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self.last_drawn:
             self.draw_usage(trainer, pl_module)
 
@@ -150,7 +151,7 @@ class Pictures(Callback):
             self.draw_variance(trainer, pl_module)
 
     def draw_codebook(self, trainer, pl_module) -> None:
-        counts = self.code_counts
+        counts = self.code_counts.cpu()
         self.entries_used.append((trainer.global_step, (counts > 0).sum(1).tolist()))
         self.code_counts = None  # the next window starts empty
         groups, entries = counts.shape

@@ -61,7 +61,7 @@ def test_unit_usage_and_purity(tmp_path):
     # units follow the utterance label exactly (label 0 -> units 0-1, label 1 -> units 2-3), then padding
     units = torch.tensor([[0, 1, 0, -100], [2, 3, 3, 2], [1, 1, -100, -100]])
     batch = Batch(inputs={"audio": torch.zeros(3, 400)}, targets={"units": units, "label": torch.tensor([0, 1, 0])})
-    trainer = SimpleNamespace(global_step=1, callback_metrics={}, callbacks=[], is_global_zero=True,
+    trainer = SimpleNamespace(global_step=1, log_every_n_steps=1, callback_metrics={}, callbacks=[], is_global_zero=True,
                               default_root_dir=str(tmp_path), loggers=[])
     pictures.on_train_batch_end(trainer, None, None, batch, 0)
     assert pictures.unit_counts.tolist() == [2, 3, 2, 2]
