@@ -6,9 +6,9 @@ compute (nothing in an objective changes): PNGs in `<run folder>/figures/` and i
 
 What it draws, each where it applies (recipes/trainer/cpu.yaml and default.yaml enable it):
 
-- `codebook_usage` (wav2vec 2.0): how often each entry of each codebook group was the argmax choice over the
-  last window of steps (a forward hook on the objective's `quantizer` reads its codes), the entries in use per
-  group over training, and the logged code / prob perplexities against G x V.
+- `codebook_usage` (wav2vec 2.0): how often each entry of each codebook group was the argmax choice since the
+  last picture (a forward hook on the objective's `quantizer` reads its codes), the entries in use per group
+  over training (in windows of `trainer.log_every_n_steps` steps), and the logged code / prob perplexities against G x V.
 - `unit_usage` (HuBERT): frames per unit of the batches' `units` targets (the batches of the logger's steps,
   every `trainer.log_every_n_steps`), sorted, and, when the batches carry
   utterance labels (`targets["label"]`), unit purity (HuBERT's cluster purity: the share of a unit's frames
@@ -58,7 +58,8 @@ class Pictures(Callback):
         self.every_n_steps, self.summary = every_n_steps, summary
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)  # metric -> [(step, value)]
         self.code_counts: Tensor | None = None  # (G, V) argmax choices since the last drawing
-        self.entries_used: list[tuple[int, list[int]]] = []  # (step, entries in use per group)
+        self.window_counts: Tensor | None = None  # (G, V) choices since the last logger step
+        self.entries_used: list[tuple[int, list[int]]] = []  # (step, entries in use per group in that window)
         self.unit_counts: Tensor | None = None  # (K,) frames per unit since the start
         self.unit_labels: Tensor | None = None  # (K, L) frames per (unit, utterance label) since the last drawing
         self.purities: list[tuple[int, float, float]] = []  # (step, unit purity, label purity)
@@ -79,6 +80,7 @@ class Pictures(Callback):
         codes = output.codes.detach().reshape(-1, module.groups)  # (frames, G) entry ids
         counts = F.one_hot(codes, module.entries).sum(0)  # (G, V), on the codes' device: no host sync per step
         self.code_counts = counts if self.code_counts is None else self.code_counts + counts
+        self.window_counts = counts if self.window_counts is None else self.window_counts + counts
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -93,6 +95,9 @@ class Pictures(Callback):
                     series = self.history[name]
                     if not series or series[-1][0] != step:
                         series.append((step, float(value)))
+            if self.window_counts is not None:
+                self.entries_used.append((step, (self.window_counts > 0).sum(1).tolist()))
+                self.window_counts = None
             units = getattr(batch, "targets", {}).get("units")
             if units is not None:
                 self.count_units(units, batch.targets.get("label"))
@@ -152,7 +157,6 @@ class Pictures(Callback):
 
     def draw_codebook(self, trainer, pl_module) -> None:
         counts = self.code_counts.cpu()
-        self.entries_used.append((trainer.global_step, (counts > 0).sum(1).tolist()))
         self.code_counts = None  # the next window starts empty
         groups, entries = counts.shape
         fig, axes = new_figure(1, 3, figsize=(15, 3.8), gridspec_kw={"width_ratios": [2.2, 1, 1]})
@@ -166,7 +170,8 @@ class Pictures(Callback):
         for g in range(groups):
             axes[1].plot(steps, [used[g] for _, used in self.entries_used], marker="o", label=f"group {g + 1}")
         axes[1].axhline(entries, color="grey", ls=":", label=f"V = {entries}")
-        axes[1].set(xlabel="step", ylabel="entries in use", title="entries used per group", ylim=(0, entries * 1.05))
+        axes[1].set(xlabel="step", ylabel="entries in use", ylim=(0, entries * 1.05),
+                    title=f"entries used per group (windows of {trainer.log_every_n_steps} steps)")
         axes[1].legend(fontsize=8)
         for name in ("train/code_perplexity", "train/prob_perplexity"):
             if self.history.get(name):
