@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, required=True, help="manifest file to write (.tsv)")
     m.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="raise: stop at the first unreadable file; skip: leave it out (logged)")
-    m.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
+    m.add_argument("--quiet", action="store_true", help="no progress bars (they draw only on a terminal)")
 
     i = sub.add_parser("inspect", help="decode every item of an audio manifest (or folder) and report",
                        formatter_class=fmt)

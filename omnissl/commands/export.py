@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, nargs="+", metavar="N",
                    help="image encoders with --hf: H [W] of the fixed-size ViT position table")
     p.add_argument("--overwrite", action="store_true", help="replace files in a non-empty output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they draw only on a terminal)")
     return p
 
 

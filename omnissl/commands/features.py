@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
                         "was set; off for a package)")
     p.add_argument("--split", default="train", help="embedded manifests only: which split")
     p.add_argument("--device", default=None, help="device of the encoder (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they draw only on a terminal)")
     return p
 
 

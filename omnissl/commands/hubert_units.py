@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-batch-size", type=int, default=10_000, help="MiniBatchKMeans batch_size")
     p.add_argument("--max-iter", type=int, default=100, help="MiniBatchKMeans max_iter")
     p.add_argument("--device", default=None, help="iteration 2: device of the encoder (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they draw only on a terminal)")
     return p
 
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="text: the pretraining tokenizer (none: the package's tokenizer.json or the "
                              "checkpoint's tokenizer)")
     parser.add_argument("--image-size", type=int, default=224, help="images: resize/crop size")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars (drawn only when stderr is a terminal anyway)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they draw only on a terminal)")
     args = parser.parse_args(argv)
     set_quiet(args.quiet)
     if args.wandb and args.report is None:

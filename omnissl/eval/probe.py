@@ -200,8 +200,9 @@ def extract_splits(states, data: ProbeData, *, task: str = "classify", layer_nor
     """Cached features of every split (pooled for classification, frames with transcripts for CTC), and the
     CTC vocabulary (from the training transcripts)."""
     frames = task == "ctc"
-    feats = {s: extract(states, progress(loader, desc=f"features ({s})", unit="batch"), frames=frames, layer_norm=layer_norm, need_labels=not frames,
-                        source=data.sources[s], device=device) for s, loader in data.loaders.items()}
+    feats = {s: extract(states, progress(loader, desc=f"features ({s})", unit="batch"), frames=frames,
+                        layer_norm=layer_norm, need_labels=not frames, source=data.sources[s], device=device)
+             for s, loader in data.loaders.items()}
     vocab = None
     if frames:
         lines = {s: read_transcripts(data.sources[s]) for s in feats}

@@ -64,8 +64,12 @@ def auto_logger(*, project: str = "omnissl", name: str | None = None, save_dir: 
         log_model = False
     if wandb == "disabled":  # mode="wandb" forced under WANDB_MODE=disabled: W&B's own no-op run
         extra["mode"] = "disabled"
-    return WandbLogger(project=project, name=name, save_dir=save_dir, offline=offline, id=id,
-                       log_model=log_model, **extra)
+    logger = WandbLogger(project=project, name=name, save_dir=save_dir, offline=offline, id=id,
+                         log_model=log_model, **extra)
+    # NOTE: Lightning 2.6 hands wandb.init anonymous=None, which wandb 0.31 answers on every run with "The
+    # anonymous setting has no effect and will be removed"; left out, wandb keeps its default (what None meant).
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
 
 
 class SaveConfigToRun(SaveConfigCallback):

@@ -6,10 +6,11 @@ compute (nothing in an objective changes): PNGs in `<run folder>/figures/` and i
 
 What it draws, each where it applies (recipes/trainer/cpu.yaml and default.yaml enable it):
 
-- `codebook_usage` (wav2vec 2.0): how often each entry of each codebook group was the argmax choice over the
-  last window of steps (a forward hook on the objective's `quantizer` reads its codes), the entries in use per
-  group over training, and the logged code / prob perplexities against G x V.
-- `unit_usage` (HuBERT): frames per unit of the batches' `units` targets, sorted, and, when the batches carry
+- `codebook_usage` (wav2vec 2.0): how often each entry of each codebook group was the argmax choice since the
+  last picture (a forward hook on the objective's `quantizer` reads its codes), the entries in use per group
+  over training (in windows of `trainer.log_every_n_steps` steps), and the logged code / prob perplexities against G x V.
+- `unit_usage` (HuBERT): frames per unit of the batches' `units` targets (the batches of the logger's steps,
+  every `trainer.log_every_n_steps`), sorted, and, when the batches carry
   utterance labels (`targets["label"]`), unit purity (HuBERT's cluster purity: the share of a unit's frames
   that carry its most frequent label) and label purity over training.
 - `target_variance` (data2vec v1 / 2.0): the logged `train/target_var` and `train/pred_var` (fairseq's
@@ -28,6 +29,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
@@ -56,7 +58,8 @@ class Pictures(Callback):
         self.every_n_steps, self.summary = every_n_steps, summary
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)  # metric -> [(step, value)]
         self.code_counts: Tensor | None = None  # (G, V) argmax choices since the last drawing
-        self.entries_used: list[tuple[int, list[int]]] = []  # (step, entries in use per group)
+        self.window_counts: Tensor | None = None  # (G, V) choices since the last logger step
+        self.entries_used: list[tuple[int, list[int]]] = []  # (step, entries in use per group in that window)
         self.unit_counts: Tensor | None = None  # (K,) frames per unit since the start
         self.unit_labels: Tensor | None = None  # (K, L) frames per (unit, utterance label) since the last drawing
         self.purities: list[tuple[int, float, float]] = []  # (step, unit purity, label purity)
@@ -74,27 +77,30 @@ class Pictures(Callback):
     def count_codes(self, module, inputs, output) -> None:
         if not module.training or not hasattr(output, "codes"):
             return  # validation batches are not counted
-        codes = output.codes.detach().reshape(-1, module.groups).cpu()  # (frames, G) entry ids
-        if self.code_counts is None:
-            self.code_counts = torch.zeros(module.groups, module.entries, dtype=torch.long)
-        for g in range(module.groups):
-            self.code_counts[g] += torch.bincount(codes[:, g], minlength=module.entries)
+        codes = output.codes.detach().reshape(-1, module.groups)  # (frames, G) entry ids
+        counts = F.one_hot(codes, module.entries).sum(0)  # (G, V), on the codes' device: no host sync per step
+        self.code_counts = counts if self.code_counts is None else self.code_counts + counts
+        self.window_counts = counts if self.window_counts is None else self.window_counts + counts
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        for name, value in trainer.callback_metrics.items():
-            if name.startswith("train/") and not name.endswith("_epoch") and value.numel() == 1:
-                series = self.history[name]
-                if not series or series[-1][0] != step:
-                    series.append((step, float(value)))
         for cb in trainer.callbacks:
             if isinstance(cb, OnlineProbe) and cb.num_probes > self.probe_runs and cb.metrics:
                 self.probe_runs = cb.num_probes
                 for name, value in cb.metrics.items():
                     self.history[name].append((step, float(value)))
-        units = getattr(batch, "targets", {}).get("units")
-        if units is not None:
-            self.count_units(units, batch.targets.get("label"))
+        if step % max(1, trainer.log_every_n_steps) == 0:  # at the logger's steps (a read costs a device sync)
+            for name, value in trainer.callback_metrics.items():
+                if name.startswith("train/") and not name.endswith("_epoch") and value.numel() == 1:
+                    series = self.history[name]
+                    if not series or series[-1][0] != step:
+                        series.append((step, float(value)))
+            if self.window_counts is not None:
+                self.entries_used.append((step, (self.window_counts > 0).sum(1).tolist()))
+                self.window_counts = None
+            units = getattr(batch, "targets", {}).get("units")
+            if units is not None:
+                self.count_units(units, batch.targets.get("label"))
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self.last_drawn:
             self.draw_usage(trainer, pl_module)
 
@@ -150,8 +156,7 @@ class Pictures(Callback):
             self.draw_variance(trainer, pl_module)
 
     def draw_codebook(self, trainer, pl_module) -> None:
-        counts = self.code_counts
-        self.entries_used.append((trainer.global_step, (counts > 0).sum(1).tolist()))
+        counts = self.code_counts.cpu()
         self.code_counts = None  # the next window starts empty
         groups, entries = counts.shape
         fig, axes = new_figure(1, 3, figsize=(15, 3.8), gridspec_kw={"width_ratios": [2.2, 1, 1]})
@@ -165,7 +170,8 @@ class Pictures(Callback):
         for g in range(groups):
             axes[1].plot(steps, [used[g] for _, used in self.entries_used], marker="o", label=f"group {g + 1}")
         axes[1].axhline(entries, color="grey", ls=":", label=f"V = {entries}")
-        axes[1].set(xlabel="step", ylabel="entries in use", title="entries used per group", ylim=(0, entries * 1.05))
+        axes[1].set(xlabel="step", ylabel="entries in use", ylim=(0, entries * 1.05),
+                    title=f"entries used per group (windows of {trainer.log_every_n_steps} steps)")
         axes[1].legend(fontsize=8)
         for name in ("train/code_perplexity", "train/prob_perplexity"):
             if self.history.get(name):

@@ -104,3 +104,17 @@ def test_filters_are_narrow(planted):
         quiet_third_party()
         warnings.warn(planted, FutureWarning)
     assert [str(w.message) for w in caught] == [planted]
+
+
+def test_wandb_runs_print_no_anonymous_setting_warning(tmp_path):
+    """Lightning passes wandb.init anonymous=None, which wandb answers with a warning on every run; the auto
+    logger leaves it out. A real offline W&B run in a subprocess (as `omnissl fit` starts one)."""
+    script = (f"from omnissl.train.loggers import auto_logger\n"
+              f"logger = auto_logger(mode='wandb', save_dir={str(tmp_path)!r})\n"
+              "logger.experiment.log({'x': 1.0})\n"
+              "logger.experiment.finish()\n")
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "offline" in out.stdout + out.stderr  # the W&B run did start
+    assert "anonymous setting" not in out.stdout + out.stderr

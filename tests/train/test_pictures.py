@@ -37,7 +37,7 @@ def test_wav2vec2_codebook_usage_and_run_summary(tmp_path):
     assert names == ["pictures-codebook_usage-step2.png", "pictures-codebook_usage-step4.png",
                      "pictures-run_summary-step4.png"]
     # every chosen code of the 4 steps' masked frames was counted, per group, by the hook on the quantizer
-    assert [s for s, _ in pictures.entries_used] == [2, 4]
+    assert [s for s, _ in pictures.entries_used] == [1, 2, 3, 4]  # one window per logger step
     assert all(0 < used <= 16 for _, groups in pictures.entries_used for used in groups)
     assert len(pictures.history["train/code_perplexity"]) == 4 and "val/loss" in pictures.history
     assert pictures.hook is None  # removed after fit
@@ -61,7 +61,7 @@ def test_unit_usage_and_purity(tmp_path):
     # units follow the utterance label exactly (label 0 -> units 0-1, label 1 -> units 2-3), then padding
     units = torch.tensor([[0, 1, 0, -100], [2, 3, 3, 2], [1, 1, -100, -100]])
     batch = Batch(inputs={"audio": torch.zeros(3, 400)}, targets={"units": units, "label": torch.tensor([0, 1, 0])})
-    trainer = SimpleNamespace(global_step=1, callback_metrics={}, callbacks=[], is_global_zero=True,
+    trainer = SimpleNamespace(global_step=1, log_every_n_steps=1, callback_metrics={}, callbacks=[], is_global_zero=True,
                               default_root_dir=str(tmp_path), loggers=[])
     pictures.on_train_batch_end(trainer, None, None, batch, 0)
     assert pictures.unit_counts.tolist() == [2, 3, 2, 2]
