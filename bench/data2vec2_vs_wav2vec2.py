@@ -15,6 +15,7 @@ encoder with a 64-channel wav2vec 2.0 conv extractor, the same 4 s crops, 8 utte
    significant (p < 0.05).
 
     python bench/data2vec2_vs_wav2vec2.py [--minutes 5] [--seeds 0 1 2] [--task keywords] [--rounds 10]
+    python bench/data2vec2_vs_wav2vec2.py --rounds 0 --report-only --history --tag recipes-2026-12-06
 
 Ends with: RESULT name=data2vec2_vs_wav2vec2 speedup=... probe_d2v2=<mean> probe_w2v2=<mean> ci_d2v2=<lo>,<hi>
     ci_w2v2=<lo>,<hi> p=... significant=...
@@ -45,7 +46,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=2, help="fixed batches per timing round")
     ap.add_argument("--tag", default="recipes", help="learning-curve results folder (bench/learning_curve.py)")
     ap.add_argument("--commit", action="store_true", help="git-commit each new result JSON")
+    ap.add_argument("--report-only", action="store_true", help="no pretraining: compare the points already there")
+    ap.add_argument("--history", action="store_true", help="with --report-only: also points made with earlier "
+                    "recipes (e.g. --tag recipes-2026-12-06)")
     args = ap.parse_args()
+    if args.history and not args.report_only:
+        raise SystemExit("--history compares old results; it goes with --report-only")
 
     speedup = float("nan")
     if args.rounds:
@@ -58,16 +64,20 @@ def main() -> None:
         print(f"speedup (wav2vec2 / data2vec2 step time) = {speedup:.2f} (calibration: "
               f"{learning_curve.IDLE_STEP_S['wav2vec2'] / learning_curve.IDLE_STEP_S['data2vec2']:.2f})", flush=True)
 
-    for seed in args.seeds:
-        for name in OBJECTIVES:
-            learning_curve.run_point(name, args.minutes, seed, [args.task], args.tag, [], args.commit)
-    points = learning_curve.collect(args.tag)
+    if not args.report_only:
+        for seed in args.seeds:
+            for name in OBJECTIVES:
+                learning_curve.run_point(name, args.minutes, seed, [args.task], args.tag, [], args.commit)
+    points = learning_curve.collect(args.tag, args.history)
     acc = {name: [r["probe"]["test"] for r in points.get((args.task, name, args.minutes), [])
                   if r["seed"] in args.seeds] for name in OBJECTIVES}
     n_test = {name: next((r["probe"]["n_test"] for r in points.get((args.task, name, args.minutes), [])), None)
               for name in OBJECTIVES}
     ci = {name: learning.seed_interval(acc[name], n_test[name]) for name in OBJECTIVES}
     test = learning.compare(acc["data2vec2"], acc["wav2vec2"])
+    if not all(acc.values()):
+        raise SystemExit(f"no points for {[n for n in OBJECTIVES if not acc[n]]} at {args.minutes:g} min in tag "
+                         f"{args.tag} (seeds {args.seeds})")
     steps = {name: learning_curve.steps_for(name, args.minutes) for name in OBJECTIVES}
     print(f"\nequal budgets of {args.minutes:g} idle-VM minutes, {args.task} (small), seeds {args.seeds}\n")
     print("| objective | steps | test accuracy: mean ± std [95 % t-interval] (seeds) |\n|---|---|---|")

@@ -205,13 +205,20 @@ def step_times(objectives, rounds: int = 10, batches: int = 2) -> dict[str, floa
 
 
 def training_summary(log_dir: str | None) -> dict[str, tuple[float, float]]:
-    """metric -> (mean of the first 10 % of logged values, mean of the last 10 %) of a run's train/* metrics."""
+    """metric -> (mean of the first 10 % of logged values, mean of the last 10 %) of a run's train/* metrics.
+    A run resumed from its last checkpoint (re-running a stopped point resumes it) logs each part into its own
+    version_N folder beside `log_dir`: all parts are read, in step order."""
     import csv
 
-    files = list(Path(log_dir).glob("**/metrics.csv")) if log_dir else []
-    if not files:
+    if not log_dir:
         return {}
-    rows = list(csv.DictReader(files[0].open()))
+    here = Path(log_dir)
+    files = sorted(here.parent.glob("version_*/metrics.csv")) if here.name.startswith("version_") else []
+    files = files or sorted(here.glob("**/metrics.csv"))
+    rows = [r for f in files for r in csv.DictReader(f.open())]
+    if not rows:
+        return {}
+    rows.sort(key=lambda r: float(r.get("step") or 0))
     out = {}
     for key in (k for k in rows[0] if k.startswith("train/")):
         vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]

@@ -207,6 +207,13 @@ def baseline_result(tag: str, task: str, commit: bool, seeds=(0, 1, 2)) -> dict:
     path = RESULTS / tag / f"baseline-{task}.json"
     if fresh(path, key):
         return json.loads(path.read_text())
+    for other in sorted(RESULTS.glob(f"*/baseline-{task}.json")):  # another tag's, made the same way: reuse it
+        if other != path and json.loads(other.read_text()).get("config") == key:
+            record = json.loads(other.read_text())
+            write_json(path, record)
+            if commit:
+                git_commit([path], f"learning curve: log-mel baseline, {task} (as in {other.parent.name})")
+            return record
     res = learning.baseline(task, seeds=seeds)
     record = {"config": key, "task": task, "features": vars_of(base), "corpus": corpus_versions(), "probe": res}
     write_json(path, record)
@@ -233,15 +240,21 @@ def vars_of(states) -> dict:
 # report
 
 
-def collect(tag: str) -> dict:
-    """(task, objective, minutes) -> list of JSON records (current configuration only)."""
+def collect(tag: str, history: bool = False) -> dict:
+    """(task, objective, minutes) -> list of JSON records (current configuration only; with `history`, every
+    record of the tag, whatever recipe, trainer file or corpus version made it)."""
     out: dict = {}
+    stale = 0
     for path in sorted((RESULTS / tag).glob("*/*min-seed*-*.json")):
         r = json.loads(path.read_text())
         steps = r["planned_steps"] if r["minutes"] else 0
-        if r["config"] != config_hash(r["objective"], steps, r["extra"]):
-            continue  # stale: made with another recipe or corpus
+        if not history and r["config"] != config_hash(r["objective"], steps, r["extra"]):
+            stale += 1  # made with another recipe, trainer file or corpus version
+            continue
         out.setdefault((r["task"], r["objective"], r["minutes"]), []).append(r)
+    if stale:
+        print(f"{tag}: {stale} results made with an earlier configuration left out (--history reports them)",
+              flush=True)
     return out
 
 
@@ -256,17 +269,21 @@ def random_init(points: dict, task: str) -> list[float]:
     return [sum(v) / len(v) for _, v in sorted(by_seed.items())]
 
 
-def report(tag: str, tasks: list[str], commit: bool) -> None:
-    points = collect(tag)
-    for task in tasks:
-        baseline_result(tag, task, commit)
-    lines = [f"# Learning curves ({tag})\n",
+def report(tag: str, tasks: list[str], commit: bool, history: bool = False) -> None:
+    points = collect(tag, history)
+    if not history:
+        for task in tasks:
+            baseline_result(tag, task, commit)
+    lines = [f"# Learning curves ({tag}{', history' if history else ''})\n",
              "Probe test accuracy (probe of `omnissl probe`: weighted sum of all hidden states, linear head) after "
              "a fixed number of pretraining steps per budget (minutes of an idle 2-core VM; "
              "bench/learning_curve.py); mean ± std [95 % t-interval] over pretraining seeds (n; a point from one "
              "seed has no seed interval: its bracket is the test set's binomial 95 %). "
              "se: binomial standard error of the test set at that mean. Best layer: the hidden state whose own "
              "probe is best on valid (0 = trunk input), per seed.\n"]
+    if history:
+        lines.append("History: these results were made with the recipes, trainer file and corpus versions recorded in "
+                     "each JSON (`recipe`, `corpus`, `date`), which the current files may no longer reproduce.\n")
     for task in tasks:
         base = json.loads((RESULTS / tag / f"baseline-{task}.json").read_text())["probe"] \
             if (RESULTS / tag / f"baseline-{task}.json").exists() else None
@@ -375,6 +392,8 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[],
                     help="one more LightningCLI argument for every pretraining run, e.g. --extra=--model.init_args.x=1")
     ap.add_argument("--report-only", action="store_true", help="no training: the table and PNG from the JSONs")
+    ap.add_argument("--history", action="store_true",
+                    help="with --report-only: report every JSON of the tag, also those made with earlier recipes")
     ap.add_argument("--commit", action="store_true", help="git-commit each JSON as it lands, and the report")
     ap.add_argument("--calibrate", action="store_true",
                     help="only measure the step-time ratios to wav2vec 2.0 (interleaved) and suggest IDLE_STEP_S")
@@ -391,7 +410,9 @@ def main() -> None:
             for seed in args.seeds:
                 for objective in args.objectives:
                     run_point(objective, minutes, seed, args.tasks, args.tag, args.extra, args.commit)
-    report(args.tag, args.tasks, args.commit)
+    if args.history and not args.report_only:
+        raise SystemExit("--history reports old results; it goes with --report-only")
+    report(args.tag, args.tasks, args.commit, args.history)
 
 
 if __name__ == "__main__":

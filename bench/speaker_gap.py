@@ -109,7 +109,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--tasks", nargs="+", default=["speakers"], choices=learning.TASKS)
-    ap.add_argument("--norms", nargs="+", default=["group", "none", "layer"])
+    ap.add_argument("--norms", nargs="*", default=["group", "none", "layer"],
+                    help="random-init extractor norms (none given: only the --package encoders)")
     ap.add_argument("--package", action="append", default=[], help="a pretrained encoder package (repeatable)")
     ap.add_argument("--no-normalize", action="store_true", help="skip the waveform-normalized pass")
     args = ap.parse_args()
