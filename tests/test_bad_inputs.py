@@ -351,6 +351,8 @@ def cli_error(args: list[str], capsys) -> str:
     (["--model.init_args.optimizer.init_args.betas", "[0.9, 1.5]"], "model.init_args.optimizer: AdamW"),
     (["--model.init_args.lr_scheduler.init_args.warmup_steps", "1000"], "need 0 <= warmup_steps (1000)"),
     (["--model.init_args.mask_ratio", "lots"], "mask_ratio"),
+    ([*SHORT_WARMUP, "--model.init_args.lr_scheduler.init_args.total_steps", "2"],  # debug.yaml: 4 steps
+     "total_steps: 2 is below trainer.max_steps 4, so the learning rate is 0 for the last 2 updates"),
 ])
 def test_config_degenerate_or_mistyped_setting_is_refused_before_work_naming_the_key(tmp_path, monkeypatch, capsys,
                                                                                       args, needle):

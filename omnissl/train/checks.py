@@ -59,7 +59,7 @@ def _factory(spec: Any):
     return cls, dict(spec.get("init_args") or {})
 
 
-def _check_optimization(config: Any) -> list[str]:
+def _check_optimization(config: Any, max_steps: Any = None) -> list[str]:
     errors: list[str] = []
     opt_key, sched_key = "model.init_args.optimizer", "model.init_args.lr_scheduler"
     lr = _get(config, f"{opt_key}.init_args.lr")
@@ -82,9 +82,15 @@ def _check_optimization(config: Any) -> list[str]:
     if sched is not None:
         cls, kwargs = sched
         try:
-            cls(optimizer, **kwargs)
+            scheduler = cls(optimizer, **kwargs)
         except (ValueError, TypeError) as e:
-            errors.append(f"{sched_key}: {cls.__name__}({kwargs}) is refused: {e}")
+            return errors + [f"{sched_key}: {cls.__name__}({kwargs}) is refused: {e}"]
+        total = kwargs.get("total_steps")
+        if isinstance(max_steps, int) and isinstance(total, int) and 0 < total < max_steps and \
+                hasattr(scheduler, "factor") and scheduler.factor(max_steps - 1) == 0:
+            errors.append(f"{sched_key}.init_args.total_steps: {total} is below trainer.max_steps {max_steps}, so "
+                          f"the learning rate is 0 for the last {max_steps - total} updates; drop total_steps (it "
+                          "then follows trainer.max_steps) or set it to the run's length")
     return errors
 
 
@@ -100,7 +106,7 @@ def check_config(config: Any, subcommand: str = "fit") -> list[str]:
                       "optimizer steps, or -1 for no step limit")
     elif max_steps in (None, -1) and max_epochs == 0:
         errors.append("trainer.max_epochs: 0 trains nothing; give a positive number, or set trainer.max_steps")
-    errors += _check_optimization(config)
+    errors += _check_optimization(config, max_steps if subcommand == "fit" else None)
     ckpt = _get(config, "ckpt_path")
     if isinstance(ckpt, (str, Path)) and Path(ckpt).is_file():
         try:
