@@ -15,7 +15,7 @@ from an MLM run). `save_package` / `load_package` write and read both towers wit
 
 During validation the module keeps every clip's audio embedding and, at the end of the epoch, ranks the
 valid split's captions (all of them, several per clip: LAION-CLAP's Clotho / AudioCaps protocol,
-omnissl/ssl/retrieval in `retrieval_metrics`) and classifies the DataModule's zero-shot clips by prompts
+`retrieval_metrics` below) and classifies the DataModule's zero-shot clips by prompts
 ("This is a sound of {label}."), when the DataModule offers them (AudioTextDataModule).
 
 Legend: B batch, T samples, N tokens, D tower width, P shared width, K captions per clip, C classes.
