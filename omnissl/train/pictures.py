@@ -84,11 +84,7 @@ class Pictures(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        for cb in trainer.callbacks:
-            if isinstance(cb, OnlineProbe) and cb.num_probes > self.probe_runs and cb.metrics:
-                self.probe_runs = cb.num_probes
-                for name, value in cb.metrics.items():
-                    self.history[name].append((step, float(value)))
+        self.read_probe(trainer)
         if step % max(1, trainer.log_every_n_steps) == 0:  # at the logger's steps (a read costs a device sync)
             for name, value in trainer.callback_metrics.items():
                 if name.startswith("train/") and not name.endswith("_epoch") and value.numel() == 1:
@@ -103,6 +99,14 @@ class Pictures(Callback):
                 self.count_units(units, batch.targets.get("label"))
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self.last_drawn:
             self.draw_usage(trainer, pl_module)
+
+    def read_probe(self, trainer) -> None:
+        """The online probe's latest metrics, at the step it ran, once per probe run."""
+        for cb in trainer.callbacks:
+            if isinstance(cb, OnlineProbe) and cb.num_probes > self.probe_runs and cb.metrics:
+                self.probe_runs = cb.num_probes
+                for name, value in cb.metrics.items():
+                    self.history[name].append((cb.last_step, float(value)))
 
     def count_units(self, units: Tensor, labels: Tensor | None) -> None:
         units = units.detach().cpu()
@@ -136,6 +140,7 @@ class Pictures(Callback):
                 self.history[name].append((trainer.global_step, float(value)))
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self.read_probe(trainer)  # a probe at the last step ran after this callback's last batch hook
         if trainer.global_step != self.last_drawn:
             self.draw_usage(trainer, pl_module)
         if self.summary and self.history:
@@ -228,7 +233,7 @@ class Pictures(Callback):
 
     def draw_summary(self, trainer, pl_module) -> None:
         others = sorted(n for n in self.history if n.startswith("train/") and n not in SKIP and len(self.history[n]) > 1)
-        probe = sorted(n for n in self.history if n.startswith("probe/"))
+        probe = sorted(n for n in self.history if n.startswith("probe/") and "acc" in n)  # accuracies only
         panels = 1 + len(others) + (1 if probe else 0)
         cols = min(4, panels)
         rows = math.ceil(panels / cols)
@@ -249,7 +254,7 @@ class Pictures(Callback):
             for name in probe:
                 s, v = zip(*self.history[name])
                 ax.plot(s, v, "o-", label=name)
-            ax.set(title="online probe", xlabel="step")
+            ax.set(title="online probe", xlabel="step", ylabel="accuracy", ylim=(0, 1))
             ax.legend(fontsize=8)
         for ax in axes[panels:]:
             ax.axis("off")

@@ -68,3 +68,23 @@ def test_unit_usage_and_purity(tmp_path):
     pictures.draw_usage(trainer, None)
     assert pictures.purities == [(1, 1.0, pytest.approx(5 / 9))]  # each label spreads over 2 units
     assert (tmp_path / "figures" / "pictures-unit_usage-step1.png").is_file()
+
+
+def test_online_probe_points_land_at_their_steps_including_the_last(tmp_path):
+    from omnissl.eval.online_probe import OnlineProbe
+
+    probe = OnlineProbe.__new__(OnlineProbe)  # its state only: the probe itself is tested in test_online_probe.py
+    probe.num_probes, probe.last_step, probe.metrics = 0, -1, {}
+    pictures = Pictures()
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1000, callback_metrics={}, callbacks=[pictures, probe],
+                              is_global_zero=True, default_root_dir=str(tmp_path), loggers=[])
+    for step in range(1, 5):
+        trainer.global_step = step
+        pictures.on_train_batch_end(trainer, None, None, None, 0)  # Pictures' hook runs before the probe's
+        if step % 2 == 0:
+            probe.num_probes, probe.last_step = probe.num_probes + 1, step
+            probe.metrics = {"probe/acc": step / 10, "probe/loss": 1.0}
+    pictures.history["train/loss"] = [(1, 2.0), (4, 1.0)]
+    pictures.on_fit_end(trainer, SimpleNamespace())
+    assert pictures.history["probe/acc"] == [(2, 0.2), (4, 0.4)]
+    assert (tmp_path / "figures" / "pictures-run_summary-step4.png").is_file()
