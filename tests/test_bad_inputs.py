@@ -25,7 +25,7 @@ import soundfile as sf
 import torch
 
 from omnissl.datamodules.audio import AudioDataModule
-from omnissl.datamodules.audio_io import AudioDataError, read_audio_manifest, scan_folder
+from omnissl.datamodules.audio_io import AudioDataError, scan_folder
 from omnissl.datamodules.common import SkipLog, read_manifest
 from omnissl.datamodules.documents import ReadStats, read_documents
 from omnissl.datamodules.image import ImageDataset, list_images, load_rgb

@@ -12,7 +12,7 @@ import torch
 from omnissl.backbones.builders import tiny
 from omnissl.batch import Batch
 from omnissl.datamodules.tokenizers import train_tokenizer, word_boundaries
-from omnissl.ssl.masking import mlm_corrupt, mlm_select, word_starts
+from omnissl.ssl.masking import mlm_select, word_starts
 from omnissl.ssl.mlm import MaskedLM
 
 SPECIALS = [0, 1, 2, 3, 4]  # RoBERTa's layout: <s> <pad> </s> <unk> <mask>
