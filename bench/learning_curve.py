@@ -73,10 +73,34 @@ def corpus_versions() -> dict[str, int]:
     return {"speech": speech.VERSION, "labeled_speech": labeled_speech.VERSION}
 
 
+# Trainer callbacks that only draw or log (they change no weight): left out of the configuration hash, so adding
+# one to recipes/trainer/cpu.yaml does not make every result stale.
+DRAWING_ONLY = ("omnissl.train.pictures.Pictures",)
+
+
+def without_drawing_callbacks(text: str) -> str:
+    """A trainer recipe's text without the list entries of DRAWING_ONLY callbacks (the entry line and the lines
+    indented under it)."""
+    out, skip_indent = [], None
+    for line in text.splitlines(keepends=True):
+        indent = len(line) - len(line.lstrip())
+        if skip_indent is not None and (not line.strip() or indent > skip_indent):
+            continue
+        skip_indent = None
+        if line.lstrip().startswith("- class_path:") and line.split("class_path:", 1)[1].split("#")[0].strip() \
+                in DRAWING_ONLY:
+            skip_indent = indent
+            continue
+        out.append(line)
+    return "".join(out)
+
+
 def config_hash(objective: str, steps: int, extra: list[str]) -> str:
-    """What decides a result: the recipe and trainer files, steps, extra arguments, corpus versions, probe."""
+    """What decides a result: the recipe and trainer files (less drawing-only callbacks), steps, extra arguments,
+    corpus versions, probe."""
     h = hashlib.sha256()
-    for part in (learning.recipe_path(objective).read_text(), (ROOT / "recipes/trainer/cpu.yaml").read_text(),
+    trainer = without_drawing_callbacks((ROOT / "recipes/trainer/cpu.yaml").read_text())
+    for part in (learning.recipe_path(objective).read_text(), trainer,
                  json.dumps([steps, extra, corpus_versions(), "run_probe defaults, per_layer"])):
         h.update(part.encode())
     return h.hexdigest()[:12]

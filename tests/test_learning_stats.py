@@ -30,3 +30,15 @@ def test_one_seed_gets_the_binomial_interval_marked_as_such():
     assert learning.fmt(learning.seed_interval([0.4])) == "0.400 (n=1, no interval)"
     several = learning.seed_interval([0.40, 0.45, 0.50], n_test=1152)
     assert "binomial" not in several and several == learning.t_interval([0.40, 0.45, 0.50])
+
+
+def test_learning_curve_hash_ignores_drawing_only_callbacks():
+    """Adding the Pictures callback to recipes/trainer/cpu.yaml must not make the committed curve points stale;
+    any other change of the trainer recipe must."""
+    import learning_curve
+
+    text = (Path(__file__).resolve().parents[1] / "recipes/trainer/cpu.yaml").read_text()
+    stripped = learning_curve.without_drawing_callbacks(text)
+    assert "omnissl.train.pictures.Pictures" in text and "Pictures" not in stripped
+    assert "LearningRateMonitor" in stripped and "every_n_train_steps: 50" in stripped
+    assert "seed_everything: 0" in stripped and len(text.splitlines()) - len(stripped.splitlines()) == 3
