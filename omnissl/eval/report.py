@@ -90,6 +90,13 @@ def plot_layers(rows: Sequence[UpstreamScores], path: str | Path, *, title: str)
         axw.legend(fontsize=7)
     fig.suptitle("\n".join(textwrap.wrap(title, 140)), fontsize=8)
     fig.tight_layout()
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write a finished report figure as a PNG (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

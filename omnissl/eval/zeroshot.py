@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from omnissl.checkpoints import read_checkpoint
+from omnissl.eval.report import save_png
 from omnissl.ssl.clap import CLAP, from_checkpoint, is_package, load_package, retrieval_metrics, zeroshot_accuracy
 
 __all__ = ["load_clap", "export_clap", "evaluate", "write_report", "report_markdown"]
@@ -154,11 +155,7 @@ def plot_similarity(results: dict, path: str | Path, *, title: str) -> Path:
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def write_report(results: dict, out_dir: str | Path, *, title: str) -> dict[str, Path]:
