@@ -239,7 +239,9 @@ def shard_audio(stored: np.ndarray, *, start: int, num: int, expected: int) -> t
     if stored.dtype == np.int16:
         if len(stored) != expected:
             raise AudioDataError(f"holds {len(stored)} samples but its header says {expected}")
-        return torch.from_numpy(stored[start : start + num].astype(np.float32) / 32768.0)
+        x = stored[start : start + num].astype(np.float32)
+        x *= np.float32(1 / 32768)  # a power of two: exactly x / 32768, without a second array
+        return torch.from_numpy(x)
     encoded = io.BytesIO(stored.astype(np.uint8, copy=False).tobytes())
     return load_audio(encoded, start=start, num=num, expected=expected)
 

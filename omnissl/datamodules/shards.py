@@ -40,6 +40,7 @@ import copy
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -50,9 +51,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
+from torch import Tensor
 
-from omnissl.batch import SAMPLE_RATE
+from omnissl.batch import SAMPLE_RATE, Batch
 from omnissl.datamodules.audio_io import EXTENSIONS, AudioDataError, load_audio, read_audio_manifest
 from omnissl.datamodules.common import SkipLog, check_on_error, data_root, read_manifest, shown
 from omnissl.datamodules.units import read_units, units_path_for
@@ -424,7 +427,56 @@ class PoolBatches:
     def __call__(self, pool: Sequence[dict]) -> dict:
         failed = [(it.get("file", it["error"]), it["error"]) for it in pool if "error" in it]
         good = [it for it in pool if "error" not in it and not it.get("short")]
-        return {"batches": [self.collate(g) for g in self.cut(good)], "failed": failed}
+        return {"batches": pack_batches([self.collate(g) for g in self.cut(good)]), "failed": failed}
+
+
+BATCH_FIELDS = ("inputs", "lengths", "targets")
+
+
+def pack_batches(batches: list[Batch]) -> dict:
+    """A pool's collated batches with all their tensors in one flat buffer per dtype (`unpack_batches` gives
+    them back as views). A DataLoader worker hands each tensor storage to the main process through its own
+    file descriptor, a socket connection with a handshake each (torch's `file_descriptor` sharing strategy):
+    ~30 tensors per pool cost more than decoding the pool; one buffer per dtype costs one handshake each. The
+    buffers are put in shared memory here (in a worker; in the main process they stay ordinary tensors), where
+    sending a tensor would copy it there anyway, so packing adds no copy."""
+    parts: dict[torch.dtype, list[Tensor]] = {}
+    sizes: dict[torch.dtype, int] = {}
+    layout = []
+
+    def place(t: Tensor) -> tuple:
+        spec = (t.dtype, sizes.get(t.dtype, 0), tuple(t.shape))
+        parts.setdefault(t.dtype, []).append(t.reshape(-1))
+        sizes[t.dtype] = spec[1] + int(t.numel())
+        return spec
+
+    for b in batches:
+        fields = {field: {name: place(t) for name, t in getattr(b, field).items()} for field in BATCH_FIELDS}
+        if b.ids is not None:
+            fields["ids"] = {"": place(b.ids)}
+        layout.append(fields)
+    worker = torch.utils.data.get_worker_info() is not None
+    buffers = {}
+    for dtype, ts in parts.items():
+        buf = torch.empty(sizes[dtype], dtype=dtype)
+        buffers[dtype] = torch.cat(ts, out=buf.share_memory_() if worker else buf)
+    return {"buffers": buffers, "layout": layout}
+
+
+def unpack_batches(packed: dict) -> list[Batch]:
+    """The batches of `pack_batches`, their tensors views of the pool's buffers."""
+    buffers = packed["buffers"]
+
+    def view(spec: tuple) -> Tensor:
+        dtype, start, shape = spec
+        return buffers[dtype][start : start + math.prod(shape)].view(shape)
+
+    out = []
+    for fields in packed["layout"]:
+        parts = {f: {name: view(spec) for name, spec in fields[f].items()} for f in BATCH_FIELDS}
+        ids = view(fields["ids"][""]) if "ids" in fields else None
+        out.append(Batch(parts["inputs"], parts["lengths"], parts["targets"], ids))
+    return out
 
 
 class ShardLoader(StreamingDataLoader):
@@ -477,7 +529,7 @@ class ShardLoader(StreamingDataLoader):
                 for name, error in pool["failed"]:
                     failed.append(error)
                     self.skips.add(name, error, warn=False)
-                for k, batch in enumerate(pool["batches"]):
+                for k, batch in enumerate(unpack_batches(pool["batches"])):
                     if k < skip:  # a resumed pool: its first batches were trained on before
                         continue
                     self.produced += 1
