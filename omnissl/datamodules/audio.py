@@ -452,7 +452,8 @@ class AudioDataModule(DataModule):
         """Length-bucketed batches under `max_tokens` (`BucketBatchSampler`); failed items dropped (`AudioLoader`)."""
         if isinstance(ds, ShardItems):
             ds.set_shuffle(shuffle)
-            return ShardLoader(ds, collate=self.collate, length=audio_length, pool=self.shard_pool,
+            return ShardLoader(ds, collate=self.collate, length=audio_length, longest=self.max_samples,
+                               pool=self.shard_pool,
                                max_tokens=self.max_tokens, batch_size=self.batch_size, num_workers=self.num_workers,
                                split=split, skips=self.skips, trainer=self.trainer)
         trainer = self.trainer

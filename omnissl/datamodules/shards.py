@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
+from litdata.streaming.shuffle import FullShuffle
 from torch import Tensor
 
 from omnissl.batch import SAMPLE_RATE, Batch
@@ -378,19 +379,32 @@ def _write_text(out: str, name: str, text: str) -> None:
 class ShardItems(StreamingDataset):
     """A litdata `StreamingDataset` over `spec` ("shards:<folder or URI>") whose items are `decode(raw, epoch)`.
 
-    Every item is seen once per epoch across ranks and workers (`drop_last=False`); chunk and item order are
-    litdata's shuffle of (seed, epoch). `meta` is the set's `omnissl_shards.json`."""
+    One process: every item is seen once per epoch across DataLoader workers. Under DDP (a process group of
+    several ranks when the set is opened): litdata's `drop_last`, so every rank and worker gets the same number
+    of full `pool`s and the ranks run the same number of steps (`ShardLoader`); fewer than world size x pool
+    items are left out of an epoch, and each of the others is seen once. Chunk and item order are litdata's
+    shuffle of (seed, epoch). `meta` is the set's `omnissl_shards.json`."""
 
     def __init__(self, spec: str, *, decode: Callable[[dict, int], dict], shuffle: bool, seed: int) -> None:
         self.meta = read_meta(spec)
         cache = cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        super().__init__(shard_location(spec), cache_dir=str(cache), shuffle=shuffle, seed=seed, drop_last=False)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        super().__init__(shard_location(spec), cache_dir=str(cache), shuffle=shuffle, seed=seed,
+                         drop_last=world > 1)
         self.spec, self.decode = spec, decode
+        self.world = world  # processes in the run (litdata reads its own `distributed_env`)
 
     @property
     def source(self) -> str:
         return self.spec
+
+    def _create_shuffler(self, cache: Any) -> Any:  # litdata's hook (overridden, not called from omnissl)
+        shuffler = super()._create_shuffler(cache)
+        if isinstance(shuffler, FullShuffle):
+            return GlobalShuffle(shuffler.cache, shuffler.seed, shuffler.drop_last, item_window=shuffler.item_window)
+        return shuffler
+
 
     def __getitem__(self, index: Any) -> Any:
         raw = super().__getitem__(index)
@@ -398,6 +412,23 @@ class ShardItems(StreamingDataset):
             raw = {**raw, "id": int(getattr(index, "index", index))}
         # litdata counts epochs from 1; omnissl's samplers and Lightning from 0 (so crops match the manifest's)
         return self.decode(raw, int(self.current_epoch) - 1)
+
+
+class GlobalShuffle(FullShuffle):
+    """litdata's `FullShuffle` that assigns chunks to all ranks as on one node in every epoch.
+
+    NOTE(ref): litdata 0.2.76 re-assigns later epochs within each node (`_associate_within_nodes`, when a node's
+    chunks fit its cache): a chunk split between two nodes is then read whole by both, and each node applies
+    drop_last to its own count, so with several nodes (litdata's `NNODES`, or world size / GPUs per node)
+    ranks saw items twice and got unequal item counts (2 nodes x 1 rank x 2 workers, 45 items, pools of 3:
+    24 and 27 items, 42 distinct of 51). The global assignment of epoch 1, re-drawn per epoch, keeps every item
+    once and equal counts; what it gives up is a node keeping its chunks in its cache from epoch to epoch."""
+
+    def get_chunks_and_intervals_per_workers(self, distributed_env: Any, num_workers: int, batch_size: int,
+                                             current_epoch: int) -> Any:
+        one_node = copy.copy(distributed_env)
+        one_node.num_nodes = 1
+        return super().get_chunks_and_intervals_per_workers(one_node, num_workers, batch_size, current_epoch)
 
 
 @dataclass
@@ -412,6 +443,7 @@ class PoolBatches:
     max_tokens: int | None
     batch_size: int | None
     length: Callable[[dict], int] | None = None
+    per_pool: int | None = None  # set (DDP): every pool is cut into this many batches (`equal_cut`)
 
     def cut(self, items: list[dict]) -> list[list[dict]]:
         if self.max_tokens is None:
@@ -421,13 +453,45 @@ class PoolBatches:
         if len(sizes) and sizes.max() > self.max_tokens:
             raise ValueError(f"an item of {int(sizes.max())} exceeds max_tokens={self.max_tokens}: raise "
                              "max_tokens or lower max_samples")
-        groups = token_batches(np.arange(len(items)), sizes, max_tokens=self.max_tokens, batch_size=self.batch_size)
+        if self.per_pool is not None:
+            groups = equal_cut(sizes, self.per_pool)
+        else:
+            groups = token_batches(np.arange(len(items)), sizes, max_tokens=self.max_tokens,
+                                   batch_size=self.batch_size)
         return [[items[i] for i in g] for g in groups]
 
     def __call__(self, pool: Sequence[dict]) -> dict:
         failed = [(it.get("file", it["error"]), it["error"]) for it in pool if "error" in it]
         good = [it for it in pool if "error" not in it and not it.get("short")]
         return {"batches": pack_batches([self.collate(g) for g in self.cut(good)]), "failed": failed}
+
+
+def batches_per_pool(pool: int, *, max_tokens: int, longest: int, batch_size: int | None) -> int:
+    """How many batches `equal_cut` makes of a pool under DDP: as many as a pool of `pool` items of the longest
+    length (`longest`, the crop) needs under `max_tokens` and `batch_size`, so every cut fits the budget."""
+    per_batch = max_tokens // longest
+    if per_batch < 1:
+        raise ValueError(f"max_tokens={max_tokens} holds no item of {longest} (max_samples): raise max_tokens")
+    if batch_size is not None:
+        per_batch = min(per_batch, batch_size)
+    return -(-pool // per_batch)
+
+
+def equal_cut(sizes: np.ndarray, parts: int) -> list[list[int]]:
+    """Items (their `sizes`) sorted by length and cut into `parts` contiguous batches of sizes differing by at
+    most one (the larger ones on the short side): a batch count that is the same on every rank, whatever the
+    lengths. Fewer items than `parts`: one batch each."""
+    order = np.argsort(np.asarray(sizes, dtype=np.int64), kind="stable").tolist()
+    parts = min(parts, len(order))
+    if parts == 0:
+        return []
+    small, extra = divmod(len(order), parts)
+    out, at = [], 0
+    for k in range(parts):
+        n = small + (k < extra)
+        out.append(order[at : at + n])
+        at += n
+    return out
 
 
 BATCH_FIELDS = ("inputs", "lengths", "targets")
@@ -489,7 +553,7 @@ class ShardLoader(StreamingDataLoader):
     `len()` raises TypeError (Lightning then runs the epoch to its end)."""
 
     def __init__(self, dataset: ShardItems, *, collate: Callable, pool: int,
-                 length: Callable[[dict], int] | None = None,
+                 length: Callable[[dict], int] | None = None, longest: int | None = None,
                  max_tokens: int | None, batch_size: int | None, num_workers: int, split: str = "train",
                  skips: SkipLog | None = None, trainer: Any = None) -> None:
         if max_tokens is None and batch_size is None:
@@ -499,8 +563,15 @@ class ShardLoader(StreamingDataLoader):
         pool = int(batch_size if max_tokens is None else pool)
         if pool <= 0:
             raise ValueError(f"the shard pool must hold at least one item, got {pool}")
+        per_pool = None
+        if dataset.world > 1 and max_tokens is not None:  # equal steps on every rank (ShardItems)
+            if longest is None:
+                raise ValueError(f"{split} data {dataset.source}: under DDP, streamed max_tokens batches need "
+                                 "max_samples (every rank cuts each pool into the batches its longest items would "
+                                 "need, so that all ranks run the same number of steps)")
+            per_pool = batches_per_pool(pool, max_tokens=max_tokens, longest=longest, batch_size=batch_size)
         super().__init__(dataset, batch_size=pool, num_workers=num_workers,
-                         collate_fn=PoolBatches(collate, max_tokens, batch_size, length))
+                         collate_fn=PoolBatches(collate, max_tokens, batch_size, length, per_pool))
         self.max_tokens = max_tokens
         self.split = split
         self.skips = skips if skips is not None else SkipLog("shard item")
