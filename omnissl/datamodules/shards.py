@@ -394,6 +394,21 @@ class ShardItems(StreamingDataset):
                          drop_last=world > 1)
         self.spec, self.decode = spec, decode
         self.world = world  # processes in the run (litdata reads its own `distributed_env`)
+        # the main process's pass, for persistent DataLoader workers (their copies of this dataset live on from
+        # pass to pass): [epoch, 1 when the pass replays a loaded state]
+        self.pass_info = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, current_epoch: int) -> None:
+        super().set_epoch(current_epoch)
+        self.pass_info[0] = int(self.current_epoch)
+        self.pass_info[1] = int(self._state_dict is not None)
+
+    def __iter__(self) -> Any:
+        if torch.utils.data.get_worker_info() is not None:  # a persistent worker: take up the main process's pass
+            self.current_epoch = int(self.pass_info[0])
+            if not int(self.pass_info[1]):  # an earlier pass in this worker may have stopped early
+                self.reset_state_dict()
+        return super().__iter__()
 
     @property
     def source(self) -> str:
@@ -570,7 +585,7 @@ class ShardLoader(StreamingDataLoader):
                                  "max_samples (every rank cuts each pool into the batches its longest items would "
                                  "need, so that all ranks run the same number of steps)")
             per_pool = batches_per_pool(pool, max_tokens=max_tokens, longest=longest, batch_size=batch_size)
-        super().__init__(dataset, batch_size=pool, num_workers=num_workers,
+        super().__init__(dataset, batch_size=pool, num_workers=num_workers, persistent_workers=num_workers > 0,
                          collate_fn=PoolBatches(collate, max_tokens, batch_size, length, per_pool))
         self.max_tokens = max_tokens
         self.split = split
@@ -643,6 +658,9 @@ class ShardLoader(StreamingDataLoader):
         if not {"litdata", "pool_done", "epoch"} <= set(state):
             raise ValueError(f"a shard loader state needs 'litdata', 'pool_done' and 'epoch', got {sorted(state)}")
         super().load_state_dict(copy.deepcopy(state["litdata"]))
+        if self._iterator is not None:  # persistent workers of an earlier pass: fork new ones that replay the state
+            self._iterator._shutdown_workers()
+            self._iterator = None
         self.skip_next = int(state["pool_done"])
         if not self.restore and int(state["litdata"]["num_samples_yielded"]) == 0:
             self.current_epoch = int(state["epoch"]) - 1  # the pass restarts that epoch (__iter__ adds one)

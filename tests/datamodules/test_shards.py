@@ -165,6 +165,34 @@ def test_resume_within_a_pool_and_across_epochs_in_process(tmp_path):
     assert sorted(i for b in full[0] for i in b) == list(range(24))
 
 
+def test_persistent_workers_follow_the_epoch_after_a_pass_stopped_early(tmp_path):
+    """The loader's workers live on from pass to pass. A pass left after 2 batches (a sanity check, a
+    limit_*_batches) still moves the next pass to the next epoch: the same order and crops as a loader that ran
+    the earlier pass to its end, every item once."""
+    manifest = _subset(tmp_path, 24)
+    out = tmp_path / "shards"
+    write_shards(manifest, str(out), chunk_bytes="300KB")
+
+    def loader():
+        return AudioDataModule(train=f"shards:{out}", max_samples=32000, min_samples=0, max_tokens=96000,
+                               num_workers=2, shard_pool=6, seed=1).loader("train")
+
+    def items(batches):
+        return [(b.ids.tolist(), b.inputs["audio"].clone()) for b in batches]
+
+    full = loader()
+    ref = [items(full) for _ in range(2)]
+    cut = loader()
+    it = iter(cut)
+    assert [ids for ids, _ in items([next(it), next(it)])] == [ids for ids, _ in ref[0][:2]]
+    del it
+    second = items(cut)
+    assert [ids for ids, _ in second] == [ids for ids, _ in ref[1]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(second, ref[1]))  # epoch 1's crops
+    assert sorted(i for ids, _ in second for i in ids) == list(range(24))
+    assert [ids for ids, _ in ref[0]] != [ids for ids, _ in ref[1]]
+
+
 def _trace(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
