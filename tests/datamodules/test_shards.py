@@ -356,6 +356,24 @@ def test_labeled_image_shards_keep_classes_and_labels(tmp_path):
     assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in a)
 
 
+def test_labeled_audio_shards_keep_classes_and_labels(tmp_path):
+    src = embedded_corpus("embedded:keywords:small")["train"]
+    lines = src.read_text().splitlines()
+    manifest = tmp_path / "first40.tsv"
+    manifest.write_text("\n".join([str(src.parent)] + lines[1:41]) + "\n")
+    out = tmp_path / "shards"
+    meta = write_shards(manifest, str(out))
+    kw = dict(max_samples=None, min_samples=0, max_tokens=None, batch_size=8, num_workers=0)
+    files = AudioDataModule(train=str(manifest), valid=str(manifest), **kw)
+    shards = AudioDataModule(train=f"shards:{out}", valid=f"shards:{out}", **kw)
+    files.setup(), shards.setup()
+    assert shards.classes == files.classes == sorted(meta["labels"]) and len(files.classes) > 2
+    a, b = ({int(i): (x[: int(n)], int(y)) for bt in dm.loader("valid") for i, x, n, y in
+             zip(bt.ids, bt.inputs["audio"], bt.lengths["audio"], bt.targets["label"])} for dm in (files, shards))
+    assert sorted(a) == sorted(b) == list(range(40))
+    assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in a)
+
+
 def test_streamed_text_documents_become_block_windows(tmp_path):
     from omnissl.datamodules.text import TextDataModule
 
