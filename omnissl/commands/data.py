@@ -5,8 +5,8 @@
     omnissl data manifest FOLDER --out FILE [--on-error {raise,skip}]
     omnissl data inspect MANIFEST [--on-error {raise,skip}] [--png FILE] [--workers N]
     omnissl data tokenizer --corpus PATH|embedded:text --kind {bpe,wordpiece} --vocab-size N --out DIR
-    omnissl data shard MANIFEST_OR_FOLDER --out DIR_OR_URI [--kind {audio,text,image}] [--docs {line,blank}]
-                       [--units EXT] [--audio-format {pcm,flac}] [--chunk-bytes 64MB] [--workers N]
+    omnissl data shard MANIFEST_OR_FOLDER --out DIR_OR_URI [--kind {audio,text,image,labeled_text}]
+                       [--docs {line,blank}] [--units EXT] [--audio-format {pcm,flac}] [--chunk-bytes 64MB] [--workers N]
                        [--on-error {raise,skip}]
 
 omnissl/cli.py dispatches `omnissl data <argv>` to `main(argv)`; the return value is the exit status.
@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("source", help="audio/image manifest (.tsv) or folder; a text file, folder of .txt or manifest of "
                                   "them; or embedded:<corpus>[:<size>] (its train split)")
     s.add_argument("--out", required=True, help="output folder or object-store URI (s3://..., gs://...)")
-    s.add_argument("--kind", choices=["audio", "text", "image"], default=None, help="default: from the files")
+    s.add_argument("--kind", choices=["audio", "text", "image", "labeled_text"], default=None,
+                   help="default: from the files (labeled_text: a .jsonl, or a manifest of .txt with labels)")
     s.add_argument("--docs", choices=["line", "blank"], default="line",
                    help="text documents: one per line, or separated by blank lines")
     s.add_argument("--units", default=None, help="audio: also store HuBERT units from <manifest stem>.<EXT>")
@@ -132,16 +133,21 @@ def _shard(args: argparse.Namespace) -> int:
     from omnissl.datamodules.audio_io import AudioDataError
     from omnissl.datamodules.common import is_embedded
     from omnissl.datamodules.corpora import embedded_corpus
-    from omnissl.datamodules.shards import ShardDataError, write_shards
+    from omnissl.datamodules.labeled import write_labeled_text_shards
+    from omnissl.datamodules.shards import ShardDataError, guess_kind, write_shards
 
     t0 = time.perf_counter()
     source = args.source
     try:
         if is_embedded(source):
             source = embedded_corpus(source, size="small")["train"]
-        meta = write_shards(source, args.out, kind=args.kind, docs=args.docs, units=args.units,
-                            on_error=args.on_error, chunk_bytes=args.chunk_bytes, num_workers=args.workers,
-                            audio_format=args.audio_format)
+        if (args.kind or guess_kind(Path(source))) == "labeled_text":
+            meta = write_labeled_text_shards(source, args.out, on_error=args.on_error, chunk_bytes=args.chunk_bytes,
+                                             num_workers=args.workers)
+        else:
+            meta = write_shards(source, args.out, kind=args.kind, docs=args.docs, units=args.units,
+                                on_error=args.on_error, chunk_bytes=args.chunk_bytes, num_workers=args.workers,
+                                audio_format=args.audio_format)
     except (AudioDataError, ShardDataError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"omnissl data shard: error: {e}", file=sys.stderr)
         return 1

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,9 @@ from omnissl.datamodules.corpora import CORPORA, embedded_corpus, parse_embedded
 from omnissl.datamodules.documents import decode_utf8
 from omnissl.datamodules.image import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageDataset,
                                        image_shard_datasets, list_images, shard_splits, transforms)
-from omnissl.datamodules.tokenizers import (cached_tokenizer, check_tokenizer, expected_info, resolve_tokenizer,
-                                            set_token_ids)
+from omnissl.datamodules.shards import (ShardItems, check_out, finish_shards, optimize_items, origin, read_meta)
+from omnissl.datamodules.tokenizers import (cached_tokenizer, check_tokenizer, expected_info, load_tokenizer,
+                                            resolve_tokenizer, set_token_ids)
 
 
 def labeled_sources(train: str, valid: str | None, test: str | None, *, corpus: str,
@@ -186,6 +188,55 @@ def read_labeled_texts(source: str | os.PathLike, *, on_error: str, skips: SkipL
     return texts, labels
 
 
+@dataclass
+class LabeledTextItems:
+    """optimize() fn: (index, text, label) -> one labeled text shard item."""
+
+    source: str
+
+    def __call__(self, row: tuple) -> Iterator[dict]:
+        i, text, label = row
+        yield {"id": int(i), "text": text, "label": label, "origin": origin(self.source, f"{self.source} item {i}")}
+
+
+def write_labeled_text_shards(source: str | os.PathLike, out: str, *, on_error: str = "raise",
+                              chunk_bytes: str = "64MB", num_workers: int = 1) -> dict:
+    """Shard a labeled text set (a manifest of text files with a label column, or `.jsonl`; read as the files
+    path reads it, `read_labeled_texts`) into `out`: one item per example, `{"id", "text", "label", "origin"}`,
+    zstd-compressed chunks; returns the metadata (kind "labeled_text", labels, skipped files)."""
+    check_out(out)
+    skips = SkipLog("text file")
+    texts, labels = read_labeled_texts(source, on_error=on_error, skips=skips)
+    if not texts:
+        raise ValueError(f"{source}: no labeled texts to shard ({len(skips)} skipped)")
+    optimize_items(LabeledTextItems(str(source)), [(i, t, y) for i, (t, y) in enumerate(zip(texts, labels))], out,
+                   compression="zstd", chunk_bytes=chunk_bytes, num_workers=num_workers)
+    return finish_shards(out, kind="labeled_text", source=source, skipped=skips.skipped, labels=labels)
+
+
+@dataclass
+class LabeledTextShardDecoder:
+    """`ShardItems` decode of a labeled text item: {"id", "text": `<s> text </s>` truncated to `max_tokens`,
+    "label"}, tokenized as the files path does (`LabeledTextDataModule.setup`). The tokenizer is loaded once per
+    process."""
+
+    tokenizer: str
+    max_tokens: int
+    classes: Sequence[str]
+
+    def __call__(self, raw: dict, epoch: int) -> dict:
+        tok = self.__dict__.get("loaded")
+        if tok is None:
+            tok = self.__dict__["loaded"] = load_tokenizer(self.tokenizer)
+            tok.no_padding()
+            tok.enable_truncation(self.max_tokens)
+        ids = np.asarray(tok.encode(raw["text"], add_special_tokens=True).ids, dtype=np.int64)
+        return {"id": int(raw["id"]), "text": torch.from_numpy(ids), "label": list(self.classes).index(raw["label"])}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "loaded"}
+
+
 class LabeledTextDataModule(DataModule):
     """Text classification with fixed train/valid/test splits (labeled manifests of text files, `.jsonl`, or
     `"embedded:labeled_text"`). Texts are tokenized once in `setup()` as `<s> text </s>`, truncated to
@@ -248,6 +299,10 @@ class LabeledTextDataModule(DataModule):
         self._resolve_tokenizer(self.sources()["train"])
 
     def setup(self, stage: str | None = None) -> None:
+        shards = shard_splits({"train": self.train, "valid": self.valid, "test": self.test}, type(self).__name__)
+        if shards:  # streamed litdata shards of `omnissl data shard LABELED.tsv|.jsonl`
+            self._setup_shards(shards)
+            return
         sources = self.sources()
         self.tokenizer_path = self._resolve_tokenizer(sources["train"])
         tok = check_tokenizer(self.tokenizer_path, self.info)
@@ -266,3 +321,26 @@ class LabeledTextDataModule(DataModule):
             y = encode_labels(labels, self.classes, sources[split])
             ids = [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(texts, add_special_tokens=True)]
             self.datasets[split] = LabeledTextDataset(ids, y)
+
+    def _setup_shards(self, shards: dict[str, str]) -> None:
+        """Labeled text shards: the given tokenizer (a shard set is not read whole to train one); classes from the
+        train set's labels; the same `<s> text </s>` truncated to `max_tokens` as from files."""
+        if self.tokenizer is None:
+            raise ValueError(f"train={self.train!r} is streamed: give `tokenizer` (the pretraining tokenizer, a "
+                             "tokenizer.json or its folder)")
+        path = Path(self.tokenizer)
+        self.tokenizer_path = path / "tokenizer.json" if path.is_dir() else path
+        check_tokenizer(self.tokenizer_path, self.info)
+        metas = {s: read_meta(spec) for s, spec in shards.items()}
+        for s, meta in metas.items():
+            if meta.get("kind") != "labeled_text":
+                raise ValueError(f"{s} data {shards[s]} holds {meta.get('kind')} shards, not labeled text "
+                                 "(omnissl data shard LABELED.tsv or .jsonl)")
+        self.classes = class_index(metas["train"]["labels"], shards["train"])
+        for s, meta in metas.items():
+            unseen = sorted(set(meta["labels"]) - set(self.classes))
+            if unseen:
+                raise ValueError(f"{shards[s]}: labels {unseen[:10]} do not occur in the training split")
+        decode = LabeledTextShardDecoder(str(self.tokenizer_path), self.max_tokens, list(self.classes))
+        self.datasets = {s: ShardItems(spec, decode=decode, shuffle=s == "train", seed=self.seed)
+                         for s, spec in shards.items()}

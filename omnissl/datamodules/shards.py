@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "shards:"
 META = "omnissl_shards.json"
-KINDS = ("audio", "text", "image")
+KINDS = ("audio", "text", "image", "labeled_text")
 AUDIO_FORMATS = ("pcm", "flac")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -250,6 +250,8 @@ class ImageItems:
 def guess_kind(source: Path) -> str:
     """audio / image / text from the source's files (a manifest's first listed file, a folder's files)."""
 
+    if source.is_file() and source.suffix == ".jsonl":
+        return "labeled_text"
     if source.is_file() and source.suffix != ".tsv":
         return "text"
     names = ([p.name for p in source.rglob("*") if p.is_file()] if source.is_dir()
@@ -260,7 +262,8 @@ def guess_kind(source: Path) -> str:
     if suffixes & set(IMAGE_EXTENSIONS):
         return "image"
     if ".txt" in suffixes:
-        return "text"
+        labeled = source.is_file() and any(len(r) > 2 and r[2] for r in read_manifest(source, require_root=False)[1])
+        return "labeled_text" if labeled else "text"
     raise ValueError(f"{source}: cannot tell audio, text or images apart from its files {sorted(suffixes)[:5]}; "
                      "pass --kind")
 
@@ -305,11 +308,12 @@ def write_shards(source: str | os.PathLike, out: str, *, kind: str | None = None
     kind = kind or guess_kind(source)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "labeled_text":
+        raise ValueError(f"{source}: labeled text (a .jsonl, or a manifest of text files with a label column) is "
+                         "sharded by omnissl.datamodules.labeled.write_labeled_text_shards (`omnissl data shard`)")
     if units is not None and kind != "audio":
         raise ValueError("units go with audio shards only")
-    local_out = "://" not in out
-    if local_out and Path(out).exists() and any(Path(out).iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty: choose a new or empty --out folder")
+    check_out(out)
     labels: list[str] | None = None
     with tempfile.TemporaryDirectory(prefix="omnissl-shard-skips-") as tmp:
         skip = SkipRecorder(tmp)
@@ -335,25 +339,45 @@ def write_shards(source: str | os.PathLike, out: str, *, kind: str | None = None
             compression = "zstd"
         if not inputs:
             raise ValueError(f"{source}: no {kind} items to shard")
-        try:
-            optimize(fn=fn, inputs=inputs, output_dir=out, chunk_bytes=chunk_bytes, num_workers=max(1, num_workers),
-                     compression=compression, compression_level="chunk" if compression else None,
-                     reorder_files=False, mode="overwrite", start_method="fork")
-        except RuntimeError as e:  # litdata re-raises a worker's error as text: keep the named bad item
-            if local_out:
-                shutil.rmtree(out, ignore_errors=True)
-            found = re.findall(r"(?:AudioDataError|ShardDataError|ValueError): (.+)", str(e))
-            raise ShardDataError(f"{found[0]} (nothing written; --on-error skip leaves such items out)"
-                                 if found else str(e)) from None
+        optimize_items(fn, inputs, out, compression=compression, chunk_bytes=chunk_bytes, num_workers=num_workers)
         skipped: dict[str, str] = {}
         for f in sorted(Path(tmp).glob("skips-*.jsonl")):
             for line in f.read_text(encoding="utf-8").splitlines():
                 where, why = json.loads(line)
                 skipped[where] = why
+    return finish_shards(out, kind=kind, source=source, skipped=skipped, labels=labels,
+                         docs=docs if kind == "text" else None, units=units,
+                         audio_format=audio_format if kind == "audio" else None)
+
+
+def check_out(out: str) -> None:
+    """A local output folder must be new or empty."""
+    if "://" not in out and Path(out).exists() and any(Path(out).iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty: choose a new or empty --out folder")
+
+
+def optimize_items(fn: Callable, inputs: list, out: str, *, compression: str | None, chunk_bytes: str,
+                   num_workers: int) -> None:
+    """litdata's `optimize()` of `fn` over `inputs` into `out`; a worker's error (litdata re-raises it as text)
+    becomes `ShardDataError` naming the bad item, and a local partial output is removed."""
+    try:
+        optimize(fn=fn, inputs=inputs, output_dir=out, chunk_bytes=chunk_bytes, num_workers=max(1, num_workers),
+                 compression=compression, compression_level="chunk" if compression else None,
+                 reorder_files=False, mode="overwrite", start_method="fork")
+    except RuntimeError as e:
+        if "://" not in out:
+            shutil.rmtree(out, ignore_errors=True)
+        found = re.findall(r"(?:AudioDataError|ShardDataError|ValueError): (.+)", str(e))
+        raise ShardDataError(f"{found[0]} (nothing written; --on-error skip leaves such items out)"
+                             if found else str(e)) from None
+
+
+def finish_shards(out: str, *, kind: str, source: object, skipped: dict[str, str], labels: Sequence[str] | None,
+                  docs: str | None = None, units: str | None = None, audio_format: str | None = None) -> dict:
+    """Write `omnissl_shards.json` beside litdata's index and return it."""
     count = sum(c["chunk_size"] for c in _index(out)["chunks"])
-    meta = {"kind": kind, "source": str(source), "count": count, "skipped": skipped, "docs": docs if kind == "text"
-            else None, "units": units, "labels": sorted(set(labels)) if labels else None,
-            "audio_format": audio_format if kind == "audio" else None}
+    meta = {"kind": kind, "source": str(source), "count": count, "skipped": skipped, "docs": docs,
+            "units": units, "labels": sorted(set(labels)) if labels else None, "audio_format": audio_format}
     _write_text(out, META, json.dumps(meta, indent=1, sort_keys=True))
     return meta
 

@@ -374,6 +374,32 @@ def test_labeled_audio_shards_keep_classes_and_labels(tmp_path):
     assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in a)
 
 
+def test_labeled_text_shards_give_the_same_tokens_and_labels(tmp_path, capsys):
+    from omnissl.datamodules.labeled import LabeledTextDataModule
+
+    found = embedded_corpus("embedded:labeled_text:tiny")
+    for split in ("train", "valid"):  # manifests of text files with a label column: kind labeled_text
+        assert data_main(["shard", str(found[split]), "--out", str(tmp_path / split)]) == 0
+    assert "labeled_text items" in capsys.readouterr().out
+    kw = dict(vocab_size=512, min_frequency=1, max_tokens=24, batch_size=8, num_workers=0,
+              cache_dir=str(tmp_path / "cache"))
+    files = LabeledTextDataModule(train=str(found["train"]), valid=str(found["valid"]), **kw)
+    files.setup()
+    spec = {s: f"shards:{tmp_path / s}" for s in ("train", "valid")}
+    with pytest.raises(ValueError, match="give `tokenizer`"):
+        LabeledTextDataModule(train=spec["train"], **kw).setup()
+    shards = LabeledTextDataModule(train=spec["train"], valid=spec["valid"], tokenizer=str(files.tokenizer_path),
+                                   **kw)
+    shards.setup()
+    assert shards.classes == files.classes and len(files.classes) > 1
+    a, b = ({int(i): (t[: int(n)].tolist(), int(y)) for bt in dm.loader("valid") for i, t, n, y in
+             zip(bt.ids, bt.inputs["text"], bt.lengths["text"], bt.targets["label"])} for dm in (files, shards))
+    assert sorted(a) == sorted(b) and a == b  # same `<s> text </s>` (truncated to 24) and label per example
+    assert max(len(t) for t, _ in a.values()) == 24
+    n = read_meta(spec["train"])["count"]
+    assert sorted(int(i) for bt in shards.loader("train") for i in bt.ids) == list(range(n))
+
+
 def test_streamed_text_documents_become_block_windows(tmp_path):
     from omnissl.datamodules.text import TextDataModule
 
