@@ -255,6 +255,54 @@ data:
     assert sorted(seen) == list(range(30)), f"ids seen in the epoch: {sorted(seen)}"
 
 
+@pytest.mark.slow
+def test_streamed_ddp_fit_runs_equal_steps_on_every_rank(tmp_path):
+    """`omnissl fit` of wav2vec 2.0 tiny under torchrun, 2 gloo ranks x 2 workers, 2 epochs, on 45 streamed
+    items with max_tokens batches: it finishes (a rank with more batches would wait forever in DDP's gradient
+    all-reduce), both ranks run 3 pools x 2 batches per epoch and no item is trained on twice in an epoch."""
+    import socket
+
+    shards = tmp_path / "shards"
+    write_shards(_subset(tmp_path, 45), str(shards), chunk_bytes="1500KB")
+    trace = tmp_path / "trace.jsonl"
+    cfg = tmp_path / "overrides.yaml"
+    cfg.write_text(f"""
+trainer:
+  devices: 2
+  strategy: ddp
+  max_steps: 1000
+  max_epochs: 2
+  limit_val_batches: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: step_trace.StepTrace
+      init_args: {{path: {trace}}}
+data:
+  init_args: {{train: "shards:{shards}", valid: null, max_samples: 16000, min_samples: 0, max_tokens: 48000,
+               num_workers: 2, shard_pool: 6}}
+""")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(ROOT / "cli.py"), "fit", "-c", str(ROOT / "recipes/trainer/cpu.yaml"),
+           "-c", str(ROOT / "recipes/audio/wav2vec2_tiny_cpu.yaml"), "-c", str(cfg), "--run_name", "ddp-stream"]
+    env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               OMNISSL_SHARD_CACHE=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests/train"), env.get("PYTHONPATH", "")])
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = _trace(trace)
+    pids = sorted({r["pid"] for r in rows})
+    assert len(pids) == 2
+    for epoch in range(2):
+        per_rank = [[r for r in rows if r["pid"] == pid and r["epoch"] == epoch] for pid in pids]
+        assert [len(x) for x in per_rank] == [6, 6], f"epoch {epoch}: steps per rank {[len(x) for x in per_rank]}"
+        seen = [i for x in per_rank for r in x for i in r["ids"]]
+        assert len(seen) == len(set(seen)) == 36  # 45 items - 9 left out (< 2 ranks x pool 6)
+
+
 def _corrupt_one_flac(shards: Path) -> None:
     """Overwrite the 'fLaC' magic of the second encoded item of the first chunk (an undecodable item)."""
     chunk = sorted(shards.glob("chunk-*.bin"))[0]
