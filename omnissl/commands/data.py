@@ -6,8 +6,8 @@
     omnissl data inspect MANIFEST [--on-error {raise,skip}] [--png FILE] [--workers N]
     omnissl data tokenizer --corpus PATH|embedded:text --kind {bpe,wordpiece} --vocab-size N --out DIR
     omnissl data shard MANIFEST_OR_FOLDER --out DIR_OR_URI [--kind {audio,text,image,labeled_text}]
-                       [--docs {line,blank}] [--units EXT] [--audio-format {pcm,flac}] [--chunk-bytes 64MB] [--workers N]
-                       [--on-error {raise,skip}]
+                       [--docs {line,blank}] [--units EXT] [--audio-format {pcm,flac}] [--chunk-bytes 64MB]
+                       [--workers N] [--on-error {raise,skip}]
 
 omnissl/cli.py dispatches `omnissl data <argv>` to `main(argv)`; the return value is the exit status.
 The corpora are the registry `omnissl.datamodules.corpora.CORPORA` (the names `embedded:<name>` specs take).

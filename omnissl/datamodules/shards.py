@@ -541,8 +541,10 @@ def pack_batches(batches: list[Batch]) -> dict:
     them back as views). A DataLoader worker hands each tensor storage to the main process through its own
     file descriptor, a socket connection with a handshake each (torch's `file_descriptor` sharing strategy):
     ~30 tensors per pool cost more than decoding the pool; one buffer per dtype costs one handshake each. The
-    buffers are put in shared memory here (in a worker; in the main process they stay ordinary tensors), where
-    sending a tensor would copy it there anyway, so packing adds no copy."""
+    buffers are put in shared memory here, where sending a tensor would copy it anyway, so packing adds no copy.
+    In the main process (no workers) there is nothing to send: the batches stay as they are."""
+    if torch.utils.data.get_worker_info() is None:
+        return {"batches": batches}
     parts: dict[torch.dtype, list[Tensor]] = {}
     sizes: dict[torch.dtype, int] = {}
     layout = []
@@ -558,16 +560,14 @@ def pack_batches(batches: list[Batch]) -> dict:
         if b.ids is not None:
             fields["ids"] = {"": place(b.ids)}
         layout.append(fields)
-    worker = torch.utils.data.get_worker_info() is not None
-    buffers = {}
-    for dtype, ts in parts.items():
-        buf = torch.empty(sizes[dtype], dtype=dtype)
-        buffers[dtype] = torch.cat(ts, out=buf.share_memory_() if worker else buf)
+    buffers = {d: torch.cat(ts, out=torch.empty(sizes[d], dtype=d).share_memory_()) for d, ts in parts.items()}
     return {"buffers": buffers, "layout": layout}
 
 
 def unpack_batches(packed: dict) -> list[Batch]:
     """The batches of `pack_batches`, their tensors views of the pool's buffers."""
+    if "batches" in packed:
+        return packed["batches"]
     buffers = packed["buffers"]
 
     def view(spec: tuple) -> Tensor:

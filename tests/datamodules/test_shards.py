@@ -173,15 +173,22 @@ def test_persistent_workers_follow_the_epoch_after_a_pass_stopped_early(tmp_path
     out = tmp_path / "shards"
     write_shards(manifest, str(out), chunk_bytes="300KB")
 
-    def loader():
+    def loader(workers=2):
         return AudioDataModule(train=f"shards:{out}", max_samples=32000, min_samples=0, max_tokens=96000,
-                               num_workers=2, shard_pool=6, seed=1).loader("train")
+                               num_workers=workers, shard_pool=6, seed=1).loader("train")
 
     def items(batches):
         return [(b.ids.tolist(), b.inputs["audio"].clone()) for b in batches]
 
+    def per_id(found):
+        return {i: x[: int(n)] for b in found for i, x, n in zip(b.ids.tolist(), b.inputs["audio"], b.lengths["audio"])}
+
     full = loader()
     ref = [items(full) for _ in range(2)]
+    # batches handed over from the workers (packed into one buffer per dtype) hold what one process decodes
+    in_process, from_workers = per_id(loader(workers=0)), per_id(loader())
+    assert sorted(in_process) == sorted(from_workers) == list(range(24))
+    assert all(torch.equal(in_process[i], from_workers[i]) for i in in_process)
     cut = loader()
     it = iter(cut)
     assert [ids for ids, _ in items([next(it), next(it)])] == [ids for ids, _ in ref[0][:2]]
