@@ -1,8 +1,9 @@
 """Streamed, sharded corpora with `litdata`: the one way omnissl writes and reads shards.
 
-Writing (`write_shards`, the `omnissl data shard` command): litdata's `optimize()` turns a manifest, folder or
-text file into chunk files plus litdata's `index.json`, and omnissl adds `omnissl_shards.json` (kind, item
-count, label vocabulary, skipped items). One shard item per source item:
+Writing (`write_shards`, the `omnissl data shard` command; labeled text: `labeled.write_labeled_text_shards`):
+litdata's `optimize()` turns a manifest, folder or text file into chunk files plus litdata's `index.json`, and
+omnissl adds `omnissl_shards.json` (kind, item count, label vocabulary, skipped items). One shard item per
+source item:
 
 * audio: `{"id": manifest row, "audio": 16 kHz mono 16-bit samples, "n": samples, "origin": JSON {"file",
   "where": manifest line},
@@ -24,8 +25,12 @@ an object-store URI (one code path; the source folder is never modified); the ca
 whose items are decoded by a picklable `decode(raw, epoch)` (e.g. `audio.AudioShardDecoder`: crop, units,
 labels, bad-item handling), and `ShardLoader` is a `StreamingDataLoader` that gathers `pool` items per litdata
 batch and cuts them into length-bucketed batches under `max_tokens` (`sampler.token_batches`, as for manifests)
-or plain `batch_size` batches. litdata assigns chunks to ranks and workers (every item once per epoch,
-`drop_last=False`) and shuffles chunks and items per (seed, epoch).
+or plain `batch_size` batches, in its (persistent) DataLoader workers, handed to the main process packed into
+one buffer per dtype (`pack_batches`). litdata assigns chunks to ranks and workers and shuffles chunks and items
+per (seed, epoch): in one process every item is read once per epoch; under DDP every rank gets the same number
+of full pools (litdata's `drop_last`; fewer than ranks x pool items left out per epoch), a `max_tokens` pool is
+cut into a fixed number of batches (`equal_cut`), so all ranks run the same number of steps, and chunks are
+assigned globally in every epoch (`GlobalShuffle`).
 
 Resume: `ShardLoader.state_dict()` = litdata's own loader state at the start of the pool holding the next batch
 to train on + that pool's batches already trained on (Lightning fetches one batch ahead from a loader without a
