@@ -35,11 +35,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         """x (B, N, D), attn_mask (B, 1, 1, N) bool (True = attend) -> (B, N, D)."""
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        # split + views, not a (3, B, H, N, D) rearrange: split's backward writes the three gradients straight
+        # into one (B, N, 3D) buffer (one cat), where unbinding a permuted view stacks them and then copies
+        # the stack back into the Linear's layout (two passes over B·N·3D values per block).
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.out(rearrange(y, "b h n d -> b n (h d)"))
+        return self.out(y.transpose(1, 2).flatten(2))
 
 
 class Block(nn.Module):
