@@ -78,14 +78,14 @@ def profile(which: str, side: str, warmup: int, threads: int) -> dict:
     for _ in range(warmup):
         step()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()  # inside: the profiler's own start / stop (~2 s for the trunk) is not the step's
+        c0, t0 = time.process_time(), time.perf_counter()  # inside: the profiler's start / stop is not the step's
         step()
-        wall = (time.perf_counter() - t0) * 1e3
+        wall, cpu = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
     events = prof.key_averages()
     ops = [{"name": e.key, "self_ms": e.self_cpu_time_total / 1e3, "total_ms": e.cpu_time_total / 1e3,
             "count": e.count} for e in events]
     phases = {e.key: e.cpu_time_total / 1e3 for e in events if e.key in PHASES}
-    return {"which": which, "side": side, "wall_ms": wall, "ops": ops, "phases": phases}
+    return {"which": which, "side": side, "wall_ms": wall, "cpu_ms": cpu, "ops": ops, "phases": phases}
 
 
 def summarize(r: dict, top: int) -> dict:
@@ -97,7 +97,8 @@ def summarize(r: dict, top: int) -> dict:
     alloc = sum(o["self_ms"] for o in ops if o["name"] in ALLOC_OPS)
     alloc_n = sum(o["count"] for o in ops if o["name"] in ALLOC_OPS)
     return {"top": ops[:top], "self_total": self_total, "copy": copy, "copy_n": copy_n, "alloc": alloc,
-            "alloc_n": alloc_n, **{p: r["phases"].get(p, 0.0) for p in PHASES}, "wall": r["wall_ms"]}
+            "alloc_n": alloc_n, **{p: r["phases"].get(p, 0.0) for p in PHASES}, "wall": r["wall_ms"],
+            "cpu": r["cpu_ms"]}
 
 
 def print_table(which: str, runs: dict[str, dict], top: int, markdown: bool) -> None:
@@ -120,7 +121,8 @@ def print_table(which: str, runs: dict[str, dict], top: int, markdown: bool) -> 
                 ("**optimizer / zero_grad** (total)", "optimizer", None),
                 ("**copies** (copy_/clone/contiguous, self; copy_ calls)", "copy", "copy_n"),
                 ("**alloc / zeroing** (empty*/zero_/fill_/zeros*, self; calls)", "alloc", "alloc_n"),
-                ("**step wall** (profiled)", "wall", None)]
+                ("**step wall** (profiled)", "wall", None),
+                ("**step CPU time** (process; steadier than wall under load)", "cpu", None)]
         for label, key, n in rows:
             cells = [f"{label} | {sums[s][key]:.0f}" + (f" ({sums[s][n]})" if n else "") for s in sides]
             print("| " + " | ".join(cells) + " |")
@@ -128,8 +130,8 @@ def print_table(which: str, runs: dict[str, dict], top: int, markdown: bool) -> 
     print(f"\n== {title}; load average {os.getloadavg()[0]:.1f}")
     for s in sides:
         m = sums[s]
-        print(f"-- {s}: wall {m['wall']:.0f} ms; forward {m['forward']:.0f}, backward {m['backward']:.0f}, "
-              f"optimizer {m['optimizer']:.0f} ms; self total {m['self_total']:.0f} ms; copies {m['copy']:.0f} ms "
+        print(f"-- {s}: wall {m['wall']:.0f} ms, CPU {m['cpu']:.0f} ms; forward {m['forward']:.0f}, "
+              f"backward {m['backward']:.0f}, optimizer {m['optimizer']:.0f} ms; self total {m['self_total']:.0f} ms; copies {m['copy']:.0f} ms "
               f"({m['copy_n']} copy_ calls); alloc/zeroing {m['alloc']:.0f} ms ({m['alloc_n']} calls)")
         print(f"   {'op':<48} {'self ms':>9} {'total ms':>9} {'calls':>6}")
         for o in m["top"]:
