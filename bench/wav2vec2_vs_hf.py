@@ -60,6 +60,7 @@ def _conv(c: int) -> tuple[tuple[int, int, int], ...]:
 
 def build_ours(a):
     import torch
+    from torch.profiler import record_function
 
     from omnissl.backbones.encoder import Encoder
     from omnissl.backbones.frontends import ConvFeatureExtractor
@@ -81,10 +82,14 @@ def build_ours(a):
     n = [0]
 
     def step() -> float:
-        out = model.step(batch)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        # the labels let bench/profile_step.py split the step; they cost nothing without a profiler
+        with record_function("forward"):
+            out = model.step(batch)
+        with record_function("backward"):
+            out.loss.backward()
+        with record_function("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         n[0] += 1
         model.quantizer.set_num_updates(n[0])
         return float(out.loss.detach())
@@ -95,6 +100,7 @@ def build_ours(a):
 def build_peer(a):
     import numpy as np
     import torch
+    from torch.profiler import record_function
     from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
@@ -119,22 +125,27 @@ def build_peer(a):
     n = [0]
 
     def step() -> float:
-        # DataCollatorForWav2Vec2Pretraining
-        seq = int(model._get_feat_extract_output_lengths(t))
-        sub_mask = model._get_feature_vector_attention_mask(seq, attention_mask)
-        mask = _compute_mask_indices((a.batch, seq), cfg.mask_time_prob, cfg.mask_time_length, attention_mask=sub_mask)
-        negs = _sample_negative_indices((a.batch, seq), cfg.num_negatives, mask_time_indices=mask)
-        mask_t = torch.tensor(mask, dtype=torch.long)
-        negs_t = torch.tensor(negs, dtype=torch.long)
-        # the training loop
-        num_losses = mask_t.sum()
-        out = model(audio, attention_mask=attention_mask, mask_time_indices=mask_t, sampled_negative_indices=negs_t)
-        loss = out.loss / num_losses
-        loss.backward()
-        n[0] += 1
-        model.set_gumbel_temperature(max(2.0 * 0.999995 ** n[0], 0.5))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with record_function("forward"):  # the collator's masks and negatives count as forward work
+            # DataCollatorForWav2Vec2Pretraining
+            seq = int(model._get_feat_extract_output_lengths(t))
+            sub_mask = model._get_feature_vector_attention_mask(seq, attention_mask)
+            mask = _compute_mask_indices((a.batch, seq), cfg.mask_time_prob, cfg.mask_time_length,
+                                         attention_mask=sub_mask)
+            negs = _sample_negative_indices((a.batch, seq), cfg.num_negatives, mask_time_indices=mask)
+            mask_t = torch.tensor(mask, dtype=torch.long)
+            negs_t = torch.tensor(negs, dtype=torch.long)
+            # the training loop
+            num_losses = mask_t.sum()
+            out = model(audio, attention_mask=attention_mask, mask_time_indices=mask_t,
+                        sampled_negative_indices=negs_t)
+            loss = out.loss / num_losses
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            n[0] += 1
+            model.set_gumbel_temperature(max(2.0 * 0.999995 ** n[0], 0.5))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     return step

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from omnissl.backbones.encoder import Encoder
@@ -122,8 +123,11 @@ class Wav2Vec2(SSLModule):
             raise ValueError(f"only {m} masked frame(s) per row for samples {ids}: too short for distractors")
         out = self.encoder.encode(tokens, mask=mask)
 
-        context = self.final_proj(out.last[mask].view(b, m, -1))  # (B, M, E)
-        feats = self.dropout_features(tokens.features[mask].view(b, m, -1))  # (B, M, C)
+        # each row's m masked positions, ascending: what x[mask] selects, but a gather needs no host sync
+        # (boolean indexing waits for the device to count the selected elements, twice per step)
+        pos = mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :m, None]  # (B, M, 1)
+        context = self.final_proj(out.last.gather(1, pos.expand(-1, -1, out.last.shape[-1])))  # (B, M, E)
+        feats = self.dropout_features(tokens.features.gather(1, pos.expand(-1, -1, tokens.features.shape[-1])))
         q = self.quantizer(feats, generator=g)
         target = self.project_q(q.quantized)  # (B, M, E)
         loss_sum, count, correct = contrastive_with_distractors(
