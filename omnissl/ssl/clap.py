@@ -250,9 +250,7 @@ class CLAP(SSLModule):
             emb = torch.cat([e for _, e in cached])
             if self.trainer.world_size > 1:
                 ids, emb = self.gather_rows(ids), self.gather_rows(emb)
-            order, first = torch.unique(ids, return_inverse=True)
-            keep = torch.zeros(len(order), dtype=torch.long, device=emb.device)
-            keep[first] = torch.arange(len(ids), device=emb.device)  # one embedding per clip
+            order, keep = unique_first(ids)  # one embedding per clip (padding repeats under DDP dropped)
             clip_ids = order.tolist()
             texts = captions("valid", clip_ids)  # per clip: its K captions' token ids
             metrics.update(retrieval_metrics(emb[keep], self.embed_texts([t for ts in texts for t in ts]),
@@ -279,7 +277,7 @@ class CLAP(SSLModule):
         tokenize(texts) -> list of id tensors, held-out class flags or None)."""
         loader, classes, tokenize, heldout = data
         classes_emb = self.embed_texts(tokenize([self.prompt.format(label=c) for c in classes]))
-        preds, labels = [], []
+        preds, labels, ids = [], [], []
         for batch in loader:
             audio = batch.inputs["audio"].to(self.device)
             lengths = batch.lengths.get("audio")
@@ -287,10 +285,15 @@ class CLAP(SSLModule):
                                                                else lengths.to(self.device)).float(), dim=-1)
             preds.append((a @ classes_emb.t()).argmax(-1).cpu())
             labels.append(batch.targets["label"].cpu())
+            if batch.ids is not None:
+                ids.append(batch.ids.cpu())
         preds_t, labels_t = torch.cat(preds), torch.cat(labels)
         if self.attached and self.trainer.world_size > 1:  # each rank classified its shard of the clips
             preds_t = self.gather_rows(preds_t.to(self.device)).cpu()
             labels_t = self.gather_rows(labels_t.to(self.device)).cpu()
+            if len(ids) == len(preds):  # the distributed sampler pads the shards with repeated clips: once each
+                _, first = unique_first(self.gather_rows(torch.cat(ids).to(self.device)).cpu())
+                preds_t, labels_t = preds_t[first], labels_t[first]
         return zeroshot_accuracy(preds_t, labels_t, heldout)
 
     # --- checkpoints and packages ------------------------------------------------------------------------------
@@ -371,6 +374,14 @@ def from_checkpoint(encoder: Encoder, heads: dict[str, dict[str, Tensor]], info:
 
 
 # --- retrieval and zero-shot maths (shared by validation and `omnissl zeroshot`) ---------------------------------
+
+
+def unique_first(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(the distinct ids, ascending; for each, the index of one of its rows in `ids`)."""
+    order, inverse = torch.unique(ids, return_inverse=True)
+    keep = torch.zeros(len(order), dtype=torch.long, device=ids.device)
+    keep[inverse] = torch.arange(len(ids), device=ids.device)
+    return order, keep
 
 
 def retrieval_metrics(audio: Tensor, text: Tensor, per_clip: Sequence[int], ks: Sequence[int] = (1, 5, 10)
