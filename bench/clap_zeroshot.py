@@ -70,7 +70,8 @@ def evaluate_model(model, datamodule) -> dict:
     # chance among the classes: 1/C; a constant guesser of one held-out class gets 1/3 of the held-out clips
     return {"retrieval": res.get("retrieval"), "zeroshot": res["zeroshot"], "per_class": res["per_class"],
             "chance": res["chance"], "prompt": res["prompt"], "num_heldout_clips": n_held, "num_seen_clips": n_seen,
-            "heldout_classes": heldout_classes, "num_test_clips": res.get("num_clips"), "zeroshot_prompts": others}
+            "heldout_classes": heldout_classes, "num_test_clips": res.get("num_clips"), "zeroshot_prompts": others,
+            "per_class_auc": res.get("per_class_auc")}
 
 
 def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int, *, force: bool = False) -> dict:
@@ -101,6 +102,30 @@ def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int,
     return res
 
 
+def reevaluate(path: Path) -> dict:
+    """Evaluate a finished run again with the current evaluation (its final checkpoint, or for steps 0 the
+    initial weights of its seed), keeping its training record; the JSON is rewritten."""
+    from omnissl.cli import lightning_cli
+    from omnissl.eval.zeroshot import load_clap
+
+    res = json.loads(path.read_text())
+    recipe, steps, seed = ROOT / res["recipe"], int(res["steps"]), int(res["seed"])
+    run_dir = RUNS / path.stem
+    cli = lightning_cli(cli_args(recipe, res["extra"], steps, seed, run_dir), run=False)
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("fit")
+    model = cli.model.eval()
+    if steps > 0:
+        ckpts = sorted(run_dir.glob("**/checkpoints/last.ckpt"))
+        if not ckpts:
+            raise SystemExit(f"{path}: no checkpoint under {run_dir} to evaluate again")
+        model, _ = load_clap(ckpts[-1])
+    keep = {k: res[k] for k in ("variant", "recipe", "extra", "steps", "seed", "wall_s", "load_avg", "threads")}
+    res = {**evaluate_model(model, cli.datamodule), **keep}
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
 def summarize(rows: list[dict], key: str = "zeroshot_acc_heldout") -> dict:
     from learning import binomial_se, fmt, seed_interval
 
@@ -120,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--untrained", action="store_true", help="also evaluate each variant's initial weights")
     p.add_argument("--summary-only", action="store_true", help="only summarize the finished runs")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate finished runs that lack the per-class AUC again (from their checkpoints)")
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     names = a.variants.split(",")
@@ -132,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 path = RESULTS / f"{name}_s{steps}_seed{seed}.json"
                 if a.summary_only and not path.exists():
                     continue
+                if a.reevaluate and path.exists() and "zeroshot_auc" not in json.loads(path.read_text())["zeroshot"]:
+                    reevaluate(path)
                 res = run_one(name, *VARIANTS[name], steps, seed)
                 z, r = res["zeroshot"], res["retrieval"] or {}
                 print(f"{name} steps={res['steps']} seed={seed}: held-out {z.get('zeroshot_acc_heldout', float('nan')):.3f} "
@@ -145,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             if not rows:
                 continue
             held, seen = summarize(rows), summarize(rows, "zeroshot_acc_seen")
+            aucs = [r["zeroshot"]["zeroshot_auc_heldout"] for r in rows if "zeroshot_auc_heldout" in r["zeroshot"]]
+            if aucs:
+                from learning import fmt, t_interval
+
+                seen_auc = [r["zeroshot"]["zeroshot_auc_seen"] for r in rows if "zeroshot_auc_seen" in r["zeroshot"]]
+                print(f"  per-class AUC (chance 0.5), held-out classes: {fmt(t_interval(aucs))}; seen: "
+                      f"{fmt(t_interval(seen_auc))}")
             print(f"RESULT name=clap_zeroshot variant={name} steps={steps} seeds={len(rows)} "
                   f"heldout={held['mean']:.4f} heldout_std={held['std']:.4f} heldout_lo={held['lo']:.4f} "
                   f"heldout_hi={held['hi']:.4f} seen={seen['mean']:.4f} chance={rows[0]['chance']:.4f}")
