@@ -186,6 +186,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"heldout_hi={held['hi']:.4f} seen={seen['mean']:.4f} chance={rows[0]['chance']:.4f}")
             print(f"  held-out ({rows[0]['num_heldout_clips']} clips/seed): {held['text']}; per-seed binomial SE "
                   f"{held['binomial_se']}; seen: {seen['text']}")
+    print("\n| variant | updates | seed | held-out acc | seen acc | held-out AUC | seen AUC | test t2a R@1 | test t2a R@5 |"
+          " held-out classes (acc) |\n|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        for f in sorted(RESULTS.glob(f"{name}_s*_seed*.json")):
+            r = json.loads(f.read_text())
+            z, ret = r["zeroshot"], r["retrieval"] or {}
+            per = ", ".join(f"{c} {acc:.2f}" for c, h, _, acc in r["per_class"] if h)
+            g = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
+            print(f"| {name} | {r['steps']} | {r['seed']} | {g(z, 'zeroshot_acc_heldout')} | {g(z, 'zeroshot_acc_seen')} | "
+                  f"{g(z, 'zeroshot_auc_heldout')} | {g(z, 'zeroshot_auc_seen')} | {g(ret, 't2a_R@1')} | "
+                  f"{g(ret, 't2a_R@5')} | {per} |")
     return 0
 
 
