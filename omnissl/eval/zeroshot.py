@@ -22,7 +22,7 @@ from omnissl.checkpoints import read_checkpoint
 from omnissl.eval.report import save_png
 from omnissl.ssl.clap import CLAP, from_checkpoint, is_package, load_package, retrieval_metrics, zeroshot_accuracy
 
-__all__ = ["load_clap", "export_clap", "evaluate", "write_report", "report_markdown"]
+__all__ = ["load_clap", "export_clap", "evaluate", "class_auc", "write_report", "report_markdown"]
 
 
 def load_clap(path: str | Path) -> tuple[CLAP, str | None]:
@@ -66,14 +66,29 @@ def _audio_embeddings(model: CLAP, loader, device) -> tuple[Tensor, Tensor, Tens
     return torch.cat(embs), torch.cat(ids), torch.cat(labels) if labels else None
 
 
+def class_auc(scores: Tensor, labels: Tensor) -> dict[int, float]:
+    """Per class c: the ROC AUC of the prompt score scores[:, c] separating the clips of class c from all other
+    clips (P(score of a clip of c > score of another clip), ties counting 1/2; Mann-Whitney). Unlike accuracy it
+    does not reward a model that puts every clip in one class: any score that ignores the audio gets 0.5."""
+    out = {}
+    for c in range(scores.shape[1]):
+        pos, neg = scores[labels == c, c], scores[labels != c, c]
+        if len(pos) and len(neg):
+            diff = pos[:, None] - neg[None, :]
+            out[c] = float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: CLAP, data, *, split: str = "test", prompt: str | None = None, device: str = "cpu",
              examples: int = 8) -> dict:
     """Retrieval on `split` of `data` (an AudioTextDataModule after setup, every caption of each clip) and
     zero-shot classification on its zero-shot clips, when it has them.
 
-    Returns {"retrieval": metrics, "num_clips", "num_captions", "zeroshot": metrics | None, "per_class": [(class,
-    held out?, n, accuracy)], "chance": 1 / classes, "similarity": (E, E) cosines of the first E clips and their
+    Returns {"retrieval": metrics, "num_clips", "num_captions", "zeroshot": metrics (accuracies, and the mean
+    per-class ROC AUC `class_auc`: zeroshot_auc[_heldout|_seen]) | None, "per_class": [(class, held out?, n,
+    accuracy)], "per_class_auc": {class: AUC}, "chance": 1 / classes, "similarity": (E, E) cosines of the first E
+    clips and their
     first captions, "example_captions": [str], "classes": [...]}."""
     model = model.to(device).eval()
     prompt = prompt or model.prompt
@@ -95,8 +110,15 @@ def evaluate(model: CLAP, data, *, split: str = "test", prompt: str | None = Non
         loader, classes, tokenize, heldout = zs
         cls = model.embed_texts([t.to(device) for t in tokenize([prompt.format(label=c) for c in classes])]).cpu()
         audio, _, labels = _audio_embeddings(model, loader, device)
-        preds = (audio @ cls.t()).argmax(-1)
+        scores = audio @ cls.t()
+        preds = scores.argmax(-1)
         out["zeroshot"] = zeroshot_accuracy(preds, labels, heldout)
+        auc = class_auc(scores, labels)
+        out["per_class_auc"] = {classes[c]: v for c, v in auc.items()}
+        for name, want in (("", None), ("_heldout", True), ("_seen", False)):
+            vals = [v for c, v in auc.items() if want is None or bool(heldout and heldout[c]) == want]
+            if vals and (want is None or heldout):
+                out["zeroshot"][f"zeroshot_auc{name}"] = sum(vals) / len(vals)
         out["classes"], out["chance"], out["prompt"] = list(classes), 1.0 / len(classes), prompt
         for c, name in enumerate(classes):
             sel = labels == c
@@ -126,6 +148,12 @@ def report_markdown(results: dict, *, title: str) -> str:
                           ("zeroshot_acc_seen", "classes seen in training")):
             if key in z:
                 lines.append(f"| {name} | {z[key]:.3f} |")
+        if "zeroshot_auc" in z:
+            lines += ["", "Per-class ROC AUC of the class prompt's score (its clips against all others; 0.5 for any "
+                      "score that ignores the audio), mean: " + ", ".join(
+                          f"{name} {z[key]:.3f}" for key, name in (("zeroshot_auc", "all"),
+                                                                   ("zeroshot_auc_heldout", "held-out"),
+                                                                   ("zeroshot_auc_seen", "seen")) if key in z)]
         lines += ["", "| class | held out | clips | accuracy |", "|---|---|---|---|"]
         lines += [f"| {c} | {'yes' if h else ''} | {n} | {a:.3f} |" for c, h, n, a in results["per_class"]]
         lines.append("")

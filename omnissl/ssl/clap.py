@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from omnissl.backbones.config import build_module, module_config
 from omnissl.backbones.encoder import Encoder
 from omnissl.backbones.frontends import TokenEmbedding
-from omnissl.batch import Batch
+from omnissl.batch import SAMPLE_RATE, Batch
 from omnissl.checkpoints import load_backbone, load_encoder_weights, load_head_weights, load_strict, save_backbone
 from omnissl.ops import mean_pool
 from omnissl.ssl.base import SSLModule, StepOutput
@@ -50,6 +50,92 @@ class ProjectionMLP(nn.Sequential):
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__(nn.Linear(in_dim, out_dim), nn.ReLU(), nn.Linear(out_dim, out_dim))
+
+
+class AttentionalFusion(nn.Module):
+    """Attentional feature fusion (Dai et al. 2021, "AFF"; LAION-CLAP `feature_fusion.py`) of two token sequences
+    (B, N, D): w = sigmoid(local(x + y) + global(mean_n(x + y))), out = 2 x w + 2 y (1 - w); local / global are
+    bottleneck MLPs (D -> D/r -> D) per token and on the sequence mean.
+    NOTE(ref): LAION's 1x1 convolutions carry BatchNorm; we leave it out, so that a clip's embedding does not
+    depend on the other clips of its batch (or on its rank's share of them under DDP)."""
+
+    def __init__(self, dim: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = max(dim // reduction, 1)
+        self.local_att = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.global_att = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        both = x + y
+        w = torch.sigmoid(self.local_att(both) + self.global_att(both.mean(1, keepdim=True)))
+        return 2 * x * w + 2 * y * (1 - w)
+
+
+class FeatureFusion(nn.Module):
+    """LAION-CLAP's feature fusion for audio longer than the model's window (Wu et al. 2023, sec. 3.3; REFERENCE
+    §B.6 "Long audio"), on the audio tower's tokens before its trunk.
+
+    A clip of n > `window` tokens gives a global view, the whole clip squeezed to `window` tokens (linear
+    interpolation in time), and 3 local views, `window`-token crops from the front, middle and back thirds of
+    its possible starts (random in training, each third's middle in evaluation); each local crop is shortened
+    3x by a strided convolution (kernel 3, stride 3), the three are concatenated in time (zero-padded to
+    `window`) and fused with the global view by `AttentionalFusion`. A clip of n <= `window` tokens passes
+    unchanged (LAION stacks it 4 times and fuses only the "longer" clips). A batch with a long clip comes out
+    `window` tokens long.
+    NOTE(ref): LAION fuses log-mel inputs: the global view is the mel resized with bilinear interpolation, the
+    local crops go through a second patch embedding 3x wider in time (HTS-AT `PatchEmbed.mel_conv2d`), and the
+    crops are drawn at random in evaluation too. We fuse the tower's projected 1-D tokens (any audio frontend
+    with one token per time step: log-mel frames or the wav2vec 2.0 conv extractor), from one frontend pass over
+    the whole clip, and take fixed crops in evaluation so that evaluation is deterministic."""
+
+    def __init__(self, dim: int, window: int, reduction: int = 4) -> None:
+        super().__init__()
+        if window < 3:
+            raise ValueError(f"the fusion window must hold at least 3 tokens, got {window}")
+        self.window = window
+        self.local_conv = nn.Conv1d(dim, dim, kernel_size=3, stride=3)
+        self.fuse = AttentionalFusion(dim, reduction)
+
+    def starts(self, n: int) -> list[int]:
+        """Start tokens of the 3 local crops of a clip of n > window tokens (front, middle, back thirds)."""
+        ranges = torch.tensor_split(torch.arange(n - self.window + 1), 3)
+        out = []
+        for r in ranges:
+            if len(r) == 0:  # fewer starts than thirds: LAION falls back to the first one
+                out.append(0)
+            elif self.training:
+                out.append(int(r[torch.randint(len(r), ())]))
+            else:
+                out.append(int(r[len(r) // 2]))
+        return out
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """x (B, N, D), padding_mask (B, N) or None -> (fused tokens (B, N', D), padding mask)."""
+        b, n, _ = x.shape
+        valid = (~padding_mask).sum(1) if padding_mask is not None else torch.full((b,), n, device=x.device)
+        if int(valid.max()) <= self.window:
+            if torch.is_grad_enabled() and self.training:  # no long clip: the weights get zero, not no, gradient
+                x = x + 0.0 * sum(p.sum() for p in self.parameters())  # (DDP needs every parameter used)
+            return x, padding_mask
+        w = self.window
+        rows, masks = [], []
+        for i in range(b):
+            k = int(valid[i])
+            if k <= w:
+                row = x[i, :w]
+                rows.append(torch.nn.functional.pad(row, (0, 0, 0, w - row.shape[0])))
+                masks.append(torch.arange(w, device=x.device) >= k)
+                continue
+            seq = x[i, :k]  # (k, D)
+            global_view = torch.nn.functional.interpolate(seq.t()[None], size=w, mode="linear",
+                                                          align_corners=False)[0].t()  # (w, D)
+            crops = torch.stack([seq[s:s + w] for s in self.starts(k)])  # (3, w, D)
+            local = self.local_conv(crops.transpose(1, 2)).transpose(1, 2).reshape(-1, x.shape[2])  # (3 (w//3), D)
+            local = torch.nn.functional.pad(local, (0, 0, 0, w - local.shape[0]))
+            rows.append(self.fuse(global_view[None], local[None])[0])
+            masks.append(torch.zeros(w, dtype=torch.bool, device=x.device))
+        mask = torch.stack(masks)
+        return torch.stack(rows), mask if bool(mask.any()) else None
 
 
 def pool(hidden: Tensor, padding_mask: Tensor | None, how: str, prefix: int = 0) -> Tensor:
@@ -123,6 +209,7 @@ class CLAP(SSLModule):
         zeroshot_every: int = 1,
         audio_init_from: str | None = None,
         text_init_from: str | None = None,
+        fusion_window_s: float | None = None,
         **base,
     ) -> None:
         super().__init__(**base)
@@ -151,6 +238,13 @@ class CLAP(SSLModule):
         freeze_layers(encoder, freeze_audio_layers)
         freeze_layers(text_encoder, freeze_text_layers)
         self.audio_init_from, self.text_init_from = audio_init_from, text_init_from
+        self.fusion_window_s = fusion_window_s
+        self.audio_fusion: FeatureFusion | None = None
+        if fusion_window_s is not None:
+            per_token = getattr(encoder.frontend, "samples_per_token", None)
+            if not per_token:
+                raise ValueError("fusion_window_s needs an audio tower with a time-based frontend (samples_per_token)")
+            self.audio_fusion = FeatureFusion(encoder.dim, int(round(fusion_window_s * SAMPLE_RATE / per_token)))
         self._val: list[tuple[Tensor, Tensor]] = []
         self._validations = 0
 
@@ -178,14 +272,23 @@ class CLAP(SSLModule):
                 enc.eval()
         return self
 
-    def _tower(self, encoder: Encoder, x: Tensor, lengths: Tensor | None, how: str) -> Tensor:
+    def _tower(self, encoder: Encoder, x: Tensor, lengths: Tensor | None, how: str,
+               fusion: FeatureFusion | None = None) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
-            out = encoder.encode(encoder.embed(x, lengths))
+            tokens = encoder.embed(x, lengths)
+        if fusion is not None:
+            if tokens.grid is not None and tokens.grid[1] != 1:
+                raise ValueError(f"feature fusion needs one token per time step, got a {tokens.grid} patch grid")
+            fused, mask = fusion(tokens.x, tokens.padding_mask)
+            tokens = tokens._replace(x=fused, padding_mask=mask, grid=None if tokens.grid is None else
+                                     (fused.shape[1], 1))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
+            out = encoder.encode(tokens)
             return pool(out.last, out.padding_mask, how, encoder.num_prefix)
 
     def embed_audio(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
         """audio (B, T) at 16 kHz -> projected audio embeddings (B, P), not normalized."""
-        pooled = self._tower(self.encoder, audio, lengths, self.audio_pool)
+        pooled = self._tower(self.encoder, audio, lengths, self.audio_pool, self.audio_fusion)
         return self.audio_proj(pooled.to(self.audio_proj[0].weight.dtype))
 
     def embed_text(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -250,9 +353,7 @@ class CLAP(SSLModule):
             emb = torch.cat([e for _, e in cached])
             if self.trainer.world_size > 1:
                 ids, emb = self.gather_rows(ids), self.gather_rows(emb)
-            order, first = torch.unique(ids, return_inverse=True)
-            keep = torch.zeros(len(order), dtype=torch.long, device=emb.device)
-            keep[first] = torch.arange(len(ids), device=emb.device)  # one embedding per clip
+            order, keep = unique_first(ids)  # one embedding per clip (padding repeats under DDP dropped)
             clip_ids = order.tolist()
             texts = captions("valid", clip_ids)  # per clip: its K captions' token ids
             metrics.update(retrieval_metrics(emb[keep], self.embed_texts([t for ts in texts for t in ts]),
@@ -279,7 +380,7 @@ class CLAP(SSLModule):
         tokenize(texts) -> list of id tensors, held-out class flags or None)."""
         loader, classes, tokenize, heldout = data
         classes_emb = self.embed_texts(tokenize([self.prompt.format(label=c) for c in classes]))
-        preds, labels = [], []
+        preds, labels, ids = [], [], []
         for batch in loader:
             audio = batch.inputs["audio"].to(self.device)
             lengths = batch.lengths.get("audio")
@@ -287,17 +388,23 @@ class CLAP(SSLModule):
                                                                else lengths.to(self.device)).float(), dim=-1)
             preds.append((a @ classes_emb.t()).argmax(-1).cpu())
             labels.append(batch.targets["label"].cpu())
+            if batch.ids is not None:
+                ids.append(batch.ids.cpu())
         preds_t, labels_t = torch.cat(preds), torch.cat(labels)
         if self.attached and self.trainer.world_size > 1:  # each rank classified its shard of the clips
             preds_t = self.gather_rows(preds_t.to(self.device)).cpu()
             labels_t = self.gather_rows(labels_t.to(self.device)).cpu()
+            if len(ids) == len(preds):  # the distributed sampler pads the shards with repeated clips: once each
+                _, first = unique_first(self.gather_rows(torch.cat(ids).to(self.device)).cpu())
+                preds_t, labels_t = preds_t[first], labels_t[first]
         return zeroshot_accuracy(preds_t, labels_t, heldout)
 
     # --- checkpoints and packages ------------------------------------------------------------------------------
 
     def checkpoint_metadata(self) -> dict:
         return {"text_encoder": module_config(self.text_encoder), "dim": self.dim, "audio_pool": self.audio_pool,
-                "text_pool": self.text_pool, "max_logit_scale": self.max_logit_scale, "prompt": self.prompt}
+                "text_pool": self.text_pool, "max_logit_scale": self.max_logit_scale, "prompt": self.prompt,
+                "fusion_window_s": self.fusion_window_s}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -313,13 +420,16 @@ class CLAP(SSLModule):
         (head text_proj, with tokenizer.json); `path/clap.json` the settings."""
         out = Path(path)
         scale = _ScaleHolder(self.logit_scale.detach())
-        save_backbone(self.encoder, out, heads={"audio_proj": self.audio_proj, "logit_scale": scale})
+        heads = {"audio_proj": self.audio_proj, "logit_scale": scale}
+        if self.audio_fusion is not None:
+            heads["audio_fusion"] = self.audio_fusion
+        save_backbone(self.encoder, out, heads=heads)
         save_backbone(self.text_encoder, out / "text", heads={"text_proj": self.text_proj})
         if tokenizer is not None:
             (out / "text" / "tokenizer.json").write_text(tokenizer, encoding="utf-8")
         settings = {"format": PACKAGE_FORMAT, "version": 1, "dim": self.dim, "audio_pool": self.audio_pool,
                     "text_pool": self.text_pool, "max_logit_scale": self.max_logit_scale, "prompt": self.prompt,
-                    "info": info or {}}
+                    "fusion_window_s": self.fusion_window_s, "info": info or {}}
         (out / "clap.json").write_text(json.dumps(settings, indent=2) + "\n")
         return out
 
@@ -345,9 +455,11 @@ def load_package(path: str | Path) -> CLAP:
     audio, text = load_backbone(root), load_backbone(root / "text")
     model = CLAP(audio, text, dim=int(settings["dim"]), audio_pool=settings["audio_pool"],
                  text_pool=settings["text_pool"], max_logit_scale=float(settings["max_logit_scale"]),
-                 prompt=settings["prompt"])
+                 prompt=settings["prompt"], fusion_window_s=settings.get("fusion_window_s"))
     heads = load_head_weights(root)
     load_strict(model.audio_proj, heads["audio_proj"], f"{root} audio_proj")
+    if model.audio_fusion is not None:
+        load_strict(model.audio_fusion, heads.get("audio_fusion", {}), f"{root} audio_fusion")
     load_strict(model.text_proj, load_head_weights(root / "text")["text_proj"], f"{root / 'text'} text_proj")
     model.logit_scale.data.copy_(heads["logit_scale"]["value"])
     return model.eval()
@@ -361,8 +473,9 @@ def from_checkpoint(encoder: Encoder, heads: dict[str, dict[str, Tensor]], info:
         raise ValueError(f"not a CLAP checkpoint (objective {info.get('objective')!r}: no text tower description)")
     text = build_module(meta["text_encoder"], "checkpoint.omnissl.metadata.text_encoder")
     model = CLAP(encoder, text, dim=int(meta["dim"]), audio_pool=meta["audio_pool"], text_pool=meta["text_pool"],
-                 max_logit_scale=float(meta["max_logit_scale"]), prompt=meta["prompt"])
-    for name in ("text_encoder", "audio_proj", "text_proj"):
+                 max_logit_scale=float(meta["max_logit_scale"]), prompt=meta["prompt"],
+                 fusion_window_s=meta.get("fusion_window_s"))
+    for name in ("text_encoder", "audio_proj", "text_proj") + (("audio_fusion",) if model.audio_fusion else ()):
         load_strict(getattr(model, name), heads.get(name, {}), f"checkpoint {name}.*")
     if "" not in heads.get("logit_scale", {}):
         raise ValueError("the checkpoint holds no logit_scale")
@@ -371,6 +484,14 @@ def from_checkpoint(encoder: Encoder, heads: dict[str, dict[str, Tensor]], info:
 
 
 # --- retrieval and zero-shot maths (shared by validation and `omnissl zeroshot`) ---------------------------------
+
+
+def unique_first(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(the distinct ids, ascending; for each, the index of one of its rows in `ids`)."""
+    order, inverse = torch.unique(ids, return_inverse=True)
+    keep = torch.zeros(len(order), dtype=torch.long, device=ids.device)
+    keep[inverse] = torch.arange(len(ids), device=ids.device)
+    return order, keep
 
 
 def retrieval_metrics(audio: Tensor, text: Tensor, per_clip: Sequence[int], ks: Sequence[int] = (1, 5, 10)

@@ -83,3 +83,14 @@ def test_zeroshot_refuses_an_audio_tower_and_a_bad_prompt(clap_ckpt, tmp_path, c
     with pytest.raises(SystemExit) as e:
         main([str(clap_ckpt), "--prompt", "no label here"])
     assert e.value.code == 2
+
+
+def test_class_auc_on_a_hand_computed_example():
+    """Per-class ROC AUC of the prompt scores: pairs (clip of the class, other clip) ranked right count 1, ties
+    1/2; a score that ignores the audio (here constant for class 1) gets 0.5, however the argmax falls."""
+    from omnissl.eval.zeroshot import class_auc
+
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.1], [0.5, 0.1], [0.2, 0.1]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # class 0: (0.9 > 0.5) (0.9 > 0.2) (0.2 < 0.5) (0.2 = 0.2): 2.5 / 4
+    assert class_auc(scores, labels) == {0: 0.625, 1: 0.5}

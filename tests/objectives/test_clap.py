@@ -183,6 +183,71 @@ def test_frozen_towers_get_no_gradient_and_partial_freezing_keeps_the_top():
         tiny_clap(freeze_audio_layers=5)
 
 
+def test_feature_fusion_passes_short_clips_and_fuses_a_global_view_with_three_local_crops():
+    """LAION-CLAP's feature fusion on tokens: a clip within the window passes unchanged; a longer one becomes the
+    AFF fusion of its whole length squeezed to the window and 3 crops (front / middle / back thirds) shortened 3x
+    by a strided convolution, computed here by hand."""
+    from omnissl.ssl.clap import FeatureFusion
+
+    torch.manual_seed(0)
+    fusion = FeatureFusion(8, window=6).eval()
+    short = torch.randn(2, 5, 8)
+    assert fusion(short, None)[0] is short
+    x = torch.randn(2, 12, 8)
+    mask = torch.arange(12)[None] >= torch.tensor([[12], [4]])  # clip 0: 12 tokens, clip 1: 4
+    out, out_mask = fusion(x, mask)
+    assert out.shape == (2, 6, 8) and out_mask.tolist() == [[False] * 6, [False] * 4 + [True] * 2]
+    assert torch.equal(out[1, :4], x[1, :4])
+    assert fusion.starts(12) == [1, 4, 6]  # starts 0..6 in thirds {0,1,2} {3,4} {5,6}: the middle of each
+    seq = x[0]
+    pos = (torch.arange(6) + 0.5) * 12 / 6 - 0.5  # linear interpolation, half-pixel centres
+    lo = pos.floor().clamp(0, 11).long()
+    frac = (pos - lo).clamp(0, 1)[:, None]
+    glob = seq[lo] * (1 - frac) + seq[(lo + 1).clamp(max=11)] * frac
+    conv = fusion.local_conv
+    local = []
+    for s in (1, 4, 6):
+        crop = seq[s:s + 6]
+        for j in range(2):  # kernel 3, stride 3: 2 outputs per crop
+            local.append(conv.bias + torch.einsum("oik,ki->o", conv.weight, crop[3 * j:3 * j + 3]))
+    local = torch.stack(local)
+    both = glob + local
+    f = fusion.fuse
+    w = torch.sigmoid(f.local_att(both) + f.global_att(both.mean(0, keepdim=True)))
+    assert torch.allclose(out[0], 2 * glob * w + 2 * local * (1 - w), atol=1e-5)
+    fusion.train()
+    seen = {tuple(fusion.starts(12)) for _ in range(60)}
+    assert {s[0] for s in seen} == {0, 1, 2} and {s[1] for s in seen} == {3, 4} and {s[2] for s in seen} == {5, 6}
+
+
+def test_clap_with_feature_fusion_trains_exports_and_reloads(tmp_path):
+    """fusion_window_s: the fusion's weights train (a zero gradient when no clip of the batch is long, as DDP
+    needs) and ride in the checkpoint's metadata and the package."""
+    model = tiny_clap(fusion_window_s=0.1)  # 1600 samples: 5 tokens of the conv extractor (320 samples each)
+    assert model.audio_fusion is not None and model.audio_fusion.window == 5
+    batch = fake_batches(1)[0]  # 4000 samples: 12 tokens, longer than the window
+    model.train()
+    model.step(batch).loss.backward()
+    grads = [p.grad for p in model.audio_fusion.parameters()]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+    model.zero_grad()
+    short = Batch({"audio": batch.inputs["audio"][:, :1600], "text": batch.inputs["text"]},
+                  {"audio": torch.full((4,), 1600), "text": batch.lengths["text"]}, {}, batch.ids)
+    model.step(short).loss.backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) == 0 for p in model.audio_fusion.parameters())
+    model.eval()
+    model.save_package(tmp_path / "pkg", tokenizer='{"fake": true}')
+    again = load_package(tmp_path / "pkg")
+    assert again.fusion_window_s == 0.1
+    with torch.no_grad():
+        a = model.embed_audio(batch.inputs["audio"], batch.lengths["audio"])
+        assert torch.allclose(a, again.embed_audio(batch.inputs["audio"], batch.lengths["audio"]), atol=1e-6)
+        assert not torch.allclose(a, tiny_clap().eval().embed_audio(batch.inputs["audio"], batch.lengths["audio"]))
+    assert model.checkpoint_metadata()["fusion_window_s"] == 0.1
+    with pytest.raises(ValueError, match="fusion window"):
+        tiny_clap(fusion_window_s=0.01)
+
+
 def test_package_round_trip(tmp_path):
     model = tiny_clap().eval()
     model.save_package(tmp_path / "pkg", tokenizer='{"fake": true}')

@@ -20,10 +20,14 @@ written, so a caption never describes a part that was cut and every rendered eve
 generating factors after the crop (kind, start/end seconds, frequencies, colour, beep count and times, level,
 background) are saved as labels.
 
-Zero-shot is zero-shot: `HELD_OUT` names three classes of events ("high-pitched buzzy tone", "low pure tone",
-"low beeps") that combine factors seen in training but never together; no train or valid clip holds one. The
-test split is made of scenes with such an event (retrieval on unseen combinations), and `zeroshot.tsv` of
-single-event clips of all 14 `CLASSES` (zero-shot classification, held-out classes marked). Every clip has
+Zero-shot is zero-shot: `HELD_OUT` names three classes of events ("low pure tone", "mid-pitched buzzy tone",
+"high-pitched beeps") that combine factors seen in training but never together; no train or valid clip holds
+one. They form a Latin square over the 3 pitches x {pure tone, buzzy tone, beeps}: every pitch word and every
+sound kind of a held-out class occurs in training in two other combinations ("low" in "low buzzy tone" and "low
+beeps", "pure tone" at mid and high pitch, ...), so a held-out class is new only as a combination. The test
+split is made of scenes with such an event (retrieval on unseen combinations), and `zeroshot.tsv` of
+single-event clips of all 14 `CLASSES` (zero-shot classification, held-out classes marked; many more clips of
+the held-out classes, so that their accuracy has a binomial standard error of about 0.02 at "small"). Every clip has
 `NUM_CAPTIONS` captions: the canonical one (above) and paraphrases (other words and orders for the same
 factors: "a buzzy tone at a high pitch", "first ..., then ...", "with a faint hiss in the background").
 
@@ -32,8 +36,8 @@ Layout of `out/`: `clips/<k>/<i>.wav`, `test/<i>.wav`, `zeroshot/<i>.wav` (16 kH
 5 % of the training clips, seeded); `<split>.captions.tsv` (one row per caption, 5 per clip);
 `zeroshot.tsv` (`relpath<TAB>num_samples<TAB>class`) and `zeroshot.classes.json`; `<split>.labels.jsonl` (one
 JSON object per manifest row, same order). Sizes: "tiny" 12 clips of 1-2 s (+ 3 test, 14 zero-shot; tests),
-"small" 600 clips of 2-4 s (+ 120 test, 140 zero-shot), "default" 5 000 clips of 2-4 s (+ 500, 560; about
-400 MB).
+"small" 600 clips of 2-4 s (+ 360 test; zero-shot 20 per seen class, 200 per held-out class: 820), "default"
+5 000 clips of 2-4 s (+ 1 000 test; zero-shot 40 / 400 per class: 1 640; about 450 MB).
 """
 
 from __future__ import annotations
@@ -51,10 +55,11 @@ from omnissl.batch import SAMPLE_RATE
 from omnissl.datamodules.common import cached_generation, check_size, write_manifest
 from omnissl.datamodules.corpora.speech import espeak, run_shards
 
-VERSION = 3
+VERSION = 4  # 4: Latin-square held-out classes, larger test and held-out zero-shot sets
 NUM_CLIPS = {"tiny": 12, "small": 600, "default": 5000}
-NUM_TEST = {"tiny": 3, "small": 120, "default": 500}  # scenes with a held-out combination
-ZEROSHOT_PER_CLASS = {"tiny": 1, "small": 10, "default": 40}  # single-event clips per zero-shot class
+NUM_TEST = {"tiny": 3, "small": 360, "default": 1000}  # scenes with a held-out combination
+# single-event clips per zero-shot class: (seen class, held-out class); the held-out accuracy is the measurement
+ZEROSHOT_PER_CLASS = {"tiny": (1, 1), "small": (20, 200), "default": (40, 400)}
 NUM_CAPTIONS = 5  # captions per clip (Clotho and AudioCaps' evaluation sets have 5)
 DURATION_S = {"tiny": (1.0, 2.0), "small": (2.0, 4.0), "default": (2.0, 4.0)}
 VALID_FRACTION = 0.05
@@ -73,13 +78,22 @@ PITCH_BANDS = {"low": (150.0, 400.0), "mid-pitched": (400.0, 1200.0), "high-pitc
 BEEP_RANGE = (300.0, 3000.0)
 # The zero-shot classes: what one non-speech event is, named by its generating factors. The held-out ones are
 # combinations of factors that each occur in training but never together (no train or valid clip holds such
-# an event, in audio or caption): a zero-shot evaluation on them is zero-shot.
+# an event, in audio or caption): a zero-shot evaluation on them is zero-shot. They are a Latin square over
+# pitch x {pure tone, buzzy tone, beeps}, so that each of their words trains in two other combinations.
 CLASSES = (
     "low pure tone", "low buzzy tone", "mid-pitched pure tone", "mid-pitched buzzy tone", "high-pitched pure tone",
     "high-pitched buzzy tone", "rising sweep", "falling sweep", "white noise", "pink noise", "brown noise",
     "low beeps", "mid-pitched beeps", "high-pitched beeps",
 )
-HELD_OUT = ("high-pitched buzzy tone", "low pure tone", "low beeps")
+HELD_OUT = ("low pure tone", "mid-pitched buzzy tone", "high-pitched beeps")
+
+
+def zeroshot_labels(size: str) -> list[str]:
+    """The class of every zero-shot clip of a corpus size, in clip order (`ZEROSHOT_PER_CLASS`, classes
+    interleaved)."""
+    seen, held = ZEROSHOT_PER_CLASS[size]
+    count = {c: held if c in HELD_OUT else seen for c in CLASSES}
+    return [c for k in range(max(seen, held)) for c in CLASSES if k < count[c]]
 
 
 def pitch_word(freq_hz: float) -> str:
@@ -377,7 +391,7 @@ def make_clip(seed: int, index: int, size: str, speaker: Speaker | None = None,
 
     split "train" (train and valid): scenes without any `HELD_OUT` class; "test": scenes whose first event is of
     a held-out class (HELD_OUT[index % 3]), kept by the crop; "zeroshot": one event of class
-    CLASSES[index % len(CLASSES)] (label "label", "heldout" whether it is held out)."""
+    zeroshot_labels(size)[index] (label "label", "heldout" whether it is held out)."""
     if split not in SPLIT_KEYS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_KEYS)}")
     rng = np.random.default_rng([seed, index] if split == "train" else [seed, SPLIT_KEYS[split], index])
@@ -388,7 +402,7 @@ def make_clip(seed: int, index: int, size: str, speaker: Speaker | None = None,
         label = HELD_OUT[index % len(HELD_OUT)]
         scene = draw_scene(rng, speaker, words, held_out=True, first=label)
     elif split == "zeroshot":
-        label = CLASSES[index % len(CLASSES)]
+        label = zeroshot_labels(size)[index]
         scene = draw_scene(rng, speaker, words, held_out=True, first=label, num_events=1)
     else:
         scene = draw_scene(rng, speaker, words)
@@ -550,7 +564,7 @@ def generate(out: Path, size: str = "small", seed: int = 0) -> dict[str, Path]:
             write_manifest(tmp / f"{split}.captions.tsv", final, [(lab["path"], lab["num_samples"], c)
                                                                   for lab in labs for c in lab["captions"]])
             write_labels(tmp / f"{split}.labels.jsonl", labs)
-        zero = render_split(tmp, "zeroshot", ZEROSHOT_PER_CLASS[size] * len(CLASSES), False)
+        zero = render_split(tmp, "zeroshot", len(zeroshot_labels(size)), False)
         write_manifest(tmp / "zeroshot.tsv", final, [(lab["path"], lab["num_samples"], lab["label"]) for lab in zero])
         write_labels(tmp / "zeroshot.labels.jsonl", zero)
         (tmp / "zeroshot.classes.json").write_text(json.dumps({"classes": list(CLASSES), "heldout": list(HELD_OUT)},

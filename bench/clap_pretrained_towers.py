@@ -1,0 +1,123 @@
+"""CLAP towers started from pretrained omnissl encoders vs from random init, same recipe, same budget, same seeds.
+
+    python bench/clap_pretrained_towers.py [--pretrain-steps 600] [--steps 300] [--seeds 0,1,2] [--size small]
+
+1. Pretrains the two encoders `recipes/audio_text/clap_from_omnissl_tiny_cpu.yaml` starts from (its header's
+   commands): wav2vec 2.0 (`recipes/audio/wav2vec2_tiny_cpu.yaml`, embedded speech) and a masked LM
+   (`recipes/text/mlm_tiny_cpu.yaml`, embedded docstrings), `--pretrain-steps` updates each, seed 0; the MLM run is
+   exported as a package (its tokenizer comes with it).
+2. Trains that CLAP recipe `--steps` updates per seed twice: "pretrained" (audio_init_from / text_init_from set)
+   and "random" (both null; the same architecture and the MLM run's tokenizer, so only the initial weights differ),
+   and evaluates each final model as bench/clap_zeroshot.py does: zero-shot accuracy on the held-out classes (200
+   clips each at "small"), on the seen ones, and text->audio R@1 / R@5 on the test split (scenes that each hold a
+   held-out combination).
+
+Resumable: pretraining checkpoints stay in $CLAP_BENCH_RUNS (/tmp/clap_bench) and each finished CLAP run writes
+bench/results/clap/omnissl_pt<pretrain steps>_<pretrained|random>_s<steps>_seed<k>.json (skipped when present), so a later session
+continues where one stopped. The summary prints the mean over seeds, the sample std, the 95 % t-interval and
+Welch's test of pretrained - random (bench/learning.py). Cost: the wav2vec 2.0 conv extractor makes a CLAP step
+~35x a log-mel step on a CPU; run it with OMP_NUM_THREADS=1 on a shared machine, or on a GPU (`--device` is the
+trainer's accelerator). `--size tiny --pretrain-steps 4 --steps 4 --seeds 0` is a smoke run of the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from clap_zeroshot import RESULTS, ROOT, RUNS, run_one  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "audio_text" / "clap_from_omnissl_tiny_cpu.yaml"
+PRETRAIN = {"w2v": ROOT / "recipes" / "audio" / "wav2vec2_tiny_cpu.yaml", "mlm": ROOT / "recipes" / "text" / "mlm_tiny_cpu.yaml"}
+
+
+def pretrain(name: str, steps: int, accelerator: str) -> Path:
+    """`steps` updates of a pretraining recipe from seed 0 -> its checkpoint (cached)."""
+    ckpt = RUNS / f"pretrain_{name}_s{steps}.ckpt"
+    if ckpt.exists():
+        return ckpt
+    from omnissl.cli import lightning_cli
+
+    run_dir = RUNS / f"pretrain_{name}_s{steps}"
+    recipe = PRETRAIN[name]
+    args = ["fit", "-c", str(ROOT / "recipes/trainer/cpu.yaml"), "-c", str(recipe), "--trainer.max_steps", str(steps),
+            "--trainer.accelerator", accelerator, "--trainer.logger.init_args.mode", "csv",
+            "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
+            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--seed_everything", "0"]
+    text = recipe.read_text()
+    if "total_steps:" in text:
+        args += ["--model.init_args.lr_scheduler.init_args.total_steps", str(steps)]
+    if "warmup_steps:" in text:
+        args += ["--model.init_args.lr_scheduler.init_args.warmup_steps", str(max(1, steps // 10))]
+    cli = lightning_cli(args)
+    tmp = ckpt.with_suffix(".tmp")
+    cli.trainer.save_checkpoint(tmp)
+    tmp.rename(ckpt)
+    return ckpt
+
+
+def mlm_package(ckpt: Path) -> Path:
+    out = ckpt.with_suffix("")  # the package directory beside the checkpoint
+    if not (out / "tokenizer.json").is_file():
+        from omnissl.commands import export
+
+        export.main([str(ckpt), str(out), "--overwrite", "--quiet"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrain-steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=300, help="CLAP updates per run")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--size", default="small", choices=("tiny", "small", "default"), help="captions corpus size")
+    p.add_argument("--device", default="cpu", help="trainer accelerator (cpu, gpu)")
+    p.add_argument("--summary-only", action="store_true")
+    a = p.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    tag = "" if a.size == "small" else f"{a.size}_"
+    names = {k: f"omnissl_{tag}pt{a.pretrain_steps}_{k}" for k in ("pretrained", "random")}
+    if not a.summary_only:
+        w2v = pretrain("w2v", a.pretrain_steps, a.device)
+        mlm = mlm_package(pretrain("mlm", a.pretrain_steps, a.device))
+        common = ["--data.init_args.tokenizer", str(mlm), "--data.init_args.embedded_size", a.size,
+                  "--trainer.accelerator", a.device]
+        inits = {"pretrained": ["--model.init_args.audio_init_from", str(w2v), "--model.init_args.text_init_from",
+                                str(mlm)],
+                 "random": ["--model.init_args.audio_init_from", "null", "--model.init_args.text_init_from", "null"]}
+        for seed in seeds:
+            for init in ("pretrained", "random"):
+                res = run_one(names[init], RECIPE, common + inits[init], a.steps, seed)
+                z, r = res["zeroshot"], res["retrieval"] or {}
+                print(f"{init} seed={seed}: held-out {z.get('zeroshot_acc_heldout', float('nan')):.3f} seen "
+                      f"{z.get('zeroshot_acc_seen', float('nan')):.3f} test t2a R@1 {r.get('t2a_R@1', float('nan')):.3f} "
+                      f"R@5 {r.get('t2a_R@5', float('nan')):.3f} ({res['wall_s']} s, load {res['load_avg']:.1f})",
+                      flush=True)
+    from learning import compare, fmt, seed_interval
+
+    print(f"load average now {os.getloadavg()}")
+    rows = {k: [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"{v}_s{a.steps}_seed*.json"))]
+            for k, v in names.items()}
+    metrics = {"heldout": lambda r: r["zeroshot"].get("zeroshot_acc_heldout", float("nan")),
+               "seen": lambda r: r["zeroshot"].get("zeroshot_acc_seen", float("nan")),
+               "t2a_R@1": lambda r: (r["retrieval"] or {}).get("t2a_R@1", float("nan")),
+               "t2a_R@5": lambda r: (r["retrieval"] or {}).get("t2a_R@5", float("nan"))}
+    for m, get in metrics.items():
+        vals = {k: [get(r) for r in rs] for k, rs in rows.items()}
+        if not vals["pretrained"] or not vals["random"]:
+            continue
+        c = compare(vals["pretrained"], vals["random"])
+        print(f"{m:8s} pretrained {fmt(seed_interval(vals['pretrained']))}; random {fmt(seed_interval(vals['random']))}; "
+              f"diff {c['diff']:+.3f} (Welch p {c['p']:.3f})")
+        print(f"RESULT name=clap_pretrained_towers metric={m} steps={a.steps} pretrained="
+              f"{sum(vals['pretrained']) / len(vals['pretrained']):.4f} random={sum(vals['random']) / len(vals['random']):.4f} "
+              f"seeds={min(len(vals['pretrained']), len(vals['random']))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

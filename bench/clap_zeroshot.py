@@ -1,0 +1,204 @@
+"""Zero-shot on held-out classes of the embedded captioned corpus: CLAP CPU recipes over seeds, against chance and
+the same evaluation of the untrained model.
+
+    python bench/clap_zeroshot.py [--variants tiny,...] [--seeds 0,1,2] [--steps 600] [--untrained]
+
+Each run trains a variant (a recipe plus LightningCLI overrides, `VARIANTS`) for `--steps` updates from a seed
+(model init, data order, caption draws), then evaluates its final weights with `omnissl.eval.zeroshot.evaluate`:
+zero-shot accuracy on the zero-shot clips (14 classes; the 3 held-out ones, whose combination of attributes no
+training clip holds, have 200 clips each at size "small") and retrieval on the test split (scenes that each hold
+a held-out combination). Every finished run writes bench/results/clap/<variant>_s<steps>_seed<k>.json and is
+skipped when run again (resumable: a later session continues where this one stopped). `--untrained` evaluates
+each variant's initial weights (steps 0), the non-learned baseline. The summary prints, per variant, the mean over
+seeds with its sample standard deviation and 95 % Student-t interval (`bench/learning.py`), and each seed's
+binomial standard error on the held-out clips. Runs go to /tmp/clap_bench/; use OMP_NUM_THREADS=1 on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "clap"
+RUNS = Path(os.environ.get("CLAP_BENCH_RUNS", "/tmp/clap_bench"))
+TINY = ROOT / "recipes" / "audio_text" / "clap_tiny_cpu.yaml"
+
+# name -> (recipe, extra LightningCLI arguments)
+TEXT = "--model.init_args.text_encoder.init_args."
+VARIANTS: dict[str, tuple[Path, list[str]]] = {
+    "tiny": (TINY, []),  # the recipe: both towers 2 x 128 from scratch, mean-pooled
+    "bow": (TINY, [TEXT + "depth", "0"]),  # text tower without blocks: mean of token + position embeddings, MLP
+    "frozen_text": (TINY, ["--model.init_args.freeze_text_layers", "-1"]),  # random frozen text tower
+    "dropout": (TINY, [TEXT + "dropout", "0.1", "--model.init_args.encoder.init_args.trunk.init_args.dropout", "0.1"]),
+}
+
+
+def cli_args(recipe: Path, extra: list[str], steps: int, seed: int, run_dir: Path) -> list[str]:
+    steps = steps or 600  # steps 0 (the untrained model) builds the module of a 600-step run
+    args = ["-c", str(ROOT / "recipes/trainer/cpu.yaml"), "-c", str(recipe), "--trainer.max_steps", str(steps),
+            "--trainer.logger.init_args.mode", "csv", "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
+            "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
+            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
+    if "total_steps:" in recipe.read_text():  # the schedule spans the run: warmup 10 % (the recipes' 60 of 600)
+        args += ["--model.init_args.lr_scheduler.init_args.total_steps", str(steps),
+                 "--model.init_args.lr_scheduler.init_args.warmup_steps", str(steps // 10)]
+    return args + list(extra)
+
+
+PROMPTS = ("This is a sound of {label}.", "A {label}.")  # LAION-CLAP's; the form of a one-event caption
+
+
+def evaluate_model(model, datamodule) -> dict:
+    """Zero-shot and test-split retrieval of a CLAP model with its DataModule's tokenizer and corpus (zero-shot
+    with the model's prompt, and with each of `PROMPTS` under "zeroshot_prompts")."""
+    from omnissl.eval.zeroshot import evaluate
+
+    datamodule.setup("test")
+    res = evaluate(model, datamodule, split="test", device="cpu")
+    others = {}
+    for prompt in PROMPTS:
+        z = res["zeroshot"] if prompt == res["prompt"] else evaluate(model, datamodule, split="none",
+                                                                    prompt=prompt, device="cpu")["zeroshot"]
+        others[prompt] = z
+    n_held = sum(n for _, h, n, _ in res["per_class"] if h)
+    n_seen = sum(n for _, h, n, _ in res["per_class"] if not h)
+    heldout_classes = [c for c, h, _, _ in res["per_class"] if h]
+    # chance among the classes: 1/C; a constant guesser of one held-out class gets 1/3 of the held-out clips
+    return {"retrieval": res.get("retrieval"), "zeroshot": res["zeroshot"], "per_class": res["per_class"],
+            "chance": res["chance"], "prompt": res["prompt"], "num_heldout_clips": n_held, "num_seen_clips": n_seen,
+            "heldout_classes": heldout_classes, "num_test_clips": res.get("num_clips"), "zeroshot_prompts": others,
+            "per_class_auc": res.get("per_class_auc")}
+
+
+def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int, *, force: bool = False) -> dict:
+    """Train (steps > 0) or just build (steps 0) one variant from a seed and evaluate it; cached as JSON."""
+    out = RESULTS / f"{variant}_s{steps}_seed{seed}.json"
+    if out.exists() and not force:
+        return json.loads(out.read_text())
+    from omnissl.cli import lightning_cli
+
+    run_dir = RUNS / f"{variant}_s{steps}_seed{seed}"
+    args = cli_args(recipe, extra, steps, seed, run_dir)
+    t0 = time.perf_counter()
+    if steps == 0:
+        cli = lightning_cli(args, run=False)
+        cli.datamodule.prepare_data()
+        cli.datamodule.setup("fit")
+        cli.model.eval()
+        done = 0
+    else:
+        cli = lightning_cli(["fit", *args])
+        done = int(cli.trainer.global_step)
+    wall = time.perf_counter() - t0
+    res = evaluate_model(cli.model, cli.datamodule)
+    res.update(variant=variant, recipe=str(recipe.relative_to(ROOT)), extra=extra, steps=done, seed=seed,
+               wall_s=round(wall, 1), load_avg=os.getloadavg()[0], threads=int(os.environ.get("OMP_NUM_THREADS", 0)))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def reevaluate(path: Path) -> dict:
+    """Evaluate a finished run again with the current evaluation (its final checkpoint, or for steps 0 the
+    initial weights of its seed), keeping its training record; the JSON is rewritten."""
+    from omnissl.cli import lightning_cli
+    from omnissl.eval.zeroshot import load_clap
+
+    res = json.loads(path.read_text())
+    recipe, steps, seed = ROOT / res["recipe"], int(res["steps"]), int(res["seed"])
+    run_dir = RUNS / path.stem
+    cli = lightning_cli(cli_args(recipe, res["extra"], steps, seed, run_dir), run=False)
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("fit")
+    model = cli.model.eval()
+    if steps > 0:
+        ckpts = sorted(run_dir.glob("**/checkpoints/last.ckpt"))
+        if not ckpts:
+            raise SystemExit(f"{path}: no checkpoint under {run_dir} to evaluate again")
+        model, _ = load_clap(ckpts[-1])
+    keep = {k: res[k] for k in ("variant", "recipe", "extra", "steps", "seed", "wall_s", "load_avg", "threads")}
+    res = {**evaluate_model(model, cli.datamodule), **keep}
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def summarize(rows: list[dict], key: str = "zeroshot_acc_heldout") -> dict:
+    from learning import binomial_se, fmt, seed_interval
+
+    vals = [r["zeroshot"][key] for r in rows if key in r["zeroshot"]]
+    n = rows[0]["num_heldout_clips"] if key.endswith("heldout") else rows[0]["num_seen_clips"]
+    ci = seed_interval(vals, n_test=n)
+    ci["text"] = fmt(ci)
+    ci["binomial_se"] = [round(binomial_se(v, n), 4) for v in vals]
+    ci["values"] = vals
+    return ci
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default="tiny", help=f"comma-separated, of {sorted(VARIANTS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--untrained", action="store_true", help="also evaluate each variant's initial weights")
+    p.add_argument("--summary-only", action="store_true", help="only summarize the finished runs")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate finished runs that lack the per-class AUC again (from their checkpoints)")
+    a = p.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    names = a.variants.split(",")
+    for name in names:
+        if name not in VARIANTS:
+            p.error(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}")
+    for name in names:
+        for steps in ([0] if a.untrained else []) + [a.steps]:
+            for seed in seeds:
+                path = RESULTS / f"{name}_s{steps}_seed{seed}.json"
+                if a.summary_only and not path.exists():
+                    continue
+                if a.reevaluate and path.exists() and "zeroshot_auc" not in json.loads(path.read_text())["zeroshot"]:
+                    reevaluate(path)
+                res = run_one(name, *VARIANTS[name], steps, seed)
+                z, r = res["zeroshot"], res["retrieval"] or {}
+                print(f"{name} steps={res['steps']} seed={seed}: held-out {z.get('zeroshot_acc_heldout', float('nan')):.3f} "
+                      f"seen {z.get('zeroshot_acc_seen', float('nan')):.3f} all {z['zeroshot_acc']:.3f} test t2a R@1 "
+                      f"{r.get('t2a_R@1', float('nan')):.3f} R@5 {r.get('t2a_R@5', float('nan')):.3f} "
+                      f"({res['wall_s']} s, load {res['load_avg']:.1f})", flush=True)
+    print(f"load average now {os.getloadavg()}")
+    for name in names:
+        for steps in ([0] if a.untrained else []) + [a.steps]:
+            rows = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"{name}_s{steps}_seed*.json"))]
+            if not rows:
+                continue
+            held, seen = summarize(rows), summarize(rows, "zeroshot_acc_seen")
+            aucs = [r["zeroshot"]["zeroshot_auc_heldout"] for r in rows if "zeroshot_auc_heldout" in r["zeroshot"]]
+            if aucs:
+                from learning import fmt, t_interval
+
+                seen_auc = [r["zeroshot"]["zeroshot_auc_seen"] for r in rows if "zeroshot_auc_seen" in r["zeroshot"]]
+                print(f"  per-class AUC (chance 0.5), held-out classes: {fmt(t_interval(aucs))}; seen: "
+                      f"{fmt(t_interval(seen_auc))}")
+            print(f"RESULT name=clap_zeroshot variant={name} steps={steps} seeds={len(rows)} "
+                  f"heldout={held['mean']:.4f} heldout_std={held['std']:.4f} heldout_lo={held['lo']:.4f} "
+                  f"heldout_hi={held['hi']:.4f} seen={seen['mean']:.4f} chance={rows[0]['chance']:.4f}")
+            print(f"  held-out ({rows[0]['num_heldout_clips']} clips/seed): {held['text']}; per-seed binomial SE "
+                  f"{held['binomial_se']}; seen: {seen['text']}")
+    print("\n| variant | updates | seed | held-out acc | seen acc | held-out AUC | seen AUC | test t2a R@1 | test t2a R@5 |"
+          " held-out classes (acc) |\n|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        for f in sorted(RESULTS.glob(f"{name}_s*_seed*.json")):
+            r = json.loads(f.read_text())
+            z, ret = r["zeroshot"], r["retrieval"] or {}
+            per = ", ".join(f"{c} {acc:.2f}" for c, h, _, acc in r["per_class"] if h)
+            g = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
+            print(f"| {name} | {r['steps']} | {r['seed']} | {g(z, 'zeroshot_acc_heldout')} | {g(z, 'zeroshot_acc_seen')} | "
+                  f"{g(z, 'zeroshot_auc_heldout')} | {g(z, 'zeroshot_auc_seen')} | {g(ret, 't2a_R@1')} | "
+                  f"{g(ret, 't2a_R@5')} | {per} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
