@@ -281,6 +281,11 @@ class SSLModule(L.LightningModule, abc.ABC):
             return
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        own = [name for name, p in self.named_parameters(recurse=False) if p.requires_grad]
+        if own:  # only child modules are sharded: these would train unreduced, a different model on every rank
+            raise ValueError(f"{type(self).__name__} has trainable parameters of its own ({', '.join(own)}): FSDP2 "
+                             f"shards child modules only, so their gradients would not be reduced across ranks; "
+                             f"hold them in a child module (as CLAP's LogitScale)")
         mesh = self.device_mesh["data_parallel"]
         for module in self.modules():
             if isinstance(module, Block):

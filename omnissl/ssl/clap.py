@@ -230,7 +230,7 @@ class CLAP(SSLModule):
         text_encoder.mask_emb.requires_grad_(False)
         self.audio_proj = ProjectionMLP(encoder.dim, dim)
         self.text_proj = ProjectionMLP(text_encoder.dim, dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+        self.logit_scale = LogitScale(math.log(logit_scale_init))
         self.dim, self.audio_pool, self.text_pool = dim, audio_pool, text_pool
         self.max_logit_scale, self.gather, self.prompt = max_logit_scale, gather, prompt
         self.zeroshot_every = zeroshot_every
@@ -299,14 +299,14 @@ class CLAP(SSLModule):
     @property
     def scale(self) -> Tensor:
         """s = exp(logit_scale) within [1, max_logit_scale] (detached, fp32)."""
-        return self.logit_scale.detach().float().clamp(0.0, math.log(self.max_logit_scale)).exp()
+        return self.logit_scale.value.detach().float()[0].clamp(0.0, math.log(self.max_logit_scale)).exp()
 
     # --- the objective -----------------------------------------------------------------------------------------
 
     def step(self, batch: Batch) -> StepOutput:
         a = self.embed_audio(batch.inputs["audio"], batch.lengths.get("audio"))
         t = self.embed_text(batch.inputs["text"], batch.lengths.get("text"))
-        loss_sum, count, right_at, right_ta = contrastive_pairs(a, t, self.logit_scale,
+        loss_sum, count, right_at, right_ta = contrastive_pairs(a, t, self.logit_scale(),
                                                                 max_scale=self.max_logit_scale, gather=self.gather)
         if not self.training and batch.ids is not None:  # kept for the epoch's retrieval metrics
             self._val.append((batch.ids.detach(), torch.nn.functional.normalize(a.detach().float(), dim=-1)))
@@ -318,7 +318,7 @@ class CLAP(SSLModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         with torch.no_grad():  # LAION-CLAP `train.py`: clamp(logit_scale, 0, ln 100) after every step
-            self.logit_scale.clamp_(0.0, math.log(self.max_logit_scale))
+            self.logit_scale.value.clamp_(0.0, math.log(self.max_logit_scale))
 
     # --- evaluation during validation --------------------------------------------------------------------------
 
@@ -419,8 +419,7 @@ class CLAP(SSLModule):
         logit_scale), so `load_encoder(path)` reads the audio tower as any encoder; `path/text` the text tower's
         (head text_proj, with tokenizer.json); `path/clap.json` the settings."""
         out = Path(path)
-        scale = _ScaleHolder(self.logit_scale.detach())
-        heads = {"audio_proj": self.audio_proj, "logit_scale": scale}
+        heads = {"audio_proj": self.audio_proj, "logit_scale": self.logit_scale}
         if self.audio_fusion is not None:
             heads["audio_fusion"] = self.audio_fusion
         save_backbone(self.encoder, out, heads=heads)
@@ -434,12 +433,19 @@ class CLAP(SSLModule):
         return out
 
 
-class _ScaleHolder(nn.Module):
-    """The logit scale as a module, so it rides in a package as a head ("logit_scale.value")."""
+class LogitScale(nn.Module):
+    """The learnable log of the logit scale, `value` (1,), read through `forward()` -> a 0-dim tensor.
 
-    def __init__(self, value: Tensor) -> None:
+    A module of its own, not a parameter of the CLAP module itself: FSDP2 (`SSLModule.configure_model`) shards
+    child modules and reduces their gradients across ranks, and unshards a module's parameters in its forward;
+    it refuses 0-dim parameters, hence the shape (1,). Also the package's "logit_scale" head."""
+
+    def __init__(self, value: float) -> None:
         super().__init__()
-        self.value = nn.Parameter(value.clone().float())
+        self.value = nn.Parameter(torch.tensor([float(value)]))
+
+    def forward(self) -> Tensor:
+        return self.value[0]
 
 
 def is_package(path: str | Path) -> bool:
@@ -461,7 +467,7 @@ def load_package(path: str | Path) -> CLAP:
     if model.audio_fusion is not None:
         load_strict(model.audio_fusion, heads.get("audio_fusion", {}), f"{root} audio_fusion")
     load_strict(model.text_proj, load_head_weights(root / "text")["text_proj"], f"{root / 'text'} text_proj")
-    model.logit_scale.data.copy_(heads["logit_scale"]["value"])
+    model.logit_scale.value.data.copy_(heads["logit_scale"]["value"].reshape(1))
     return model.eval()
 
 
@@ -477,9 +483,7 @@ def from_checkpoint(encoder: Encoder, heads: dict[str, dict[str, Tensor]], info:
                  fusion_window_s=meta.get("fusion_window_s"))
     for name in ("text_encoder", "audio_proj", "text_proj") + (("audio_fusion",) if model.audio_fusion else ()):
         load_strict(getattr(model, name), heads.get(name, {}), f"checkpoint {name}.*")
-    if "" not in heads.get("logit_scale", {}):
-        raise ValueError("the checkpoint holds no logit_scale")
-    model.logit_scale.data.copy_(heads["logit_scale"][""])
+    load_strict(model.logit_scale, heads.get("logit_scale", {}), "checkpoint logit_scale.*")
     return model.eval()
 
 

@@ -114,21 +114,21 @@ def test_logit_scale_is_used_clamped_and_kept_in_range_by_training():
     assert torch.allclose(contrastive_pairs(a, b, torch.tensor(math.log(1e4)))[0], at_max)
     assert torch.allclose(contrastive_pairs(a, b, torch.tensor(-3.0))[0], contrastive_pairs(a, b, torch.tensor(0.0))[0])
     model = tiny_clap(optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
-    assert math.isclose(float(model.logit_scale.detach().exp()), 1 / 0.07, rel_tol=1e-6)
+    assert math.isclose(float(model.logit_scale().detach().exp()), 1 / 0.07, rel_tol=1e-6)
     with torch.no_grad():
-        model.logit_scale.fill_(math.log(99.0))
+        model.logit_scale.value.fill_(math.log(99.0))
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     seen = []
 
     class Watch(L.Callback):
         def on_train_batch_end(self, *args, **kwargs):
-            seen.append(float(model.logit_scale.detach()))
+            seen.append(float(model.logit_scale().detach()))
 
     trainer.callbacks.append(Watch())
     for name, p in model.named_parameters():  # only the scale moves, by +1 per step whatever the batch
-        p.requires_grad_(name == "logit_scale")
-    model.logit_scale.register_hook(lambda g: torch.full_like(g, -1.0))
+        p.requires_grad_(name == "logit_scale.value")
+    model.logit_scale.value.register_hook(lambda g: torch.full_like(g, -1.0))
     loader = torch.utils.data.DataLoader(fake_batches(3), batch_size=None, collate_fn=lambda b: b)
     trainer.fit(model, train_dataloaders=loader)
     assert len(seen) == 3 and all(0.0 <= s <= math.log(100.0) + 1e-6 for s in seen)
@@ -178,7 +178,7 @@ def test_frozen_towers_get_no_gradient_and_partial_freezing_keeps_the_top():
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is None for p in model.text_encoder.frontend.parameters())
     assert model.text_encoder.trunk.blocks[0].fc1.weight.grad is None
-    assert model.audio_proj[0].weight.grad is not None and model.logit_scale.grad is not None
+    assert model.audio_proj[0].weight.grad is not None and model.logit_scale.value.grad is not None
     with pytest.raises(ValueError, match="frozen layers"):
         tiny_clap(freeze_audio_layers=5)
 
@@ -258,7 +258,7 @@ def test_package_round_trip(tmp_path):
             key = "audio" if f == "embed_audio" else "text"
             assert torch.allclose(getattr(model, f)(batch.inputs[key], batch.lengths[key]),
                                   getattr(again, f)(batch.inputs[key], batch.lengths[key]), atol=1e-6)
-    assert torch.equal(again.logit_scale, model.logit_scale)
+    assert torch.equal(again.logit_scale.value, model.logit_scale.value)
     from omnissl.checkpoints import load_encoder
 
     audio = load_encoder(tmp_path / "pkg")  # the audio tower alone, as any encoder

@@ -21,7 +21,9 @@ OUT/<mode>_<name>_<run>_rank<r>.json: {"rows": [[update, loss_sum, count], ...] 
 the rows up per update. Checkpoints: OUT/<mode>_<name>_<run>/epoch=E-step=S.ckpt. SGD with momentum (optimizer state that must resume) and a large learning rate, so
 that a wrong gradient scale shows in the next step's loss (Adam would hide a pure scale error).
 
-To add an objective (CLAP): one entry in OBJECTIVES below (a model factory and a DataModule factory).
+To add an objective: one entry in OBJECTIVES below (a model factory and a DataModule factory). A contrastive
+objective (CLAP) takes its negatives from the whole global batch, so its reference is not 2 accumulated
+micro-batches (each would only see its own negatives) but one batch of the same 4 items (JOINED below).
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from omnissl.backbones.builders import tiny
+from omnissl.batch import Batch
 from omnissl.datamodules.sampler import make_loader
 from omnissl.datamodules.synthetic import SyntheticDataModule
+from omnissl.datamodules.collate import pad_right
 from omnissl.ssl.base import SSLModule
+from omnissl.ssl.clap import CLAP
 from omnissl.ssl.data2vec import Data2Vec
 from omnissl.ssl.data2vec2 import Data2Vec2
 from omnissl.ssl.frames import encoder_frames
@@ -124,8 +129,17 @@ def mlm():
                                        vocab_size=128, seq_len=24)
 
 
+def clap():
+    model = CLAP(tiny("audio", dim=32, depth=2), tiny("text", dim=32, depth=2, vocab_size=128), dim=16,
+                 optimizer=sgd())
+    return model, SyntheticDataModule(modality="audio_text", train_size=TRAIN_SIZE, valid_size=0,
+                                       batch_size=PER_RANK, min_samples=6000, max_samples=12000, vocab_size=128,
+                                       seq_len=24)
+
+
 OBJECTIVES = {"wav2vec2": wav2vec2, "hubert": hubert, "data2vec": data2vec, "data2vec2": data2vec2, "mae": mae,
-              "mlm": mlm}
+              "mlm": mlm, "clap": clap}
+JOINED = {"clap"}  # the reference trains on the two ranks' batches as one batch (negatives from all 4 items)
 
 
 # --- the same masks for the same slot of an update, whatever the world size ----------------------------------
@@ -144,10 +158,22 @@ def slot_key(self, step: int, rank: int, salt: int = 0) -> int:
 SSLModule._step_key = slot_key
 
 
-class Interleaved:
-    """The reference's loader: per update, rank 0's batch then rank 1's, as `make_loader` gives them to 2 ranks."""
+def join(batches: list[Batch], text_pad_id: int) -> Batch:
+    """The ranks' batches of one update as one batch (the same items in rank order; padding redone)."""
+    inputs, lengths = {}, {}
+    for key in batches[0].inputs:  # audio and text (CLAP), each with its lengths
+        rows = [b.inputs[key][i, : int(b.lengths[key][i])] for b in batches for i in range(b.batch_size)]
+        inputs[key], lengths[key] = pad_right(rows, text_pad_id if key == "text" else 0.0)
+    targets = {k: torch.cat([b.targets[k] for b in batches]) for k in batches[0].targets}
+    return Batch(inputs, lengths, targets, torch.cat([b.ids for b in batches]))
 
-    def __init__(self, dm: SyntheticDataModule) -> None:
+
+class Interleaved:
+    """The reference's loader: per update, rank 0's batch then rank 1's, as `make_loader` gives them to 2 ranks
+    (joined: both as one batch)."""
+
+    def __init__(self, dm: SyntheticDataModule, joined: bool = False) -> None:
+        self.joined, self.text_pad_id = joined, dm.collate.text_pad_id
         ds = dm.dataset("train")
         self.loaders = [make_loader(ds, trainer=SimpleNamespace(world_size=WORLD, global_rank=r),
                                     batch_size=dm.batch_size, shuffle=True, seed=dm.seed, num_workers=0,
@@ -159,20 +185,23 @@ class Interleaved:
             loader.batch_sampler.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return WORLD * len(self.loaders[0])
+        return (1 if self.joined else WORLD) * len(self.loaders[0])
 
     def __iter__(self):
         for batches in zip(*self.loaders):
-            yield from batches
+            if self.joined:
+                yield join(list(batches), self.text_pad_id)
+            else:
+                yield from batches
 
 
 class Reference(L.LightningDataModule):
-    def __init__(self, dm: SyntheticDataModule) -> None:
+    def __init__(self, dm: SyntheticDataModule, joined: bool) -> None:
         super().__init__()
-        self.dm = dm
+        self.dm, self.joined = dm, joined
 
     def train_dataloader(self):
-        return Interleaved(self.dm)
+        return Interleaved(self.dm, self.joined)
 
 
 def record(model: SSLModule, rows: list) -> None:
@@ -187,7 +216,7 @@ def record(model: SSLModule, rows: list) -> None:
     model.normalize = spy
 
 
-def trainer(mode: str, ckpt_dir: Path, steps: int) -> L.Trainer:
+def trainer(mode: str, ckpt_dir: Path, steps: int, joined: bool) -> L.Trainer:
     callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=SAVE_AT, save_top_k=-1)]
     if mode == "fsdp2_blocks":  # FSDP2 over compiled (aot_eager: traced, no code generation) checkpointed blocks
         callbacks.append(TrunkBlocks(compile=True, backend="aot_eager", activation_checkpointing=True))
@@ -200,7 +229,7 @@ def trainer(mode: str, ckpt_dir: Path, steps: int) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
                      callbacks=callbacks, plugins=[AtomicCheckpointIO()], enable_progress_bar=False,
                      enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                     accumulate_grad_batches=WORLD if mode == "ref" else 1)
+                     accumulate_grad_batches=WORLD if mode == "ref" and not joined else 1)
 
 
 def run(mode: str, out: Path, name: str) -> None:
@@ -209,8 +238,9 @@ def run(mode: str, out: Path, name: str) -> None:
         model, dm = OBJECTIVES[name]()
         rows: list = []
         record(model, rows)
-        t = trainer(mode, out / f"{mode}_{name}_{run_name}", STEPS)
-        t.fit(model, Reference(dm) if mode == "ref" else dm, ckpt_path=ckpt_path)
+        joined = name in JOINED
+        t = trainer(mode, out / f"{mode}_{name}_{run_name}", STEPS, joined)
+        t.fit(model, Reference(dm, joined) if mode == "ref" else dm, ckpt_path=ckpt_path)
         param = next(model.encoder.trunk.blocks[0].parameters())
         blocks = [c for c in t.callbacks if isinstance(c, TrunkBlocks)]
         result = {"rows": rows, "param": type(param).__name__, "world": t.world_size,

@@ -34,7 +34,7 @@ from omnissl.commands.export import main as export_main
 
 SCRIPT = Path(__file__).with_name("dist_objectives_run.py")
 ROOT = Path(__file__).resolve().parents[2]
-OBJECTIVES = ["wav2vec2", "hubert", "data2vec", "data2vec2", "mae", "mlm"]  # + "clap": one entry in the script
+OBJECTIVES = ["wav2vec2", "hubert", "data2vec", "data2vec2", "mae", "mlm", "clap"]
 STRATEGIES = ["ddp", "fsdp2"]
 BLOCKS = "data2vec2"  # also under FSDP2 with compiled, activation-checkpointed blocks (the most parts: EMA teacher)
 CASES = [(name, s) for s in STRATEGIES for name in OBJECTIVES] + [(BLOCKS, "fsdp2_blocks")]
