@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import re
 import tempfile
 from pathlib import Path
@@ -47,7 +46,7 @@ def step_of(path: Path) -> int:
 def evaluate(path: Path, a) -> dict:
     from omnissl.checkpoints import read_tokenizer
     from omnissl.datamodules.text import TextDataModule
-    from omnissl.eval.pll import load_masked_lm
+    from omnissl.eval.pll import load_masked_lm, shuffle_margins
     from omnissl.ssl.masking import mlm_corrupt, mlm_select
 
     scorer = load_masked_lm(path)
@@ -81,19 +80,8 @@ def evaluate(path: Path, a) -> dict:
             total += float(torch.nn.functional.cross_entropy(logits, ids[sel], reduction="sum"))
             n += int(sel.sum())
             hits += int((logits.argmax(-1) == ids[sel]).sum())
-    rng = random.Random(0)
-    wins, margins = 0, []
-    for s in SENTENCES:
-        words = s.rstrip(".").split()
-        shuffled = []
-        for _ in range(5):
-            w = words[:]
-            while w == words:
-                rng.shuffle(w)
-            shuffled.append(scorer.score(" ".join(w) + ".").pll)
-        margin = scorer.score(s).pll - sum(shuffled) / len(shuffled)
-        wins += margin > 0
-        margins.append(margin)
+    margins = shuffle_margins(scorer, SENTENCES)
+    wins = sum(m > 0 for m in margins)
     return {"step": step_of(path), "valid_loss": total / n, "unigram": unigram, "valid_acc": hits / n,
             "valid_tokens": n, "pll_wins": wins, "pll_margin": sum(margins) / len(margins),
             "pll_margins": margins}

@@ -13,6 +13,7 @@ The LM head is the MaskedLM objective's `lm_head` (a checkpoint holds it; a pack
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,3 +131,22 @@ def load_masked_lm(path: str | Path, *, tokenizer: str | Path | None = None, dev
 
         tok = Tokenizer.from_str(text)
     return MaskedLMScorer(encoder, head, tok, device=device, batch_size=batch_size)
+
+
+def shuffle_margins(scorer: MaskedLMScorer, sentences: list[str], *, shuffles: int = 5, seed: int = 0) -> list[float]:
+    """For each sentence, its PLL minus the mean PLL of `shuffles` random orders of its words (each different
+    from the original): > 0 means the model prefers the sentence to its scrambled versions."""
+    rng = random.Random(seed)
+    margins = []
+    for s in sentences:
+        words = s.rstrip(".").split()
+        if len(set(words)) < 2:
+            raise ValueError(f"cannot shuffle the words of {s!r}: it needs two different words")
+        scores = []
+        for _ in range(shuffles):
+            w = words[:]
+            while w == words:
+                rng.shuffle(w)
+            scores.append(scorer.score(" ".join(w) + ".").pll)
+        margins.append(scorer.score(s).pll - sum(scores) / len(scores))
+    return margins
