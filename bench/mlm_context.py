@@ -25,14 +25,6 @@ from pathlib import Path
 
 import torch
 
-SENTENCES = [
-    "Return the sum of the two numbers.",
-    "Open the file and return a stream.",
-    "If the key is not found, return the default value.",
-    "Remove all items from the list.",
-    "Return a new list containing all items from the iterable in ascending order.",
-    "Raise an exception if the value is not valid.",
-]
 
 
 def step_of(path: Path) -> int:
@@ -46,7 +38,7 @@ def step_of(path: Path) -> int:
 def evaluate(path: Path, a) -> dict:
     from omnissl.checkpoints import read_tokenizer
     from omnissl.datamodules.text import TextDataModule
-    from omnissl.eval.pll import load_masked_lm, shuffle_margins
+    from omnissl.eval.pll import DOCSTRING_SENTENCES as SENTENCES, load_masked_lm, shuffle_margins
     from omnissl.ssl.masking import mlm_corrupt, mlm_select
 
     scorer = load_masked_lm(path)
@@ -99,7 +91,7 @@ def main() -> None:
         r = evaluate(path, a)
         print(f"RESULT name=mlm_context ckpt={path} step={r['step']} valid_loss={r['valid_loss']:.3f} "
               f"unigram={r['unigram']:.3f} valid_acc={r['valid_acc']:.3f} valid_tokens={r['valid_tokens']} "
-              f"pll_wins={r['pll_wins']}/{len(SENTENCES)} pll_margin={r['pll_margin']:.2f} "
+              f"pll_wins={r['pll_wins']}/{len(r['pll_margins'])} pll_margin={r['pll_margin']:.2f} "
               f"margins={','.join(f'{m:.1f}' for m in r['pll_margins'])}", flush=True)
     if not math.isfinite(r["valid_loss"]):
         raise SystemExit("non-finite loss")

@@ -133,6 +133,17 @@ def load_masked_lm(path: str | Path, *, tokenizer: str | Path | None = None, dev
     return MaskedLMScorer(encoder, head, tok, device=device, batch_size=batch_size)
 
 
+# docstring-like sentences for the grammatical-vs-shuffled check on the embedded text (bench and tests)
+DOCSTRING_SENTENCES = [
+    "Return the sum of the two numbers.",
+    "Open the file and return a stream.",
+    "If the key is not found, return the default value.",
+    "Remove all items from the list.",
+    "Return a new list containing all items from the iterable in ascending order.",
+    "Raise an exception if the value is not valid.",
+]
+
+
 def shuffle_margins(scorer: MaskedLMScorer, sentences: list[str], *, shuffles: int = 5, seed: int = 0) -> list[float]:
     """For each sentence, its PLL minus the mean PLL of `shuffles` random orders of its words (each different
     from the original): > 0 means the model prefers the sentence to its scrambled versions."""

@@ -14,7 +14,7 @@ import torch
 from omnissl.backbones.builders import tiny
 from omnissl.checkpoints import load_head_weights, read_checkpoint, read_tokenizer
 from omnissl.eval.export import export_checkpoint
-from omnissl.eval.pll import load_masked_lm, pseudo_log_likelihood, shuffle_margins
+from omnissl.eval.pll import DOCSTRING_SENTENCES, load_masked_lm, pseudo_log_likelihood, shuffle_margins
 from omnissl.ssl.mlm import MaskedLM
 
 pytest.importorskip("transformers")
@@ -136,14 +136,7 @@ def test_pll_command(run, tmp_path, capsys):
     assert "no encoder package or checkpoint" in capsys.readouterr().err
 
 
-SENTENCES = [
-    "Return the sum of the two numbers.",
-    "Open the file and return a stream.",
-    "If the key is not found, return the default value.",
-    "Remove all items from the list.",
-    "Return a new list containing all items from the iterable in ascending order.",
-    "Raise an exception if the value is not valid.",
-]
+SENTENCES = DOCSTRING_SENTENCES
 
 
 @pytest.mark.slow
