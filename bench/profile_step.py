@@ -1,6 +1,7 @@
 """Where one training step spends its time: torch.profiler over one step (after warm-up) of the text trunk
 at RoBERTa-base dims (`bench/trunk_vs_hf.py`'s models and inputs) and of the wav2vec 2.0 step at BASE dims
-(`bench/wav2vec2_vs_hf.py`'s), CPU fp32.
+(`bench/wav2vec2_vs_hf.py`'s), MAE at ViT-B/16 (`bench/mae_vs_hf.py`'s) and the MLM step
+(`bench/mlm_vs_hf.py`'s), CPU fp32.
 
 Prints per step: the top operators by self CPU time; forward / backward / optimizer totals (the steps are
 labelled with `record_function`); time in layout copies (aten::copy_, clone, contiguous, and the reshape /
@@ -61,6 +62,45 @@ def wav2vec2_step(side: str):
     return (bench.build_ours if side == "ours" else bench.build_peer)(W2V)
 
 
+def mae_step(side: str, batch: int):
+    """One fwd+bwd step of bench/mae_vs_hf.py's models (ViT-B/16, mask 0.75, decoder 512 x 8), same images."""
+    import torch
+    from torch.profiler import record_function
+
+    import mae_vs_hf as bench
+
+    images = torch.randn(batch, 3, bench.BASE["image"], bench.BASE["image"], generator=torch.Generator().manual_seed(0))
+    model, loss_of = (bench.build_ours if side == "ours" else bench.build_peer)(bench.BASE)
+
+    def step() -> None:
+        with record_function("forward"):
+            loss = loss_of(images)
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):  # no optimizer in this bench: only zero_grad
+            model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def mlm_step(side: str, batch: int):
+    """One training step (fwd, bwd, AdamW) of bench/mlm_vs_hf.py's models and padded batch (RoBERTa-base dims,
+    vocabulary 32 768, 128 tokens, row lengths drawn from [64, 128]), labelled by phase."""
+    from torch.profiler import record_function
+
+    import mlm_vs_hf as bench
+
+    a = Namespace(dim=768, layers=12, heads=12, ffn=3072, vocab=32768, batch=batch, seq=128)
+    steps, _, _ = bench.build(a, "cpu")
+    model_step = steps[side]
+
+    def step() -> None:
+        with record_function("forward"):  # the whole step: mlm_vs_hf's step functions are not split by phase
+            model_step()
+
+    return step
+
+
 def profile(which: str, side: str, warmup: int, threads: int) -> dict:
     """Profile one step in this process -> the summary as a dict."""
     import torch
@@ -73,6 +113,10 @@ def profile(which: str, side: str, warmup: int, threads: int) -> dict:
         step = trunk_step(side, 8, 128)
     elif which == "trunk512":
         step = trunk_step(side, 2, 512)
+    elif which == "mae":
+        step = mae_step(side, 8)
+    elif which == "mlm":
+        step = mlm_step(side, 8)
     else:
         step = wav2vec2_step(side)
     for _ in range(warmup):
@@ -106,7 +150,10 @@ def print_table(which: str, runs: dict[str, dict], top: int, markdown: bool) -> 
     sides = list(runs)
     title = {"trunk": "trunk fwd+bwd, RoBERTa-base dims, 8 x 128 (bench/trunk_vs_hf.py)",
              "trunk512": "trunk fwd+bwd, RoBERTa-base dims, 2 x 512 (bench/trunk_vs_hf.py)",
-             "wav2vec2": "wav2vec 2.0 training step, BASE dims, 4 x 5 s (bench/wav2vec2_vs_hf.py)"}[which]
+             "wav2vec2": "wav2vec 2.0 training step, BASE dims, 4 x 5 s (bench/wav2vec2_vs_hf.py)",
+             "mlm": "MLM training step (fwd+bwd+AdamW as one 'forward' label), RoBERTa-base dims, 8 x 128 padded "
+                    "(bench/mlm_vs_hf.py)",
+             "mae": "MAE step fwd+bwd, ViT-B/16, mask 0.75, decoder 512 x 8, 8 x 224 px (bench/mae_vs_hf.py)"}[which]
     if markdown:
         print(f"\n**{title}**, one step after warm-up, load average {os.getloadavg()[0]:.1f}\n")
         print("| " + " | ".join(f"{s}: op | self ms (calls)" for s in sides) + " |")
@@ -140,7 +187,8 @@ def print_table(which: str, runs: dict[str, dict], top: int, markdown: bool) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--which", default="trunk,wav2vec2", help="comma-separated: trunk (8x128), trunk512, wav2vec2")
+    p.add_argument("--which", default="trunk,wav2vec2",
+                   help="comma-separated: trunk (8x128), trunk512, wav2vec2, mae (8 x 224 px), mlm (8 x 128)")
     p.add_argument("--peer", action="store_true", help="profile the Hugging Face peer of each bench too")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--top", type=int, default=12)

@@ -21,6 +21,11 @@ def padding_mask_from_lengths(lengths: Tensor | None, n: int) -> Tensor | None:
     return torch.arange(n, device=lengths.device)[None] >= lengths[:, None]
 
 
+def take_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, N, D), idx (B, Q) int64 -> the rows of x at idx, (B, Q, D) (one gather)."""
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def mean_pool(x: Tensor, padding_mask: Tensor | None, prefix: int = 0) -> Tensor:
     """(B, N, D) tokens -> (B, D) mean over valid tokens; the first `prefix` tokens (CLS) are left out.
     padding_mask (B, N) bool, True at padding, or None. Computed in fp32."""

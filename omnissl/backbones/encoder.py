@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from omnissl.backbones.config import recorded
 from omnissl.backbones.protocol import BackboneOutput, Tokens
 from omnissl.backbones.transformer import Transformer
-from omnissl.ops import padding_mask_from_lengths
+from omnissl.ops import padding_mask_from_lengths, take_rows
 
 
 class GradMultiply(torch.autograd.Function):
@@ -93,14 +93,20 @@ class Encoder(nn.Module):
         mask: Tensor | None = None,
         keep: Tensor | None = None,
         return_layers: bool | str = False,
+        queries: Tensor | None = None,
     ) -> BackboneOutput:
         """mask (B, N) bool: positions replaced by the learned mask embedding before positions are added.
         keep (B, N) bool with the same count K per row: only kept tokens (in order) enter the trunk, after
-        positions were added for the full sequence (relative positions see dropped tokens as zeros)."""
+        positions were added for the full sequence (relative positions see dropped tokens as zeros).
+        queries (B, Q) int64 token positions (0..N-1, not with keep): only their outputs are wanted; the
+        trunk's last block computes just those rows (`Transformer` queries) and `last` / `padding_mask` are
+        (B, Q, D) / (B, Q), e.g. MLM's selected tokens."""
         x, pad = tokens.x, tokens.padding_mask
         b, n, _ = x.shape
         self._check("mask", mask, (b, n))
         self._check("keep", keep, (b, n))
+        if queries is not None and keep is not None:
+            raise ValueError("queries index the full token sequence: not with keep")
         if mask is not None:
             x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
         if keep is not None and getattr(self.positions, "relative", False):
@@ -112,12 +118,15 @@ class Encoder(nn.Module):
             if bool((counts != counts[0]).any()):
                 raise ValueError(f"keep must keep the same number of tokens in every row, got {counts.tolist()}")
             idx = keep.nonzero()[:, 1].view(b, -1)  # (B, K), in sequence order
-            x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+            x = take_rows(x, idx)
             pad = None if pad is None else torch.gather(pad, 1, idx)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
             if pad is not None:
                 pad = torch.cat([pad.new_zeros(b, 1), pad], dim=1)
+        if queries is not None:
+            last, _, _ = self.trunk(x, pad, queries=queries + self.num_prefix)
+            return BackboneOutput(last, None, None if pad is None else pad.gather(1, queries), None)
         last, layers, ffn = self.trunk(x, pad, return_layers)
         return BackboneOutput(last, layers, pad, ffn)
 

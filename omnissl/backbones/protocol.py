@@ -41,7 +41,7 @@ class BackboneOutput(NamedTuple):
     """What `encode` returns.
 
     last:         (B, N', D) final output (N' = N, or the number kept with `keep=`, plus a CLS token first
-                  when the encoder has one).
+                  when the encoder has one; with `Encoder.encode(queries=)`, the Q queried rows only).
     layers:       L + 1 tensors (B, N', D) when requested: the trunk input after positions (and the input
                   LayerNorm of a post-LN trunk), then every block's output; s3prl's `hidden_states`.
                   For a pre-LN trunk the last entry is after the final LayerNorm (equal to `last`), except

@@ -19,17 +19,19 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from omnissl.backbones.config import recorded
+from omnissl.ops import take_rows
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with one fused input projection.
 
-    `explicit_cpu_dropout` (class switch, on by default): on CPU, in training with attention dropout and no
-    mask, torch's SDPA has no fused kernel and runs its math fallback, which adds a "safe" softmax (isneginf +
-    all + where over B·H·N·N), scales k as well as q, and copies q/k/v; we run the same math (softmax of
-    q·kᵀ/√d, the same `F.dropout` draws, · v) without those extra passes: -11 % on the attention core fwd+bwd
-    at 8 x 128 (bench/profile_step.py). CUDA, eval, dropout 0 and masked batches always take
-    `F.scaled_dot_product_attention` (fused kernels), so this never changes a GPU run.
+    `explicit_cpu_dropout` (class switch, on by default): on CPU, in training with attention dropout, torch's
+    SDPA has no fused kernel and runs its math fallback, which adds a "safe" softmax (isneginf + all + where
+    over B·H·N·N), scales k as well as q, copies q/k/v and, with a key-padding mask, builds an additive float
+    mask; we run the same math (softmax of q·kᵀ/√d with masked keys filled in place, the same `F.dropout`
+    draws, · v) without those extra passes: -11 % on the attention core fwd+bwd at 8 x 128
+    (bench/profile_step.py). CUDA, eval and dropout 0 always take `F.scaled_dot_product_attention` (fused
+    kernels), so this never changes a GPU run.
     """
 
     explicit_cpu_dropout = True
@@ -43,19 +45,34 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
-        """x (B, N, D), attn_mask (B, 1, 1, N) bool (True = attend) -> (B, N, D)."""
+    def forward(self, x: Tensor, attn_mask: Tensor | None, queries: Tensor | None = None,
+                layout: tuple[Tensor, int, int] | None = None) -> Tensor:
+        """x (B, N, D), attn_mask (B, 1, 1, N) bool (True = attend) -> (B, N, D). queries (B, Q) int64: only
+        these positions query (their outputs are returned, (B, Q, D)); keys and values are still every token.
+        layout (idx (T,), B, N): x is (T, D), the valid tokens of a padded batch at flat positions idx of
+        (B·N): the projections run on those T rows only, the attention core on the padded (B, N) layout
+        (padding as zeros, masked by attn_mask); returns (T, D)."""
         # split + views, not a (3, B, H, N, D) rearrange: split's backward writes the three gradients straight
         # into one (B, N, 3D) buffer (one cat), where unbinding a permuted view stacks them and then copies
         # the stack back into the Linear's layout (two passes over B·N·3D values per block).
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        qkv = self.qkv(x)
+        if layout is not None:
+            idx, b, n = layout
+            qkv = qkv.new_zeros(b * n, qkv.shape[-1]).index_copy(0, idx, qkv).view(b, n, -1)
+        qkv = qkv.chunk(3, dim=-1)
+        if queries is not None:
+            qkv = (take_rows(qkv[0], queries),) + qkv[1:]
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in qkv)
         p = self.dropout if self.training else 0.0
-        if p > 0.0 and attn_mask is None and q.device.type == "cpu" and self.explicit_cpu_dropout:
-            a = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1)).softmax(-1)
-            y = torch.matmul(F.dropout(a, p, training=True), v)
+        if p > 0.0 and q.device.type == "cpu" and self.explicit_cpu_dropout:
+            s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+            if attn_mask is not None:  # the lowest finite value, not -inf: a row with no key gives junk, not NaN
+                s = s.masked_fill_(~attn_mask, torch.finfo(s.dtype).min)
+            y = torch.matmul(F.dropout(s.softmax(-1), p, training=True), v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        return self.out(y.transpose(1, 2).flatten(2))
+        y = y.transpose(1, 2).flatten(2)
+        return self.out(y if layout is None else y.flatten(0, 1).index_select(0, layout[0]))
 
 
 class Block(nn.Module):
@@ -86,13 +103,19 @@ class Block(nn.Module):
     def ffn(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.act_drop(F.gelu(self.fc1(x)))))
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """x (B, N, D) -> (output (B, N, D), feed-forward output before its residual (B, N, D))."""
+    def forward(self, x: Tensor, attn_mask: Tensor | None, queries: Tensor | None = None,
+                layout: tuple[Tensor, int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, N, D) -> (output (B, N, D), feed-forward output before its residual (B, N, D)).
+        queries (B, Q) int64: compute the block's output only at these positions ((B, Q, D) each); they
+        still attend to every token. The same values as the full block's rows, for less work.
+        layout: x is the (T, D) valid tokens of a padded batch (see `Attention`); outputs are (T, D)."""
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.norm1(x), attn_mask))
+            a = self.drop(self.attn(self.norm1(x), attn_mask, queries, layout))
+            x = (x if queries is None else take_rows(x, queries)) + a
             h = self.ffn(self.norm2(x))
             return x + h, h
-        x = self.norm1(x + self.drop(self.attn(x, attn_mask)))
+        a = self.drop(self.attn(x, attn_mask, queries, layout))
+        x = self.norm1((x if queries is None else take_rows(x, queries)) + a)
         h = self.ffn(x)
         return self.norm2(x + h), h
 
@@ -149,7 +172,8 @@ class Transformer(nn.Module):
         return torch.rand(self.depth, generator=g) < self.layerdrop
 
     def forward(
-        self, x: Tensor, padding_mask: Tensor | None = None, return_layers: bool | str = False
+        self, x: Tensor, padding_mask: Tensor | None = None, return_layers: bool | str = False,
+        queries: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor] | None, list[Tensor] | None]:
         """x (B, N, D) with positions added, padding_mask (B, N) True at padding.
 
@@ -157,25 +181,51 @@ class Transformer(nn.Module):
         repeats its input so indices stay fixed); for a pre-LN trunk the last is after the final LayerNorm,
         except with return_layers="blocks" (every entry a raw block output, as data2vec averages them); ffn
         are the L feed-forward outputs when return_layers="ffn".
+
+        queries (B, Q) int64 positions: only their outputs are wanted, so the last block computes only those
+        rows (they still attend to every token) and last is (B, Q, D), the full trunk's rows at `queries`;
+        e.g. MAE's decoder, whose loss reads the removed patches only. Not with return_layers. In a padded
+        batch, no output at padding is returned then, so the blocks before the last run unpadded: their
+        LayerNorms, projections and feed-forward layers on the valid tokens only (packed), attention on the
+        padded layout with the key mask; valid rows are the same values, a queried padding row is junk (finite)
+        as it is without unpadding.
         """
+        if queries is not None:
+            if return_layers:
+                raise ValueError("queries (the last block at some positions only) cannot return every layer")
+            if queries.dim() != 2 or queries.shape[0] != x.shape[0] or queries.dtype != torch.int64:
+                raise ValueError(f"queries must be (B={x.shape[0]}, Q) int64 positions, got "
+                                 f"{tuple(queries.shape)} {queries.dtype}")
         attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        layout = None  # (flat indices of the valid tokens, B, N) while the blocks run unpadded
+        if queries is not None and padding_mask is not None and self.depth > 1:
+            b, n = padding_mask.shape
+            layout = ((~padding_mask).flatten().nonzero().squeeze(1), b, n)
+            x = x.flatten(0, 1).index_select(0, layout[0])  # (T, D)
         if not self.pre_norm:
             x = self.norm(x)
         x = self.drop(x)
         layers = [x] if return_layers else None
         ffn = [] if return_layers == "ffn" else None
         skip = self.dropped_layers().tolist()
-        for block, skipped in zip(self.blocks, skip):
+        for i, (block, skipped) in enumerate(zip(self.blocks, skip)):
+            q = queries if i == self.depth - 1 else None
+            if q is not None and layout is not None:  # the last block: back to (B, N, D), zeros at padding
+                x = x.new_zeros(layout[1] * layout[2], x.shape[-1]).index_copy(0, layout[0], x)
+                x, layout = x.view(layout[1], layout[2], -1), None
             if skipped:
+                x = x if q is None else take_rows(x, q)
                 h = torch.zeros_like(x)
             elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x, h = checkpoint(block, x, attn_mask, use_reentrant=False)
+                x, h = checkpoint(block, x, attn_mask, q, layout, use_reentrant=False)
             else:
-                x, h = block(x, attn_mask)
+                x, h = block(x, attn_mask, q, layout)
             if layers is not None:
                 layers.append(x)
             if ffn is not None:
                 ffn.append(h)
+        if queries is not None and self.depth == 0:
+            x = take_rows(x, queries)
         if self.pre_norm:
             x = self.norm(x)
             if layers is not None and return_layers != "blocks":

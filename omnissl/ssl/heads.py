@@ -41,8 +41,12 @@ class MAEDecoder(nn.Module):
         self.out = nn.Linear(dim, out_dim)
 
     def forward(self, encoded: Tensor, keep: Tensor, grid: tuple[int, int], num_prefix: int = 0,
-                padding_mask: Tensor | None = None) -> Tensor:
-        """encoded (B, P + K, D), keep (B, N) bool -> predictions (B, N, out_dim) for every position."""
+                padding_mask: Tensor | None = None, queries: Tensor | None = None) -> Tensor:
+        """encoded (B, P + K, D), keep (B, N) bool -> predictions (B, N, out_dim) for every position, or with
+        queries (B, Q) int64 patch positions (0..N-1) only at those, (B, Q, out_dim): every block but the last
+        still runs on all tokens (they are the last block's keys and values), the last block, the final
+        LayerNorm and the output Linear only on the queried rows; the same values as the full output's rows.
+        padding_mask (B, N) True at padding: padded positions are not attended to."""
         h = self.embed(encoded)
         prefix, visible = h[:, :num_prefix], h[:, num_prefix:]
         b, n = keep.shape
@@ -53,6 +57,9 @@ class MAEDecoder(nn.Module):
         pad = None
         if padding_mask is not None:
             pad = torch.cat([padding_mask.new_zeros(b, num_prefix), padding_mask], dim=1)
+        if queries is not None:
+            x, _, _ = self.trunk(x, pad, queries=queries + num_prefix)
+            return self.out(x)
         x, _, _ = self.trunk(x, pad)
         return self.out(x[:, num_prefix:])
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from omnissl.backbones.encoder import Encoder
 from omnissl.batch import Batch
+from omnissl.ops import take_rows
 from omnissl.ssl.base import SSLModule, StepOutput
 from omnissl.ssl.heads import MAEDecoder
 from omnissl.ssl.losses import masked_mse
@@ -96,24 +97,37 @@ class MAE(SSLModule):
         std = (var + 1e-6).sqrt()
         return (patches - mean) / std, mean, std
 
-    def forward_masked(self, batch: Batch, generator: torch.Generator | None = None):
-        """-> (predictions (B, N, P), targets, mean, std, removed (B, N) bool, padding mask or None)."""
+    def encode_visible(self, batch: Batch, generator: torch.Generator | None = None):
+        """Embed every patch, draw the keep mask, encode the kept tokens -> (tokens, keep (B, N) bool, output)."""
         x = batch.inputs[self.modality]
         tokens = self.encoder.embed(x, batch.lengths.get(self.modality))
         b, n, _ = tokens.x.shape
         keep = random_keep((b, n), mask_ratio=self.mask_ratio, padding_mask=tokens.padding_mask,
                            generator=generator if generator is not None else self.generator(x.device),
                            device=x.device)
-        out = self.encoder.encode(tokens, keep=keep)
-        pred = self.decoder(out.last, keep, tokens.grid, self.encoder.num_prefix)
-        target, mean, std = self.targets(x)
+        return tokens, keep, self.encoder.encode(tokens, keep=keep)
+
+    def forward_masked(self, batch: Batch, generator: torch.Generator | None = None):
+        """-> (predictions (B, N, P) at every patch, targets, mean, std, removed (B, N) bool, padding mask or
+        None)."""
+        tokens, keep, out = self.encode_visible(batch, generator)
+        pred = self.decoder(out.last, keep, tokens.grid, self.encoder.num_prefix, tokens.padding_mask)
+        target, mean, std = self.targets(batch.inputs[self.modality])
         removed = ~keep if tokens.padding_mask is None else ~keep & ~tokens.padding_mask
         return pred, target, mean, std, removed, tokens.padding_mask
 
     def step(self, batch: Batch) -> StepOutput:
-        pred, target, _, _, removed, _ = self.forward_masked(batch)
+        # the decoder predicts only the N - K patches the encoder did not see (its last block, final LayerNorm
+        # and output Linear run on those rows only): the loss never reads the kept patches' predictions, so
+        # this is forward_masked's loss (tested) for about a quarter less work in those layers
+        tokens, keep, out = self.encode_visible(batch)
+        pad = tokens.padding_mask
+        hidden = (~keep).nonzero()[:, 1].view(keep.shape[0], -1)  # (B, N - K), in sequence order
+        pred = self.decoder(out.last, keep, tokens.grid, self.encoder.num_prefix, pad, queries=hidden)
+        target = take_rows(self.targets(batch.inputs[self.modality])[0], hidden)
+        removed = torch.ones_like(hidden, dtype=torch.bool) if pad is None else ~pad.gather(1, hidden)
         loss_sum, count = masked_mse(pred, target, removed)
-        return StepOutput(self.normalize(loss_sum, count), {"masked_frac": removed.float().mean()},
+        return StepOutput(self.normalize(loss_sum, count), {"masked_frac": count / keep.numel()},
                           batch.batch_size)
 
     def unpatchify(self, patches: Tensor, x: Tensor) -> Tensor:

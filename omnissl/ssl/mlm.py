@@ -182,8 +182,14 @@ class MaskedLM(SSLModule):
         ids = batch.inputs["text"]
         lengths = batch.lengths.get("text")
         corrupted, selected = self.corrupt(ids, lengths)
-        out = self.encoder.encode(self.encoder.embed(corrupted, lengths))
-        hidden = out.last[selected]  # (M, D): the head never sees unselected positions
+        # the head reads the selected positions only, so the trunk's last block computes only those rows (the
+        # same values; they still attend to every token): each row's selected positions first, in order,
+        # padded to the longest row's count Q (positions past a row's count are computed and dropped)
+        counts = selected.sum(1)
+        q = max(int(counts.max()), 1)
+        queries = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :q]  # (B, Q)
+        out = self.encoder.encode(self.encoder.embed(corrupted, lengths), queries=queries)
+        hidden = out.last[torch.arange(q, device=ids.device)[None] < counts[:, None]]  # (M, D), = last[selected]
         target = ids[selected]
         logits = self.logits(hidden)
         with torch.autocast(device_type=ids.device.type, enabled=False):
