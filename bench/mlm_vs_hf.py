@@ -12,7 +12,8 @@ One step = what a training loop does per update:
         position) -> backward -> AdamW step -> zero_grad.
 
 The two models are built in one process and stepped in interleaved rounds (order alternating); medians are
-reported. On CUDA, a side's peak memory is its own resident state (parameters and AdamW moments) plus the
+reported, with each side's median process CPU time (steadier than wall time on a loaded machine; `cpu_ratio`).
+On CUDA, a side's peak memory is its own resident state (parameters and AdamW moments) plus the
 largest rise of torch.cuda.max_memory_allocated above the memory allocated when its step starts (activations,
 gradients, logits): the other side's resident state, which shares the process, is not counted
 (mem_ratio = ours / peer). On the CPU memory is not measured (nan). The machine's load average is printed
@@ -22,7 +23,8 @@ beside the timings: numbers taken while other jobs load the machine are not fina
                               [--seq 128] [--warmup 2 --rounds 10] [--device cuda] [--bf16]
     python bench/mlm_vs_hf.py --small        # smoke run: 2 x 128, vocab 4096, batch 8, 3 rounds (any CPU)
 
-Ends with: RESULT name=mlm_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer>
+Ends with: RESULT name=mlm_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer> cpu_ratio=<peer/ours>
+load=<1-min load average>
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def main() -> None:
     steps, collate_ms, resident = build(a, device)
     cuda = device.type == "cuda"
     times: dict[str, list[float]] = {"ours": [], "peer": []}
+    cpu: dict[str, list[float]] = {"ours": [], "peer": []}  # process CPU time: steadier than wall under load
     peak = {"ours": 0, "peer": 0}
     order = ["ours", "peer"]
     for r in range(a.warmup + a.rounds):
@@ -134,18 +137,20 @@ def main() -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 start = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
                 loss = steps[name]()
             if cuda:
                 torch.cuda.synchronize()
             if r >= a.warmup:  # after the first step (warm-up), AdamW's moments are resident, not a rise
                 times[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
                 if cuda:  # own resident state + what the step added on top of what was allocated
                     peak[name] = max(peak[name], resident[name]() + torch.cuda.max_memory_allocated() - start)
             if not math.isfinite(loss):
                 raise RuntimeError(f"{name}: non-finite loss {loss}")
     ours_ms, peer_ms = statistics.median(times["ours"]), statistics.median(times["peer"])
+    ours_cpu, peer_cpu = statistics.median(cpu["ours"]), statistics.median(cpu["peer"])
     mem_ratio = peak["ours"] / peak["peer"] if cuda else math.nan
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), threads "
@@ -155,8 +160,10 @@ def main() -> None:
               else "memory not measured on the CPU")
     print(f"ours {ours_ms:.1f} ms, peer {peer_ms:.1f} ms (+ {statistics.median(collate_ms):.1f} ms of CPU masking "
           f"not counted); {memory}")
+    print(f"CPU time (process, median; meaningful on the CPU device): ours {ours_cpu:.1f} ms, peer {peer_cpu:.1f} ms, "
+          f"ratio {peer_cpu / ours_cpu:.3f}")
     print(f"RESULT name=mlm_vs_hf ours_ms={ours_ms:.2f} peer_ms={peer_ms:.2f} ratio={peer_ms / ours_ms:.3f} "
-          f"mem_ratio={mem_ratio:.3f}")
+          f"mem_ratio={mem_ratio:.3f} cpu_ratio={peer_cpu / ours_cpu:.3f} load={os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
