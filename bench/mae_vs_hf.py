@@ -28,7 +28,8 @@ as a quick CPU smoke of the script; its numbers are not the benchmark.
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736 \\
         .venv/bin/python bench/mae_vs_hf.py [--batches 8,32] [--warmup 1 --rounds 5] [--threads 2] [--small]
 
-Ends with: RESULT name=mae_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer>
+Ends with: RESULT name=mae_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer> cpu_ratio=<peer/ours>
+load=<1-min load average> (cpu_ratio: the same ratio of the workers' process CPU time, steadier under load)
 """
 
 from __future__ import annotations
@@ -127,13 +128,13 @@ def worker(a) -> None:
         if cmd in ("step", "warmup"):
             if cmd == "warmup":
                 saved.clear()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if cmd == "warmup" else nullcontext():
                 loss = loss_of(images)
             loss.backward()
             model.zero_grad(set_to_none=True)
-            ms = (time.perf_counter() - t0) * 1e3
-            print(json.dumps({"ms": ms, "loss": float(loss)}), flush=True)
+            ms, cpu = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+            print(json.dumps({"ms": ms, "cpu": cpu, "loss": float(loss.detach())}), flush=True)
         elif cmd == "quit":
             print(json.dumps({"hwm": _status("VmHWM"), "base": base, "params": params,
                               "saved": sum(saved.values())}), flush=True)
@@ -170,19 +171,22 @@ class Side:
 def run_config(batch: int, a) -> dict:
     sides = {name: Side(name, batch, a) for name in ("ours", "peer")}
     times: dict[str, list[float]] = {"ours": [], "peer": []}
+    cpu: dict[str, list[float]] = {"ours": [], "peer": []}
     losses: dict[str, float] = {}
     for _ in range(a.warmup):
         for name, s in sides.items():
             losses[name] = s.send("warmup")["loss"]
     for r in range(a.rounds):
         for name in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
-            times[name].append(sides[name].send("step")["ms"])
+            r_ = sides[name].send("step")
+            times[name].append(r_["ms"])
+            cpu[name].append(r_["cpu"])
         print(f"  batch {batch} round {r}: ours {times['ours'][-1]:.0f} ms, peer {times['peer'][-1]:.0f} ms",
               flush=True)
     mem = {name: s.quit() for name, s in sides.items()}
     return {
         name: {
-            "median": statistics.median(times[name]), "min": min(times[name]), "max": max(times[name]),
+            "median": statistics.median(times[name]), "cpu": statistics.median(cpu[name]), "min": min(times[name]), "max": max(times[name]),
             "hwm": mem[name]["hwm"] / 2**20, "delta": (mem[name]["hwm"] - mem[name]["base"]) / 2**20,
             "params": mem[name]["params"], "saved": mem[name]["saved"] / 2**20, "loss": losses.get(name, float("nan")),
         }
@@ -228,14 +232,18 @@ def main() -> None:
               f"| {o['loss']:.3f} / {q['loss']:.3f} |")
     ours_ms = sum(r["ours"]["median"] for r in results.values())
     peer_ms = sum(r["peer"]["median"] for r in results.values())
+    ours_cpu = sum(r["ours"]["cpu"] for r in results.values())
+    peer_cpu = sum(r["peer"]["cpu"] for r in results.values())
     mem_ratio = sum(r["ours"]["delta"] for r in results.values()) / sum(r["peer"]["delta"] for r in results.values())
     print(f"\n(ms: median (min-max) per step; peak: VmHWM of the worker, in parentheses minus its RSS before the "
           f"model was built; saved for backward: tensors autograd kept in the warm-up step, parameters excluded; "
           f"loss: the warm-up step's; under norm-pix it is 1 + the prediction's variance at init: ours follows MAE's "
           f"xavier_uniform Linear init, HF ViTMAE normal(0, 0.02), so ours starts higher.) Wall time {time.perf_counter() - t0:.0f} s, "
           f"load average {os.getloadavg()[0]:.1f}.")
+    print(f"CPU time (worker process, summed medians): ours {ours_cpu:.0f} ms, peer {peer_cpu:.0f} ms, "
+          f"ratio {peer_cpu / ours_cpu:.3f}")
     print(f"RESULT name=mae_vs_hf ours_ms={ours_ms:.0f} peer_ms={peer_ms:.0f} ratio={peer_ms / ours_ms:.3f} "
-          f"mem_ratio={mem_ratio:.3f} load={os.getloadavg()[0]:.1f}")
+          f"mem_ratio={mem_ratio:.3f} cpu_ratio={peer_cpu / ours_cpu:.3f} load={os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
