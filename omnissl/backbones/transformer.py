@@ -217,9 +217,9 @@ class Transformer(nn.Module):
                 x = x if q is None else take_rows(x, q)
                 h = torch.zeros_like(x)
             elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x, h = checkpoint(block, x, attn_mask, q, layout, use_reentrant=False)
+                x, h = checkpoint(block, x, attn_mask, queries=q, layout=layout, use_reentrant=False)
             else:
-                x, h = block(x, attn_mask, q, layout)
+                x, h = block(x, attn_mask, queries=q, layout=layout)  # keywords: a block's hooks see (x, mask)
             if layers is not None:
                 layers.append(x)
             if ffn is not None:
