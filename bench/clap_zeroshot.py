@@ -34,6 +34,14 @@ VARIANTS: dict[str, tuple[Path, list[str]]] = {
     "bow": (TINY, [TEXT + "depth", "0"]),  # text tower without blocks: mean of token + position embeddings, MLP
     "frozen_text": (TINY, ["--model.init_args.freeze_text_layers", "-1"]),  # random frozen text tower
     "dropout": (TINY, [TEXT + "dropout", "0.1", "--model.init_args.encoder.init_args.trunk.init_args.dropout", "0.1"]),
+    # + 2 coarse captions per train clip with a tone or beeps event (each such event named by its pitch or its
+    # sound only: AudioTextDataModule(coarse_captions=2))
+    "coarse": (TINY, ["--data.init_args.coarse_captions", "2"]),
+    # bag-of-words text tower with CLIP's linear projections (the text embedding is additive in the words)
+    "bow_linear": (TINY, [TEXT + "depth", "0", "--model.init_args.projection", "linear"]),
+    "coarse_bow_linear": (TINY, [TEXT + "depth", "0", "--model.init_args.projection", "linear",
+                                 "--data.init_args.coarse_captions", "2"]),
+    "coarse_bow": (TINY, [TEXT + "depth", "0", "--data.init_args.coarse_captions", "2"]),
 }
 
 

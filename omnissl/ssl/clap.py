@@ -496,7 +496,10 @@ def from_checkpoint(encoder: Encoder, heads: dict[str, dict[str, Tensor]], info:
                  fusion_window_s=meta.get("fusion_window_s"), projection=meta.get("projection", "mlp"))
     for name in ("text_encoder", "audio_proj", "text_proj") + (("audio_fusion",) if model.audio_fusion else ()):
         load_strict(getattr(model, name), heads.get(name, {}), f"checkpoint {name}.*")
-    load_strict(model.logit_scale, heads.get("logit_scale", {}), "checkpoint logit_scale.*")
+    scale = dict(heads.get("logit_scale", {}))
+    if set(scale) == {""}:  # a checkpoint from before LogitScale: the module's own 0-dim parameter `logit_scale`
+        scale = {"value": scale[""].reshape(1)}
+    load_strict(model.logit_scale, scale, "checkpoint logit_scale.*")
     return model.eval()
 
 

@@ -303,6 +303,21 @@ def test_linear_projection_keeps_a_bag_of_words_text_tower_additive(tmp_path):
         tiny_clap(projection="conv")
 
 
+def test_a_checkpoint_from_before_the_logit_scale_module_still_loads():
+    """Checkpoints written while the logit scale was the module's own 0-dim parameter (heads "logit_scale": {"":
+    tensor}) load into LogitScale (bench/clap_zeroshot.py --reevaluate reads such runs)."""
+    from omnissl.ssl.clap import from_checkpoint
+
+    m = tiny_clap().eval()
+    heads = {n: getattr(m, n).state_dict() for n in ("text_encoder", "audio_proj", "text_proj")}
+    heads["logit_scale"] = {"": torch.tensor(3.0)}
+    again = from_checkpoint(m.encoder, heads, {"metadata": m.checkpoint_metadata()})
+    assert again.logit_scale.value.tolist() == [3.0]
+    heads["logit_scale"] = {"other": torch.tensor(3.0)}
+    with pytest.raises(ValueError, match="logit_scale"):
+        from_checkpoint(m.encoder, heads, {"metadata": m.checkpoint_metadata()})
+
+
 class _Val(L.Callback):
     """Every validation's metrics (the retrieval and zero-shot ones are logged at the epoch's end)."""
 
