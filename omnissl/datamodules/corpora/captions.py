@@ -30,6 +30,9 @@ single-event clips of all 14 `CLASSES` (zero-shot classification, held-out class
 the held-out classes, so that their accuracy has a binomial standard error of about 0.02 at "small"). Every clip has
 `NUM_CAPTIONS` captions: the canonical one (above) and paraphrases (other words and orders for the same
 factors: "a buzzy tone at a high pitch", "first ..., then ...", "with a faint hiss in the background").
+`coarse_captions` writes vaguer captions of a training clip from its labels, naming each tone or beeps event by
+its pitch or its sound only ("a low sound", "a buzzy tone", "three beeps"); they are not part of the corpus on
+disk (`AudioTextDataModule(coarse_captions=k)` adds them to the train clips).
 
 Layout of `out/`: `clips/<k>/<i>.wav`, `test/<i>.wav`, `zeroshot/<i>.wav` (16 kHz mono PCM-16); `train.tsv`,
 `valid.tsv`, `test.tsv` (root line, then `relpath<TAB>num_samples<TAB>caption`, the canonical caption; valid =
