@@ -54,6 +54,7 @@ from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, class_index, crop_start, data_root,
                                         encode_labels, is_embedded, load_or_next, read_manifest)
+from omnissl.datamodules.corpora import captions as captions_corpus
 from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
 from omnissl.datamodules.shards import ShardItems, is_shards, read_meta
 from omnissl.datamodules.tokenizers import (cached_tokenizer, check_tokenizer, expected_info, load_tokenizer,
@@ -259,8 +260,6 @@ class AudioTextDataModule(DataModule):
         """Add (in place) up to `coarse_captions` captions to each train clip of the embedded corpus that name each
         tone or beeps event by its pitch or its sound only (`corpora.captions.coarse_captions`, drawn from the
         clip's labels with a generator of (corpus seed, clip); those equal to one of its captions are left out)."""
-        from omnissl.datamodules.corpora import captions as corpus
-
         manifest = embedded_corpus(self.train, size=self.embedded_size)["train"]
         labels = {}
         for line in manifest.with_suffix(".labels.jsonl").read_text(encoding="utf-8").splitlines():
@@ -272,7 +271,7 @@ class AudioTextDataModule(DataModule):
             if rel not in labels:
                 raise ValueError(f"{manifest.with_suffix('.labels.jsonl')}: no labels for train clip {rel}")
             rng = np.random.default_rng([0, 11, int(Path(rel).stem)])
-            for c in corpus.coarse_captions(labels[rel], self.coarse_captions, rng):
+            for c in captions_corpus.coarse_captions(labels[rel], self.coarse_captions, rng):
                 if c not in caps:
                     caps.append(c)
 
