@@ -34,6 +34,14 @@ VARIANTS: dict[str, tuple[Path, list[str]]] = {
     "bow": (TINY, [TEXT + "depth", "0"]),  # text tower without blocks: mean of token + position embeddings, MLP
     "frozen_text": (TINY, ["--model.init_args.freeze_text_layers", "-1"]),  # random frozen text tower
     "dropout": (TINY, [TEXT + "dropout", "0.1", "--model.init_args.encoder.init_args.trunk.init_args.dropout", "0.1"]),
+    # + 2 coarse captions per train clip with a tone or beeps event (each such event named by its pitch or its
+    # sound only: AudioTextDataModule(coarse_captions=2))
+    "coarse": (TINY, ["--data.init_args.coarse_captions", "2"]),
+    # bag-of-words text tower with CLIP's linear projections (the text embedding is additive in the words)
+    "bow_linear": (TINY, [TEXT + "depth", "0", "--model.init_args.projection", "linear"]),
+    "coarse_bow_linear": (TINY, [TEXT + "depth", "0", "--model.init_args.projection", "linear",
+                                 "--data.init_args.coarse_captions", "2"]),
+    "coarse_bow": (TINY, [TEXT + "depth", "0", "--data.init_args.coarse_captions", "2"]),
 }
 
 
@@ -71,18 +79,43 @@ def evaluate_model(model, datamodule) -> dict:
     return {"retrieval": res.get("retrieval"), "zeroshot": res["zeroshot"], "per_class": res["per_class"],
             "chance": res["chance"], "prompt": res["prompt"], "num_heldout_clips": n_held, "num_seen_clips": n_seen,
             "heldout_classes": heldout_classes, "num_test_clips": res.get("num_clips"), "zeroshot_prompts": others,
-            "per_class_auc": res.get("per_class_auc")}
+            "per_class_auc": res.get("per_class_auc"), "chance_among_heldout": res.get("chance_among_heldout"),
+            "heldout_wins": res.get("heldout_wins")}
 
 
-def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int, *, force: bool = False) -> dict:
-    """Train (steps > 0) or just build (steps 0) one variant from a seed and evaluate it; cached as JSON."""
+def curve_args(run_dir: Path, every: int) -> list[str]:
+    """LightningCLI arguments for a second ModelCheckpoint that keeps a checkpoint every `every` updates."""
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.init_args.dirpath={run_dir / 'curve'}",
+            f"--trainer.callbacks.init_args.every_n_train_steps={every}",
+            "--trainer.callbacks.init_args.save_top_k=-1", "--trainer.callbacks.init_args.filename=u{step}"]
+
+
+def evaluate_curve(run_dir: Path, datamodule) -> list[dict]:
+    """Each checkpoint `curve_args` kept, evaluated like the final model: [{"step", "zeroshot", "retrieval"}]."""
+    from omnissl.checkpoints import read_checkpoint
+    from omnissl.eval.zeroshot import load_clap
+
+    points = []
+    for ckpt in (run_dir / "curve").glob("*.ckpt"):
+        model, _ = load_clap(ckpt)
+        res = evaluate_model(model, datamodule)
+        points.append({"step": read_checkpoint(ckpt).global_step, "zeroshot": res["zeroshot"],
+                       "retrieval": res["retrieval"]})
+    return sorted(points, key=lambda p: p["step"])
+
+
+def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int, *, force: bool = False,
+            curve: int = 0) -> dict:
+    """Train (steps > 0) or just build (steps 0) one variant from a seed and evaluate it; cached as JSON. curve > 0:
+    also keep a checkpoint every `curve` updates and evaluate each ("curve" in the JSON)."""
     out = RESULTS / f"{variant}_s{steps}_seed{seed}.json"
     if out.exists() and not force:
         return json.loads(out.read_text())
     from omnissl.cli import lightning_cli
 
     run_dir = RUNS / f"{variant}_s{steps}_seed{seed}"
-    args = cli_args(recipe, extra, steps, seed, run_dir)
+    args = cli_args(recipe, extra, steps, seed, run_dir) + (curve_args(run_dir, curve) if curve and steps else [])
     t0 = time.perf_counter()
     if steps == 0:
         cli = lightning_cli(args, run=False)
@@ -97,6 +130,8 @@ def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int,
     res = evaluate_model(cli.model, cli.datamodule)
     res.update(variant=variant, recipe=str(recipe.relative_to(ROOT)), extra=extra, steps=done, seed=seed,
                wall_s=round(wall, 1), load_avg=os.getloadavg()[0], threads=int(os.environ.get("OMP_NUM_THREADS", 0)))
+    if curve and steps:
+        res["curve"] = evaluate_curve(run_dir, cli.datamodule)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     return res
@@ -146,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--untrained", action="store_true", help="also evaluate each variant's initial weights")
     p.add_argument("--summary-only", action="store_true", help="only summarize the finished runs")
     p.add_argument("--reevaluate", action="store_true",
-                   help="evaluate finished runs that lack the per-class AUC again (from their checkpoints)")
+                   help="evaluate finished runs that lack the classic zero-shot accuracy again (from their checkpoints)")
+    p.add_argument("--curve", type=int, default=0,
+                   help="also keep a checkpoint every N updates of each new run and evaluate it (R@k over training)")
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     names = a.variants.split(",")
@@ -159,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                 path = RESULTS / f"{name}_s{steps}_seed{seed}.json"
                 if a.summary_only and not path.exists():
                     continue
-                if a.reevaluate and path.exists() and "zeroshot_auc" not in json.loads(path.read_text())["zeroshot"]:
+                if a.reevaluate and path.exists() and \
+                        "zeroshot_acc_heldout_among_heldout" not in json.loads(path.read_text())["zeroshot"]:
                     reevaluate(path)
-                res = run_one(name, *VARIANTS[name], steps, seed)
+                res = run_one(name, *VARIANTS[name], steps, seed, curve=a.curve)
                 z, r = res["zeroshot"], res["retrieval"] or {}
                 print(f"{name} steps={res['steps']} seed={seed}: held-out {z.get('zeroshot_acc_heldout', float('nan')):.3f} "
                       f"seen {z.get('zeroshot_acc_seen', float('nan')):.3f} all {z['zeroshot_acc']:.3f} test t2a R@1 "
@@ -184,19 +222,56 @@ def main(argv: list[str] | None = None) -> int:
             print(f"RESULT name=clap_zeroshot variant={name} steps={steps} seeds={len(rows)} "
                   f"heldout={held['mean']:.4f} heldout_std={held['std']:.4f} heldout_lo={held['lo']:.4f} "
                   f"heldout_hi={held['hi']:.4f} seen={seen['mean']:.4f} chance={rows[0]['chance']:.4f}")
-            print(f"  held-out ({rows[0]['num_heldout_clips']} clips/seed): {held['text']}; per-seed binomial SE "
-                  f"{held['binomial_se']}; seen: {seen['text']}")
-    print("\n| variant | updates | seed | held-out acc | seen acc | held-out AUC | seen AUC | test t2a R@1 | test t2a R@5 |"
-          " held-out classes (acc) |\n|---|---|---|---|---|---|---|---|---|---|")
+            print(f"  held-out, generalized (argmax over all {len(rows[0]['per_class'])} classes, chance {rows[0]['chance']:.3f}; {rows[0]['num_heldout_clips']} clips/seed): "
+                  f"{held['text']}; per-seed binomial SE {held['binomial_se']}; seen: {seen['text']}")
+            if all("zeroshot_acc_heldout_among_heldout" in r["zeroshot"] for r in rows):
+                classic = summarize(rows, "zeroshot_acc_heldout_among_heldout")
+                print(f"  held-out, classic (argmax over the held-out classes only, chance "
+                      f"{rows[0]['chance_among_heldout']:.3f}): {classic['text']}")
+                print(f"RESULT name=clap_zeroshot_classic variant={name} steps={steps} seeds={len(rows)} "
+                      f"heldout_among_heldout={classic['mean']:.4f} lo={classic['lo']:.4f} hi={classic['hi']:.4f} "
+                      f"chance={rows[0]['chance_among_heldout']:.4f}")
+    if "tiny" in names or (RESULTS / f"tiny_s{a.steps}_seed0.json").exists():
+        from learning import compare
+
+        base = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"tiny_s{a.steps}_seed*.json"))]
+        for name in names:
+            rows = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"{name}_s{a.steps}_seed*.json"))]
+            if name == "tiny" or len(rows) < 2 or len(base) < 2:
+                continue
+            for key in ("zeroshot_acc_heldout", "zeroshot_acc_heldout_among_heldout", "zeroshot_auc_heldout"):
+                x = [r["zeroshot"][key] for r in rows if key in r["zeroshot"]]
+                y = [r["zeroshot"][key] for r in base if key in r["zeroshot"]]
+                if len(x) >= 2 and len(y) >= 2:
+                    c = compare(x, y)
+                    print(f"  {name} - tiny at {a.steps} updates, {key}: {c['diff']:+.3f} (Welch p {c['p']:.3f})")
+    print("\n| variant | updates | seed | held-out acc (all classes) | held-out acc (among held-out) | seen acc | "
+          "held-out AUC | seen AUC | test t2a R@1 | test t2a R@5 | held-out classes (acc) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         for f in sorted(RESULTS.glob(f"{name}_s*_seed*.json")):
             r = json.loads(f.read_text())
             z, ret = r["zeroshot"], r["retrieval"] or {}
             per = ", ".join(f"{c} {acc:.2f}" for c, h, _, acc in r["per_class"] if h)
             g = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
-            print(f"| {name} | {r['steps']} | {r['seed']} | {g(z, 'zeroshot_acc_heldout')} | {g(z, 'zeroshot_acc_seen')} | "
+            print(f"| {name} | {r['steps']} | {r['seed']} | {g(z, 'zeroshot_acc_heldout')} | "
+                  f"{g(z, 'zeroshot_acc_heldout_among_heldout')} | {g(z, 'zeroshot_acc_seen')} | "
                   f"{g(z, 'zeroshot_auc_heldout')} | {g(z, 'zeroshot_auc_seen')} | {g(ret, 't2a_R@1')} | "
                   f"{g(ret, 't2a_R@5')} | {per} |")
+    curves = [json.loads(f.read_text()) for name in names for f in sorted(RESULTS.glob(f"{name}_s*_seed*.json"))]
+    curves = [r for r in curves if r.get("curve")]
+    if curves:
+        print("\nOver training (checkpoints of one run; test split retrieval, zero-shot clips):\n\n| variant | seed | update |"
+              " test t2a R@1 | test t2a R@5 | test a2t R@5 | test t2a mAP@10 | held-out acc (all) | held-out acc (among "
+              "held-out) | held-out AUC | seen acc |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in curves:
+            for pt in r["curve"]:
+                z, ret = pt["zeroshot"], pt["retrieval"] or {}
+                g = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
+                print(f"| {r['variant']} | {r['seed']} | {pt['step']} | {g(ret, 't2a_R@1')} | {g(ret, 't2a_R@5')} | "
+                      f"{g(ret, 'a2t_R@5')} | {g(ret, 't2a_mAP@10')} | {g(z, 'zeroshot_acc_heldout')} | "
+                      f"{g(z, 'zeroshot_acc_heldout_among_heldout')} | {g(z, 'zeroshot_auc_heldout')} | "
+                      f"{g(z, 'zeroshot_acc_seen')} |")
     return 0
 
 

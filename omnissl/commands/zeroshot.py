@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     flat = {**results.get("retrieval", {}), **(results.get("zeroshot") or {})}
     if "chance" in results:
         flat["zeroshot_chance"] = results["chance"]
+    if "chance_among_heldout" in results:
+        flat["zeroshot_chance_among_heldout"] = results["chance_among_heldout"]
     if a.json:
         print(json.dumps(flat))
     else:

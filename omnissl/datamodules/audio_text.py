@@ -54,6 +54,7 @@ from omnissl.datamodules.base import DataModule, pretraining_splits
 from omnissl.datamodules.collate import Collate
 from omnissl.datamodules.common import (SkipLog, check_data_args, check_on_error, class_index, crop_start, data_root,
                                         encode_labels, is_embedded, load_or_next, read_manifest)
+from omnissl.datamodules.corpora import captions as captions_corpus
 from omnissl.datamodules.corpora import embedded_corpus, parse_embedded
 from omnissl.datamodules.shards import ShardItems, is_shards, read_meta
 from omnissl.datamodules.tokenizers import (cached_tokenizer, check_tokenizer, expected_info, load_tokenizer,
@@ -164,7 +165,9 @@ class AudioTextDataModule(DataModule):
     """Captioned audio (see module doc). train / valid / test: caption manifests or "embedded:captions" (whose
     valid and test splits are used unless given); without `valid`, a fixed `valid_fraction` of train's clips.
     zeroshot: a labeled audio manifest for zero-shot classification (default with an embedded train: the
-    corpus's zero-shot clips; "none" for none). Attributes known at construction: `vocab_size` (padded to 64),
+    corpus's zero-shot clips; "none" for none). coarse_captions k (embedded corpus only): up to k more captions per
+    train clip that name each tone or beeps event by its pitch or its sound only, not both (`_add_coarse_captions`;
+    valid, test and zero-shot data unchanged). Attributes known at construction: `vocab_size` (padded to 64),
     `pad_id`, `mask_id`, `bos_id`, `eos_id`, `special_ids`; after `setup()`, besides the `DataModule` surface:
     `tokenizer_path`, `eval_captions()`, `zeroshot_data()`, `tokenize()`."""
 
@@ -188,9 +191,16 @@ class AudioTextDataModule(DataModule):
         seed: int = 0,
         on_error: str = "raise",
         cache_dir: str | None = None,
+        coarse_captions: int = 0,
     ) -> None:
         super().__init__(skipping="audio file")
         check_data_args(on_error, train, embedded_size)
+        if coarse_captions < 0:
+            raise ValueError(f"coarse_captions must be >= 0, got {coarse_captions}")
+        if coarse_captions and not (is_embedded(train) and parse_embedded(train)[0] == "captions"):
+            raise ValueError(f"coarse_captions needs the embedded captions corpus (train: embedded:captions), whose "
+                             f"labels name each event's factors; got train={train!r}")
+        self.coarse_captions = coarse_captions
         if max_text_tokens < 3:
             raise ValueError(f"max_text_tokens must be at least 3 (<s> x </s>), got {max_text_tokens}")
         self.train, self.valid, self.test, self.valid_fraction = train, valid, test, valid_fraction
@@ -241,7 +251,29 @@ class AudioTextDataModule(DataModule):
                                        valid_fraction=self.valid_fraction, read=read)
             if sources["test"] is not None:
                 pairs["test"] = read(sources["test"])
-        return {s: ([f for f, _ in ps], [c for _, c in ps]) for s, ps in pairs.items()}
+        out = {s: ([f for f, _ in ps], [c for _, c in ps]) for s, ps in pairs.items()}
+        if self.coarse_captions:
+            self._add_coarse_captions(*out["train"])
+        return out
+
+    def _add_coarse_captions(self, files: list[Path], captions: list[list[str]]) -> None:
+        """Add (in place) up to `coarse_captions` captions to each train clip of the embedded corpus that name each
+        tone or beeps event by its pitch or its sound only (`corpora.captions.coarse_captions`, drawn from the
+        clip's labels with a generator of (corpus seed, clip); those equal to one of its captions are left out)."""
+        manifest = embedded_corpus(self.train, size=self.embedded_size)["train"]
+        labels = {}
+        for line in manifest.with_suffix(".labels.jsonl").read_text(encoding="utf-8").splitlines():
+            lab = json.loads(line)
+            labels[lab["path"]] = lab
+        root = read_manifest(manifest)[0]
+        for i, (f, caps) in enumerate(zip(files, captions)):
+            rel = Path(f).relative_to(root).as_posix()
+            if rel not in labels:
+                raise ValueError(f"{manifest.with_suffix('.labels.jsonl')}: no labels for train clip {rel}")
+            rng = np.random.default_rng([0, 11, int(Path(rel).stem)])
+            for c in captions_corpus.coarse_captions(labels[rel], self.coarse_captions, rng):
+                if c not in caps:
+                    caps.append(c)
 
     def _tokenizer_path(self, captions: list[str]) -> Path:
         if self.tokenizer is not None:

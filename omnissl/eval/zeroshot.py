@@ -87,8 +87,9 @@ def evaluate(model: CLAP, data, *, split: str = "test", prompt: str | None = Non
 
     Returns {"retrieval": metrics, "num_clips", "num_captions", "zeroshot": metrics (accuracies, and the mean
     per-class ROC AUC `class_auc`: zeroshot_auc[_heldout|_seen]) | None, "per_class": [(class, held out?, n,
-    accuracy)], "per_class_auc": {class: AUC}, "chance": 1 / classes, "similarity": (E, E) cosines of the first E
-    clips and their
+    accuracy)], "per_class_auc": {class: AUC}, "chance": 1 / classes, with held-out classes "chance_among_heldout":
+    1 / held-out classes (the chance of `zeroshot_acc_heldout_among_heldout`) and "heldout_wins": {held-out class:
+    {class winning the argmax over all classes: clips}}, "similarity": (E, E) cosines of the first E clips and their
     first captions, "example_captions": [str], "classes": [...]}."""
     model = model.to(device).eval()
     prompt = prompt or model.prompt
@@ -112,7 +113,7 @@ def evaluate(model: CLAP, data, *, split: str = "test", prompt: str | None = Non
         audio, _, labels = _audio_embeddings(model, loader, device)
         scores = audio @ cls.t()
         preds = scores.argmax(-1)
-        out["zeroshot"] = zeroshot_accuracy(preds, labels, heldout)
+        out["zeroshot"] = zeroshot_accuracy(scores, labels, heldout)
         auc = class_auc(scores, labels)
         out["per_class_auc"] = {classes[c]: v for c, v in auc.items()}
         for name, want in (("", None), ("_heldout", True), ("_seen", False)):
@@ -120,6 +121,13 @@ def evaluate(model: CLAP, data, *, split: str = "test", prompt: str | None = Non
             if vals and (want is None or heldout):
                 out["zeroshot"][f"zeroshot_auc{name}"] = sum(vals) / len(vals)
         out["classes"], out["chance"], out["prompt"] = list(classes), 1.0 / len(classes), prompt
+        if heldout and any(heldout):
+            out["chance_among_heldout"] = 1.0 / sum(bool(h) for h in heldout)
+            # which class wins the argmax over all classes on each held-out class's clips
+            out["heldout_wins"] = {classes[c]: {classes[int(k)]: int(n) for k, n in
+                                                enumerate(torch.bincount(preds[labels == c], minlength=len(classes)))
+                                                if n > 0}
+                                   for c in range(len(classes)) if heldout[c] and bool((labels == c).any())}
         for c, name in enumerate(classes):
             sel = labels == c
             if bool(sel.any()):
@@ -148,6 +156,15 @@ def report_markdown(results: dict, *, title: str) -> str:
                           ("zeroshot_acc_seen", "classes seen in training")):
             if key in z:
                 lines.append(f"| {name} | {z[key]:.3f} |")
+        if "zeroshot_acc_heldout_among_heldout" in z:
+            lines += ["", "Classic zero-shot (the held-out clips, argmax over the held-out classes only, as when a "
+                      f"dataset's whole label set is unseen; chance {results['chance_among_heldout']:.3f}): "
+                      f"{z['zeroshot_acc_heldout_among_heldout']:.3f}. The table above is the generalized setting "
+                      "(argmax over all classes, seen ones included)."]
+        if results.get("heldout_wins"):
+            lines += ["", "Winning class (argmax over all classes) on the clips of each held-out class: " + "; ".join(
+                f"{c}: " + ", ".join(f"{k} {n}" for k, n in sorted(w.items(), key=lambda kv: -kv[1])[:3])
+                for c, w in results["heldout_wins"].items())]
         if "zeroshot_auc" in z:
             lines += ["", "Per-class ROC AUC of the class prompt's score (its clips against all others; 0.5 for any "
                       "score that ignores the audio), mean: " + ", ".join(

@@ -45,11 +45,18 @@ PROMPT = "This is a sound of {label}."  # LAION-CLAP `evaluate/eval_zeroshot_cla
 POOLS = ("mean", "cls", "first")
 
 
-class ProjectionMLP(nn.Sequential):
-    """LAION-CLAP's projection: Linear(D, P) -> ReLU -> Linear(P, P) (`audio_projection`, `text_projection`)."""
+PROJECTIONS = ("mlp", "linear")
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__(nn.Linear(in_dim, out_dim), nn.ReLU(), nn.Linear(out_dim, out_dim))
+
+class ProjectionMLP(nn.Sequential):
+    """LAION-CLAP's projection: Linear(D, P) -> ReLU -> Linear(P, P) (`audio_projection`, `text_projection`);
+    with `linear`, CLIP's: one Linear(D, P) (CLIP has no bias there; we keep one)."""
+
+    def __init__(self, in_dim: int, out_dim: int, linear: bool = False) -> None:
+        if linear:
+            super().__init__(nn.Linear(in_dim, out_dim))
+        else:
+            super().__init__(nn.Linear(in_dim, out_dim), nn.ReLU(), nn.Linear(out_dim, out_dim))
 
 
 class AttentionalFusion(nn.Module):
@@ -184,12 +191,13 @@ class CLAP(SSLModule):
     template. zeroshot_every: validate zero-shot every n-th validation (0: never). audio_init_from /
     text_init_from: an omnissl checkpoint or package whose encoder weights start that tower (loaded at `setup`,
     strictly: the tower must be built with the same architecture; a text tower's package also carries the
-    tokenizer the DataModule must use, `data.tokenizer`).
+    tokenizer the DataModule must use, `data.tokenizer`). projection: "mlp" (LAION-CLAP's 2-layer MLP) or
+    "linear" (CLIP's single linear map, which keeps a bag-of-words text tower additive in its words).
 
     Metrics: acc_a2t / acc_t2a (in-batch top-1 of the global batch, local rows), logit_scale (s). At the end of
     a validation epoch: val/a2t_R@{1,5,10}, val/t2a_R@{1,5,10}, val/a2t_mAP@10, val/t2a_mAP@10 on the valid
-    split's captions, and val/zeroshot_acc (with _heldout and _seen breakdowns when the DataModule marks classes
-    held out).
+    split's captions, and val/zeroshot_acc (with _heldout, _seen and _heldout_among_heldout breakdowns when the
+    DataModule marks classes held out: `zeroshot_accuracy`).
     """
 
     def __init__(
@@ -210,6 +218,7 @@ class CLAP(SSLModule):
         audio_init_from: str | None = None,
         text_init_from: str | None = None,
         fusion_window_s: float | None = None,
+        projection: str = "mlp",
         **base,
     ) -> None:
         super().__init__(**base)
@@ -222,14 +231,17 @@ class CLAP(SSLModule):
                 raise ValueError(f"{name}='cls' needs a tower with a CLS token")
         if not 1.0 <= logit_scale_init <= max_logit_scale:
             raise ValueError(f"need 1 <= logit_scale_init <= max_logit_scale, got {logit_scale_init}, {max_logit_scale}")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
         if "{label}" not in prompt:
             raise ValueError(f"the zero-shot prompt must contain '{{label}}', got {prompt!r}")
         self.encoder, self.text_encoder = encoder, text_encoder
         # neither tower is masked: a parameter without a gradient would stop DDP (find_unused_parameters False)
         encoder.mask_emb.requires_grad_(False)
         text_encoder.mask_emb.requires_grad_(False)
-        self.audio_proj = ProjectionMLP(encoder.dim, dim)
-        self.text_proj = ProjectionMLP(text_encoder.dim, dim)
+        self.projection = projection
+        self.audio_proj = ProjectionMLP(encoder.dim, dim, linear=projection == "linear")
+        self.text_proj = ProjectionMLP(text_encoder.dim, dim, linear=projection == "linear")
         self.logit_scale = LogitScale(math.log(logit_scale_init))
         self.dim, self.audio_pool, self.text_pool = dim, audio_pool, text_pool
         self.max_logit_scale, self.gather, self.prompt = max_logit_scale, gather, prompt
@@ -380,31 +392,31 @@ class CLAP(SSLModule):
         tokenize(texts) -> list of id tensors, held-out class flags or None)."""
         loader, classes, tokenize, heldout = data
         classes_emb = self.embed_texts(tokenize([self.prompt.format(label=c) for c in classes]))
-        preds, labels, ids = [], [], []
+        scores, labels, ids = [], [], []
         for batch in loader:
             audio = batch.inputs["audio"].to(self.device)
             lengths = batch.lengths.get("audio")
             a = torch.nn.functional.normalize(self.embed_audio(audio, None if lengths is None
                                                                else lengths.to(self.device)).float(), dim=-1)
-            preds.append((a @ classes_emb.t()).argmax(-1).cpu())
+            scores.append((a @ classes_emb.t()).cpu())
             labels.append(batch.targets["label"].cpu())
             if batch.ids is not None:
                 ids.append(batch.ids.cpu())
-        preds_t, labels_t = torch.cat(preds), torch.cat(labels)
+        scores_t, labels_t = torch.cat(scores), torch.cat(labels)
         if self.attached and self.trainer.world_size > 1:  # each rank classified its shard of the clips
-            preds_t = self.gather_rows(preds_t.to(self.device)).cpu()
+            scores_t = self.gather_rows(scores_t.to(self.device)).cpu()
             labels_t = self.gather_rows(labels_t.to(self.device)).cpu()
-            if len(ids) == len(preds):  # the distributed sampler pads the shards with repeated clips: once each
+            if len(ids) == len(scores):  # the distributed sampler pads the shards with repeated clips: once each
                 _, first = unique_first(self.gather_rows(torch.cat(ids).to(self.device)).cpu())
-                preds_t, labels_t = preds_t[first], labels_t[first]
-        return zeroshot_accuracy(preds_t, labels_t, heldout)
+                scores_t, labels_t = scores_t[first], labels_t[first]
+        return zeroshot_accuracy(scores_t, labels_t, heldout)
 
     # --- checkpoints and packages ------------------------------------------------------------------------------
 
     def checkpoint_metadata(self) -> dict:
         return {"text_encoder": module_config(self.text_encoder), "dim": self.dim, "audio_pool": self.audio_pool,
                 "text_pool": self.text_pool, "max_logit_scale": self.max_logit_scale, "prompt": self.prompt,
-                "fusion_window_s": self.fusion_window_s}
+                "fusion_window_s": self.fusion_window_s, "projection": self.projection}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -428,7 +440,7 @@ class CLAP(SSLModule):
             (out / "text" / "tokenizer.json").write_text(tokenizer, encoding="utf-8")
         settings = {"format": PACKAGE_FORMAT, "version": 1, "dim": self.dim, "audio_pool": self.audio_pool,
                     "text_pool": self.text_pool, "max_logit_scale": self.max_logit_scale, "prompt": self.prompt,
-                    "fusion_window_s": self.fusion_window_s, "info": info or {}}
+                    "fusion_window_s": self.fusion_window_s, "projection": self.projection, "info": info or {}}
         (out / "clap.json").write_text(json.dumps(settings, indent=2) + "\n")
         return out
 
@@ -461,7 +473,8 @@ def load_package(path: str | Path) -> CLAP:
     audio, text = load_backbone(root), load_backbone(root / "text")
     model = CLAP(audio, text, dim=int(settings["dim"]), audio_pool=settings["audio_pool"],
                  text_pool=settings["text_pool"], max_logit_scale=float(settings["max_logit_scale"]),
-                 prompt=settings["prompt"], fusion_window_s=settings.get("fusion_window_s"))
+                 prompt=settings["prompt"], fusion_window_s=settings.get("fusion_window_s"),
+                 projection=settings.get("projection", "mlp"))
     heads = load_head_weights(root)
     load_strict(model.audio_proj, heads["audio_proj"], f"{root} audio_proj")
     if model.audio_fusion is not None:
@@ -480,10 +493,13 @@ def from_checkpoint(encoder: Encoder, heads: dict[str, dict[str, Tensor]], info:
     text = build_module(meta["text_encoder"], "checkpoint.omnissl.metadata.text_encoder")
     model = CLAP(encoder, text, dim=int(meta["dim"]), audio_pool=meta["audio_pool"], text_pool=meta["text_pool"],
                  max_logit_scale=float(meta["max_logit_scale"]), prompt=meta["prompt"],
-                 fusion_window_s=meta.get("fusion_window_s"))
+                 fusion_window_s=meta.get("fusion_window_s"), projection=meta.get("projection", "mlp"))
     for name in ("text_encoder", "audio_proj", "text_proj") + (("audio_fusion",) if model.audio_fusion else ()):
         load_strict(getattr(model, name), heads.get(name, {}), f"checkpoint {name}.*")
-    load_strict(model.logit_scale, heads.get("logit_scale", {}), "checkpoint logit_scale.*")
+    scale = dict(heads.get("logit_scale", {}))
+    if set(scale) == {""}:  # a checkpoint from before LogitScale: the module's own 0-dim parameter `logit_scale`
+        scale = {"value": scale[""].reshape(1)}
+    load_strict(model.logit_scale, scale, "checkpoint logit_scale.*")
     return model.eval()
 
 
@@ -543,14 +559,28 @@ def retrieval_metrics(audio: Tensor, text: Tensor, per_clip: Sequence[int], ks: 
     return out
 
 
-def zeroshot_accuracy(preds: Tensor, labels: Tensor, heldout: Sequence[bool] | None = None) -> dict[str, float]:
-    """{"zeroshot_acc"} (+ "zeroshot_acc_heldout" / "zeroshot_acc_seen" over the clips whose true class is /
-    is not held out, when `heldout` flags each class)."""
-    right = (preds == labels).float()
+def zeroshot_accuracy(scores: Tensor, labels: Tensor, heldout: Sequence[bool] | None = None) -> dict[str, float]:
+    """Zero-shot accuracies from the prompt scores (N, C) of N clips with true classes `labels` (N,).
+
+    "zeroshot_acc": argmax over all C classes. With `heldout` flagging each class, over the clips whose true class
+    is / is not held out: "zeroshot_acc_heldout" / "zeroshot_acc_seen", still the argmax over all C classes (the
+    generalized zero-shot setting: a held-out clip must beat every seen prompt too; chance 1/C), and
+    "zeroshot_acc_heldout_among_heldout", the argmax over the held-out classes only (the classic zero-shot
+    setting of ESC-50 / CLAP papers, where a dataset's whole label set is unseen; chance 1/#held-out)."""
+    if scores.dim() != 2 or scores.shape[0] != labels.shape[0]:
+        raise ValueError(f"scores must be (clips, classes) for {labels.shape[0]} labels, got {tuple(scores.shape)}")
+    right = (scores.argmax(-1) == labels).float()
     out = {"zeroshot_acc": float(right.mean())}
     if heldout is not None:
-        held = torch.as_tensor(list(heldout), dtype=torch.bool)[labels]
+        flags = torch.as_tensor(list(heldout), dtype=torch.bool)
+        if len(flags) != scores.shape[1]:
+            raise ValueError(f"{len(flags)} held-out flags for {scores.shape[1]} classes")
+        held = flags.to(labels.device)[labels]
         for name, sel in (("heldout", held), ("seen", ~held)):
             if bool(sel.any()):
                 out[f"zeroshot_acc_{name}"] = float(right[sel].mean())
+        if bool(held.any()):
+            among = torch.nonzero(flags).flatten().to(scores.device)
+            pred = among[scores[held][:, among].argmax(-1)]
+            out["zeroshot_acc_heldout_among_heldout"] = float((pred == labels[held]).float().mean())
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -228,3 +229,38 @@ def test_held_out_classes_are_new_combinations_of_trained_words():
     n_held = sum(label in corpus.HELD_OUT for label in labels)
     assert n_held >= 600 and math.sqrt(0.25 / n_held) <= 0.021
     assert set(labels) == set(corpus.CLASSES)
+
+
+def test_coarse_captions_name_one_factor_of_train_events_only():
+    """coarse_captions=k adds to each train clip with a tone or beeps event up to k captions that name each such
+    event by its pitch or by its sound, never both (so no caption holds a pitch x sound combination, seen or held
+    out); valid and test clips keep their 5 captions; a corpus without factor labels is refused."""
+    from omnissl.datamodules.corpora import captions as corpus
+
+    plain = make("embedded:captions", embedded_size="tiny")
+    dm = make("embedded:captions", embedded_size="tiny", coarse_captions=2)
+    before, after = plain.manifests(), dm.manifests()
+    assert after["valid"] == before["valid"] and after["test"] == before["test"]
+    combos = [c for c in corpus.CLASSES if c.endswith((" tone", " beeps"))]
+    labels = {json.loads(x)["path"]: json.loads(x) for x in embedded_corpus("embedded:captions", size="tiny")["train"]
+              .with_suffix(".labels.jsonl").read_text().splitlines()}
+    added = 0
+    for f, old, new in zip(after["train"][0], before["train"][1], after["train"][1]):
+        assert new[:len(old)] == old
+        extra = new[len(old):]
+        kinds = {e["kind"] for e in labels[f"clips/{f.parent.name}/{f.name}"]["events"]}
+        assert len(extra) <= 2 and (bool(extra) <= bool(kinds & {"tone", "beeps"}))
+        for c in extra:
+            low = c.lower()
+            assert not any(k in low for k in combos) and not any(k[:-1] in low for k in combos if k.endswith("s")), c
+        added += len(extra)
+    assert added > 0
+    # the coarse phrases themselves: one factor each
+    ev = {"kind": "tone", "level": "normal", "freq_hz": 200.0, "timbre": "buzzy"}
+    rng = np.random.default_rng(0)
+    assert {corpus.coarse_phrase(ev, rng) for _ in range(20)} == {"a low sound", "a buzzy tone"}
+    beeps = {"kind": "beeps", "level": "quiet", "freq_hz": 2000.0, "count": 3}
+    assert {corpus.coarse_phrase(beeps, rng) for _ in range(20)} == {"three short quiet high-pitched sounds",
+                                                                      "three quiet beeps"}
+    with pytest.raises(ValueError, match="coarse_captions needs the embedded captions corpus"):
+        AudioTextDataModule(train="x.tsv", coarse_captions=2)

@@ -48,11 +48,14 @@ def test_zeroshot_from_checkpoint_and_package_agree(clap_ckpt, tmp_path, capsys)
     got, out = run_main([str(clap_ckpt), "--data", "embedded:captions:tiny", "--json", "--report", str(report)],
                         capsys)
     for key in ("a2t_R@1", "a2t_R@5", "a2t_R@10", "t2a_R@1", "a2t_mAP@10", "t2a_mAP@10", "zeroshot_acc",
-                "zeroshot_acc_heldout", "zeroshot_acc_seen", "zeroshot_chance"):
+                "zeroshot_acc_heldout", "zeroshot_acc_seen", "zeroshot_chance", "zeroshot_acc_heldout_among_heldout",
+                "zeroshot_chance_among_heldout"):
         assert key in got and 0.0 <= got[key] <= 1.0, key
     assert got["zeroshot_chance"] == pytest.approx(1 / 14)
+    assert got["zeroshot_chance_among_heldout"] == pytest.approx(1 / 3)  # the classic setting: 3 held-out classes
     assert "RESULT name=zeroshot" in out
     md = (report / "zeroshot.md").read_text()
+    assert "Classic zero-shot" in md and "Winning class" in md
     assert "held-out classes" in md and "low pure tone" in md and (report / "zeroshot_similarity.png").stat().st_size > 0
     # the package (both towers, projections, logit scale, tokenizer) gives the same numbers
     package = export_checkpoint(clap_ckpt, tmp_path / "pkg", heads=True)

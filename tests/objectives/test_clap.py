@@ -164,9 +164,20 @@ def test_retrieval_metrics_on_hand_computed_examples():
 
 
 def test_zeroshot_accuracy_breakdown():
-    preds, labels = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 2, 2, 1])
-    m = zeroshot_accuracy(preds, labels, heldout=[False, True, False])
-    assert m == {"zeroshot_acc": 0.5, "zeroshot_acc_heldout": 0.0, "zeroshot_acc_seen": pytest.approx(2 / 3)}
+    # 4 classes, 1 and 3 held out. Generalized (argmax over all 4): clips 0, 3 right. Classic (argmax over the
+    # held-out classes 1 and 3 only, on the clips of 1 and 3): clip 1 (0.3 > 0.2) and clip 3 (0.4 > 0.1) right,
+    # clip 2 wrong (its class 3 scores 0.1 < 0.6)
+    scores = torch.tensor([[0.9, 0.1, 0.0, 0.0],   # class 0: right
+                           [0.1, 0.3, 0.8, 0.2],   # class 1: a seen class (2) wins; among held-out, 1 wins
+                           [0.0, 0.6, 0.9, 0.1],   # class 3: 2 wins; among held-out, 1 wins
+                           [0.0, 0.1, 0.2, 0.4]])  # class 3: right
+    labels = torch.tensor([0, 1, 3, 3])
+    m = zeroshot_accuracy(scores, labels, heldout=[False, True, False, True])
+    assert m == {"zeroshot_acc": 0.5, "zeroshot_acc_heldout": pytest.approx(1 / 3), "zeroshot_acc_seen": 1.0,
+                 "zeroshot_acc_heldout_among_heldout": pytest.approx(2 / 3)}
+    assert zeroshot_accuracy(scores, labels) == {"zeroshot_acc": 0.5}
+    with pytest.raises(ValueError, match="held-out flags"):
+        zeroshot_accuracy(scores, labels, heldout=[False, True])
 
 
 def test_frozen_towers_get_no_gradient_and_partial_freezing_keeps_the_top():
@@ -263,6 +274,48 @@ def test_package_round_trip(tmp_path):
 
     audio = load_encoder(tmp_path / "pkg")  # the audio tower alone, as any encoder
     assert audio.dim == 32 and (tmp_path / "pkg" / "text" / "tokenizer.json").is_file()
+
+
+def test_linear_projection_keeps_a_bag_of_words_text_tower_additive(tmp_path):
+    """projection="linear" (CLIP's): a text tower without blocks (the mean of per-token features) stays additive
+    in its tokens, t(a b) + t(c d) = t(a d) + t(c b), which the 2-layer MLP (LAION's) breaks; the setting rides in
+    packages and checkpoints' metadata."""
+    torch.manual_seed(0)
+
+    def model(projection):
+        return CLAP(builders.tiny("audio", dim=32, depth=1), builders.tiny("text", dim=32, depth=0, vocab_size=64),
+                    dim=16, text_pool="mean", projection=projection).eval()
+
+    ids = torch.tensor([[0, 5, 6, 2], [0, 7, 8, 2], [0, 5, 8, 2], [0, 7, 6, 2]])
+    with torch.no_grad():
+        for projection, additive in (("linear", True), ("mlp", False)):
+            m = model(projection)
+            t = m.embed_text(ids)
+            assert torch.allclose(t[0] + t[1], t[2] + t[3], atol=1e-5) == additive, projection
+    m = model("linear")
+    assert len(m.text_proj) == 1 and m.checkpoint_metadata()["projection"] == "linear"
+    m.save_package(tmp_path / "pkg", tokenizer='{"fake": true}')
+    again = load_package(tmp_path / "pkg")
+    assert again.projection == "linear"
+    with torch.no_grad():
+        assert torch.allclose(again.embed_text(ids), m.embed_text(ids), atol=1e-6)
+    with pytest.raises(ValueError, match="projection"):
+        tiny_clap(projection="conv")
+
+
+def test_a_checkpoint_from_before_the_logit_scale_module_still_loads():
+    """Checkpoints written while the logit scale was the module's own 0-dim parameter (heads "logit_scale": {"":
+    tensor}) load into LogitScale (bench/clap_zeroshot.py --reevaluate reads such runs)."""
+    from omnissl.ssl.clap import from_checkpoint
+
+    m = tiny_clap().eval()
+    heads = {n: getattr(m, n).state_dict() for n in ("text_encoder", "audio_proj", "text_proj")}
+    heads["logit_scale"] = {"": torch.tensor(3.0)}
+    again = from_checkpoint(m.encoder, heads, {"metadata": m.checkpoint_metadata()})
+    assert again.logit_scale.value.tolist() == [3.0]
+    heads["logit_scale"] = {"other": torch.tensor(3.0)}
+    with pytest.raises(ValueError, match="logit_scale"):
+        from_checkpoint(m.encoder, heads, {"metadata": m.checkpoint_metadata()})
 
 
 class _Val(L.Callback):

@@ -30,6 +30,9 @@ single-event clips of all 14 `CLASSES` (zero-shot classification, held-out class
 the held-out classes, so that their accuracy has a binomial standard error of about 0.02 at "small"). Every clip has
 `NUM_CAPTIONS` captions: the canonical one (above) and paraphrases (other words and orders for the same
 factors: "a buzzy tone at a high pitch", "first ..., then ...", "with a faint hiss in the background").
+`coarse_captions` writes vaguer captions of a training clip from its labels, naming each tone or beeps event by
+its pitch or its sound only ("a low sound", "a buzzy tone", "three beeps"); they are not part of the corpus on
+disk (`AudioTextDataModule(coarse_captions=k)` adds them to the train clips).
 
 Layout of `out/`: `clips/<k>/<i>.wav`, `test/<i>.wav`, `zeroshot/<i>.wav` (16 kHz mono PCM-16); `train.tsv`,
 `valid.tsv`, `test.tsv` (root line, then `relpath<TAB>num_samples<TAB>caption`, the canonical caption; valid =
@@ -236,9 +239,11 @@ def phrase(ev: dict[str, Any], rng: np.random.Generator) -> str:
     return f"{NUMBERS[n]} {quiet}{pitch} beeps"
 
 
-def caption(events: list[dict[str, Any]], background: dict[str, Any] | None, rng: np.random.Generator) -> str:
-    """The caption of the cropped clip: event phrases in time order, then the background."""
-    parts = [phrase(ev, rng) for ev in events]
+def caption(events: list[dict[str, Any]], background: dict[str, Any] | None, rng: np.random.Generator,
+            name: Callable[[dict[str, Any], np.random.Generator], str] | None = None) -> str:
+    """The caption of the cropped clip: event phrases (`name`, default `phrase`) in time order, then the
+    background."""
+    parts = [(name or phrase)(ev, rng) for ev in events]
     if len(parts) == 1:
         text = parts[0]
     elif len(parts) == 2:
@@ -311,6 +316,35 @@ def paraphrases(events: list[dict[str, Any]], background: dict[str, Any] | None,
         if text not in out:
             out.append(text)
     return out
+
+
+def coarse_phrase(ev: dict[str, Any], rng: np.random.Generator) -> str:
+    """A tone or beeps event named by one of its two factors, drawn at random: its pitch alone ("a low sound",
+    "three short high-pitched sounds") or its sound alone ("a buzzy tone", "three beeps"); any other event by its
+    canonical `phrase` (it has no pitch x sound combination)."""
+    if ev["kind"] not in ("tone", "beeps"):
+        return phrase(ev, rng)
+    quiet = "quiet " if ev["level"] == "quiet" else ""
+    p = pitch_word(ev["freq_hz"])
+    by_pitch = bool(rng.random() < 0.5)
+    if ev["kind"] == "tone":
+        return f"a {quiet}{p} sound" if by_pitch else f"a {quiet}{ev['timbre']} tone"
+    n = ev["count"]
+    if by_pitch:
+        return f"a short {quiet}{p} sound" if n == 1 else f"{NUMBERS[n]} short {quiet}{p} sounds"
+    return f"a single {quiet}beep" if n == 1 else f"{NUMBERS[n]} {quiet}beeps"
+
+
+def coarse_captions(labels: dict[str, Any], k: int, rng: np.random.Generator) -> list[str]:
+    """k captions of a clip (its labels: "events", "background") that name each tone or beeps event by its pitch
+    or by its sound only (`coarse_phrase`), never both: what vaguer human captions do, and what teaches the two
+    factors apart (LAION-CLAP's keyword-to-caption captions play that part for AudioSet's labels). Made for
+    training clips only (`AudioTextDataModule(coarse_captions=k)`); a held-out class never occurs in them, as it
+    does not occur in those clips. A clip without a tone or beeps event gets none (only other wordings)."""
+    if not any(ev["kind"] in ("tone", "beeps") for ev in labels["events"]):
+        return []
+    return [caption(labels["events"], labels["background"], rng, coarse_phrase)
+            for _ in range(k)]
 
 
 # -------------------------------------------------------------------------------------------------- render
