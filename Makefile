@@ -30,10 +30,10 @@ test-fast: $(STAMP)
 # weights, accuracy per layer, pretrained vs random init vs log-mel) in runs/demo/report (probe.md + PNG, W&B).
 # It ends with the headline (runs/demo/report/headline.md): pretrained vs log-mel vs random init with 95 %
 # intervals (one seed here: the test set's binomial interval), and the learning curves over seeds
-# (bench/results/learning_curve/recipes-2026-12-06/learning_curve.png, the latest complete curve, copied beside it).
+# (bench/results/learning_curve/recipes/learning_curve.png, the current recipes' curve, copied beside it).
 demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/learning_check.py --objective wav2vec2 --steps 1500 --seeds 0 \
-		--export runs/demo/encoder --report runs/demo/report --curve-tag recipes-2026-12-06
+		--export runs/demo/encoder --report runs/demo/report --curve-tag recipes
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/omnissl probe runs/demo/encoder --train embedded:keywords:small \
 		--valid embedded:keywords:small --test embedded:keywords:small --random-init --baseline \
 		--report runs/demo/report --wandb

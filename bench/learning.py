@@ -170,18 +170,22 @@ def timed_step(model, batch, step: int, optimizer) -> float:
     return time.perf_counter() - t0
 
 
-def step_times(objectives, rounds: int = 10, batches: int = 2) -> dict[str, float]:
+def step_times(objectives, rounds: int = 10, batches: int = 2,
+               variants: dict[str, list[str]] | None = None) -> dict[str, float]:
     """Median seconds per full optimizer step of each objective's CPU recipe on the same fixed batches (the
     first objective's data, 4 s crops, batch 8), the objectives interleaved round by round in one process with
     the order alternating, after one warm-up round: ratios between objectives are far less sensitive to other
-    load on the machine than the times themselves."""
+    load on the machine than the times themselves. variants: more entries "objective@label" -> the extra
+    LightningCLI arguments that make that variant of the objective's recipe (timed like the others)."""
     from omnissl.cli import lightning_cli
 
+    variants = variants or {}
+    objectives = [*objectives, *variants]
     models, optimizers, data = {}, {}, None
     for name in objectives:
         if name.startswith("hubert"):
             hubert_units(0)
-        cli = lightning_cli(pretrain_args(name, 1000, 0), run=False)
+        cli = lightning_cli(pretrain_args(name.split("@")[0], 1000, 0, extra=variants.get(name)), run=False)
         models[name] = cli.model.train()
         optimizers[name] = cli.model.optimizer_factory([p for p in cli.model.parameters() if p.requires_grad])
         if data is None or name.startswith("hubert"):  # HuBERT's batches carry its units; the others ignore them

@@ -53,14 +53,13 @@ NAMES = {"wav2vec2": "wav2vec 2.0", "hubert": "HuBERT (iter. 1)", "hubert2": "Hu
 HUBERT2_LAYER, HUBERT2_CLUSTERS = 2, 100
 
 # Seconds per update of each *_tiny_cpu recipe on the idle 2-core VM, which turn a budget in minutes into the
-# fixed number of steps every run of that budget takes. wav2vec 2.0: 1,500 steps of `make demo` took 272 s of
-# training (0.18 s/step, validation included) and the interleaved timing of bench/data2vec2_vs_wav2vec2.py gave
-# a median full step of 0.213 s, so 0.20; data2vec 2.0: 0.360 s in that same interleaved timing. HuBERT and
-# data2vec v1 are not calibrated on an idle machine yet (provisional: HuBERT has no quantizer and no
-# distractors, as cheap as wav2vec 2.0 or less; data2vec v1 adds a full teacher pass to a wav2vec 2.0-like
-# student); `--calibrate` measures the ratios to wav2vec 2.0 interleaved in one process (a ratio is far less
-# sensitive to load than a time), to be run on an idle machine before those budgets are filled.
-IDLE_STEP_S = {"wav2vec2": 0.20, "hubert": 0.20, "hubert2": 0.20, "data2vec": 0.30, "data2vec2": 0.36}
+# fixed number of steps every run of that budget takes. The anchor: wav2vec 2.0 with the conv extractor, 0.20 s
+# (ANCHOR_STEP_S below). The recipes' log-mel frontend: `--calibrate` on 2026-12-07 02:39 (load average 0.2-0.8;
+# bench/results/learning_curve/calibration.json) timed each recipe interleaved with the anchor: wav2vec 2.0 0.089 s
+# vs the anchor's 0.285 s, HuBERT 0.087, data2vec 0.109, data2vec 2.0 0.208; the ratios times 0.20 s are these.
+# (The conv-extractor recipes of the history tags used wav2vec 2.0 / HuBERT 0.20, data2vec 0.30, data2vec 2.0
+# 0.36: their JSONs record their steps.)
+IDLE_STEP_S = {"wav2vec2": 0.062, "hubert": 0.061, "hubert2": 0.061, "data2vec": 0.077, "data2vec2": 0.146}
 
 
 def steps_for(objective: str, minutes: float) -> int:
@@ -392,16 +391,20 @@ def plot(tag: str, tasks: list[str], points: dict) -> Path:
     return path
 
 
+# The anchor of every calibration: wav2vec 2.0's recipe with the conv extractor, whose full step took 0.20 s on the
+# idle 2-core VM (1,500 steps of `make demo` in 272 s; 0.213 s interleaved in bench/data2vec2_vs_wav2vec2.py).
+ANCHOR, ANCHOR_EXTRA, ANCHOR_STEP_S = "wav2vec2@conv", ["--model.init_args.encoder.init_args.audio_frontend=conv"], 0.20
+
+
 def calibrate(objectives: list[str]) -> None:
-    """Median step time of each objective, interleaved in one process (learning.step_times); the ratios to
-    wav2vec 2.0, anchored at its idle 0.20 s, suggest IDLE_STEP_S. Run it on an idle machine."""
-    names = ["wav2vec2", *[o for o in objectives if o != "wav2vec2"]]
+    """Median step time of each objective, interleaved in one process with the anchor (learning.step_times);
+    the ratios to the anchor, times its idle 0.20 s, suggest IDLE_STEP_S. A ratio is far less sensitive to load
+    than a time; still, run it on a machine as quiet as you can get."""
     load = os.getloadavg()[0]
-    median = learning.step_times(names)
+    median = learning.step_times(objectives, variants={ANCHOR: ANCHOR_EXTRA})
     record = {"median_step_s": median, "load_start": load, "load_end": os.getloadavg()[0],
-              "date": time.strftime("%Y-%m-%d %H:%M"),
-              "suggested_idle_step_s": {n: round(IDLE_STEP_S["wav2vec2"] * median[n] / median["wav2vec2"], 3)
-                                        for n in names}}
+              "date": time.strftime("%Y-%m-%d %H:%M"), "anchor": [ANCHOR, ANCHOR_STEP_S],
+              "suggested_idle_step_s": {n: round(ANCHOR_STEP_S * median[n] / median[ANCHOR], 3) for n in objectives}}
     print(json.dumps(record, indent=1))
     write_json(RESULTS / "calibration.json", record)
 

@@ -67,13 +67,27 @@ def vit_base16(*, pre_norm: bool = True, checkpoint_activations: bool = False) -
 
 def tiny(modality: str = "audio", *, dim: int = 64, depth: int = 2, heads: int = 4, pre_norm: bool = False,
          vocab_size: int = 1024, layerdrop: float = 0.0, dropout: float = 0.0,
-         extractor_mode: str = "group") -> Encoder:
-    """A small encoder of any modality for tests and CPU demos. Audio keeps wav2vec 2.0's kernels and
-    strides (320 samples per token) with 64 channels; extractor_mode "group" (BASE: first-layer GroupNorm, no
-    conv bias) or "layer" (LARGE, fairseq `layer_norm`: per-frame LayerNorm after every conv, conv bias)."""
+         extractor_mode: str = "group", audio_frontend: str = "conv") -> Encoder:
+    """A small encoder of any modality for tests and CPU demos. Audio has 20 ms tokens (320 samples) from a
+    64-wide frontend, projected to `dim`, with wav2vec 2.0's conv positions:
+
+      audio_frontend "conv": wav2vec 2.0's conv extractor (its kernels and strides) with 64 channels;
+        extractor_mode "group" (BASE: first-layer GroupNorm, no conv bias) or "layer" (LARGE, fairseq
+        `layer_norm`: per-frame LayerNorm after every conv, conv bias).
+      audio_frontend "logmel": 64-bin log-mel frames (25 ms window, 10 ms hop, as the log-mel baseline), two
+        frames per token embedded by one linear map (LogMelPatches with patch_freq = n_mels): the input of
+        w2v-BERT / BEST-RQ-style speech encoders. (1 + (T - 400) // 160) // 2 tokens: at most one fewer than the
+        conv extractor's 1 + (T - 400) // 320, within HuBERT's unit alignment.
+        NOTE(ref): wav2vec 2.0, HuBERT and data2vec learn their frontend from the waveform; the objectives run
+        unchanged on this one (the wav2vec 2.0 quantizer then quantizes the embedded frames)."""
     trunk = Transformer(dim=dim, depth=depth, heads=heads, ffn_dim=4 * dim, pre_norm=pre_norm,
                         dropout=dropout, attn_dropout=dropout, layerdrop=layerdrop)
+    if modality == "audio" and audio_frontend == "logmel":
+        return Encoder(LogMelPatches(dim=64, n_mels=64, patch_time=2, patch_freq=64, n_fft=400), trunk,
+                       positions=ConvPositions(dim, kernel=16, groups=4, dropout=dropout))
     if modality == "audio":
+        if audio_frontend != "conv":
+            raise ValueError(f"unknown audio_frontend {audio_frontend!r}; expected conv or logmel")
         conv = tuple((64, k, s) for _, k, s in WAV2VEC2_CONV)
         return Encoder(ConvFeatureExtractor(layers=conv, mode=extractor_mode, bias=extractor_mode == "layer"), trunk,
                        positions=ConvPositions(dim, kernel=16, groups=4, dropout=dropout))

@@ -151,12 +151,13 @@ class ConvFeatureExtractor(nn.Module):
         return h, valid, None
 
 
-# (sample rate, n_mels) -> (mean, std) of LogMelPatches' log(mel + 1e-6) over every frame and bin of the embedded
-# speech corpus's train split (147 utterances, 107 080 frames), measured by
-#   python bench/logmel_stats.py --corpus embedded:speech:small --n-mels 64 128
-LOGMEL_STATS: dict[tuple[int, int], tuple[float, float]] = {
-    (16_000, 64): (-3.9193, 5.3247),
-    (16_000, 128): (-4.7416, 5.1848),
+# (sample rate, n_mels, n_fft) -> (mean, std) of LogMelPatches' log(mel + 1e-6) over every frame and bin of the
+# embedded speech corpus's train split (147 utterances, 107 080 frames at n_fft 1024), measured by
+#   python bench/logmel_stats.py --corpus embedded:speech:small --n-mels 64 128 [--n-fft 400]
+LOGMEL_STATS: dict[tuple[int, int, int], tuple[float, float]] = {
+    (16_000, 64, 1024): (-3.9193, 5.3247),
+    (16_000, 128, 1024): (-4.7416, 5.1848),
+    (16_000, 64, 400): (-4.7780, 5.1514),  # 107 651 frames
 }
 
 
@@ -169,7 +170,10 @@ class LogMelPatches(nn.Module):
     `patch_freq` bins embedded by a strided Conv2d. Tokens are ordered time-major, so the grid is (time
     patches, frequency patches). With `patch_freq = n_mels` each token is a frame stack.
 
-    mean / std default to `LOGMEL_STATS[n_mels]`: the statistics of these very features on the embedded speech
+    n_fft: 1024 (patches: every one of 128 mel filters non-empty) or 400 (the window itself, as kaldi fbank and
+    the log-mel baseline; enough for 64 mels), which gives exactly 1 + (T - 400) // 160 frames.
+
+    mean / std default to `LOGMEL_STATS[sample_rate, n_mels, n_fft]`: the statistics of these very features on the embedded speech
     corpus (`bench/logmel_stats.py`), so the scaled input has mean 0 and std 0.5 there.
     NOTE(ref): AST / AudioMAE use AudioSet's -4.27 / 4.57, measured on kaldi fbank (pre-emphasis, DC removal,
     512-point FFT), not on these features (their lowest bins differ by about 7 nats); pass mean=-4.27,
@@ -186,18 +190,21 @@ class LogMelPatches(nn.Module):
         sample_rate: int = 16_000,
         mean: float | None = None,
         std: float | None = None,
+        n_fft: int = 1024,
     ) -> None:
         super().__init__()
         if n_mels % patch_freq:
             raise ValueError(f"n_mels {n_mels} must be a multiple of patch_freq {patch_freq}")
-        if (mean is None or std is None) and (sample_rate, n_mels) not in LOGMEL_STATS:
-            raise ValueError(f"no measured log-mel statistics for {n_mels} mels at {sample_rate} Hz (have "
-                             f"{sorted(LOGMEL_STATS)}): pass mean and std (bench/logmel_stats.py measures them)")
-        mean = LOGMEL_STATS[sample_rate, n_mels][0] if mean is None else mean
-        std = LOGMEL_STATS[sample_rate, n_mels][1] if std is None else std
+        if n_fft < sample_rate // 40:
+            raise ValueError(f"n_fft {n_fft} is shorter than the 25 ms window ({sample_rate // 40} samples)")
+        key = (sample_rate, n_mels, n_fft)
+        if (mean is None or std is None) and key not in LOGMEL_STATS:
+            raise ValueError(f"no measured log-mel statistics for {n_mels} mels at {sample_rate} Hz with n_fft {n_fft} "
+                             f"(have {sorted(LOGMEL_STATS)}): pass mean and std (bench/logmel_stats.py measures them)")
+        mean = LOGMEL_STATS[key][0] if mean is None else mean
+        std = LOGMEL_STATS[key][1] if std is None else std
         self.hop = sample_rate // 100
-        # a 1024-point FFT of the 25 ms window keeps every one of 128 mel filters non-empty
-        self.n_fft = 1024
+        self.n_fft = n_fft
         self.melspec = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=self.n_fft, win_length=sample_rate // 40, hop_length=self.hop,
             n_mels=n_mels, center=False, power=2.0,
@@ -227,6 +234,11 @@ class LogMelPatches(nn.Module):
     def frames(self, lengths: Tensor) -> Tensor:
         return torch.div(lengths - self.n_fft, self.hop, rounding_mode="floor") + 1
 
+    def token_count(self, lengths: Tensor) -> Tensor:
+        """(B,) samples -> (B,) valid tokens (whole patch rows only)."""
+        rows = torch.div(self.frames(lengths), self.patch_time, rounding_mode="floor")
+        return (rows * (self.n_mels // self.patch_freq)).clamp(min=0)
+
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
         if x.dim() != 2:
             raise ValueError(f"audio must be (B, T), got shape {tuple(x.shape)}")
@@ -237,10 +249,7 @@ class LogMelPatches(nn.Module):
         t = spec.shape[1] - spec.shape[1] % self.patch_time
         h = self.proj(spec[:, None, :t].to(self.proj.weight.dtype))  # (B, D, Tp, Fp)
         grid = (h.shape[2], h.shape[3])
-        valid = None
-        if lengths is not None:
-            valid = torch.div(self.frames(lengths), self.patch_time, rounding_mode="floor") * grid[1]
-            valid = valid.clamp(min=0)
+        valid = None if lengths is None else self.token_count(lengths)
         return rearrange(h, "b d tp fp -> b (tp fp) d"), valid, grid
 
     def patchify(self, x: Tensor) -> Tensor:

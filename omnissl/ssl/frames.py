@@ -20,6 +20,9 @@ def encoder_frames(encoder: nn.Module, lengths: Tensor) -> Tensor:
     layers = getattr(encoder.frontend, "layers", None)
     if layers is not None:
         return conv_output_lengths(lengths, layers)
+    count = getattr(encoder.frontend, "token_count", None)  # LogMelPatches
+    if count is not None:
+        return count(lengths)
     if not encoder.samples_per_token:
         raise ValueError(f"{type(encoder.frontend).__name__} is not a time-based audio frontend")
     return torch.div(lengths, encoder.samples_per_token, rounding_mode="floor")

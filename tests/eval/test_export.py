@@ -277,11 +277,13 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> Path:
-    """last.ckpt of a 2-step `omnissl fit` of the tiny wav2vec 2.0 recipe on synthetic audio."""
+    """last.ckpt of a 2-step `omnissl fit` of the tiny wav2vec 2.0 recipe, with wav2vec 2.0's conv extractor (the
+    frontend transformers' Wav2Vec2Model has), on synthetic audio."""
     root = tmp_path_factory.mktemp("fit")
     (root / "data.yaml").write_text(SYNTHETIC_AUDIO)
     _run([OMNISSL, "fit", "-c", str(ROOT / "recipes/trainer/debug.yaml"), "-c",
           str(ROOT / "recipes/audio/wav2vec2_tiny_cpu.yaml"), "-c", "data.yaml", "--trainer.max_steps", "2",
+          "--model.init_args.encoder.init_args.audio_frontend", "conv",
           "--model.init_args.lr_scheduler.init_args.warmup_steps", "1",  # the schedule follows max_steps
           "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"], cwd=root)
     return next(root.glob("runs/debug/**/last.ckpt"))
