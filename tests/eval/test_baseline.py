@@ -95,7 +95,7 @@ def test_learning_curve_skips_fresh_results_redoes_stale_ones_and_reports(tmp_pa
 
     monkeypatch.setattr(lc, "RESULTS", tmp_path)
     steps = lc.steps_for("wav2vec2", 5)
-    assert steps == 1500 and lc.steps_for("data2vec2", 5) == 830
+    assert steps == 4840 and lc.steps_for("data2vec2", 5) == 2050  # the budgets the README states
     key = lc.config_hash("wav2vec2", steps, [])
     assert key != lc.config_hash("wav2vec2", steps, ["--model.init_args.mask_prob=0.5"])
     assert key != lc.config_hash("wav2vec2", steps + 10, [])
@@ -123,7 +123,7 @@ def test_learning_curve_skips_fresh_results_redoes_stale_ones_and_reports(tmp_pa
     assert sorted(points) == [("keywords", "wav2vec2", 0), ("keywords", "wav2vec2", 5)]  # the stale 10 min left out
     lc.report("t", ["keywords"], commit=False)
     out = capsys.readouterr().out
-    assert "RESULT name=learning_curve task=keywords objective=wav2vec2 minutes=5 steps=1500 mean=0.4200" in out
+    assert "RESULT name=learning_curve task=keywords objective=wav2vec2 minutes=5 steps=4840 mean=0.4200" in out
     assert "0.420 ± 0.020 [0.370, 0.470] (n=3)" in (tmp_path / "t" / "results.md").read_text()
     assert (tmp_path / "t" / "learning_curve.png").stat().st_size > 10_000
     assert json.loads(path.read_text())["config"] == key
