@@ -43,19 +43,44 @@ def test_padded_batch_still_masks(pre_norm):
     assert (unmasked[1, :7] - alone[0]).abs().max() > 1e-2  # the check can fail: without the mask it leaks
 
 
-def test_explicit_cpu_dropout_attention_equals_sdpa():
-    torch.manual_seed(0)
-    attn = Attention(64, 4, dropout=0.25).train()
-    x = torch.randn(3, 16, 64, requires_grad=True)
+def _explicit_and_sdpa(attn: Attention, x: torch.Tensor, mask: torch.Tensor | None):
+    """(outputs, input gradients) of the explicit CPU path and of SDPA, each from dropout seed 5."""
     outs, grads = [], []
     for explicit in (True, False):
         attn.explicit_cpu_dropout = explicit
         torch.manual_seed(5)
-        y = attn(x, None)
+        y = attn(x, mask)
         (gx,) = torch.autograd.grad(y.pow(2).sum(), x)
         outs.append(y.detach())
         grads.append(gx)
+    attn.explicit_cpu_dropout = True
+    return outs, grads
+
+
+def test_explicit_cpu_dropout_attention_equals_sdpa():
+    torch.manual_seed(0)
+    attn = Attention(64, 4, dropout=0.25).train()
+    x = torch.randn(3, 16, 64, requires_grad=True)
+    outs, grads = _explicit_and_sdpa(attn, x, None)
     assert (outs[0] - outs[1]).abs().max() <= 1e-6
     assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max()
     torch.manual_seed(6)
     assert (attn(x, None).detach() - outs[1]).abs().max() > 1e-3  # dropout is on: another seed differs
+
+
+def test_explicit_cpu_dropout_attention_with_a_padding_mask_equals_sdpa():
+    """It also serves padded batches: with a key-padding mask it equals SDPA, and a row with no key to attend
+    to stays finite."""
+    torch.manual_seed(0)
+    attn = Attention(64, 4, dropout=0.25).train()
+    x = torch.randn(3, 16, 64, requires_grad=True)
+    mask = (torch.arange(16)[None] < torch.tensor([16, 9, 12])[:, None])[:, None, None, :]
+    outs, grads = _explicit_and_sdpa(attn, x, mask)
+    assert (outs[0] - outs[1]).abs().max() <= 1e-6
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max()
+    torch.manual_seed(5)
+    unmasked = attn(x, None).detach()
+    assert (unmasked[1] - outs[1][1]).abs().max() > 1e-2  # the mask is applied: without it row 1 differs
+    empty = torch.zeros_like(mask)
+    empty[0] = True  # rows 1 and 2 attend to no key at all
+    assert bool(torch.isfinite(attn(x, empty)).all())
