@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import statistics
-import time
 
 import torch
+
+from sidebyside import device_line, in_process, medians, memory_text, optimizer_step, result_line
 
 
 def build(a, device):
@@ -81,24 +80,15 @@ def build(a, device):
     attention_mask = (~pad).long().to(device)
     ids_d, mel_d = ids.to(device), mel.to(device)
 
-    def ours_step() -> float:
-        out = ours.step(batch)
-        out.loss.backward()
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
-
-    def peer_step() -> float:
-        out = peer(input_ids=ids_d, attention_mask=attention_mask, input_features=mel_d, return_loss=True)
-        out.loss.backward()
-        peer_opt.step()
-        peer_opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+    def peer_loss():
+        return peer(input_ids=ids_d, attention_mask=attention_mask, input_features=mel_d, return_loss=True).loss
 
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     sizes = {"ours audio": count(ours.encoder), "peer audio": count(peer.audio_model),
              "ours text": count(ours.text_encoder), "peer text": count(peer.text_model)}
-    return {"ours": ours_step, "peer": peer_step}, sizes
+    steps = {"ours": optimizer_step(lambda: ours.step(batch).loss, ours_opt),
+             "peer": optimizer_step(peer_loss, peer_opt)}
+    return steps, sizes
 
 
 def main() -> None:
@@ -123,36 +113,15 @@ def main() -> None:
     torch.manual_seed(0)
     steps, sizes = build(a, device)
     cuda = device.type == "cuda"
-    times: dict[str, list[float]] = {"ours": [], "peer": []}
-    peak = {"ours": 0, "peer": 0}
-    order = ["ours", "peer"]
-    for r in range(a.warmup + a.rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
-                loss = steps[name]()
-            if cuda:
-                torch.cuda.synchronize()
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
-            if r >= a.warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-            if not math.isfinite(loss):
-                raise RuntimeError(f"{name}: non-finite loss {loss}")
-    ours_ms, peer_ms = statistics.median(times["ours"]), statistics.median(times["peer"])
+    warm, timed = in_process(steps, device, a.bf16, a.warmup, a.rounds)
+    ms = medians(timed)
+    peak = {name: max(s["peak"] for s in warm[name] + timed[name]) for name in timed}  # warm-up steps included
     mem_ratio = peak["ours"] / peak["peer"] if cuda else math.nan
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), threads "
-          f"{torch.get_num_threads()}, load average {load}; batch {a.batch}, {a.seconds:g} s audio, text "
-          f"{a.dim}x{a.layers} ({a.tokens} tokens), bf16 {a.bf16}")
+    print(f"{device_line(device)}; batch {a.batch}, {a.seconds:g} s audio, text {a.dim}x{a.layers} "
+          f"({a.tokens} tokens), bf16 {a.bf16}")
     print("parameters (M): " + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()))
-    memory = (f"peak memory ours {peak['ours'] / 2**20:.0f} MiB, peer {peak['peer'] / 2**20:.0f} MiB" if cuda
-              else "memory not measured on the CPU")
-    print(f"ours {ours_ms:.1f} ms, peer {peer_ms:.1f} ms; {memory}")
-    print(f"RESULT name=clap_vs_hf ours_ms={ours_ms:.2f} peer_ms={peer_ms:.2f} ratio={peer_ms / ours_ms:.3f} "
-          f"mem_ratio={mem_ratio:.3f}")
+    print(f"ours {ms['ours']:.1f} ms, peer {ms['peer']:.1f} ms; {memory_text(peak, cuda)}")
+    print(result_line("clap_vs_hf", ms["ours"], ms["peer"], ms=".2f", mem_ratio=mem_ratio))
 
 
 if __name__ == "__main__":

@@ -35,28 +35,16 @@ load=<1-min load average> (cpu_ratio: the same ratio of the workers' process CPU
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
 import time
-from contextlib import nullcontext
+
+from sidebyside import add_worker_args, memory_table, result_line, round_line, run_workers, serve, totals
 
 BASE = {"image": 224, "patch": 16, "dim": 768, "depth": 12, "heads": 12, "ffn": 3072,
         "dec_dim": 512, "dec_depth": 8, "dec_heads": 16}
 SMALL = {"image": 64, "patch": 16, "dim": 192, "depth": 2, "heads": 3, "ffn": 768,
          "dec_dim": 128, "dec_depth": 2, "dec_heads": 4}
 MASK_RATIO = 0.75
-
-
-def _status(key: str) -> int:
-    """VmHWM / VmRSS of this process, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def build_ours(d: dict):
@@ -110,98 +98,34 @@ def worker(a) -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     images = torch.randn(a.batch, 3, d["image"], d["image"], generator=torch.Generator().manual_seed(0))
-    base = _status("VmRSS")
-    model, loss_of = (build_ours if a.worker == "ours" else build_peer)(d)
-    params = sum(p.numel() for p in model.parameters())
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
 
-    def pack(t):  # what autograd keeps for backward (activations), each storage once, parameters excluded
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_storages:
-            saved[s.data_ptr()] = s.nbytes()
-        return t
+    def build():
+        model, loss_of = (build_ours if a.worker == "ours" else build_peer)(d)
 
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        cmd = line.strip()
-        if cmd in ("step", "warmup"):
-            if cmd == "warmup":
-                saved.clear()
-            t0, c0 = time.perf_counter(), time.process_time()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if cmd == "warmup" else nullcontext():
-                loss = loss_of(images)
+        def step():
+            loss = loss_of(images)
             loss.backward()
             model.zero_grad(set_to_none=True)
-            ms, cpu = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
-            print(json.dumps({"ms": ms, "cpu": cpu, "loss": float(loss.detach())}), flush=True)
-        elif cmd == "quit":
-            print(json.dumps({"hwm": _status("VmHWM"), "base": base, "params": params,
-                              "saved": sum(saved.values())}), flush=True)
-            return
+            return loss.detach()
 
+        return model, step
 
-class Side:
-    """A worker subprocess holding one model, stepped over a pipe."""
-
-    def __init__(self, name: str, batch: int, a) -> None:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--batch", str(batch),
-               "--threads", str(a.threads)] + (["--small"] if a.small else [])
-        self.name = name
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._read()
-
-    def _read(self) -> dict:
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.name} worker died (exit {self.p.wait()})")
-        return json.loads(line)
-
-    def send(self, cmd: str) -> dict:
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        return self._read()
-
-    def quit(self) -> dict:
-        out = self.send("quit")
-        self.p.wait()
-        return out
+    serve(build)
 
 
 def run_config(batch: int, a) -> dict:
-    sides = {name: Side(name, batch, a) for name in ("ours", "peer")}
-    times: dict[str, list[float]] = {"ours": [], "peer": []}
-    cpu: dict[str, list[float]] = {"ours": [], "peer": []}
-    losses: dict[str, float] = {}
-    for _ in range(a.warmup):
-        for name, s in sides.items():
-            losses[name] = s.send("warmup")["loss"]
-    for r in range(a.rounds):
-        for name in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
-            r_ = sides[name].send("step")
-            times[name].append(r_["ms"])
-            cpu[name].append(r_["cpu"])
-        print(f"  batch {batch} round {r}: ours {times['ours'][-1]:.0f} ms, peer {times['peer'][-1]:.0f} ms",
-              flush=True)
-    mem = {name: s.quit() for name, s in sides.items()}
-    return {
-        name: {
-            "median": statistics.median(times[name]), "cpu": statistics.median(cpu[name]), "min": min(times[name]), "max": max(times[name]),
-            "hwm": mem[name]["hwm"] / 2**20, "delta": (mem[name]["hwm"] - mem[name]["base"]) / 2**20,
-            "params": mem[name]["params"], "saved": mem[name]["saved"] / 2**20, "loss": losses.get(name, float("nan")),
-        }
-        for name in sides
-    }
+    def argv(name: str) -> list[str]:
+        return [os.path.abspath(__file__), "--worker", name, "--batch", str(batch), "--threads", str(a.threads)] + (
+            ["--small"] if a.small else [])
+
+    return run_workers(argv, a.warmup, a.rounds, after_round=round_line(f"batch {batch}"))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    add_worker_args(p)
     p.add_argument("--small", action="store_true", help="a small model for a quick smoke run (not the benchmark)")
-    p.add_argument("--worker", choices=("ours", "peer"))
     p.add_argument("--batch", type=int)
     a = p.parse_args()
     if a.worker:
@@ -220,30 +144,17 @@ def main() -> None:
     results = {b: run_config(b, a) for b in batches}
 
     print()
-    print("| batch | ours ms (median) | peer ms (median) | peer/ours | ours peak MiB (step) | peer peak MiB (step) "
-          "| ours/peer mem (step) | saved for backward MiB ours / peer | params ours / peer | loss ours / peer |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for b, r in results.items():
-        o, q = r["ours"], r["peer"]
-        print(f"| {b} | {o['median']:.0f} ({o['min']:.0f}-{o['max']:.0f}) | {q['median']:.0f} "
-              f"({q['min']:.0f}-{q['max']:.0f}) | {q['median'] / o['median']:.3f} | {o['hwm']:.0f} ({o['delta']:.0f}) "
-              f"| {q['hwm']:.0f} ({q['delta']:.0f}) | {o['delta'] / q['delta']:.3f} "
-              f"| {o['saved']:.0f} / {q['saved']:.0f} | {o['params'] / 1e6:.2f}M / {q['params'] / 1e6:.2f}M "
-              f"| {o['loss']:.3f} / {q['loss']:.3f} |")
-    ours_ms = sum(r["ours"]["median"] for r in results.values())
-    peer_ms = sum(r["peer"]["median"] for r in results.values())
-    ours_cpu = sum(r["ours"]["cpu"] for r in results.values())
-    peer_cpu = sum(r["peer"]["cpu"] for r in results.values())
-    mem_ratio = sum(r["ours"]["delta"] for r in results.values()) / sum(r["peer"]["delta"] for r in results.values())
+    memory_table(results, "batch", loss=True)
+    ms, cpu, delta = totals(results, "median"), totals(results, "cpu"), totals(results, "delta")
     print(f"\n(ms: median (min-max) per step; peak: VmHWM of the worker, in parentheses minus its RSS before the "
           f"model was built; saved for backward: tensors autograd kept in the warm-up step, parameters excluded; "
           f"loss: the warm-up step's; under norm-pix it is 1 + the prediction's variance at init: ours follows MAE's "
           f"xavier_uniform Linear init, HF ViTMAE normal(0, 0.02), so ours starts higher.) Wall time {time.perf_counter() - t0:.0f} s, "
           f"load average {os.getloadavg()[0]:.1f}.")
-    print(f"CPU time (worker process, summed medians): ours {ours_cpu:.0f} ms, peer {peer_cpu:.0f} ms, "
-          f"ratio {peer_cpu / ours_cpu:.3f}")
-    print(f"RESULT name=mae_vs_hf ours_ms={ours_ms:.0f} peer_ms={peer_ms:.0f} ratio={peer_ms / ours_ms:.3f} "
-          f"mem_ratio={mem_ratio:.3f} cpu_ratio={peer_cpu / ours_cpu:.3f} load={os.getloadavg()[0]:.1f}")
+    print(f"CPU time (worker process, summed medians): ours {cpu['ours']:.0f} ms, peer {cpu['peer']:.0f} ms, "
+          f"ratio {cpu['peer'] / cpu['ours']:.3f}")
+    print(result_line("mae_vs_hf", ms["ours"], ms["peer"], mem_ratio=delta["ours"] / delta["peer"],
+                      cpu_ratio=cpu["peer"] / cpu["ours"], load=True))
 
 
 if __name__ == "__main__":

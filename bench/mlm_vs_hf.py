@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import time
 
 import torch
+
+from sidebyside import device_line, in_process, medians, memory_text, optimizer_step, result_line
 
 
 def build(a, device):
@@ -82,25 +83,17 @@ def build(a, device):
     attention_mask = (~pad).long()
     collate_ms: list[float] = []
 
-    def ours_step() -> float:
-        out = ours.step(batch)
-        out.loss.backward()
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
-
-    def peer_step() -> float:
+    def peer_loss():
         t0 = time.perf_counter()
         inputs, labels = collator.torch_mask_tokens(ids.clone())
         collate_ms.append((time.perf_counter() - t0) * 1e3)
         out = peer(input_ids=inputs.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device))
-        out.loss.backward()
-        peer_opt.step()
-        peer_opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+        return out.loss
 
     resident = {"ours": lambda: resident_bytes(ours, ours_opt), "peer": lambda: resident_bytes(peer, peer_opt)}
-    return {"ours": ours_step, "peer": peer_step}, collate_ms, resident
+    steps = {"ours": optimizer_step(lambda: ours.step(batch).loss, ours_opt),
+             "peer": optimizer_step(peer_loss, peer_opt)}
+    return steps, collate_ms, resident
 
 
 def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -127,43 +120,20 @@ def main() -> None:
     torch.manual_seed(0)
     steps, collate_ms, resident = build(a, device)
     cuda = device.type == "cuda"
-    times: dict[str, list[float]] = {"ours": [], "peer": []}
-    cpu: dict[str, list[float]] = {"ours": [], "peer": []}  # process CPU time: steadier than wall under load
-    peak = {"ours": 0, "peer": 0}
-    order = ["ours", "peer"]
-    for r in range(a.warmup + a.rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                start = torch.cuda.memory_allocated()
-            t0, c0 = time.perf_counter(), time.process_time()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
-                loss = steps[name]()
-            if cuda:
-                torch.cuda.synchronize()
-            if r >= a.warmup:  # after the first step (warm-up), AdamW's moments are resident, not a rise
-                times[name].append((time.perf_counter() - t0) * 1e3)
-                cpu[name].append((time.process_time() - c0) * 1e3)
-                if cuda:  # own resident state + what the step added on top of what was allocated
-                    peak[name] = max(peak[name], resident[name]() + torch.cuda.max_memory_allocated() - start)
-            if not math.isfinite(loss):
-                raise RuntimeError(f"{name}: non-finite loss {loss}")
-    ours_ms, peer_ms = statistics.median(times["ours"]), statistics.median(times["peer"])
-    ours_cpu, peer_cpu = statistics.median(cpu["ours"]), statistics.median(cpu["peer"])
+    _, timed = in_process(steps, device, a.bf16, a.warmup, a.rounds)
+    ms, cpu = medians(timed), medians(timed, "cpu")  # process CPU time: steadier than wall under load
+    # on CUDA: own resident state + what the step added on top of what was allocated; timed steps only: after the
+    # first step (warm-up) AdamW's moments are resident, not a rise (and the resident state no longer changes)
+    peak = {name: max(resident[name]() + s["peak"] - s["start"] for s in steps_) if cuda else 0
+            for name, steps_ in timed.items()}
     mem_ratio = peak["ours"] / peak["peer"] if cuda else math.nan
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), threads "
-          f"{torch.get_num_threads()}, load average {load}; dims {a.dim}x{a.layers}, vocab {a.vocab}, batch "
-          f"{a.batch} x {a.seq}, bf16 {a.bf16}")
-    memory = (f"peak memory ours {peak['ours'] / 2**20:.0f} MiB, peer {peak['peer'] / 2**20:.0f} MiB" if cuda
-              else "memory not measured on the CPU")
-    print(f"ours {ours_ms:.1f} ms, peer {peer_ms:.1f} ms (+ {statistics.median(collate_ms):.1f} ms of CPU masking "
-          f"not counted); {memory}")
-    print(f"CPU time (process, median; meaningful on the CPU device): ours {ours_cpu:.1f} ms, peer {peer_cpu:.1f} ms, "
-          f"ratio {peer_cpu / ours_cpu:.3f}")
-    print(f"RESULT name=mlm_vs_hf ours_ms={ours_ms:.2f} peer_ms={peer_ms:.2f} ratio={peer_ms / ours_ms:.3f} "
-          f"mem_ratio={mem_ratio:.3f} cpu_ratio={peer_cpu / ours_cpu:.3f} load={os.getloadavg()[0]:.1f}")
+    print(f"{device_line(device)}; dims {a.dim}x{a.layers}, vocab {a.vocab}, batch {a.batch} x {a.seq}, bf16 {a.bf16}")
+    print(f"ours {ms['ours']:.1f} ms, peer {ms['peer']:.1f} ms (+ {statistics.median(collate_ms):.1f} ms of CPU "
+          f"masking not counted); {memory_text(peak, cuda)}")
+    print(f"CPU time (process, median; meaningful on the CPU device): ours {cpu['ours']:.1f} ms, peer "
+          f"{cpu['peer']:.1f} ms, ratio {cpu['peer'] / cpu['ours']:.3f}")
+    print(result_line("mlm_vs_hf", ms["ours"], ms["peer"], ms=".2f", mem_ratio=mem_ratio,
+                      cpu_ratio=cpu["peer"] / cpu["ours"], load=True))
 
 
 if __name__ == "__main__":

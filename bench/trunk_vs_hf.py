@@ -38,24 +38,12 @@ Ends with: RESULT name=trunk_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
 import time
-from contextlib import nullcontext
+
+from sidebyside import add_worker_args, memory_table, result_line, round_line, run_workers, serve, totals
 
 VOCAB, DIM, DEPTH, HEADS, FFN = 50265, 768, 12, 12, 3072
-
-
-def _status(key: str) -> int:
-    """VmHWM / VmRSS of this process, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def build_ours():
@@ -85,101 +73,44 @@ def build_peer():
 
 
 def worker(a) -> None:
-    import torch
-    import transformers  # noqa: F401  both workers import the same libraries: equal baselines
+    import importlib
 
-    import omnissl.backbones.builders  # noqa: F401
+    import torch
+
+    # both workers import the same libraries: equal baselines
+    for lib in ("transformers", "omnissl.backbones.builders"):
+        importlib.import_module(lib)
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     ids = torch.randint(3, VOCAB, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
-    base = _status("VmRSS")
-    model, forward = (build_ours if a.worker == "ours" else build_peer)()
-    params = sum(p.numel() for p in model.parameters())
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
 
-    def pack(t):  # what autograd keeps for backward (activations), each storage once, parameters excluded
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_storages:
-            saved[s.data_ptr()] = s.nbytes()
-        return t
+    def build():
+        model, forward = (build_ours if a.worker == "ours" else build_peer)()
 
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        cmd = line.strip()
-        if cmd in ("step", "warmup"):
-            if cmd == "warmup":
-                saved.clear()
-            t0 = time.perf_counter()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if cmd == "warmup" else nullcontext():
-                loss = forward(ids).pow(2).mean()
+        def step():
+            loss = forward(ids).pow(2).mean()
             loss.backward()
             model.zero_grad(set_to_none=True)
-            ms = (time.perf_counter() - t0) * 1e3
-            print(json.dumps({"ms": ms}), flush=True)
-        elif cmd == "quit":
-            print(json.dumps({"hwm": _status("VmHWM"), "base": base, "params": params,
-                              "saved": sum(saved.values())}), flush=True)
-            return
+            return loss.detach()
 
+        return model, step
 
-class Side:
-    """A worker subprocess holding one model, stepped over a pipe."""
-
-    def __init__(self, name: str, batch: int, seq: int, threads: int) -> None:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--batch", str(batch), "--seq", str(seq),
-               "--threads", str(threads)]
-        self.name = name
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._read()
-
-    def _read(self) -> dict:
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.name} worker died (exit {self.p.wait()})")
-        return json.loads(line)
-
-    def send(self, cmd: str) -> dict:
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        return self._read()
-
-    def quit(self) -> dict:
-        out = self.send("quit")
-        self.p.wait()
-        return out
+    serve(build)
 
 
 def run_config(batch: int, seq: int, a) -> dict:
-    sides = {name: Side(name, batch, seq, a.threads) for name in ("ours", "peer")}
-    times: dict[str, list[float]] = {"ours": [], "peer": []}
-    for _ in range(a.warmup):
-        for s in sides.values():
-            s.send("warmup")
-    for r in range(a.rounds):
-        for name in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
-            times[name].append(sides[name].send("step")["ms"])
-        print(f"  {batch}x{seq} round {r}: ours {times['ours'][-1]:.0f} ms, peer {times['peer'][-1]:.0f} ms",
-              flush=True)
-    mem = {name: s.quit() for name, s in sides.items()}
-    return {
-        name: {
-            "median": statistics.median(times[name]), "min": min(times[name]), "max": max(times[name]),
-            "hwm": mem[name]["hwm"] / 2**20, "delta": (mem[name]["hwm"] - mem[name]["base"]) / 2**20,
-            "params": mem[name]["params"], "saved": mem[name]["saved"] / 2**20,
-        }
-        for name in sides
-    }
+    def argv(name: str) -> list[str]:
+        return [os.path.abspath(__file__), "--worker", name, "--batch", str(batch), "--seq", str(seq),
+                "--threads", str(a.threads)]
+
+    return run_workers(argv, a.warmup, a.rounds, after_round=round_line(f"{batch}x{seq}"))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="8x128,2x512", help="comma-separated BATCHxSEQ")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--worker", choices=("ours", "peer"))
+    add_worker_args(p)
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
     a = p.parse_args()
@@ -197,23 +128,12 @@ def main() -> None:
     results = {(b, n): run_config(b, n, a) for b, n in configs}
 
     print()
-    print("| batch x seq | ours ms (median) | peer ms (median) | peer/ours | ours peak MiB (step) "
-          "| peer peak MiB (step) | ours/peer mem (step) | saved for backward MiB ours / peer | params ours / peer |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for (b, n), r in results.items():
-        o, q = r["ours"], r["peer"]
-        print(f"| {b} x {n} | {o['median']:.0f} ({o['min']:.0f}-{o['max']:.0f}) | {q['median']:.0f} "
-              f"({q['min']:.0f}-{q['max']:.0f}) | {q['median'] / o['median']:.3f} | {o['hwm']:.0f} ({o['delta']:.0f}) "
-              f"| {q['hwm']:.0f} ({q['delta']:.0f}) | {o['delta'] / q['delta']:.3f} "
-              f"| {o['saved']:.0f} / {q['saved']:.0f} | {o['params'] / 1e6:.2f}M / {q['params'] / 1e6:.2f}M |")
-    ours_ms = sum(r["ours"]["median"] for r in results.values())
-    peer_ms = sum(r["peer"]["median"] for r in results.values())
-    mem_ratio = sum(r["ours"]["delta"] for r in results.values()) / sum(r["peer"]["delta"] for r in results.values())
+    memory_table({f"{b} x {n}": r for (b, n), r in results.items()}, "batch x seq")
+    ms, delta = totals(results, "median"), totals(results, "delta")
     print(f"\n(ms: median (min-max) per step; peak: VmHWM of the worker, in parentheses minus its RSS before the "
           f"model was built; saved for backward: tensors autograd kept in the warm-up step, parameters excluded.) "
           f"Wall time {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}.")
-    print(f"RESULT name=trunk_vs_hf ours_ms={ours_ms:.0f} peer_ms={peer_ms:.0f} ratio={peer_ms / ours_ms:.3f} "
-          f"mem_ratio={mem_ratio:.3f}")
+    print(result_line("trunk_vs_hf", ms["ours"], ms["peer"], mem_ratio=delta["ours"] / delta["peer"]))
 
 
 if __name__ == "__main__":

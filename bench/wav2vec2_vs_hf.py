@@ -28,14 +28,10 @@ Ends with: RESULT name=wav2vec2_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import statistics
-import subprocess
-import sys
-import time
 
+from sidebyside import add_worker_args, result_line, run_workers, serve
 
 # A learning rate from early in the warm-up: at the peak 5e-4 without warm-up the freshly initialized HF
 # model reaches a NaN loss within 3 updates at 768 x 12, and NaN arithmetic would make its timings meaningless.
@@ -43,15 +39,6 @@ LR = 1e-5
 # torch's single-kernel AdamW on both sides: the default per-tensor loop costs 4-6 s per step at 95 M
 # parameters on a 2-core machine, the same on both sides, and would only dilute the comparison.
 FUSED = True
-
-
-def _status(key: str) -> int:
-    """VmHWM / VmRSS of this process in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def _conv(c: int) -> tuple[tuple[int, int, int], ...]:
@@ -152,56 +139,15 @@ def build_peer(a):
 
 
 def worker(a) -> None:
+    import importlib
+
     import torch
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    build = build_ours if a.worker == "ours" else build_peer
-    if a.worker == "peer":
-        import transformers  # noqa: F401  imports count as baseline, not as the model's memory
-    else:
-        import omnissl.ssl.wav2vec2  # noqa: F401
-    base = _status("VmRSS")
-    step = build(a)
-    params = None
-    print(json.dumps({"ready": True, "base_rss": base}), flush=True)
-    for line in sys.stdin:
-        if line.strip() == "step":
-            c0, t0 = time.process_time(), time.perf_counter()
-            loss = step()
-            ms, cpu_ms = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
-            print(json.dumps({"ms": ms, "cpu_ms": cpu_ms, "loss": loss}), flush=True)
-        elif line.strip() == "quit":
-            print(json.dumps({"hwm": _status("VmHWM"), "base_rss": base, "params": params}), flush=True)
-            return
-
-
-class Side:
-    def __init__(self, name: str, a) -> None:
-        args = [sys.executable, os.path.abspath(__file__), "--worker", name]
-        for k in ("dim", "layers", "heads", "ffn", "conv", "batch", "seconds", "threads"):
-            args += [f"--{k}", str(getattr(a, k))]
-        self.name = name
-        self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ)
-        self.ready = self._read()
-
-    def _read(self) -> dict:
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.name} worker died (exit {self.p.wait()})")
-        return json.loads(line)
-
-    def step(self) -> dict:
-        self.p.stdin.write("step\n")
-        self.p.stdin.flush()
-        return self._read()
-
-    def quit(self) -> dict:
-        self.p.stdin.write("quit\n")
-        self.p.stdin.flush()
-        out = self._read()
-        self.p.wait()
-        return out
+    # imports count as baseline, not as the model's memory
+    importlib.import_module("transformers" if a.worker == "peer" else "omnissl.ssl.wav2vec2")
+    serve(lambda: (None, (build_ours if a.worker == "ours" else build_peer)(a)))
 
 
 def main() -> None:
@@ -213,10 +159,7 @@ def main() -> None:
     p.add_argument("--conv", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--worker", choices=("ours", "peer"))
+    add_worker_args(p)
     a = p.parse_args()
     if a.worker:
         return worker(a)
@@ -224,46 +167,35 @@ def main() -> None:
     print(f"config: {a.dim}d x {a.layers} layers x {a.heads} heads, ffn {a.ffn}, conv {a.conv}; batch {a.batch} x "
           f"{a.seconds:g} s at 16 kHz; CPU fp32, {a.threads} threads; GLIBC_TUNABLES="
           f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
-    sides = {"ours": Side("ours", a), "peer": Side("peer", a)}
-    times: dict[str, list[float]] = {"ours": [], "peer": []}
-    cpu: dict[str, list[float]] = {"ours": [], "peer": []}
-    losses: dict[str, list[float]] = {"ours": [], "peer": []}
-    for _ in range(a.warmup):
-        for s in sides.values():
-            s.step()
-    for r in range(a.rounds):
-        order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
-        for name in order:
-            out = sides[name].step()
-            times[name].append(out["ms"])
-            cpu[name].append(out["cpu_ms"])
-            losses[name].append(out["loss"])
-        print(f"round {r}: ours {times['ours'][-1]:.0f} ms (cpu {cpu['ours'][-1]:.0f}), "
-              f"peer {times['peer'][-1]:.0f} ms (cpu {cpu['peer'][-1]:.0f}); load average {os.getloadavg()[0]:.1f}",
-              flush=True)
-    mem = {name: s.quit() for name, s in sides.items()}
-    bad = {k: v for k, v in losses.items() if not all(math.isfinite(x) for x in v)}
+
+    def argv(name: str) -> list[str]:
+        keys = ("dim", "layers", "heads", "ffn", "conv", "batch", "seconds", "threads")
+        return [os.path.abspath(__file__), "--worker", name] + [v for k in keys for v in (f"--{k}", str(getattr(a, k)))]
+
+    def progress(r: int, last: dict) -> None:
+        o, q = last["ours"], last["peer"]
+        print(f"round {r}: ours {o['ms']:.0f} ms (cpu {o['cpu']:.0f}), peer {q['ms']:.0f} ms (cpu {q['cpu']:.0f}); "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    # warm-up steps are plain steps: no saved-tensor accounting here
+    res = run_workers(argv, a.warmup, a.rounds, warmup_cmd="step", after_round=progress)
+    bad = {k: v["losses"] for k, v in res.items() if not all(math.isfinite(x) for x in v["losses"])}
     if bad:
         raise SystemExit(f"non-finite losses, timings are not comparable: {bad}")
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    hwm = {k: mem[k]["hwm"] / 2**20 for k in sides}
-    delta = {k: (mem[k]["hwm"] - mem[k]["base_rss"]) / 2**20 for k in sides}
+    o, q = res["ours"], res["peer"]
     print()
-    cmed = {k: statistics.median(v) for k, v in cpu.items()}
     print("| side | median wall ms/step | min | max | median CPU ms/step | peak RSS MiB | peak - post-import RSS MiB "
           "| last loss |")
     print("|------|----:|----:|----:|----:|----:|----:|----:|")
-    for k, label in (("ours", "omnissl Wav2Vec2"), ("peer", "HF Wav2Vec2ForPreTraining")):
-        print(f"| {label} | {med[k]:.0f} | {min(times[k]):.0f} | {max(times[k]):.0f} | {cmed[k]:.0f} | {hwm[k]:.0f} "
-              f"| {delta[k]:.0f} | {losses[k][-1]:.3f} |")
-    ratio = med["peer"] / med["ours"]
-    mem_ratio = hwm["ours"] / hwm["peer"]
-    print(f"\nspeed-up (peer/ours): wall {ratio:.2f}x, CPU time {cmed['peer'] / cmed['ours']:.2f}x; peak RSS "
-          f"ours/peer {mem_ratio:.2f} (model+activations only: {delta['ours'] / delta['peer']:.2f}); load average "
+    for r, label in ((o, "omnissl Wav2Vec2"), (q, "HF Wav2Vec2ForPreTraining")):
+        print(f"| {label} | {r['median']:.0f} | {r['min']:.0f} | {r['max']:.0f} | {r['cpu']:.0f} | {r['hwm']:.0f} "
+              f"| {r['delta']:.0f} | {r['losses'][-1]:.3f} |")
+    ratio, mem_ratio = q["median"] / o["median"], o["hwm"] / q["hwm"]
+    print(f"\nspeed-up (peer/ours): wall {ratio:.2f}x, CPU time {q['cpu'] / o['cpu']:.2f}x; peak RSS "
+          f"ours/peer {mem_ratio:.2f} (model+activations only: {o['delta'] / q['delta']:.2f}); load average "
           f"at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"RESULT name=wav2vec2_vs_hf ours_ms={med['ours']:.0f} peer_ms={med['peer']:.0f} ratio={ratio:.2f} "
-          f"mem_ratio={mem_ratio:.2f}")
+    print(result_line("wav2vec2_vs_hf", o["median"], q["median"], ratios=".2f", mem_ratio=mem_ratio))
 
 
 if __name__ == "__main__":

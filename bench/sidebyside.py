@@ -1,0 +1,264 @@
+"""What the side-by-side benches (bench/*_vs_hf.py: ours vs a Hugging Face peer) share: the interleaved rounds,
+the two ways of running the sides, and the summary lines. Each bench keeps how it builds its two sides and
+their step, its table and its docstring (what it measures).
+
+Rounds (`interleave`): warm-up steps, then `rounds` rounds of one step per side, alternating which side goes
+first (ours first in round 0) so that load drift on a shared machine hits both; medians are reported.
+
+- Worker subprocesses (`Side` here, `serve` in the worker; mae, trunk, wav2vec2): each side runs in its own fresh
+  process, driven step by step over a pipe, so that its peak resident set (VmHWM in /proc/self/status) is its
+  own. Each warm-up round runs ours then the peer; the timed rounds alternate from round 0. The worker reads its
+  RSS before building the model (the baseline; the bench imports its libraries and makes its inputs first) and
+  reports VmHWM at the end; a "warmup" step also records the bytes autograd saves for backward (each storage
+  once, parameters excluded), an allocator-independent cross-check.
+- In one process (`in_process`; mlm, clap): warm-up and timed rounds are one alternating sequence; each step
+  optionally under bf16 autocast and, on CUDA, synchronized, with the memory allocated at its start and
+  torch.cuda.max_memory_allocated during it recorded.
+
+Run from a checkout: the benches import it as `sidebyside` (their own folder is on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+SIDES = ("ours", "peer")
+
+
+def interleave(step: Callable[[str, bool], dict], warmup: int, rounds: int, *, alternate_warmup: bool = False,
+               after_round: Callable[[int, dict], None] | None = None) -> tuple[dict, dict]:
+    """Run `warmup` warm-up rounds, then `rounds` timed rounds of `step(side, is_warmup) -> dict`, each round one
+    step per side. Timed round r runs ours first when r is even, the peer first when odd. alternate_warmup: the
+    warm-up rounds alternate too and count in the alternation (one sequence of warmup + rounds); otherwise each
+    warm-up round runs ours first. after_round(r, {side: its step's dict}) follows each timed round.
+    Returns ({side: warm-up dicts}, {side: timed dicts})."""
+    warm: dict[str, list[dict]] = {name: [] for name in SIDES}
+    timed: dict[str, list[dict]] = {name: [] for name in SIDES}
+    for r in range(warmup + rounds):
+        is_warmup = r < warmup
+        k = r if alternate_warmup else max(r - warmup, 0)
+        last = {name: step(name, is_warmup) for name in (SIDES if k % 2 == 0 else SIDES[::-1])}
+        for name, out in last.items():
+            (warm if is_warmup else timed)[name].append(out)
+        if not is_warmup and after_round is not None:
+            after_round(r - warmup, last)
+    return warm, timed
+
+
+def medians(timed: dict, key: str = "ms") -> dict[str, float]:
+    return {name: statistics.median(out[key] for out in steps) for name, steps in timed.items()}
+
+
+def result_line(name: str, ours_ms: float, peer_ms: float, *, ms: str = ".0f", ratios: str = ".3f",
+                load: bool = False, **more: float) -> str:
+    """`RESULT name=... ours_ms=... peer_ms=... ratio=<peer/ours>`, then `more` (mem_ratio=..., cpu_ratio=...) in
+    the given order, all ratios in the format `ratios`; load: the 1-min load average last."""
+    fields = {"ours_ms": f"{ours_ms:{ms}}", "peer_ms": f"{peer_ms:{ms}}", "ratio": f"{peer_ms / ours_ms:{ratios}}"}
+    fields.update({k: f"{v:{ratios}}" for k, v in more.items()})
+    if load:
+        fields["load"] = f"{os.getloadavg()[0]:.1f}"
+    return f"RESULT name={name} " + " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def add_worker_args(p, warmup: int = 1, rounds: int = 5, threads: int = 2) -> None:
+    """The flags the worker-subprocess benches share: --warmup, --rounds, --threads and the internal --worker."""
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--worker", choices=SIDES)
+
+
+def optimizer_step(loss_of: Callable, opt) -> Callable[[], float]:
+    """A training step: loss_of() -> loss, backward, opt.step(), opt.zero_grad(set_to_none=True); -> the loss."""
+    def step() -> float:
+        loss = loss_of()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+# --- each side in its own worker subprocess -----------------------------------------------------------------------
+
+def status(key: str) -> int:
+    """VmHWM / VmRSS of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def serve(build: Callable[[], tuple]) -> None:
+    """A worker's loop. Reads its RSS (the baseline), then `build() -> (model or None, step)`, where step() runs
+    one whole step and returns its loss (a float or a 0-dim tensor); then answers one JSON line per command on
+    stdin: "step" / "warmup" -> {ms, cpu, loss} (wall and process CPU milliseconds; a "warmup" step records the
+    storages autograd saves for backward, parameters of `model` excluded; without a model it is a plain step),
+    "quit" -> {hwm, base, params, saved} and returns."""
+    base = status("VmRSS")
+    model, step = build()
+    parameters = list(model.parameters()) if model is not None else []
+    param_storages = {p.untyped_storage().data_ptr() for p in parameters}
+    saved: dict[int, int] = {}
+
+    def pack(t):  # what autograd keeps for backward (activations), each storage once, parameters excluded
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_storages:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    def recording():
+        if model is None:
+            return nullcontext()
+        from torch.autograd.graph import saved_tensors_hooks
+
+        return saved_tensors_hooks(pack, lambda t: t)
+
+    print(json.dumps({"ready": True, "base": base}), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd in ("step", "warmup"):
+            if cmd == "warmup":
+                saved.clear()
+            t0, c0 = time.perf_counter(), time.process_time()
+            with recording() if cmd == "warmup" else nullcontext():
+                loss = step()
+            ms, cpu = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+            print(json.dumps({"ms": ms, "cpu": cpu, "loss": float(loss)}), flush=True)
+        elif cmd == "quit":
+            params = sum(p.numel() for p in parameters) if model is not None else None
+            print(json.dumps({"hwm": status("VmHWM"), "base": base, "params": params, "saved": sum(saved.values())}),
+                  flush=True)
+            return
+
+
+class Side:
+    """A worker subprocess holding one model, stepped over a pipe; argv: the worker's command line after the
+    Python interpreter (its script, then its flags)."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.p = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} worker died (exit {self.p.wait()})")
+        return json.loads(line)
+
+    def send(self, cmd: str) -> dict:
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def quit(self) -> dict:
+        out = self.send("quit")
+        self.p.wait()
+        return out
+
+
+def run_workers(argv: Callable[[str], list[str]], warmup: int, rounds: int, *, warmup_cmd: str = "warmup",
+                after_round: Callable[[int, dict], None] | None = None) -> dict[str, dict]:
+    """Both sides in fresh workers (`argv(side)`), `interleave`d: warm-up steps send `warmup_cmd`, timed ones
+    "step". Per side: median / min / max wall ms, median CPU ms ("cpu"), the timed losses, the last warm-up loss
+    ("loss", nan without warm-up), peak RSS ("hwm") and peak minus the pre-model baseline ("delta") in MiB, the
+    parameter count, the MiB saved for backward in the last "warmup" step."""
+    sides = {name: Side(name, argv(name)) for name in SIDES}
+    warm, timed = interleave(lambda name, w: sides[name].send(warmup_cmd if w else "step"), warmup, rounds,
+                             after_round=after_round)
+    mem = {name: s.quit() for name, s in sides.items()}
+    out = {}
+    for name in SIDES:
+        times, m = [s["ms"] for s in timed[name]], mem[name]
+        out[name] = {
+            "median": statistics.median(times), "min": min(times), "max": max(times),
+            "cpu": statistics.median(s["cpu"] for s in timed[name]), "losses": [s["loss"] for s in timed[name]],
+            "loss": warm[name][-1]["loss"] if warm[name] else math.nan,
+            "hwm": m["hwm"] / 2**20, "delta": (m["hwm"] - m["base"]) / 2**20, "params": m["params"],
+            "saved": m["saved"] / 2**20,
+        }
+    return out
+
+
+def round_line(label: str) -> Callable[[int, dict], None]:
+    """after_round: `  <label> round r: ours X ms, peer Y ms`."""
+    return lambda r, last: print(f"  {label} round {r}: ours {last['ours']['ms']:.0f} ms, peer "
+                                 f"{last['peer']['ms']:.0f} ms", flush=True)
+
+
+def memory_table(results: dict, first: str, loss: bool = False) -> None:
+    """The markdown table of `run_workers` results per config ({config label: {side: summary}}): wall ms median
+    (min-max), speed ratio, peak RSS (minus baseline), memory ratio, saved for backward, parameters, and with
+    `loss` the warm-up losses."""
+    print(f"| {first} | ours ms (median) | peer ms (median) | peer/ours | ours peak MiB (step) | peer peak MiB (step) "
+          "| ours/peer mem (step) | saved for backward MiB ours / peer | params ours / peer |"
+          + (" loss ours / peer |" if loss else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if loss else ""))
+    for label, r in results.items():
+        o, q = r["ours"], r["peer"]
+        print(f"| {label} | {o['median']:.0f} ({o['min']:.0f}-{o['max']:.0f}) | {q['median']:.0f} "
+              f"({q['min']:.0f}-{q['max']:.0f}) | {q['median'] / o['median']:.3f} | {o['hwm']:.0f} ({o['delta']:.0f}) "
+              f"| {q['hwm']:.0f} ({q['delta']:.0f}) | {o['delta'] / q['delta']:.3f} "
+              f"| {o['saved']:.0f} / {q['saved']:.0f} | {o['params'] / 1e6:.2f}M / {q['params'] / 1e6:.2f}M |"
+              + (f" {o['loss']:.3f} / {q['loss']:.3f} |" if loss else ""))
+
+
+def totals(results: dict, key: str) -> dict[str, float]:
+    """{side: sum over the configs of its summary's `key`}."""
+    return {name: sum(r[name][key] for r in results.values()) for name in SIDES}
+
+
+# --- both sides in this process -----------------------------------------------------------------------------------
+
+def in_process(steps: dict, device, bf16: bool, warmup: int, rounds: int) -> tuple[dict, dict]:
+    """`interleave` (warm-up alternating too) of steps[side]() -> loss, under bf16 autocast when `bf16`; on CUDA
+    synchronized before and after, the peak-memory statistics reset first. Each step's dict: ms, cpu (process
+    CPU ms), loss, start (CUDA memory allocated at its start) and peak (max_memory_allocated during it); 0 on the
+    CPU. A non-finite loss raises."""
+    import torch
+
+    cuda = device.type == "cuda"
+
+    def step(name: str, is_warmup: bool) -> dict:
+        start = 0
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = steps[name]()
+        if cuda:
+            torch.cuda.synchronize()
+        out = {"ms": (time.perf_counter() - t0) * 1e3, "cpu": (time.process_time() - c0) * 1e3, "loss": loss,
+               "start": start, "peak": torch.cuda.max_memory_allocated() if cuda else 0}
+        if not math.isfinite(loss):
+            raise RuntimeError(f"{name}: non-finite loss {loss}")
+        return out
+
+    return interleave(step, warmup, rounds, alternate_warmup=True)
+
+
+def device_line(device) -> str:
+    """`device D (name), threads N, load average L1 L5 L15`."""
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"device {device} ({name}), threads {torch.get_num_threads()}, load average {load}"
+
+
+def memory_text(peak: dict, cuda: bool) -> str:
+    return (f"peak memory ours {peak['ours'] / 2**20:.0f} MiB, peer {peak['peer'] / 2**20:.0f} MiB" if cuda
+            else "memory not measured on the CPU")
