@@ -95,24 +95,9 @@ def smoke_models():
     from omnissl.ssl.wav2vec2 import Wav2Vec2
 
     def audio(units_for=None):
-        dm = SyntheticDataModule(modality="audio", train_size=16, valid_size=0, batch_size=4, min_samples=16000,
-                                 max_samples=32000)
-        if units_for is not None:
-            class Units(torch.utils.data.Dataset):
-                def __init__(self, ds):
-                    self.ds = ds
-
-                def __len__(self):
-                    return len(self.ds)
-
-                def __getitem__(self, i):
-                    item = self.ds[i]
-                    frames = int(encoder_frames(units_for, torch.tensor([item["audio"].numel()]))[0])
-                    item["units"] = (item["label"] + torch.arange(frames) // 4) % 10
-                    return item
-
-            dm.datasets = {k: Units(v) for k, v in dm.datasets.items()}
-        return dm
+        frames = None if units_for is None else lambda n: int(encoder_frames(units_for, torch.tensor([n]))[0])
+        return SyntheticDataModule(modality="audio", train_size=16, valid_size=0, batch_size=4, min_samples=16000,
+                                   max_samples=32000, unit_frames=frames)
 
     def hubert():
         model = HuBERT(tiny("audio"), num_classes=10, final_dim=32)

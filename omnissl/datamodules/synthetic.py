@@ -9,6 +9,7 @@ DataModules.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -22,13 +23,14 @@ MODALITIES = ("audio", "text", "image", "audio_text")
 
 class SyntheticDataset(Dataset):
     def __init__(self, *, modality: str, size: int, seed: int, min_samples: int, max_samples: int,
-                 vocab_size: int, seq_len: int, image_size: int, num_classes: int) -> None:
+                 vocab_size: int, seq_len: int, image_size: int, num_classes: int,
+                 unit_frames: Callable[[int], int] | None = None) -> None:
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; expected {', '.join(MODALITIES)}")
         self.modality, self.size, self.seed = modality, size, seed
         self.min_samples, self.max_samples = min_samples, max_samples
         self.vocab_size, self.seq_len, self.image_size = vocab_size, seq_len, image_size
-        self.num_classes = num_classes
+        self.num_classes, self.unit_frames = num_classes, unit_frames
 
     def __len__(self) -> int:
         return self.size
@@ -43,6 +45,8 @@ class SyntheticDataset(Dataset):
             f0 = 110.0 * 2 ** (label / 2) * (1 + 0.05 * torch.rand(1, generator=g))
             wave = sum(torch.sin(2 * math.pi * f0 * k * time + torch.rand(1, generator=g) * 6.28) / k for k in (1, 2, 3))
             item["audio"] = (0.3 * wave + 0.05 * torch.randn(t, generator=g)).float()
+            if self.unit_frames is not None:  # frame-level units (HuBERT): frame f's unit is (label + f // 4) % 10
+                item["units"] = (label + torch.arange(self.unit_frames(t)) // 4) % 10
         if self.modality in ("text", "audio_text"):
             n = int(torch.randint(self.seq_len // 2, self.seq_len + 1, (1,), generator=g))
             # a periodic sequence per class so there is structure to learn; ids 0-3 are specials
@@ -59,7 +63,8 @@ class SyntheticDataset(Dataset):
 class SyntheticDataModule(DataModule):
     """Synthetic `Batch`es of one modality ("audio", "text", "image", or "audio_text" pairs); for tests and smoke
     runs. Labeled (item i has class i % num_classes, `classes` "0" ... "num_classes - 1"); `train_size` / `valid_size` /
-    `test_size` items per split (0: no such split)."""
+    `test_size` items per split (0: no such split). `unit_frames(samples) -> encoder frames`: audio items get
+    frame-level "units" (HuBERT's targets), frame f's unit (label + f // 4) % 10."""
 
     def __init__(
         self,
@@ -76,6 +81,7 @@ class SyntheticDataModule(DataModule):
         seq_len: int = 64,
         image_size: int = 32,
         num_classes: int = 4,
+        unit_frames: Callable[[int], int] | None = None,
     ) -> None:
         super().__init__()
         if modality not in MODALITIES:
@@ -83,7 +89,7 @@ class SyntheticDataModule(DataModule):
         if not 0 < min_samples <= max_samples:
             raise ValueError(f"need 0 < min_samples ({min_samples}) <= max_samples ({max_samples})")
         kw = dict(modality=modality, min_samples=min_samples, max_samples=max_samples, vocab_size=vocab_size,
-                  seq_len=seq_len, image_size=image_size, num_classes=num_classes)
+                  seq_len=seq_len, image_size=image_size, num_classes=num_classes, unit_frames=unit_frames)
         sizes = {"train": train_size, "valid": valid_size, "test": test_size}
         self.datasets = {s: SyntheticDataset(size=n, seed=seed + k, **kw)
                          for k, (s, n) in enumerate(sizes.items()) if n > 0}

@@ -78,33 +78,16 @@ class OpLog(TorchDispatchMode):
         return out
 
 
-def with_units(dm: SyntheticDataModule, encoder) -> SyntheticDataModule:
-    class Units(torch.utils.data.Dataset):
-        def __init__(self, ds):
-            self.ds = ds
-
-        def __len__(self):
-            return len(self.ds)
-
-        def __getitem__(self, i):
-            item = self.ds[i]
-            frames = int(encoder_frames(encoder, torch.tensor([item["audio"].numel()]))[0])
-            item["units"] = (item["label"] + torch.arange(frames) // 4) % 10
-            return item
-
-    dm.datasets = {k: Units(ds) for k, ds in dm.datasets.items()}
-    return dm
-
-
 def build(name: str):
     """(objective, one batch) of tiny size."""
-    audio = SyntheticDataModule(modality="audio", train_size=4, valid_size=0, min_samples=6000, max_samples=12000)
+    kw = dict(modality="audio", train_size=4, valid_size=0, min_samples=6000, max_samples=12000)
+    audio = SyntheticDataModule(**kw)
     if name == "wav2vec2":
         model, dm = Wav2Vec2(tiny("audio", dim=32), final_dim=16, codebook_entries=16, num_distractors=5,
                              mask_length=4), audio
     elif name == "hubert":
         model = HuBERT(tiny("audio", dim=32), num_classes=10, final_dim=16, mask_length=4)
-        dm = with_units(audio, model.encoder)
+        dm = SyntheticDataModule(**kw, unit_frames=lambda n: int(encoder_frames(model.encoder, torch.tensor([n]))[0]))
     elif name == "data2vec":
         model, dm = Data2Vec(tiny("audio", dim=32), top_k=2, mask_length=4), audio
     elif name == "data2vec2":
