@@ -36,9 +36,9 @@ SIDES = ("ours", "peer")
 def interleave(step: Callable[[str, bool], dict], warmup: int, rounds: int, *, alternate_warmup: bool = False,
                after_round: Callable[[int, dict], None] | None = None) -> tuple[dict, dict]:
     """Run `warmup` warm-up rounds, then `rounds` timed rounds of `step(side, is_warmup) -> dict`, each round one
-    step per side. Timed round r runs ours first when r is even, the peer first when odd. alternate_warmup: the
-    warm-up rounds alternate too and count in the alternation (one sequence of warmup + rounds); otherwise each
-    warm-up round runs ours first. after_round(r, {side: its step's dict}) follows each timed round.
+    step per side. Timed round r runs ours first when r is even, the peer first when odd; each warm-up round runs
+    ours first. alternate_warmup: the warm-up rounds alternate too and count in the alternation (one sequence of
+    warmup + rounds: timed round r runs ours first when warmup + r is even). after_round(r, {side: its step's dict}) follows each timed round.
     Returns ({side: warm-up dicts}, {side: timed dicts})."""
     warm: dict[str, list[dict]] = {name: [] for name in SIDES}
     timed: dict[str, list[dict]] = {name: [] for name in SIDES}
