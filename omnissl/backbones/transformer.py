@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from omnissl.backbones.config import recorded
-from omnissl.ops import take_rows
+from omnissl.ops import segment_runs, take_rows
 
 
 class Attention(nn.Module):
@@ -178,6 +178,26 @@ class Transformer(nn.Module):
         g = torch.Generator().manual_seed(self.layerdrop_seed * 1_000_003 + self.num_updates)
         return torch.rand(self.depth, generator=g) < self.layerdrop
 
+    @staticmethod
+    def document_layout(runs: Tensor, rows: Tensor, layout: tuple[Tensor, int, int],
+                        mask: Tensor) -> tuple[tuple[Tensor, int, int], Tensor]:
+        """Packed rows' attention core without cross-document scores: (layout, mask) placing the T valid tokens
+        (flat indices `rows` of (B, N), `runs` (B, N) their documents 0, 1, ... per row, -1 at padding) one
+        document per row, (idx (T,), S documents, L = the longest), with the key mask (S, 1, 1, L), when
+        S·L² < B·N² scores; else the given row `layout` and block-diagonal `mask`. The same values either way
+        (a document's attention sees exactly its tokens); only the amount of masked work differs."""
+        b, n = layout[1], layout[2]
+        run = runs.flatten().index_select(0, rows)  # (T,) document within its row
+        per_row = runs.amax(1) + 1  # (B,) documents per row
+        doc = (per_row.cumsum(0) - per_row).index_select(0, rows // n) + run  # (T,) document in the batch
+        length = torch.bincount(doc, minlength=int(per_row.sum()))  # (S,)
+        s, longest = length.numel(), int(length.max())
+        if s * longest * longest >= b * n * n:
+            return layout, mask
+        pos = torch.arange(doc.numel(), device=doc.device) - (length.cumsum(0) - length).index_select(0, doc)
+        keys = torch.arange(longest, device=doc.device)[None] < length[:, None]
+        return (doc * longest + pos, s, longest), keys[:, None, None, :]
+
     def forward(
         self, x: Tensor, padding_mask: Tensor | None = None, return_layers: bool | str = False,
         queries: Tensor | None = None, segments: Tensor | None = None,
@@ -189,7 +209,8 @@ class Transformer(nn.Module):
         gets its own id -1, so a padding query still has keys and stays finite). The attention mask is then
         block-diagonal (B, 1, N, N) bool instead of the key mask (B, 1, 1, N): SDPA / the explicit CPU path
         compute the full N x N scores and mask them (no kernel that skips masked blocks is used; see
-        `Attention`).
+        `Attention`). With queries, the unpadded blocks' attention core runs one document per row instead
+        when that computes fewer scores (`document_layout`).
 
         Returns (last, layers, ffn): layers are L + 1 outputs when return_layers is truthy (a skipped block
         repeats its input so indices stay fixed); for a pre-LN trunk the last is after the final LayerNorm,
@@ -216,16 +237,26 @@ class Transformer(nn.Module):
             if segments.shape != x.shape[:2] or segments.dtype != torch.int64:
                 raise ValueError(f"segments must be (B, N) = {tuple(x.shape[:2])} int64, got "
                                  f"{tuple(segments.shape)} {segments.dtype}")
-            if padding_mask is not None:
-                segments = segments.masked_fill(padding_mask, -1)
+            segments = segment_runs(segments, padding_mask)[0]  # 0, 1, ... per run, -1 at padding
             attn_mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # (B, 1, N, N) block-diagonal
             last_mask = attn_mask if queries is None else \
                 (segments.gather(1, queries)[:, :, None] == segments[:, None, :])[:, None]  # (B, 1, Q, N)
-        layout = None  # (flat indices of the valid tokens, B, N) while the blocks run unpadded
-        if queries is not None and padding_mask is not None and self.depth > 1:
-            b, n = padding_mask.shape
-            layout = ((~padding_mask).flatten().nonzero().squeeze(1), b, n)
-            x = x.flatten(0, 1).index_select(0, layout[0])  # (T, D)
+        # unpadded blocks (all but the last, with queries): x is (T, D), the valid tokens; `rows` are their flat
+        # indices in (B, N), `layout` where the attention core puts them: the padded rows (idx = rows, B, N,
+        # with `unpadded_mask`), or for packed rows one row per document (idx, S documents, L the longest, key
+        # mask) when that has fewer scores, S·L² < B·N² (rows much longer than their documents)
+        layout, rows, unpadded_mask, shape = None, None, attn_mask, x.shape[:2]
+        if queries is not None and self.depth > 1 and (padding_mask is not None or segments is not None):
+            b, n = shape
+            rows = (torch.arange(b * n, device=x.device) if padding_mask is None
+                    else (~padding_mask).flatten().nonzero().squeeze(1))
+            layout = (rows, b, n)
+            if segments is not None:
+                layout, unpadded_mask = self.document_layout(segments, rows, layout, attn_mask)
+            if layout[0] is rows and padding_mask is None:  # nothing to unpad
+                layout, rows = None, None
+            else:
+                x = x.flatten(0, 1).index_select(0, rows)  # (T, D)
         if not self.pre_norm:
             x = self.norm(x)
         x = self.drop(x)
@@ -235,9 +266,12 @@ class Transformer(nn.Module):
         for i, (block, skipped) in enumerate(zip(self.blocks, skip)):
             q = queries if i == self.depth - 1 else None
             mask = attn_mask if q is None else last_mask
+            if layout is not None and q is None:
+                mask = unpadded_mask
             if q is not None and layout is not None:  # the last block: back to (B, N, D), zeros at padding
-                x = x.new_zeros(layout[1] * layout[2], x.shape[-1]).index_copy(0, layout[0], x)
-                x, layout = x.view(layout[1], layout[2], -1), None
+                b, n = shape
+                x = x.new_zeros(b * n, x.shape[-1]).index_copy(0, rows, x)
+                x, layout = x.view(b, n, -1), None
             if skipped:
                 x = x if q is None else take_rows(x, q)
                 h = torch.zeros_like(x)

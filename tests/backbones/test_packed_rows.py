@@ -8,16 +8,20 @@ import pytest
 import torch
 
 from omnissl.backbones.builders import tiny
+from omnissl.backbones.transformer import Transformer
 from omnissl.ops import segment_runs
 
 LENGTHS = [5, 9, 3, 12, 7, 4]  # documents, <s> and </s> included
 ROWS = [[0, 1, 2], [3, 4], [5]]  # documents per packed row: 17, 19 and 4 tokens (row 2 padded)
+# the unpadded blocks' attention (MLM queries): one row per document (6 x 12² scores < 3 x 19²), or the packed
+# rows with the block-diagonal mask when those are fewer (one long document, five short ones: 2 x 15² < 6 x 12²)
+LAYOUTS = {"documents": (LENGTHS, ROWS), "rows": ([12, 3, 3, 3, 3, 3], [[0], [1, 2, 3, 4, 5]])}
 
 
-def documents(seed: int = 0, vocab: int = 128) -> list[torch.Tensor]:
+def documents(seed: int = 0, vocab: int = 128, lengths: list[int] = LENGTHS) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     docs = []
-    for n in LENGTHS:
+    for n in lengths:
         d = torch.randint(5, vocab, (n,), generator=g)
         d[0], d[-1] = 0, 2  # <s> ... </s>
         docs.append(d)
@@ -32,19 +36,20 @@ def padded(seqs: list[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Te
     return out, lengths
 
 
-def pack(docs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+def pack(docs: list[torch.Tensor], layout: list[list[int]] = ROWS
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
     """-> ids (R, N), lengths (R,), segments (R, N) (-1 at padding), where[doc] = (row, start, length)."""
     rows, segs, where = [], [], {}
-    for r, members in enumerate(ROWS):
+    for r, members in enumerate(layout):
         start = 0
         for k, d in enumerate(members):
-            where[d] = (r, start, LENGTHS[d])
-            start += LENGTHS[d]
+            where[d] = (r, start, len(docs[d]))
+            start += len(docs[d])
         rows.append(torch.cat([docs[d] for d in members]))
-        segs.append(torch.cat([torch.full((LENGTHS[d],), k) for k, d in enumerate(members)]))
+        segs.append(torch.cat([torch.full((len(docs[d]),), k) for k, d in enumerate(members)]))
     ids, lengths = padded(rows, 1)
     segments, _ = padded(segs, -1)
-    return ids, lengths, segments, [where[d] for d in range(len(LENGTHS))]
+    return ids, lengths, segments, [where[d] for d in range(len(docs))]
 
 
 def test_segment_runs_restart_positions_and_number_runs():
@@ -56,11 +61,16 @@ def test_segment_runs_restart_positions_and_number_runs():
 
 
 @pytest.mark.parametrize("pre_norm", [False, True])
-def test_each_packed_document_equals_it_alone(pre_norm):
+@pytest.mark.parametrize("attention", list(LAYOUTS))
+def test_each_packed_document_equals_it_alone(pre_norm, attention):
     torch.manual_seed(0)
     enc = tiny("text", vocab_size=128, dim=32, depth=3, heads=4, pre_norm=pre_norm).eval()
-    docs = documents()
-    ids, lengths, segments, where = pack(docs)
+    doc_lengths, rows = LAYOUTS[attention]
+    docs = documents(lengths=doc_lengths)
+    ids, lengths, segments, where = pack(docs, rows)
+    valid = (segments >= 0).flatten().nonzero().squeeze(1)
+    chosen, _ = Transformer.document_layout(segments, valid, (valid, *ids.shape), None)
+    assert (chosen[0] is valid) == (attention == "rows")
     alone_ids, alone_lengths = padded(docs, 1)
     with torch.no_grad():
         alone = enc.encode(enc.embed(alone_ids, alone_lengths), return_layers=True)
@@ -73,10 +83,10 @@ def test_each_packed_document_equals_it_alone(pre_norm):
     assert (mixed.last[r, s:s + n] - alone.last[1, :n]).abs().max() > 1e-2
 
     # the MLM path: queried last block, blocks before it unpadded (row 2 is padded), the same rows
-    pick = [(d, i) for d in range(len(LENGTHS)) for i in range(1, LENGTHS[d] - 1, 3)]
-    q_alone = torch.zeros(len(LENGTHS), max(sum(1 for x, _ in pick if x == d) for d in range(6)), dtype=torch.long)
-    q_packed = torch.zeros(len(ROWS), 6, dtype=torch.long)
-    fill_a, fill_p, slots = [0] * 6, [0] * 3, []
+    pick = [(d, i) for d in range(len(docs)) for i in range(1, len(docs[d]) - 1, 3)]
+    q_alone = torch.zeros(len(docs), max(sum(1 for x, _ in pick if x == d) for d in range(6)), dtype=torch.long)
+    q_packed = torch.zeros(len(rows), 8, dtype=torch.long)
+    fill_a, fill_p, slots = [0] * 6, [0] * len(rows), []
     for d, i in pick:
         r, s, _ = where[d]
         q_alone[d, fill_a[d]] = i
