@@ -11,7 +11,16 @@ One step = what a training loop does per update:
         its cost is reported apart and not counted) -> forward with labels (full-vocabulary logits at every
         position) -> backward -> AdamW step -> zero_grad.
 
-The two models are built in one process and stepped in interleaved rounds (order alternating); medians are
+Packed variant (`packed`, on unless --no-packed): our step on the same documents packed whole into rows of
+--pack-len tokens (default --seq; best-fit decreasing, `token_cache.pack_rows`, as TextDataModule's
+break_mode="documents") with per-document attention (`Batch.segments`: positions restart, block-diagonal mask),
+so the same tokens per step in fewer rows. --lengths picks the documents: `uniform` (default, as before: every
+row's length uniform in [seq/2, seq], padded to seq) or `corpus` (the embedded docstring corpus's documents as
+TextDataModule(packing=False) cuts them at --seq with its 4096-entry BPE: heavy-tailed, median ~40 tokens,
+--batch of them drawn at random, padded to the longest as Collate does). Reported: each side's step time,
+tokens/s (real tokens, specials included, over the step time) and the padding fraction of each layout.
+
+The models are built in one process and stepped in interleaved rounds (order alternating); medians are
 reported, with each side's median process CPU time (steadier than wall time on a loaded machine; `cpu_ratio`).
 On CUDA, a side's peak memory is its own resident state (parameters and AdamW moments) plus the
 largest rise of torch.cuda.max_memory_allocated above the memory allocated when its step starts (activations,
@@ -21,16 +30,19 @@ beside the timings: numbers taken while other jobs load the machine are not fina
 
     python bench/mlm_vs_hf.py [--dim 768 --layers 12 --heads 12 --ffn 3072 --vocab 32768] [--batch 32]
                               [--seq 128] [--warmup 2 --rounds 10] [--device cuda] [--bf16]
+                              [--lengths uniform|corpus] [--pack-len N] [--no-packed]
     python bench/mlm_vs_hf.py --small        # smoke run: 2 x 128, vocab 4096, batch 8, 3 rounds (any CPU)
 
 Ends with: RESULT name=mlm_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer> cpu_ratio=<peer/ours>
-load=<1-min load average>
+load=<1-min load average>, then (packed) RESULT name=mlm_packed packed_ms=... padded_ms=... peer_ms=...
+gain=<padded/packed> ratio=<peer/packed> cpu_gain=... rows=<packed rows>/<documents> padding=<padded>/<packed> ...
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -52,11 +64,17 @@ def build(a, device):
     from omnissl.ssl.mlm import MaskedLM
 
     g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(a.seq // 2, a.seq + 1, (a.batch,), generator=g)
-    ids = torch.randint(5, a.vocab, (a.batch, a.seq), generator=g)
+    if a.lengths == "corpus":
+        pool = corpus_lengths(a.seq)
+        lengths = torch.from_numpy(pool)[torch.randint(len(pool), (a.batch,), generator=g)]
+        width = int(lengths.max())  # Collate pads to the longest
+    else:
+        lengths = torch.randint(a.seq // 2, a.seq + 1, (a.batch,), generator=g)
+        width = a.seq
+    ids = torch.randint(5, a.vocab, (a.batch, width), generator=g)
     ids[:, 0] = 0
     ids[torch.arange(a.batch), lengths - 1] = 2
-    pad = torch.arange(a.seq)[None] >= lengths[:, None]
+    pad = torch.arange(width)[None] >= lengths[:, None]
     ids[pad] = 1
 
     trunk = Transformer(dim=a.dim, depth=a.layers, heads=a.heads, ffn_dim=a.ffn, pre_norm=False, dropout=0.1,
@@ -66,6 +84,7 @@ def build(a, device):
     ours = MaskedLM(encoder, mask_id=4, special_ids=[0, 1, 2, 3, 4]).to(device).train()
     ours_opt = torch.optim.AdamW(param_groups(ours, 0.01), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
     batch = Batch({"text": ids}, {"text": lengths}).to(device)
+    packed = pack_batch(ids, lengths, a.pack_len or a.seq).to(device)
 
     cfg = RobertaConfig(vocab_size=a.vocab, hidden_size=a.dim, num_hidden_layers=a.layers,
                         num_attention_heads=a.heads, intermediate_size=a.ffn, max_position_embeddings=514,
@@ -90,10 +109,45 @@ def build(a, device):
         out = peer(input_ids=inputs.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device))
         return out.loss
 
-    resident = {"ours": lambda: resident_bytes(ours, ours_opt), "peer": lambda: resident_bytes(peer, peer_opt)}
+    resident = {"ours": lambda: resident_bytes(ours, ours_opt), "packed": lambda: resident_bytes(ours, ours_opt),
+                "peer": lambda: resident_bytes(peer, peer_opt)}
     steps = {"ours": optimizer_step(lambda: ours.step(batch).loss, ours_opt),
              "peer": optimizer_step(peer_loss, peer_opt)}
-    return steps, collate_ms, resident
+    if a.packed:
+        steps["packed"] = optimizer_step(lambda: ours.step(packed).loss, ours_opt)
+    shapes = {"padded": tuple(ids.shape), "packed": tuple(packed.inputs["text"].shape), "tokens": int(lengths.sum())}
+    return steps, collate_ms, resident, shapes
+
+
+def corpus_lengths(seq: int):
+    """Item lengths (specials included) of the embedded docstring corpus cut at `seq` tokens, one item per
+    document or piece (TextDataModule packing=False, 4096-entry BPE as recipes/text/mlm_tiny_cpu.yaml)."""
+    from omnissl.datamodules.text import TextDataModule
+
+    dm = TextDataModule(train="embedded:text", embedded_size="small", vocab_size=4096, block_size=seq,
+                        packing=False, num_workers=0, progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    ranges = dm.dataset("train").ranges
+    return (ranges[:, 1] - ranges[:, 0] + 1).astype("int64")
+
+
+def pack_batch(ids: torch.Tensor, lengths: torch.Tensor, width: int):
+    """The documents of a padded batch (row i = ids[i, :lengths[i]]) packed whole into rows of at most `width`
+    tokens as TextDataModule(break_mode="documents") packs them -> a Batch with segments."""
+    from omnissl.batch import Batch
+    from omnissl.datamodules.collate import pad_right
+    from omnissl.datamodules.token_cache import pack_rows
+
+    order, offsets = pack_rows(lengths.numpy(), width)
+    rows, segs = [], []
+    for r in range(len(offsets) - 1):
+        members = order[offsets[r]:offsets[r + 1]].tolist()
+        rows.append(torch.cat([ids[d, : int(lengths[d])] for d in members]))
+        segs.append(torch.cat([torch.full((int(lengths[d]),), k) for k, d in enumerate(members)]))
+    packed, row_lengths = pad_right(rows, 1)
+    segments, _ = pad_right(segs, -1)
+    return Batch({"text": packed}, {"text": row_lengths}, segments={"text": segments})
 
 
 def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -109,6 +163,10 @@ def main() -> None:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    p.add_argument("--lengths", choices=("uniform", "corpus"), default="uniform",
+                   help="document lengths: uniform in [seq/2, seq] (default), or the embedded docstring corpus's")
+    p.add_argument("--pack-len", type=int, default=0, help="packed row length (default: --seq)")
+    p.add_argument("--no-packed", dest="packed", action="store_false", help="skip the packed variant")
     p.add_argument("--small", action="store_true",
                    help="smoke run: 2 x 128 (2 heads, FFN 512), vocab 4096, batch 8, 1 warm-up and 3 rounds")
     a = p.parse_args()
@@ -118,7 +176,7 @@ def main() -> None:
         a.dim, a.layers, a.heads, a.ffn, a.vocab, a.batch, a.warmup, a.rounds = 128, 2, 2, 512, 4096, 8, 1, 3
     device = torch.device(a.device)
     torch.manual_seed(0)
-    steps, collate_ms, resident = build(a, device)
+    steps, collate_ms, resident, shapes = build(a, device)
     cuda = device.type == "cuda"
     _, timed = in_process(steps, device, a.bf16, a.warmup, a.rounds)
     ms, cpu = medians(timed), medians(timed, "cpu")  # process CPU time: steadier than wall under load
@@ -134,6 +192,19 @@ def main() -> None:
           f"{cpu['peer']:.1f} ms, ratio {cpu['peer'] / cpu['ours']:.3f}")
     print(result_line("mlm_vs_hf", ms["ours"], ms["peer"], ms=".2f", mem_ratio=mem_ratio,
                       cpu_ratio=cpu["peer"] / cpu["ours"], load=True))
+    if "packed" in steps:
+        tokens = shapes["tokens"]
+        pk_ms, pk_cpu = ms["packed"], cpu["packed"]
+        pad = {k: 1 - tokens / (shapes[k][0] * shapes[k][1]) for k in ("padded", "packed")}
+        print(f"packed ({a.lengths} lengths): {tokens} tokens in {shapes['padded'][0]} padded rows of "
+              f"{shapes['padded'][1]} (padding {pad['padded']:.1%}) or {shapes['packed'][0]} packed rows of "
+              f"{shapes['packed'][1]} (padding {pad['packed']:.1%}); tokens/s ours padded "
+              f"{tokens / ms['ours'] * 1e3:.0f}, packed {tokens / pk_ms * 1e3:.0f}, peer padded {tokens / ms['peer'] * 1e3:.0f}"
+              + (f"; peak memory packed {peak['packed'] / 2**20:.0f} MiB" if cuda else ""))
+        print(f"RESULT name=mlm_packed packed_ms={pk_ms:.2f} padded_ms={ms['ours']:.2f} peer_ms={ms['peer']:.2f} "
+              f"gain={ms['ours'] / pk_ms:.3f} ratio={ms['peer'] / pk_ms:.3f} cpu_gain={cpu['ours'] / pk_cpu:.3f} "
+              f"rows={shapes['packed'][0]}/{shapes['padded'][0]} padding={pad['padded']:.3f}/{pad['packed']:.3f} "
+              f"tokens_per_s={tokens / pk_ms * 1e3:.0f} lengths={a.lengths} load={os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -34,18 +34,20 @@ SIDES = ("ours", "peer")
 
 
 def interleave(step: Callable[[str, bool], dict], warmup: int, rounds: int, *, alternate_warmup: bool = False,
-               after_round: Callable[[int, dict], None] | None = None) -> tuple[dict, dict]:
+               after_round: Callable[[int, dict], None] | None = None,
+               sides: tuple[str, ...] = SIDES) -> tuple[dict, dict]:
     """Run `warmup` warm-up rounds, then `rounds` timed rounds of `step(side, is_warmup) -> dict`, each round one
     step per side. Timed round r runs ours first when r is even, the peer first when odd; each warm-up round runs
     ours first. alternate_warmup: the warm-up rounds alternate too and count in the alternation (one sequence of
     warmup + rounds: timed round r runs ours first when warmup + r is even). after_round(r, {side: its step's dict}) follows each timed round.
+    sides: the side names in round-0 order (more than two: odd rounds run them in reverse).
     Returns ({side: warm-up dicts}, {side: timed dicts})."""
-    warm: dict[str, list[dict]] = {name: [] for name in SIDES}
-    timed: dict[str, list[dict]] = {name: [] for name in SIDES}
+    warm: dict[str, list[dict]] = {name: [] for name in sides}
+    timed: dict[str, list[dict]] = {name: [] for name in sides}
     for r in range(warmup + rounds):
         is_warmup = r < warmup
         k = r if alternate_warmup else max(r - warmup, 0)
-        last = {name: step(name, is_warmup) for name in (SIDES if k % 2 == 0 else SIDES[::-1])}
+        last = {name: step(name, is_warmup) for name in (sides if k % 2 == 0 else sides[::-1])}
         for name, out in last.items():
             (warm if is_warmup else timed)[name].append(out)
         if not is_warmup and after_round is not None:
@@ -222,7 +224,7 @@ def totals(results: dict, key: str) -> dict[str, float]:
 # --- both sides in this process -----------------------------------------------------------------------------------
 
 def in_process(steps: dict, device, bf16: bool, warmup: int, rounds: int) -> tuple[dict, dict]:
-    """`interleave` (warm-up alternating too) of steps[side]() -> loss, under bf16 autocast when `bf16`; on CUDA
+    """`interleave` (warm-up alternating too; the sides in the order of `steps`) of steps[side]() -> loss, under bf16 autocast when `bf16`; on CUDA
     synchronized before and after, the peak-memory statistics reset first. Each step's dict: ms, cpu (process
     CPU ms), loss, start (CUDA memory allocated at its start) and peak (max_memory_allocated during it); 0 on the
     CPU. A non-finite loss raises."""
@@ -247,7 +249,7 @@ def in_process(steps: dict, device, bf16: bool, warmup: int, rounds: int) -> tup
             raise RuntimeError(f"{name}: non-finite loss {loss}")
         return out
 
-    return interleave(step, warmup, rounds, alternate_warmup=True)
+    return interleave(step, warmup, rounds, alternate_warmup=True, sides=tuple(steps))
 
 
 def device_line(device) -> str:

@@ -25,12 +25,18 @@ class Batch:
     targets: data-intrinsic targets only (HuBERT units (B, N_frames) int64 padded with -100, downstream
              labels (B,) int64). Objective-made targets never live here.
     ids:     (B,) int64 dataset indices, so a failing step can name its samples.
+    segments: modality -> (B, N) int64, packed rows only (several documents per row, text
+             `break_mode="documents"`): each token's document index within its row (0, 1, ...; -1 at
+             padding). Not BERT's sentence A/B token types: the encoder restarts positions at each document
+             and attends within it (`Encoder.encode(segments=)`). An objective that does not read them must
+             refuse such a batch (`SSLModule.reads_segments`).
     """
 
     inputs: dict[str, Tensor]
     lengths: dict[str, Tensor] = field(default_factory=dict)
     targets: dict[str, Tensor] = field(default_factory=dict)
     ids: Tensor | None = None
+    segments: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -45,6 +51,11 @@ class Batch:
         for name, n in self.lengths.items():
             if n.shape != (b,):
                 raise ValueError(f"lengths[{name!r}] has shape {tuple(n.shape)}, expected ({b},)")
+        for name, s in self.segments.items():
+            x = self.inputs.get(name)
+            if x is None or s.shape != x.shape[:2] or s.dtype != torch.int64:
+                raise ValueError(f"segments[{name!r}] must be int64 shaped like inputs[{name!r}]'s first two "
+                                 f"dimensions, got {tuple(s.shape)} {s.dtype}")
 
     @property
     def batch_size(self) -> int:
@@ -53,4 +64,4 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         ids = None if self.ids is None else self.ids.to(device)
-        return Batch(move(self.inputs), move(self.lengths), move(self.targets), ids)
+        return Batch(move(self.inputs), move(self.lengths), move(self.targets), ids, move(self.segments))

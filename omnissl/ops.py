@@ -26,6 +26,20 @@ def take_rows(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def segment_runs(segments: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Packed rows: segments (B, N) int ids, one contiguous run per segment (a document packed into the row)
+    -> (runs (B, N) int64: 0, 1, ... per run, -1 at padding; positions (B, N) int64: the index of each token
+    inside its run, restarting at 0 where a run begins). Two runs with the same id are two segments."""
+    b, n = segments.shape
+    change = F.pad(segments[:, 1:] != segments[:, :-1], (1, 0), value=True)  # (B, N) True where a run begins
+    runs = change.long().cumsum(1) - 1
+    idx = torch.arange(n, device=segments.device).expand(b, n)
+    positions = idx - torch.cummax(torch.where(change, idx, 0), dim=1).values
+    if padding_mask is not None:
+        runs = runs.masked_fill(padding_mask, -1)
+    return runs, positions
+
+
 def mean_pool(x: Tensor, padding_mask: Tensor | None, prefix: int = 0) -> Tensor:
     """(B, N, D) tokens -> (B, D) mean over valid tokens; the first `prefix` tokens (CLS) are left out.
     padding_mask (B, N) bool, True at padding, or None. Computed in fp32."""

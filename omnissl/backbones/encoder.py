@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from omnissl.backbones.config import recorded
 from omnissl.backbones.protocol import BackboneOutput, Tokens
 from omnissl.backbones.transformer import Transformer
-from omnissl.ops import padding_mask_from_lengths, take_rows
+from omnissl.ops import padding_mask_from_lengths, segment_runs, take_rows
 
 
 class GradMultiply(torch.autograd.Function):
@@ -94,25 +94,43 @@ class Encoder(nn.Module):
         keep: Tensor | None = None,
         return_layers: bool | str = False,
         queries: Tensor | None = None,
+        segments: Tensor | None = None,
     ) -> BackboneOutput:
         """mask (B, N) bool: positions replaced by the learned mask embedding before positions are added.
         keep (B, N) bool with the same count K per row: only kept tokens (in order) enter the trunk, after
         positions were added for the full sequence (relative positions see dropped tokens as zeros).
         queries (B, Q) int64 token positions (0..N-1, not with keep): only their outputs are wanted; the
         trunk's last block computes just those rows (`Transformer` queries) and `last` / `padding_mask` are
-        (B, Q, D) / (B, Q), e.g. MLM's selected tokens."""
+        (B, Q, D) / (B, Q), e.g. MLM's selected tokens.
+        segments (B, N) int64: packed rows, several documents per row, each a contiguous run of one id
+        (`Batch.segments`): positions restart at every document and a token attends only within its own
+        (`Transformer` segments), so each document gets the outputs it would get alone. Needs absolute
+        positions (learned or sin-cos; a convolution would mix documents), no CLS token and no keep."""
         x, pad = tokens.x, tokens.padding_mask
         b, n, _ = x.shape
         self._check("mask", mask, (b, n))
         self._check("keep", keep, (b, n))
         if queries is not None and keep is not None:
             raise ValueError("queries index the full token sequence: not with keep")
+        pos_ids = None
+        if segments is not None:
+            if segments.shape != (b, n) or segments.dtype != torch.int64:
+                raise ValueError(f"segments must be (B, N) = {(b, n)} int64, got {tuple(segments.shape)} "
+                                 f"{segments.dtype}")
+            if keep is not None or self.cls_token is not None or getattr(self.positions, "relative", False) \
+                    or getattr(self.positions, "grid", None) is not None:
+                raise ValueError("packed rows (segments) need absolute 1-D positions (LearnedPositions, "
+                                 "SinCosPositions), no CLS token and no keep; this encoder has "
+                                 f"{type(self.positions).__name__}, cls_token={self.cls_token is not None}, "
+                                 f"keep={keep is not None}")
+            segments, pos_ids = segment_runs(segments, pad)
         if mask is not None:
             x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
         if keep is not None and getattr(self.positions, "relative", False):
             x = x.masked_fill(~keep[..., None], 0.0)
         if self.positions is not None:
-            x = self.positions(x, pad, tokens.grid)
+            x = (self.positions(x, pad, tokens.grid) if pos_ids is None
+                 else self.positions(x, pad, tokens.grid, ids=pos_ids))
         if keep is not None:
             counts = keep.sum(1)
             if bool((counts != counts[0]).any()):
@@ -125,9 +143,9 @@ class Encoder(nn.Module):
             if pad is not None:
                 pad = torch.cat([pad.new_zeros(b, 1), pad], dim=1)
         if queries is not None:
-            last, _, _ = self.trunk(x, pad, queries=queries + self.num_prefix)
+            last, _, _ = self.trunk(x, pad, queries=queries + self.num_prefix, segments=segments)
             return BackboneOutput(last, None, None if pad is None else pad.gather(1, queries), None)
-        last, layers, ffn = self.trunk(x, pad, return_layers)
+        last, layers, ffn = self.trunk(x, pad, return_layers, segments=segments)
         return BackboneOutput(last, layers, pad, ffn)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> BackboneOutput:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from omnissl.backbones.config import recorded
-from omnissl.ops import take_rows
+from omnissl.ops import segment_runs, take_rows
 
 
 class Attention(nn.Module):
@@ -32,6 +32,12 @@ class Attention(nn.Module):
     draws, · v) without those extra passes: -11 % on the attention core fwd+bwd at 8 x 128
     (bench/profile_step.py). CUDA, eval and dropout 0 always take `F.scaled_dot_product_attention` (fused
     kernels), so this never changes a GPU run.
+
+    Packed rows (`Transformer` segments) give a block-diagonal bool mask, computed over the full N x N scores
+    on every device (on CUDA SDPA picks its memory-efficient kernel, which takes arbitrary masks). Kernels
+    that skip the masked blocks exist in torch 2.11 (`torch.nn.attention.varlen.varlen_attn`: flash, CUDA,
+    fp16/bf16, no attention dropout; `flex_attention` block masks, efficient only under torch.compile) but are
+    not used: they were not runnable or testable on the CPU machine this was built on.
     """
 
     explicit_cpu_dropout = True
@@ -47,7 +53,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, queries: Tensor | None = None,
                 layout: tuple[Tensor, int, int] | None = None) -> Tensor:
-        """x (B, N, D), attn_mask (B, 1, 1, N) bool (True = attend) -> (B, N, D). queries (B, Q) int64: only
+        """x (B, N, D), attn_mask (B, 1, 1, N) bool (True = attend; or (B, 1, N | Q, N) per query, packed
+        rows' block-diagonal mask, see `Transformer` segments) -> (B, N, D). queries (B, Q) int64: only
         these positions query (their outputs are returned, (B, Q, D)); keys and values are still every token.
         layout (idx (T,), B, N): x is (T, D), the valid tokens of a padded batch at flat positions idx of
         (B·N): the projections run on those T rows only, the attention core on the padded (B, N) layout
@@ -171,11 +178,39 @@ class Transformer(nn.Module):
         g = torch.Generator().manual_seed(self.layerdrop_seed * 1_000_003 + self.num_updates)
         return torch.rand(self.depth, generator=g) < self.layerdrop
 
+    @staticmethod
+    def document_layout(runs: Tensor, rows: Tensor, layout: tuple[Tensor, int, int],
+                        mask: Tensor) -> tuple[tuple[Tensor, int, int], Tensor]:
+        """Packed rows' attention core without cross-document scores: (layout, mask) placing the T valid tokens
+        (flat indices `rows` of (B, N), `runs` (B, N) their documents 0, 1, ... per row, -1 at padding) one
+        document per row, (idx (T,), S documents, L = the longest), with the key mask (S, 1, 1, L), when
+        S·L² < B·N² scores; else the given row `layout` and block-diagonal `mask`. The same values either way
+        (a document's attention sees exactly its tokens); only the amount of masked work differs."""
+        b, n = layout[1], layout[2]
+        run = runs.flatten().index_select(0, rows)  # (T,) document within its row
+        per_row = runs.amax(1) + 1  # (B,) documents per row
+        doc = (per_row.cumsum(0) - per_row).index_select(0, rows // n) + run  # (T,) document in the batch
+        length = torch.bincount(doc, minlength=int(per_row.sum()))  # (S,)
+        s, longest = length.numel(), int(length.max())
+        if s * longest * longest >= b * n * n:
+            return layout, mask
+        pos = torch.arange(doc.numel(), device=doc.device) - (length.cumsum(0) - length).index_select(0, doc)
+        keys = torch.arange(longest, device=doc.device)[None] < length[:, None]
+        return (doc * longest + pos, s, longest), keys[:, None, None, :]
+
     def forward(
         self, x: Tensor, padding_mask: Tensor | None = None, return_layers: bool | str = False,
-        queries: Tensor | None = None,
+        queries: Tensor | None = None, segments: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor] | None, list[Tensor] | None]:
         """x (B, N, D) with positions added, padding_mask (B, N) True at padding.
+
+        segments (B, N) int64, packed rows (several documents per row): a token attends only to the tokens
+        with its segment id (each id one contiguous run: `ops.segment_runs`, which the Encoder applies; padding
+        gets its own id -1, so a padding query still has keys and stays finite). The attention mask is then
+        block-diagonal (B, 1, N, N) bool instead of the key mask (B, 1, 1, N): SDPA / the explicit CPU path
+        compute the full N x N scores and mask them (no kernel that skips masked blocks is used; see
+        `Attention`). With queries, the unpadded blocks' attention core runs one document per row instead
+        when that computes fewer scores (`document_layout`).
 
         Returns (last, layers, ffn): layers are L + 1 outputs when return_layers is truthy (a skipped block
         repeats its input so indices stay fixed); for a pre-LN trunk the last is after the final LayerNorm,
@@ -197,11 +232,31 @@ class Transformer(nn.Module):
                 raise ValueError(f"queries must be (B={x.shape[0]}, Q) int64 positions, got "
                                  f"{tuple(queries.shape)} {queries.dtype}")
         attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
-        layout = None  # (flat indices of the valid tokens, B, N) while the blocks run unpadded
-        if queries is not None and padding_mask is not None and self.depth > 1:
-            b, n = padding_mask.shape
-            layout = ((~padding_mask).flatten().nonzero().squeeze(1), b, n)
-            x = x.flatten(0, 1).index_select(0, layout[0])  # (T, D)
+        last_mask = attn_mask  # the last block's, whose queries may be a subset of the rows
+        if segments is not None:
+            if segments.shape != x.shape[:2] or segments.dtype != torch.int64:
+                raise ValueError(f"segments must be (B, N) = {tuple(x.shape[:2])} int64, got "
+                                 f"{tuple(segments.shape)} {segments.dtype}")
+            segments = segment_runs(segments, padding_mask)[0]  # 0, 1, ... per run, -1 at padding
+            attn_mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # (B, 1, N, N) block-diagonal
+            last_mask = attn_mask if queries is None else \
+                (segments.gather(1, queries)[:, :, None] == segments[:, None, :])[:, None]  # (B, 1, Q, N)
+        # unpadded blocks (all but the last, with queries): x is (T, D), the valid tokens; `rows` are their flat
+        # indices in (B, N), `layout` where the attention core puts them: the padded rows (idx = rows, B, N,
+        # with `unpadded_mask`), or for packed rows one row per document (idx, S documents, L the longest, key
+        # mask) when that has fewer scores, S·L² < B·N² (rows much longer than their documents)
+        layout, rows, unpadded_mask, shape = None, None, attn_mask, x.shape[:2]
+        if queries is not None and self.depth > 1 and (padding_mask is not None or segments is not None):
+            b, n = shape
+            rows = (torch.arange(b * n, device=x.device) if padding_mask is None
+                    else (~padding_mask).flatten().nonzero().squeeze(1))
+            layout = (rows, b, n)
+            if segments is not None:
+                layout, unpadded_mask = self.document_layout(segments, rows, layout, attn_mask)
+            if layout[0] is rows and padding_mask is None:  # nothing to unpad
+                layout, rows = None, None
+            else:
+                x = x.flatten(0, 1).index_select(0, rows)  # (T, D)
         if not self.pre_norm:
             x = self.norm(x)
         x = self.drop(x)
@@ -210,16 +265,20 @@ class Transformer(nn.Module):
         skip = self.dropped_layers().tolist()
         for i, (block, skipped) in enumerate(zip(self.blocks, skip)):
             q = queries if i == self.depth - 1 else None
+            mask = attn_mask if q is None else last_mask
+            if layout is not None and q is None:
+                mask = unpadded_mask
             if q is not None and layout is not None:  # the last block: back to (B, N, D), zeros at padding
-                x = x.new_zeros(layout[1] * layout[2], x.shape[-1]).index_copy(0, layout[0], x)
-                x, layout = x.view(layout[1], layout[2], -1), None
+                b, n = shape
+                x = x.new_zeros(b * n, x.shape[-1]).index_copy(0, rows, x)
+                x, layout = x.view(b, n, -1), None
             if skipped:
                 x = x if q is None else take_rows(x, q)
                 h = torch.zeros_like(x)
             elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x, h = checkpoint(block, x, attn_mask, queries=q, layout=layout, use_reentrant=False)
+                x, h = checkpoint(block, x, mask, queries=q, layout=layout, use_reentrant=False)
             else:
-                x, h = block(x, attn_mask, queries=q, layout=layout)  # keywords: a block's hooks see (x, mask)
+                x, h = block(x, mask, queries=q, layout=layout)  # keywords: a block's hooks see (x, mask)
             if layers is not None:
                 layers.append(x)
             if ffn is not None:
@@ -295,12 +354,16 @@ class LearnedPositions(nn.Module):
         self.max_len, self.grid = max_len, grid
         self.weight = nn.Parameter(torch.randn(max_len, dim) * 0.02, requires_grad=not frozen)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None, grid: tuple[int, int] | None = None) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None, grid: tuple[int, int] | None = None,
+                ids: Tensor | None = None) -> Tensor:
+        """ids (B, N) int64: each token's position (packed rows restart them per document); default 0..N-1."""
         n = x.shape[1]
         if self.grid is not None and (grid is None or tuple(grid) != self.grid):
             raise ValueError(f"these learned positions are for a {self.grid} patch grid, got {grid}")
         if n > self.max_len:
             raise ValueError(f"sequence of {n} tokens exceeds the {self.max_len} learned positions")
+        if ids is not None:
+            return x + F.embedding(ids, self.weight).to(x.dtype)
         return x + self.weight[:n].to(x.dtype)
 
 
@@ -331,8 +394,14 @@ class SinCosPositions(nn.Module):
         angles = pos.double()[:, None] * omega[None]
         return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None, grid: tuple[int, int] | None = None) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None, grid: tuple[int, int] | None = None,
+                ids: Tensor | None = None) -> Tensor:
+        """ids (B, N) int64 (1-D only): each token's position (packed rows restart them); default 0..N-1."""
         n = x.shape[1]
+        if ids is not None:
+            if self.two_d:
+                raise ValueError("position ids (packed rows) are for 1-D sin-cos positions, not a 2-D grid")
+            return x + self.table(self.dim, ids.flatten()).view(*ids.shape, self.dim).to(x.dtype)
         if not self.two_d:
             return x + self.table(self.dim, torch.arange(n, device=x.device)).to(x.dtype)
         if grid is None or grid[0] * grid[1] != n:

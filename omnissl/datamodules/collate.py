@@ -2,6 +2,7 @@
 
 An item is a dict with an "id" (int dataset index) and any of:
   "audio" (T,) float32 at 16 kHz, "text" (N,) int64 token ids, "image" (3, H, W) float32,
+  "segments" (N,) int64 document index of each text token in a packed row (padded with -1),
   "units" (F,) int64 frame-level labels (HuBERT), "label" int (downstream classes).
 """
 
@@ -42,6 +43,9 @@ class Collate:
             inputs["audio"], lengths["audio"] = pad_right([it["audio"].float() for it in items], 0.0)
         if "text" in items[0]:
             inputs["text"], lengths["text"] = pad_right([it["text"].long() for it in items], self.text_pad_id)
+        segments: dict[str, Tensor] = {}
+        if "segments" in items[0]:
+            segments["text"], _ = pad_right([it["segments"].long() for it in items], -1)
         if "image" in items[0]:
             inputs["image"] = torch.stack([it["image"] for it in items])
         if "units" in items[0]:
@@ -49,4 +53,4 @@ class Collate:
         if "label" in items[0]:
             targets["label"] = torch.tensor([int(it["label"]) for it in items], dtype=torch.int64)
         ids = torch.tensor([int(it["id"]) for it in items], dtype=torch.int64)
-        return Batch(inputs, lengths, targets, ids)
+        return Batch(inputs, lengths, targets, ids, segments)

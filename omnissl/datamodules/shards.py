@@ -538,7 +538,7 @@ def equal_cut(sizes: np.ndarray, parts: int) -> list[list[int]]:
     return out
 
 
-BATCH_FIELDS = ("inputs", "lengths", "targets")
+BATCH_FIELDS = ("inputs", "lengths", "targets", "segments")
 
 
 def pack_batches(batches: list[Batch]) -> dict:
@@ -583,7 +583,7 @@ def unpack_batches(packed: dict) -> list[Batch]:
     for fields in packed["layout"]:
         parts = {f: {name: view(spec) for name, spec in fields[f].items()} for f in BATCH_FIELDS}
         ids = view(fields["ids"][""]) if "ids" in fields else None
-        out.append(Batch(parts["inputs"], parts["lengths"], parts["targets"], ids))
+        out.append(Batch(parts["inputs"], parts["lengths"], parts["targets"], ids, parts["segments"]))
     return out
 
 

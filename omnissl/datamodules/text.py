@@ -28,10 +28,14 @@ for train), no packing; docs/streaming.md.
    `PrependTokenDataset`): `break_mode="complete"` (RoBERTa's `sample_break_mode: complete`) packs whole
    documents and lets a block span several documents, separated by `</s>`; `break_mode="none"` cuts at
    exactly `block_size` (HF `group_texts`). With `packing=False` each document is its own padded item.
-   A document longer than a block is cut into block-sized pieces.
+   A document longer than a block is cut into block-sized pieces. `break_mode="documents"` (packed rows with
+   per-document attention): the items of `packing=False` (each `<s>` + a document or piece + `</s>`) packed
+   whole into rows of at most `block_size` tokens (best-fit decreasing, `token_cache.pack_rows`), each token
+   carrying its document's index in the row (`segments`); the encoder restarts positions at every document
+   and attends within it, so a document gets the outputs it would get alone, with (almost) no padding.
 
-Items are {"id", "text": (N,) int64}; `Collate(text_pad_id=pad_id)` pads them into a `Batch` with
-`inputs["text"]` (B, N) and `lengths["text"]` (B,).
+Items are {"id", "text": (N,) int64[, "segments": (N,) int64]}; `Collate(text_pad_id=pad_id)` pads them into
+a `Batch` with `inputs["text"]` (B, N), `lengths["text"]` (B,)[ and `segments["text"]` (B, N), -1 at padding].
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from omnissl.datamodules.common import (atomic_file, check_data_args, crop_start
                                         file_sha1)
 from omnissl.datamodules.documents import list_documents
 from omnissl.datamodules.shards import ShardItems, is_shards, read_meta
-from omnissl.datamodules.token_cache import BREAK_MODES, TokenBlockDataset, block_ranges, pretokenize
+from omnissl.datamodules.token_cache import BREAK_MODES, TokenBlockDataset, block_ranges, pack_rows, pretokenize
 from omnissl.datamodules.tokenizers import (CACHE_VERSION, cache_key, check_tokenizer, expected_info,
                                             load_tokenizer, resolve_tokenizer, set_token_ids, word_boundaries)
 
@@ -110,7 +114,7 @@ class TextDataModule(DataModule):
         lowercase: bool | None = None,  # None: False for bpe, True for wordpiece
         block_size: int = 512,  # RoBERTa base `tokens_per_sample`
         packing: bool = True,
-        break_mode: str = "complete",  # RoBERTa base `sample_break_mode`
+        break_mode: str = "complete",  # RoBERTa base `sample_break_mode`; "documents": packed rows, see module doc
         batch_size: int = 16,  # RoBERTa base: 16 sequences per GPU (x 8 GPUs x update_freq 16)
         num_workers: int = 2,
         seed: int = 0,
@@ -124,6 +128,9 @@ class TextDataModule(DataModule):
             raise ValueError(f"break_mode must be one of {BREAK_MODES}, got {break_mode!r}")
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {block_size}")
+        if packing and break_mode == "documents" and is_shards(train):
+            raise ValueError("break_mode='documents' (packed rows) reads the pre-tokenized cache: a streamed "
+                             f"shard set ({train}) is read one document per item; leave break_mode unset")
         self.train, self.valid, self.test, self.valid_fraction = train, valid, test, valid_fraction
         self.embedded_size, self.tokenizer = embedded_size, tokenizer
         self.tokenizer_kind, self.min_frequency, self.lowercase = tokenizer_kind, min_frequency, lowercase
@@ -233,11 +240,15 @@ class TextDataModule(DataModule):
                                   stacklevel=2)
                 continue
             lengths = np.diff(np.load(cache / "offsets.npy"))
-            ranges = self._ranges(cache, lengths)
-            self.datasets[split] = TokenBlockDataset(cache, ranges, bos_id=self.bos_id, eos_id=self.eos_id)
+            ranges, rows = self._ranges(cache, lengths), None
+            if self.packing and self.break_mode == "documents":  # whole documents packed into rows
+                order, rows = pack_rows(ranges[:, 1] - ranges[:, 0] + 1, self.block_size)
+                ranges = ranges[order]
+            self.datasets[split] = TokenBlockDataset(cache, ranges, bos_id=self.bos_id, eos_id=self.eos_id,
+                                                     rows=rows)
 
     def _ranges(self, cache: Path, lengths: np.ndarray) -> np.ndarray:
-        mode = self.break_mode if self.packing else "documents"
+        mode = self.break_mode if self.packing else "documents"  # "documents": single-document items
         path = cache / f"ranges-{mode}-{self.block_size}.npy"
         if path.is_file():
             return np.load(path)

@@ -192,7 +192,17 @@ class SSLModule(L.LightningModule, abc.ABC):
             self.log(f"{stage}/{name}", value, batch_size=out.batch_size, sync_dist=not on_step,
                      on_step=on_step, on_epoch=not on_step)
 
+    # packed text rows (Batch.segments, TextDataModule break_mode="documents") mean nothing to an objective
+    # that does not hand them to its encoder: it would attend across documents; such a batch is refused
+    reads_segments = False
+
+    def refuse_segments(self, batch: Batch) -> None:
+        if batch.segments and not self.reads_segments:
+            raise ValueError(f"{type(self).__name__} does not read packed rows (Batch.segments, from a "
+                             "TextDataModule with break_mode='documents'); use break_mode 'complete' or 'none'")
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        self.refuse_segments(batch)
         counted = self._update_count
         out = self.step(batch)
         checked = self._check_finite(out, batch)
@@ -210,6 +220,7 @@ class SSLModule(L.LightningModule, abc.ABC):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._micro = 0
+        self.refuse_segments(batch)
         out = self.step(batch)
         if not torch.isfinite(out.loss).all() and self.on_nonfinite == "raise":
             ids = [] if batch.ids is None else batch.ids.tolist()

@@ -8,7 +8,10 @@
     `masked_lm` criterion); specials and padding are never selected, never inserted as random tokens.
 
 Masks are drawn per batch on the batch's device from the objective's seeded generator (dynamic masking,
-RoBERTa sec. 4.1), so every epoch sees new masks and a resumed run the same ones. Legend: B batch, N tokens,
+RoBERTa sec. 4.1), so every epoch sees new masks and a resumed run the same ones. Packed rows
+(`TextDataModule(break_mode="documents")`, `Batch.segments`): several whole documents per row, each with its
+own `<s>` / `</s>` (never selected), positions restarting and attention within the document; the exact
+selection count is drawn per row (fairseq: per block), so per document it varies more. Legend: B batch, N tokens,
 M selected tokens, D width, V vocabulary (padded to a multiple of 64; ids past the tokenizer's size never occur).
 """
 
@@ -178,17 +181,25 @@ class MaskedLM(SSLModule):
         """Hidden states (..., D) -> vocabulary logits (..., V) through the head tied to the token embedding."""
         return self.lm_head(hidden, self.encoder.frontend.embed.weight)
 
+    reads_segments = True  # packed rows: Batch.segments go to the encoder
+
     def step(self, batch: Batch) -> StepOutput:
         ids = batch.inputs["text"]
         lengths = batch.lengths.get("text")
         corrupted, selected = self.corrupt(ids, lengths)
+        return self.masked_step(ids, corrupted, selected, lengths, batch.segments.get("text"))
+
+    def masked_step(self, ids: Tensor, corrupted: Tensor, selected: Tensor, lengths: Tensor | None = None,
+                    segments: Tensor | None = None) -> StepOutput:
+        """The loss and metrics of given masks: ids, corrupted (B, N), selected (B, N) bool (`corrupt`);
+        segments (B, N): packed rows' document ids (`Batch.segments`), each document attended on its own."""
         # the head reads the selected positions only, so the trunk's last block computes only those rows (the
         # same values; they still attend to every token): each row's selected positions first, in order,
         # padded to the longest row's count Q (positions past a row's count are computed and dropped)
         counts = selected.sum(1)
         q = max(int(counts.max()), 1)
         queries = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :q]  # (B, Q)
-        out = self.encoder.encode(self.encoder.embed(corrupted, lengths), queries=queries)
+        out = self.encoder.encode(self.encoder.embed(corrupted, lengths), queries=queries, segments=segments)
         hidden = out.last[torch.arange(q, device=ids.device)[None] < counts[:, None]]  # (M, D), = last[selected]
         target = ids[selected]
         logits = self.logits(hidden)
