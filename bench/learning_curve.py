@@ -144,9 +144,11 @@ def write_json(path: Path, record: dict) -> Path:
 
 
 def run_point(objective: str, minutes: float, seed: int, tasks: list[str], tag: str, extra: list[str],
-              commit: bool) -> None:
+              commit: bool, keep_run: bool = False) -> None:
     """Pretrain (or reuse the kept encoder), probe the tasks still missing, write their JSONs; also the
-    random-init (0 min) JSONs of this seed."""
+    random-init (0 min) JSONs of this seed. keep_run: the run folder (its checkpoint) is needed too, so pretrain
+    when it is missing even if every JSON is there (HuBERT iteration 1 for iteration 2, whose JSONs may come
+    from another checkout)."""
     from omnissl.checkpoints import load_backbone, save_backbone
 
     steps = steps_for(objective, minutes)
@@ -156,10 +158,10 @@ def run_point(objective: str, minutes: float, seed: int, tasks: list[str], tag: 
     todo = [t for t in tasks if not fresh(result_path(tag, objective, minutes, seed, t), key)]
     todo0 = [t for t in tasks if objective != "hubert2"  # (its random init is iteration 1's: the same weights)
              and not fresh(result_path(tag, objective, 0, seed, t), key0)]
-    if not todo and not todo0:
+    run_dir = RUNS / tag / objective / f"{minutes:g}min-seed{seed}-{key}"
+    if not todo and not todo0 and not (keep_run and not (run_dir / "pretrain.json").exists()):
         print(f"{objective} {minutes:g} min seed {seed}: done ({', '.join(tasks)})", flush=True)
         return
-    run_dir = RUNS / tag / objective / f"{minutes:g}min-seed{seed}-{key}"
     package, initial_package = run_dir / "encoder", run_dir / "initial"
     info_file = run_dir / "pretrain.json"
     if info_file.exists():
@@ -208,7 +210,7 @@ def run_point(objective: str, minutes: float, seed: int, tasks: list[str], tag: 
 def hubert2_extra(minutes: float, seed: int, tasks: list[str], tag: str, extra: list[str], commit: bool) -> list[str]:
     """Run (or reuse) HuBERT iteration 1 at this budget and seed, make iteration 2's units from its last
     checkpoint (cached beside the corpus as .km-it2-<iteration-1 config>), and return iteration 2's arguments."""
-    run_point("hubert", minutes, seed, tasks, tag, extra, commit)
+    run_point("hubert", minutes, seed, tasks, tag, extra, commit, keep_run=True)
     key1 = config_hash("hubert", steps_for("hubert", minutes), extra)
     run1 = RUNS / tag / "hubert" / f"{minutes:g}min-seed{seed}-{key1}"
     ckpts = sorted(run1.glob("**/checkpoints/last.ckpt"))

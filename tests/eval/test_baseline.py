@@ -127,3 +127,33 @@ def test_learning_curve_skips_fresh_results_redoes_stale_ones_and_reports(tmp_pa
     assert "0.420 ± 0.020 [0.370, 0.470] (n=3)" in (tmp_path / "t" / "results.md").read_text()
     assert (tmp_path / "t" / "learning_curve.png").stat().st_size > 10_000
     assert json.loads(path.read_text())["config"] == key
+
+
+def test_hubert_iteration_one_is_pretrained_again_for_iteration_two_when_only_its_jsons_are_here(tmp_path,
+                                                                                               monkeypatch):
+    """Iteration 2 needs iteration 1's checkpoint: JSONs copied from another checkout (no run folder here) must
+    not count as done for it, while a plain iteration-1 point with the same JSONs is done."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    sys.modules.pop("learning_curve", None)
+    import learning_curve as lc
+
+    monkeypatch.setattr(lc, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(lc, "RUNS", tmp_path / "runs")
+    for minutes in (0, 5):
+        key = lc.config_hash("hubert", lc.steps_for("hubert", minutes), [])
+        for task in ("keywords", "speakers"):
+            lc.write_json(lc.result_path("t", "hubert", minutes, 0, task), {"config": key})
+    calls = []
+
+    def fake_pretrain(objective, steps, seed, run_dir, extra):
+        calls.append((objective, steps, seed))
+        raise SystemExit("pretrain called")
+
+    monkeypatch.setattr(lc.learning, "pretrain", fake_pretrain)
+    lc.run_point("hubert", 5, 0, ["keywords", "speakers"], "t", [], commit=False)
+    assert calls == []
+    with pytest.raises(SystemExit, match="pretrain called"):
+        lc.run_point("hubert", 5, 0, ["keywords", "speakers"], "t", [], commit=False, keep_run=True)
+    assert calls == [("hubert", lc.steps_for("hubert", 5), 0)]
