@@ -16,8 +16,8 @@
    clips each at "small"; generalized: argmax over all 14 classes, and classic: over the 3 held-out ones), on the
    seen ones, and text->audio R@1 / R@5 on the test split (scenes that each hold a held-out combination).
 
-Resumable: pretraining checkpoints stay in $CLAP_BENCH_RUNS (/tmp/clap_bench) and each finished CLAP run writes
-bench/results/clap/<omnissl|omnissl_mae>_pt<pretrain steps>_<pretrained|random>_s<steps>_seed<k>.json (skipped when
+Resumable: pretraining checkpoints stay in $CLAP_BENCH_RUNS/v<corpus version> (/tmp/clap_bench/v5) and each
+finished CLAP run writes bench/results/clap/v<corpus version>/<omnissl|omnissl_mae>_pt<pretrain steps>_<pretrained|random>_s<steps>_seed<k>.json (skipped when
 present), so a later session continues where one stopped. The summary prints the mean over seeds, the sample std,
 the 95 % t-interval and Welch's test of pretrained - random (bench/learning.py). Run it with OMP_NUM_THREADS=1 on a
 shared machine, or on a GPU (`--device` is the trainer's accelerator). `--size tiny --pretrain-steps 4 --steps 4

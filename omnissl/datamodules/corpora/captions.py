@@ -58,7 +58,7 @@ from omnissl.batch import SAMPLE_RATE
 from omnissl.datamodules.common import cached_generation, check_size, write_manifest
 from omnissl.datamodules.corpora.speech import espeak, run_shards
 
-VERSION = 4  # 4: Latin-square held-out classes, larger test and held-out zero-shot sets
+VERSION = 5  # 5: spectral cues decorrelated from the pitch words (see "Version 5" above); 4: Latin-square held-out
 NUM_CLIPS = {"tiny": 12, "small": 600, "default": 5000}
 NUM_TEST = {"tiny": 3, "small": 360, "default": 1000}  # scenes with a held-out combination
 # single-event clips per zero-shot class: (seen class, held-out class); the held-out accuracy is the measurement
@@ -69,8 +69,14 @@ VALID_FRACTION = 0.05
 MIN_EVENT_S = 0.25
 RAMP_S = 0.005
 PEAK = {"normal": 0.3, "quiet": 0.3 * 10 ** (-14 / 20)}
-HISS_RMS = 10 ** (-45 / 20)
+GAIN_DB = (-3.0, 3.0)  # every synthetic event's level is jittered around PEAK by this much (uniform, dB)
+NOISE_BG_DB = (-50.0, -35.0)  # RMS of a hiss / rumble background, dBFS (uniform)
 HUM_AMP = 0.01
+# background of a clip, drawn independently of its events: none, hiss (white), rumble (brown), mains hum
+BACKGROUNDS = {None: 0.35, "hiss": 0.25, "rumble": 0.25, "hum": 0.15}
+BUZZY_MAX_HZ = 7600.0  # a buzzy tone's harmonics stay below this
+BUZZY_TILT = (-0.5, 1.0)  # harmonic k has amplitude k^-tilt (then low-passed): dark to bright
+BUZZY_MIN_FUNDAMENTAL = 0.1  # ... but the fundamental is never more than 20 dB below the strongest harmonic
 KINDS = ("tone", "sweep", "noise", "beeps", "speech")
 SPEECH_ACCENTS = ("en-us", "en", "en-gb-scotland", "en-029")
 SPEECH_VOICES = {"man": ("m1", "m2", "m3", "m4", "m5", "m7"), "woman": ("f1", "f2", "f3", "f4", "f5")}
@@ -78,7 +84,7 @@ SHARD_CLIPS = 200  # clips per generating process when speech is on (espeak-ng k
 COLORS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f^alpha
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 PITCH_BANDS = {"low": (150.0, 400.0), "mid-pitched": (400.0, 1200.0), "high-pitched": (1200.0, 3000.0)}
-BEEP_RANGE = (300.0, 3000.0)
+BEEP_RANGE = (150.0, 3000.0)  # every pitch band whole, as for tones (v4: 300)
 # The zero-shot classes: what one non-speech event is, named by its generating factors. The held-out ones are
 # combinations of factors that each occur in training but never together (no train or valid clip holds such
 # an event, in audio or caption): a zero-shot evaluation on them is zero-shot. They are a Latin square over
@@ -127,11 +133,21 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
+def draw_harmonics(rng: np.random.Generator, f0: float) -> int:
+    """How many harmonics a buzzy tone of fundamental f0 has: a random low-pass, log-uniform between 3 f0 (2 f0
+    where 3 f0 is above BUZZY_MAX_HZ) and BUZZY_MAX_HZ, so that its bandwidth does not follow its pitch."""
+    top = max(2, int(BUZZY_MAX_HZ // f0))
+    low = min(4, top)
+    return int(min(top, np.floor(_log_uniform(rng, low, top + 1))))
+
+
 def draw_event(rng: np.random.Generator, kind: str, t: float, speaker: Speaker | None, words: Sequence[str],
                label: str | None = None) -> dict[str, Any]:
     """One event of `kind` starting at t; `label` (a `CLASSES` entry of that kind) fixes its class."""
     level = "quiet" if rng.random() < 0.2 else "normal"
     ev: dict[str, Any] = {"kind": kind, "level": level, "start_s": t}
+    if kind != "speech":  # (a spoken word's level varies with its voice already)
+        ev["gain_db"] = float(rng.uniform(*GAIN_DB))
     pitch = next((p for p in PITCH_BANDS if label and label.startswith(p + " ")), None)
     if kind == "speech":
         assert speaker is not None
@@ -158,6 +174,8 @@ def draw_event(rng: np.random.Generator, kind: str, t: float, speaker: Speaker |
             if label is not None:
                 timbre = label.split()[-2]
             ev.update(freq_hz=freq, timbre=timbre)
+            if timbre == "buzzy":
+                ev.update(harmonics=draw_harmonics(rng, freq), tilt=float(rng.uniform(*BUZZY_TILT)))
         elif kind == "sweep":
             lo = _log_uniform(rng, 200.0, 1000.0)
             hi = lo * _log_uniform(rng, 2.0, 4.0)
@@ -239,6 +257,13 @@ def phrase(ev: dict[str, Any], rng: np.random.Generator) -> str:
     return f"{NUMBERS[n]} {quiet}{pitch} beeps"
 
 
+BACKGROUND_PHRASES = {  # the canonical phrase first
+    "hiss": (" over faint hiss", " with a faint hiss in the background", " against a soft hiss"),
+    "rumble": (" over a faint rumble", " with a faint rumble in the background", " against a soft rumble"),
+    "hum": (" over a low electrical hum", " with a mains hum in the background", " over a humming background"),
+}
+
+
 def caption(events: list[dict[str, Any]], background: dict[str, Any] | None, rng: np.random.Generator,
             name: Callable[[dict[str, Any], np.random.Generator], str] | None = None) -> str:
     """The caption of the cropped clip: event phrases (`name`, default `phrase`) in time order, then the
@@ -251,7 +276,7 @@ def caption(events: list[dict[str, Any]], background: dict[str, Any] | None, rng
     else:
         text = f"{parts[0]}, then {parts[1]}, followed by {parts[2]}"
     if background is not None:
-        text += " over faint hiss" if background["kind"] == "hiss" else " over a low electrical hum"
+        text += BACKGROUND_PHRASES[background["kind"]][0]
     return text[0].upper() + text[1:] + "."
 
 
@@ -307,10 +332,7 @@ def paraphrases(events: list[dict[str, Any]], background: dict[str, Any] | None,
         else:
             text = parts[0]
         if background is not None:
-            text += str(rng.choice([" over faint hiss", " with a faint hiss in the background", " against a soft hiss"]
-                                   if background["kind"] == "hiss" else
-                                   [" over a low electrical hum", " with a mains hum in the background",
-                                    " over a humming background"]))
+            text += str(rng.choice(BACKGROUND_PHRASES[background["kind"]]))
         text = str(rng.choice(["", "the sound of ", "you can hear ", "a recording of "])) + text
         text = text[0].upper() + text[1:] + "."
         if text not in out:
@@ -369,13 +391,25 @@ def ramp(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def tone(freq: float, n: int, timbre: str, phase: float) -> np.ndarray:
+def harmonic_amplitudes(harmonics: int, tilt: float) -> np.ndarray:
+    """Amplitudes of harmonics 1..harmonics of a buzzy tone: k^-tilt, the fundamental raised to at least
+    BUZZY_MIN_FUNDAMENTAL of the strongest (so the fundamental is always there: the pitch word stays true)."""
+    a = np.arange(1, harmonics + 1, dtype=np.float64) ** -tilt
+    a[0] = max(a[0], BUZZY_MIN_FUNDAMENTAL * a.max())
+    return a / a.max()
+
+
+def tone(freq: float, n: int, timbre: str, rng: np.random.Generator, harmonics: int = 1,
+         tilt: float = 1.0) -> np.ndarray:
+    """A steady tone of peak 1: a sine (pure) or the harmonics 1..harmonics of freq with amplitudes
+    `harmonic_amplitudes` and random phases (buzzy)."""
     t = np.arange(n) / SAMPLE_RATE
     if timbre == "pure":
-        return np.sin(2 * np.pi * freq * t + phase)
-    ks = [k for k in range(1, 16, 2) if k * freq < SAMPLE_RATE / 2]  # band-limited square wave
-    x = sum(np.sin(2 * np.pi * k * freq * t + k * phase) / k for k in ks)
-    return x / np.max(np.abs(x))
+        return np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
+    amps = harmonic_amplitudes(harmonics, tilt)
+    phases = rng.uniform(0, 2 * np.pi, len(amps))
+    x = sum(a * np.sin(2 * np.pi * (k + 1) * freq * t + ph) for k, (a, ph) in enumerate(zip(amps, phases)))
+    return x / (np.max(np.abs(x)) + 1e-12)
 
 
 def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_samples: int,
@@ -383,12 +417,12 @@ def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_
     """The clip's waveform (num_samples,) float64 in [-1, 1]."""
     y = np.zeros(num_samples)
     for ev in events:
-        amp = PEAK[ev["level"]]
+        amp = PEAK[ev["level"]] * 10 ** (ev.get("gain_db", 0.0) / 20)
         if ev["kind"] == "beeps":
             n = int(round(ev["beep_s"] * SAMPLE_RATE))
             for t0 in ev["beep_times_s"]:
                 i = int(round(t0 * SAMPLE_RATE))
-                seg = ramp(tone(ev["freq_hz"], n, "pure", 0.0))[: num_samples - i]
+                seg = ramp(np.sin(2 * np.pi * ev["freq_hz"] * np.arange(n) / SAMPLE_RATE))[: num_samples - i]
                 y[i:i + len(seg)] += amp * seg
             continue
         i, j = int(round(ev["start_s"] * SAMPLE_RATE)), min(int(round(ev["end_s"] * SAMPLE_RATE)), num_samples)
@@ -398,7 +432,7 @@ def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_
             y[i:i + len(seg)] += amp * seg / (np.max(np.abs(seg)) + 1e-9)
             continue
         if ev["kind"] == "tone":
-            seg = tone(ev["freq_hz"], n, ev["timbre"], float(rng.uniform(0, 2 * np.pi)))
+            seg = tone(ev["freq_hz"], n, ev["timbre"], rng, ev.get("harmonics", 1), ev.get("tilt", 1.0))
         elif ev["kind"] == "sweep":
             f = ev["f0_hz"] * (ev["f1_hz"] / ev["f0_hz"]) ** (np.arange(n) / max(n - 1, 1))
             seg = np.sin(2 * np.pi * np.cumsum(f) / SAMPLE_RATE)
@@ -406,8 +440,9 @@ def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_
             seg = colored_noise(rng, n, COLORS[ev["color"]]) / 4.0  # peak ~ amp for Gaussian noise
         y[i:j] += amp * ramp(seg)
     if background is not None:
-        if background["kind"] == "hiss":
-            y += HISS_RMS * rng.standard_normal(num_samples)
+        if background["kind"] in ("hiss", "rumble"):
+            alpha = COLORS["white" if background["kind"] == "hiss" else "brown"]
+            y += 10 ** (background["rms_db"] / 20) * colored_noise(rng, num_samples, alpha)
         else:
             t = np.arange(num_samples) / SAMPLE_RATE
             f = background["freq_hz"]
@@ -455,9 +490,13 @@ def make_clip(seed: int, index: int, size: str, speaker: Speaker | None = None,
         events = crop_scene(scene, start, duration)
         if not kept(events):
             raise RuntimeError(f"clip {index} of split {split}: no crop keeps its {label or 'events'}")
-    u = rng.random()
-    background = None if u < 0.5 else {"kind": "hiss"} if u < 0.8 else {"kind": "hum",
-                                                                         "freq_hz": float(rng.choice([50, 60]))}
+    kinds = list(BACKGROUNDS)
+    kind = kinds[int(rng.choice(len(kinds), p=list(BACKGROUNDS.values())))]  # independent of the events
+    background = None if kind is None else {"kind": kind}
+    if kind == "hum":
+        background["freq_hz"] = float(rng.choice([50, 60]))
+    elif kind is not None:
+        background["rms_db"] = round(float(rng.uniform(*NOISE_BG_DB)), 2)
     text = caption(events, background, rng)
     wave = render(events, background, num_samples, rng)
     for ev in events:  # labels: rounded, clip-time, no waveforms
