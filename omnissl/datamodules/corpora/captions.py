@@ -2,16 +2,18 @@
 
 Each clip is a short scene of 1-3 foreground events in sequence, separated by silence, optionally over a
 faint background for the whole clip:
-* tone: a steady tone, pure (sine) or buzzy (odd harmonics), low / mid-pitched / high-pitched;
+* tone: a steady tone, pure (sine) or buzzy (harmonics of random brightness and bandwidth, below), low (its
+  fundamental at 150-400 Hz) / mid-pitched (400-1200 Hz) / high-pitched (1200-3000 Hz);
 * sweep: a tone gliding up ("rising sweep") or down ("falling sweep") on a log-frequency scale;
 * noise: white, pink (1/f power) or brown (1/f^2 power) noise;
-* beeps: 2-5 short beeps of one pitch;
+* beeps: 2-5 short beeps of one pitch (a sine at 150-3000 Hz);
 * speech: one English word spoken by a man or a woman ('a woman saying "window"'), synthesized by espeak-ng
   through `omnissl.datamodules.corpora.speech` (a fixed list of 130 common words, four accents, eleven
   voices, varied rate and pitch); only when its `espeakng-loader` wheel is installed (the cache key
   records whether it was);
-* background: faint hiss (white noise about 45 dB below full scale) or a low electrical hum (50/60 Hz).
-Events may be quiet (14 dB down). Captions compose event phrases in temporal order ("A, followed by B",
+* background: faint hiss (white noise) or a faint rumble (brown noise), each 35-50 dB below full scale, or a low
+  electrical hum (50/60 Hz and two harmonics).
+Events may be quiet (14 dB down); every synthetic event's level is jittered by +-3 dB. Captions compose event phrases in temporal order ("A, followed by B",
 "A, then B, then C") and name the background ("... over faint hiss").
 
 The scene is laid out on a longer timeline and then cropped to the clip; only then are the events clipped to
@@ -33,6 +35,31 @@ factors: "a buzzy tone at a high pitch", "first ..., then ...", "with a faint hi
 `coarse_captions` writes vaguer captions of a training clip from its labels, naming each tone or beeps event by
 its pitch or its sound only ("a low sound", "a buzzy tone", "three beeps"); they are not part of the corpus on
 disk (`AudioTextDataModule(coarse_captions=k)` adds them to the train clips).
+
+Version 5: the pitch words name the fundamental, not where the energy is. In version 4 a crude spectral cue
+named the pitch words as well as the fundamental did: a buzzy tone was a square wave (odd harmonics at 1/k), so
+its energy band followed its pitch, beeps (300-3000 Hz) left the lower part of "low" to tones, and the background
+(hiss or hum) was fixed. An audio tower could fit every training caption with "pitch = the bands that hold
+energy" and never read the fundamental, and CLAP's trained audio towers did: the held-out "low pure tone" clips
+sat with brown noise and low beeps, the "mid-pitched buzzy tone" ones (whose odd harmonics fill 1.2-8 kHz) with
+the high-pitched classes (docs/clap.md). Version 5 keeps every caption true and the held-out design, and breaks
+that cue:
+* a buzzy tone has harmonics 1..K of its fundamental f0 (all of them, random phases) with amplitudes k^-tilt,
+  tilt uniform in [-0.5, 1] (bright to dark: its strongest harmonic may be any one), K log-uniform from 4 (2-3
+  above 1.9 kHz) up to all harmonics below 7.6 kHz (a random low-pass): its energy lies anywhere from f0 to
+  7.6 kHz whatever its pitch, and only its lowest component says its pitch. The fundamental is never more
+  than 20 dB below the strongest harmonic, so "low" still means a fundamental at 150-400 Hz;
+* beeps take the whole 150-3000 Hz range, so each pitch band is covered by pure tones, buzzy tones and beeps alike;
+* the background (none 35 %, hiss 25 %, rumble 25 %, hum 15 %) is drawn independently of the events, noise
+  backgrounds at a random level: low-band energy without a low event (rumble, hum), high-band energy without a
+  high one (hiss), named in the caption;
+* a +-3 dB level jitter per event, so that level is no class cue either.
+Measured (`tests/datamodules/test_caption_cues.py`, the single-event zero-shot clips of the 9 pitch x sound
+classes): a logistic regression on the mean log-mel energy of 8 bands, trained on the sine events (pure tones,
+beeps) to name the pitch word, names it on buzzy tones at 0.37 (chance 0.33; version 4: 0.61), and trained on
+buzzy tones, on the sine events at 0.44 (version 4: 0.65); the same regression on the log fundamental read off
+the audio (the lowest strong spectral peak) at 0.97 and 0.93. Noise events are left as they were (white, pink,
+brown over the whole band): band-limiting them would make their colour words untrue.
 
 Layout of `out/`: `clips/<k>/<i>.wav`, `test/<i>.wav`, `zeroshot/<i>.wav` (16 kHz mono PCM-16); `train.tsv`,
 `valid.tsv`, `test.tsv` (root line, then `relpath<TAB>num_samples<TAB>caption`, the canonical caption; valid =
@@ -134,8 +161,8 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 
 def draw_harmonics(rng: np.random.Generator, f0: float) -> int:
-    """How many harmonics a buzzy tone of fundamental f0 has: a random low-pass, log-uniform between 3 f0 (2 f0
-    where 3 f0 is above BUZZY_MAX_HZ) and BUZZY_MAX_HZ, so that its bandwidth does not follow its pitch."""
+    """How many harmonics a buzzy tone of fundamental f0 has (a random low-pass, so that its bandwidth does not
+    follow its pitch): K log-uniform in [min(4, top), top], top = the harmonics below BUZZY_MAX_HZ (at least 2)."""
     top = max(2, int(BUZZY_MAX_HZ // f0))
     low = min(4, top)
     return int(min(top, np.floor(_log_uniform(rng, low, top + 1))))
