@@ -7,8 +7,8 @@
    (`--audio audiomae`, the default: AudioMAE on log-mel frame stacks, `recipes/audio/audiomae_frames_tiny_cpu.yaml`,
    on the audio of the captioned corpus's train split, for `recipes/audio_text/clap_from_audiomae_mlm_tiny_cpu.yaml`,
    a CLAP step as cheap as clap_tiny_cpu.yaml's; `--audio w2v`: wav2vec 2.0, `recipes/audio/wav2vec2_tiny_cpu.yaml`
-   on embedded speech, for `recipes/audio_text/clap_from_omnissl_tiny_cpu.yaml`, whose conv extractor makes a CLAP
-   step ~35x a log-mel step on a CPU) and a masked LM (`recipes/text/mlm_tiny_cpu.yaml`, embedded docstrings),
+   on embedded speech (4 x 128 on 64-bin log-mel frames), for `recipes/audio_text/clap_from_omnissl_tiny_cpu.yaml`)
+   and a masked LM (`recipes/text/mlm_tiny_cpu.yaml`, embedded docstrings),
    exported as a package (its tokenizer comes with it).
 2. Trains that CLAP recipe `--steps` updates per seed twice: "pretrained" (audio_init_from / text_init_from set)
    and "random" (both null; the same architecture and the MLM run's tokenizer, so only the initial weights differ),
