@@ -7,8 +7,8 @@
    (`--audio audiomae`, the default: AudioMAE on log-mel frame stacks, `recipes/audio/audiomae_frames_tiny_cpu.yaml`,
    on the audio of the captioned corpus's train split, for `recipes/audio_text/clap_from_audiomae_mlm_tiny_cpu.yaml`,
    a CLAP step as cheap as clap_tiny_cpu.yaml's; `--audio w2v`: wav2vec 2.0, `recipes/audio/wav2vec2_tiny_cpu.yaml`
-   on embedded speech, for `recipes/audio_text/clap_from_omnissl_tiny_cpu.yaml`, whose conv extractor makes a CLAP
-   step ~35x a log-mel step on a CPU) and a masked LM (`recipes/text/mlm_tiny_cpu.yaml`, embedded docstrings),
+   on embedded speech (4 x 128 on 64-bin log-mel frames), for `recipes/audio_text/clap_from_omnissl_tiny_cpu.yaml`)
+   and a masked LM (`recipes/text/mlm_tiny_cpu.yaml`, embedded docstrings),
    exported as a package (its tokenizer comes with it).
 2. Trains that CLAP recipe `--steps` updates per seed twice: "pretrained" (audio_init_from / text_init_from set)
    and "random" (both null; the same architecture and the MLM run's tokenizer, so only the initial weights differ),
@@ -16,8 +16,8 @@
    clips each at "small"; generalized: argmax over all 14 classes, and classic: over the 3 held-out ones), on the
    seen ones, and text->audio R@1 / R@5 on the test split (scenes that each hold a held-out combination).
 
-Resumable: pretraining checkpoints stay in $CLAP_BENCH_RUNS (/tmp/clap_bench) and each finished CLAP run writes
-bench/results/clap/<omnissl|omnissl_mae>_pt<pretrain steps>_<pretrained|random>_s<steps>_seed<k>.json (skipped when
+Resumable: pretraining checkpoints stay in $CLAP_BENCH_RUNS/v<corpus version> (/tmp/clap_bench/v5) and each
+finished CLAP run writes bench/results/clap/v<corpus version>/<omnissl|omnissl_mae>_pt<pretrain steps>_<pretrained|random>_s<steps>_seed<k>.json (skipped when
 present), so a later session continues where one stopped. The summary prints the mean over seeds, the sample std,
 the 95 % t-interval and Welch's test of pretrained - random (bench/learning.py). Run it with OMP_NUM_THREADS=1 on a
 shared machine, or on a GPU (`--device` is the trainer's accelerator). `--size tiny --pretrain-steps 4 --steps 4

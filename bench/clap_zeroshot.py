@@ -7,11 +7,13 @@ Each run trains a variant (a recipe plus LightningCLI overrides, `VARIANTS`) for
 (model init, data order, caption draws), then evaluates its final weights with `omnissl.eval.zeroshot.evaluate`:
 zero-shot accuracy on the zero-shot clips (14 classes; the 3 held-out ones, whose combination of attributes no
 training clip holds, have 200 clips each at size "small") and retrieval on the test split (scenes that each hold
-a held-out combination). Every finished run writes bench/results/clap/<variant>_s<steps>_seed<k>.json and is
-skipped when run again (resumable: a later session continues where this one stopped). `--untrained` evaluates
+a held-out combination). Every finished run writes bench/results/clap/v<corpus version>/<variant>_s<steps>_seed<k>.json
+(the captioned corpus's `VERSION`: runs on another version of the corpus are other results; v4/ holds the
+version-4 history) and is skipped when run again (resumable: a later session continues where this one stopped). `--untrained` evaluates
 each variant's initial weights (steps 0), the non-learned baseline. The summary prints, per variant, the mean over
 seeds with its sample standard deviation and 95 % Student-t interval (`bench/learning.py`), and each seed's
-binomial standard error on the held-out clips. Runs go to /tmp/clap_bench/; use OMP_NUM_THREADS=1 on a shared CPU.
+binomial standard error on the held-out clips. Runs go to /tmp/clap_bench/v<corpus version>/; use OMP_NUM_THREADS=1
+on a shared CPU.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "clap"
-RUNS = Path(os.environ.get("CLAP_BENCH_RUNS", "/tmp/clap_bench"))
+sys.path.insert(0, str(ROOT))
+from omnissl.datamodules.corpora.captions import VERSION as CORPUS_VERSION  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "clap" / f"v{CORPUS_VERSION}"  # results of one corpus version together
+RUNS = Path(os.environ.get("CLAP_BENCH_RUNS", "/tmp/clap_bench")) / f"v{CORPUS_VERSION}"
 TINY = ROOT / "recipes" / "audio_text" / "clap_tiny_cpu.yaml"
 
 # name -> (recipe, extra LightningCLI arguments)
@@ -129,6 +135,7 @@ def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int,
     wall = time.perf_counter() - t0
     res = evaluate_model(cli.model, cli.datamodule)
     res.update(variant=variant, recipe=str(recipe.relative_to(ROOT)), extra=extra, steps=done, seed=seed,
+               corpus_version=CORPUS_VERSION,
                wall_s=round(wall, 1), load_avg=os.getloadavg()[0], threads=int(os.environ.get("OMP_NUM_THREADS", 0)))
     if curve and steps:
         res["curve"] = evaluate_curve(run_dir, cli.datamodule)

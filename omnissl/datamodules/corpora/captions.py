@@ -2,16 +2,18 @@
 
 Each clip is a short scene of 1-3 foreground events in sequence, separated by silence, optionally over a
 faint background for the whole clip:
-* tone: a steady tone, pure (sine) or buzzy (odd harmonics), low / mid-pitched / high-pitched;
+* tone: a steady tone, pure (sine) or buzzy (harmonics of random brightness and bandwidth, below), low (its
+  fundamental at 150-400 Hz) / mid-pitched (400-1200 Hz) / high-pitched (1200-3000 Hz);
 * sweep: a tone gliding up ("rising sweep") or down ("falling sweep") on a log-frequency scale;
 * noise: white, pink (1/f power) or brown (1/f^2 power) noise;
-* beeps: 2-5 short beeps of one pitch;
+* beeps: 2-5 short beeps of one pitch (a sine at 150-3000 Hz);
 * speech: one English word spoken by a man or a woman ('a woman saying "window"'), synthesized by espeak-ng
   through `omnissl.datamodules.corpora.speech` (a fixed list of 130 common words, four accents, eleven
   voices, varied rate and pitch); only when its `espeakng-loader` wheel is installed (the cache key
   records whether it was);
-* background: faint hiss (white noise about 45 dB below full scale) or a low electrical hum (50/60 Hz).
-Events may be quiet (14 dB down). Captions compose event phrases in temporal order ("A, followed by B",
+* background: faint hiss (white noise) or a faint rumble (brown noise), each 35-50 dB below full scale, or a low
+  electrical hum (50/60 Hz and two harmonics).
+Events may be quiet (14 dB down); every synthetic event's level is jittered by +-3 dB. Captions compose event phrases in temporal order ("A, followed by B",
 "A, then B, then C") and name the background ("... over faint hiss").
 
 The scene is laid out on a longer timeline and then cropped to the clip; only then are the events clipped to
@@ -33,6 +35,31 @@ factors: "a buzzy tone at a high pitch", "first ..., then ...", "with a faint hi
 `coarse_captions` writes vaguer captions of a training clip from its labels, naming each tone or beeps event by
 its pitch or its sound only ("a low sound", "a buzzy tone", "three beeps"); they are not part of the corpus on
 disk (`AudioTextDataModule(coarse_captions=k)` adds them to the train clips).
+
+Version 5: the pitch words name the fundamental, not where the energy is. In version 4 a crude spectral cue
+named the pitch words as well as the fundamental did: a buzzy tone was a square wave (odd harmonics at 1/k), so
+its energy band followed its pitch, beeps (300-3000 Hz) left the lower part of "low" to tones, and the background
+(hiss or hum) was fixed. An audio tower could fit every training caption with "pitch = the bands that hold
+energy" and never read the fundamental, and CLAP's trained audio towers did: the held-out "low pure tone" clips
+sat with brown noise and low beeps, the "mid-pitched buzzy tone" ones (whose odd harmonics fill 1.2-8 kHz) with
+the high-pitched classes (docs/clap.md). Version 5 keeps every caption true and the held-out design, and breaks
+that cue:
+* a buzzy tone has harmonics 1..K of its fundamental f0 (all of them, random phases) with amplitudes k^-tilt,
+  tilt uniform in [-0.5, 1] (bright to dark: its strongest harmonic may be any one), K log-uniform from 4 (2-3
+  above 1.9 kHz) up to all harmonics below 7.6 kHz (a random low-pass): its energy lies anywhere from f0 to
+  7.6 kHz whatever its pitch, and only its lowest component says its pitch. The fundamental is never more
+  than 20 dB below the strongest harmonic, so "low" still means a fundamental at 150-400 Hz;
+* beeps take the whole 150-3000 Hz range, so each pitch band is covered by pure tones, buzzy tones and beeps alike;
+* the background (none 35 %, hiss 25 %, rumble 25 %, hum 15 %) is drawn independently of the events, noise
+  backgrounds at a random level: low-band energy without a low event (rumble, hum), high-band energy without a
+  high one (hiss), named in the caption;
+* a +-3 dB level jitter per event, so that level is no class cue either.
+Measured (`tests/datamodules/test_caption_cues.py`, the single-event zero-shot clips of the 9 pitch x sound
+classes): a logistic regression on the mean log-mel energy of 8 bands, trained on the sine events (pure tones,
+beeps) to name the pitch word, names it on buzzy tones at 0.37 (chance 0.33; version 4: 0.61), and trained on
+buzzy tones, on the sine events at 0.44 (version 4: 0.65); the same regression on the log fundamental read off
+the audio (the lowest strong spectral peak) at 0.97 and 0.93. Noise events are left as they were (white, pink,
+brown over the whole band): band-limiting them would make their colour words untrue.
 
 Layout of `out/`: `clips/<k>/<i>.wav`, `test/<i>.wav`, `zeroshot/<i>.wav` (16 kHz mono PCM-16); `train.tsv`,
 `valid.tsv`, `test.tsv` (root line, then `relpath<TAB>num_samples<TAB>caption`, the canonical caption; valid =
@@ -58,7 +85,7 @@ from omnissl.batch import SAMPLE_RATE
 from omnissl.datamodules.common import cached_generation, check_size, write_manifest
 from omnissl.datamodules.corpora.speech import espeak, run_shards
 
-VERSION = 4  # 4: Latin-square held-out classes, larger test and held-out zero-shot sets
+VERSION = 5  # 5: spectral cues decorrelated from the pitch words (see "Version 5" above); 4: Latin-square held-out
 NUM_CLIPS = {"tiny": 12, "small": 600, "default": 5000}
 NUM_TEST = {"tiny": 3, "small": 360, "default": 1000}  # scenes with a held-out combination
 # single-event clips per zero-shot class: (seen class, held-out class); the held-out accuracy is the measurement
@@ -69,8 +96,14 @@ VALID_FRACTION = 0.05
 MIN_EVENT_S = 0.25
 RAMP_S = 0.005
 PEAK = {"normal": 0.3, "quiet": 0.3 * 10 ** (-14 / 20)}
-HISS_RMS = 10 ** (-45 / 20)
+GAIN_DB = (-3.0, 3.0)  # every synthetic event's level is jittered around PEAK by this much (uniform, dB)
+NOISE_BG_DB = (-50.0, -35.0)  # RMS of a hiss / rumble background, dBFS (uniform)
 HUM_AMP = 0.01
+# background of a clip, drawn independently of its events: none, hiss (white), rumble (brown), mains hum
+BACKGROUNDS = {None: 0.35, "hiss": 0.25, "rumble": 0.25, "hum": 0.15}
+BUZZY_MAX_HZ = 7600.0  # a buzzy tone's harmonics stay below this
+BUZZY_TILT = (-0.5, 1.0)  # harmonic k has amplitude k^-tilt (then low-passed): dark to bright
+BUZZY_MIN_FUNDAMENTAL = 0.1  # ... but the fundamental is never more than 20 dB below the strongest harmonic
 KINDS = ("tone", "sweep", "noise", "beeps", "speech")
 SPEECH_ACCENTS = ("en-us", "en", "en-gb-scotland", "en-029")
 SPEECH_VOICES = {"man": ("m1", "m2", "m3", "m4", "m5", "m7"), "woman": ("f1", "f2", "f3", "f4", "f5")}
@@ -78,7 +111,7 @@ SHARD_CLIPS = 200  # clips per generating process when speech is on (espeak-ng k
 COLORS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f^alpha
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 PITCH_BANDS = {"low": (150.0, 400.0), "mid-pitched": (400.0, 1200.0), "high-pitched": (1200.0, 3000.0)}
-BEEP_RANGE = (300.0, 3000.0)
+BEEP_RANGE = (150.0, 3000.0)  # every pitch band whole, as for tones (v4: 300)
 # The zero-shot classes: what one non-speech event is, named by its generating factors. The held-out ones are
 # combinations of factors that each occur in training but never together (no train or valid clip holds such
 # an event, in audio or caption): a zero-shot evaluation on them is zero-shot. They are a Latin square over
@@ -127,11 +160,21 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
+def draw_harmonics(rng: np.random.Generator, f0: float) -> int:
+    """How many harmonics a buzzy tone of fundamental f0 has (a random low-pass, so that its bandwidth does not
+    follow its pitch): K log-uniform in [min(4, top), top], top = the harmonics below BUZZY_MAX_HZ (at least 2)."""
+    top = max(2, int(BUZZY_MAX_HZ // f0))
+    low = min(4, top)
+    return int(min(top, np.floor(_log_uniform(rng, low, top + 1))))
+
+
 def draw_event(rng: np.random.Generator, kind: str, t: float, speaker: Speaker | None, words: Sequence[str],
                label: str | None = None) -> dict[str, Any]:
     """One event of `kind` starting at t; `label` (a `CLASSES` entry of that kind) fixes its class."""
     level = "quiet" if rng.random() < 0.2 else "normal"
     ev: dict[str, Any] = {"kind": kind, "level": level, "start_s": t}
+    if kind != "speech":  # (a spoken word's level varies with its voice already)
+        ev["gain_db"] = float(rng.uniform(*GAIN_DB))
     pitch = next((p for p in PITCH_BANDS if label and label.startswith(p + " ")), None)
     if kind == "speech":
         assert speaker is not None
@@ -158,6 +201,8 @@ def draw_event(rng: np.random.Generator, kind: str, t: float, speaker: Speaker |
             if label is not None:
                 timbre = label.split()[-2]
             ev.update(freq_hz=freq, timbre=timbre)
+            if timbre == "buzzy":
+                ev.update(harmonics=draw_harmonics(rng, freq), tilt=float(rng.uniform(*BUZZY_TILT)))
         elif kind == "sweep":
             lo = _log_uniform(rng, 200.0, 1000.0)
             hi = lo * _log_uniform(rng, 2.0, 4.0)
@@ -239,6 +284,13 @@ def phrase(ev: dict[str, Any], rng: np.random.Generator) -> str:
     return f"{NUMBERS[n]} {quiet}{pitch} beeps"
 
 
+BACKGROUND_PHRASES = {  # the canonical phrase first
+    "hiss": (" over faint hiss", " with a faint hiss in the background", " against a soft hiss"),
+    "rumble": (" over a faint rumble", " with a faint rumble in the background", " against a soft rumble"),
+    "hum": (" over a low electrical hum", " with a mains hum in the background", " over a humming background"),
+}
+
+
 def caption(events: list[dict[str, Any]], background: dict[str, Any] | None, rng: np.random.Generator,
             name: Callable[[dict[str, Any], np.random.Generator], str] | None = None) -> str:
     """The caption of the cropped clip: event phrases (`name`, default `phrase`) in time order, then the
@@ -251,7 +303,7 @@ def caption(events: list[dict[str, Any]], background: dict[str, Any] | None, rng
     else:
         text = f"{parts[0]}, then {parts[1]}, followed by {parts[2]}"
     if background is not None:
-        text += " over faint hiss" if background["kind"] == "hiss" else " over a low electrical hum"
+        text += BACKGROUND_PHRASES[background["kind"]][0]
     return text[0].upper() + text[1:] + "."
 
 
@@ -307,10 +359,7 @@ def paraphrases(events: list[dict[str, Any]], background: dict[str, Any] | None,
         else:
             text = parts[0]
         if background is not None:
-            text += str(rng.choice([" over faint hiss", " with a faint hiss in the background", " against a soft hiss"]
-                                   if background["kind"] == "hiss" else
-                                   [" over a low electrical hum", " with a mains hum in the background",
-                                    " over a humming background"]))
+            text += str(rng.choice(BACKGROUND_PHRASES[background["kind"]]))
         text = str(rng.choice(["", "the sound of ", "you can hear ", "a recording of "])) + text
         text = text[0].upper() + text[1:] + "."
         if text not in out:
@@ -369,13 +418,25 @@ def ramp(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def tone(freq: float, n: int, timbre: str, phase: float) -> np.ndarray:
+def harmonic_amplitudes(harmonics: int, tilt: float) -> np.ndarray:
+    """Amplitudes of harmonics 1..harmonics of a buzzy tone: k^-tilt, the fundamental raised to at least
+    BUZZY_MIN_FUNDAMENTAL of the strongest (so the fundamental is always there: the pitch word stays true)."""
+    a = np.arange(1, harmonics + 1, dtype=np.float64) ** -tilt
+    a[0] = max(a[0], BUZZY_MIN_FUNDAMENTAL * a.max())
+    return a / a.max()
+
+
+def tone(freq: float, n: int, timbre: str, rng: np.random.Generator, harmonics: int = 1,
+         tilt: float = 1.0) -> np.ndarray:
+    """A steady tone of peak 1: a sine (pure) or the harmonics 1..harmonics of freq with amplitudes
+    `harmonic_amplitudes` and random phases (buzzy)."""
     t = np.arange(n) / SAMPLE_RATE
     if timbre == "pure":
-        return np.sin(2 * np.pi * freq * t + phase)
-    ks = [k for k in range(1, 16, 2) if k * freq < SAMPLE_RATE / 2]  # band-limited square wave
-    x = sum(np.sin(2 * np.pi * k * freq * t + k * phase) / k for k in ks)
-    return x / np.max(np.abs(x))
+        return np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
+    amps = harmonic_amplitudes(harmonics, tilt)
+    phases = rng.uniform(0, 2 * np.pi, len(amps))
+    x = sum(a * np.sin(2 * np.pi * (k + 1) * freq * t + ph) for k, (a, ph) in enumerate(zip(amps, phases)))
+    return x / (np.max(np.abs(x)) + 1e-12)
 
 
 def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_samples: int,
@@ -383,12 +444,12 @@ def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_
     """The clip's waveform (num_samples,) float64 in [-1, 1]."""
     y = np.zeros(num_samples)
     for ev in events:
-        amp = PEAK[ev["level"]]
+        amp = PEAK[ev["level"]] * 10 ** (ev.get("gain_db", 0.0) / 20)
         if ev["kind"] == "beeps":
             n = int(round(ev["beep_s"] * SAMPLE_RATE))
             for t0 in ev["beep_times_s"]:
                 i = int(round(t0 * SAMPLE_RATE))
-                seg = ramp(tone(ev["freq_hz"], n, "pure", 0.0))[: num_samples - i]
+                seg = ramp(np.sin(2 * np.pi * ev["freq_hz"] * np.arange(n) / SAMPLE_RATE))[: num_samples - i]
                 y[i:i + len(seg)] += amp * seg
             continue
         i, j = int(round(ev["start_s"] * SAMPLE_RATE)), min(int(round(ev["end_s"] * SAMPLE_RATE)), num_samples)
@@ -398,7 +459,7 @@ def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_
             y[i:i + len(seg)] += amp * seg / (np.max(np.abs(seg)) + 1e-9)
             continue
         if ev["kind"] == "tone":
-            seg = tone(ev["freq_hz"], n, ev["timbre"], float(rng.uniform(0, 2 * np.pi)))
+            seg = tone(ev["freq_hz"], n, ev["timbre"], rng, ev.get("harmonics", 1), ev.get("tilt", 1.0))
         elif ev["kind"] == "sweep":
             f = ev["f0_hz"] * (ev["f1_hz"] / ev["f0_hz"]) ** (np.arange(n) / max(n - 1, 1))
             seg = np.sin(2 * np.pi * np.cumsum(f) / SAMPLE_RATE)
@@ -406,8 +467,9 @@ def render(events: list[dict[str, Any]], background: dict[str, Any] | None, num_
             seg = colored_noise(rng, n, COLORS[ev["color"]]) / 4.0  # peak ~ amp for Gaussian noise
         y[i:j] += amp * ramp(seg)
     if background is not None:
-        if background["kind"] == "hiss":
-            y += HISS_RMS * rng.standard_normal(num_samples)
+        if background["kind"] in ("hiss", "rumble"):
+            alpha = COLORS["white" if background["kind"] == "hiss" else "brown"]
+            y += 10 ** (background["rms_db"] / 20) * colored_noise(rng, num_samples, alpha)
         else:
             t = np.arange(num_samples) / SAMPLE_RATE
             f = background["freq_hz"]
@@ -455,9 +517,13 @@ def make_clip(seed: int, index: int, size: str, speaker: Speaker | None = None,
         events = crop_scene(scene, start, duration)
         if not kept(events):
             raise RuntimeError(f"clip {index} of split {split}: no crop keeps its {label or 'events'}")
-    u = rng.random()
-    background = None if u < 0.5 else {"kind": "hiss"} if u < 0.8 else {"kind": "hum",
-                                                                         "freq_hz": float(rng.choice([50, 60]))}
+    kinds = list(BACKGROUNDS)
+    kind = kinds[int(rng.choice(len(kinds), p=list(BACKGROUNDS.values())))]  # independent of the events
+    background = None if kind is None else {"kind": kind}
+    if kind == "hum":
+        background["freq_hz"] = float(rng.choice([50, 60]))
+    elif kind is not None:
+        background["rms_db"] = round(float(rng.uniform(*NOISE_BG_DB)), 2)
     text = caption(events, background, rng)
     wave = render(events, background, num_samples, rng)
     for ev in events:  # labels: rounded, clip-time, no waveforms
