@@ -127,6 +127,7 @@ def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int,
         cli = lightning_cli(args, run=False)
         cli.datamodule.prepare_data()
         cli.datamodule.setup("fit")
+        cli.model.setup("fit")  # as a fit's first step sees it: towers from audio_init_from / text_init_from
         cli.model.eval()
         done = 0
     else:
