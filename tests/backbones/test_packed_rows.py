@@ -9,6 +9,7 @@ import torch
 
 from omnissl.backbones.builders import tiny
 from omnissl.backbones.transformer import Transformer
+from omnissl.datamodules.collate import pad_right
 from omnissl.ops import segment_runs
 
 LENGTHS = [5, 9, 3, 12, 7, 4]  # documents, <s> and </s> included
@@ -28,14 +29,6 @@ def documents(seed: int = 0, vocab: int = 128, lengths: list[int] = LENGTHS) -> 
     return docs
 
 
-def padded(seqs: list[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in seqs])
-    out = torch.full((len(seqs), int(lengths.max())), value, dtype=seqs[0].dtype)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out, lengths
-
-
 def pack(docs: list[torch.Tensor], layout: list[list[int]] = ROWS
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
     """-> ids (R, N), lengths (R,), segments (R, N) (-1 at padding), where[doc] = (row, start, length)."""
@@ -47,8 +40,8 @@ def pack(docs: list[torch.Tensor], layout: list[list[int]] = ROWS
             start += len(docs[d])
         rows.append(torch.cat([docs[d] for d in members]))
         segs.append(torch.cat([torch.full((len(docs[d]),), k) for k, d in enumerate(members)]))
-    ids, lengths = padded(rows, 1)
-    segments, _ = padded(segs, -1)
+    ids, lengths = pad_right(rows, 1)
+    segments, _ = pad_right(segs, -1)
     return ids, lengths, segments, [where[d] for d in range(len(docs))]
 
 
@@ -71,7 +64,7 @@ def test_each_packed_document_equals_it_alone(pre_norm, attention):
     valid = (segments >= 0).flatten().nonzero().squeeze(1)
     chosen, _ = Transformer.document_layout(segments, valid, (valid, *ids.shape), None)
     assert (chosen[0] is valid) == (attention == "rows")
-    alone_ids, alone_lengths = padded(docs, 1)
+    alone_ids, alone_lengths = pad_right(docs, 1)
     with torch.no_grad():
         alone = enc.encode(enc.embed(alone_ids, alone_lengths), return_layers=True)
         packed = enc.encode(enc.embed(ids, lengths), return_layers=True, segments=segments)

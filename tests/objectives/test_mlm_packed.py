@@ -9,6 +9,7 @@ import torch
 
 from omnissl.backbones.builders import tiny
 from omnissl.batch import Batch
+from omnissl.datamodules.collate import pad_right
 from omnissl.ssl.data2vec import Data2Vec
 from omnissl.ssl.mlm import MaskedLM
 
@@ -25,18 +26,10 @@ def documents(lengths: list[int], seed: int = 0, vocab: int = 128) -> list[torch
     return docs
 
 
-def padded(seqs: list[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in seqs])
-    out = torch.full((len(seqs), int(lengths.max())), value, dtype=seqs[0].dtype)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out, lengths
-
-
 def pack(docs: list[torch.Tensor], rows: list[list[int]], pad: int = 1):
     """Documents into rows -> (tensor (R, N), lengths (R,), segments (R, N), -1 at padding)."""
-    ids, lengths = padded([torch.cat([docs[d] for d in r]) for r in rows], pad)
-    seg, _ = padded([torch.cat([torch.full((len(docs[d]),), k) for k, d in enumerate(r)]) for r in rows], -1)
+    ids, lengths = pad_right([torch.cat([docs[d] for d in r]) for r in rows], pad)
+    seg, _ = pad_right([torch.cat([torch.full((len(docs[d]),), k) for k, d in enumerate(r)]) for r in rows], -1)
     return ids, lengths, seg
 
 
@@ -75,9 +68,9 @@ def test_packed_loss_and_gradients_equal_the_padded_batch():
 
     corrupted, selected = m.corrupt(ids, row_lengths, torch.Generator().manual_seed(7))  # the step's draws
     assert int(selected.sum()) >= 10
-    alone_ids, _ = padded(docs, 1)
-    alone_corrupted, _ = padded(unpack(corrupted, doc_lengths, rows, len(docs)), 1)
-    alone_selected, _ = padded(unpack(selected, doc_lengths, rows, len(docs)), False)
+    alone_ids, _ = pad_right(docs, 1)
+    alone_corrupted, _ = pad_right(unpack(corrupted, doc_lengths, rows, len(docs)), 1)
+    alone_selected, _ = pad_right(unpack(selected, doc_lengths, rows, len(docs)), False)
     m.zero_grad(set_to_none=True)
     ref = m.masked_step(alone_ids, alone_corrupted, alone_selected, doc_lengths)
     ref.loss.backward()
