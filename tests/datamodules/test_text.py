@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,28 +27,8 @@ DOCS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def data_root(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("OMNISSL_DATA", str(tmp_path_factory.getbasetemp() / "omnissl-data"))
-
-
-@pytest.fixture()
-def corpus(tmp_path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i, doc in enumerate(DOCS):
-        (folder / f"{i:02d}.txt").write_text(doc, encoding="utf-8")
-    return folder
-
-
-def make(corpus, **kw) -> TextDataModule:
-    args = dict(train=str(corpus), valid_fraction=0.0, vocab_size=320, block_size=32, batch_size=4,
-                num_workers=0, progress=False)
-    args.update(kw)
-    dm = TextDataModule(**args)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
+TEXT_SIZES = dict(block_size=32, batch_size=4)
+pytestmark = pytest.mark.usefixtures("data_root")  # corpus, make, data_root: tests/datamodules/conftest.py
 
 
 def stream_of(dm: TextDataModule) -> np.ndarray:
@@ -71,7 +50,7 @@ def decode_docs(dm: TextDataModule, stream: np.ndarray) -> list[str]:
 
 
 @pytest.mark.parametrize("break_mode", ["complete", "none"])
-def test_packed_blocks_decode_back_to_the_documents(corpus, break_mode):
+def test_packed_blocks_decode_back_to_the_documents(corpus, make, break_mode):
     dm = make(corpus, break_mode=break_mode)
     expected = [d for d in DOCS if d.strip()]
     assert decode_docs(dm, stream_of(dm)) == expected
@@ -81,7 +60,7 @@ def test_packed_blocks_decode_back_to_the_documents(corpus, break_mode):
     assert dm.stats["train"]["num_docs"] == 5 and dm.stats["train"]["empty"] == 1
 
 
-def test_complete_blocks_keep_short_documents_whole(corpus):
+def test_complete_blocks_keep_short_documents_whole(corpus, make):
     dm = make(corpus, break_mode="complete", block_size=128)
     tok = load_tokenizer(dm.tokenizer_path)
     short = {i: tok.encode(d, add_special_tokens=False).ids for i, d in enumerate(DOCS) if d.strip()}
@@ -97,7 +76,7 @@ def _contains(seq: list[int], sub: list[int]) -> bool:
     return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
 
 
-def test_unpacked_items_are_single_documents(corpus):
+def test_unpacked_items_are_single_documents(corpus, make):
     dm = make(corpus, packing=False, block_size=512)
     tok = load_tokenizer(dm.tokenizer_path)
     items = [dm.dataset("train")[i]["text"].tolist() for i in range(len(dm.dataset("train")))]
@@ -126,7 +105,7 @@ def test_block_ranges_tile_the_stream():
     assert (lengths[inside[cut]] + 1 > 15).all()
 
 
-def test_memmap_cache_is_compact_and_reused(corpus, monkeypatch):
+def test_memmap_cache_is_compact_and_reused(corpus, make, monkeypatch):
     dm = make(corpus)
     cache = dm.dataset("train").cache
     meta = json.loads((cache / "meta.json").read_text())
@@ -152,7 +131,7 @@ def test_memmap_cache_is_compact_and_reused(corpus, monkeypatch):
     assert make(corpus).dataset("train").cache != cache
 
 
-def test_wordpiece_layout_and_padded_vocab(corpus):
+def test_wordpiece_layout_and_padded_vocab(corpus, make):
     dm = make(corpus, tokenizer_kind="wordpiece", vocab_size=300)
     assert (dm.pad_id, dm.mask_id, dm.vocab_size) == (0, 4, 320)
     assert dm.special_ids == [0, 1, 2, 3, 4]
@@ -169,7 +148,7 @@ def test_bpe_layout_matches_roberta():
     assert dm.vocab_size == 50_304 and dm.vocab_size % 64 == 0
 
 
-def test_non_utf8_file_is_named_or_skipped(corpus):
+def test_non_utf8_file_is_named_or_skipped(corpus, make):
     bad = corpus / "03b-latin1.txt"
     bad.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     with pytest.raises(ValueError, match=r"03b-latin1\.txt: not valid UTF-8"):
@@ -199,7 +178,7 @@ def test_missing_corpus_is_named(tmp_path):
         dm.prepare_data()
 
 
-def test_shuffling_is_a_function_of_seed_and_epoch(corpus):
+def test_shuffling_is_a_function_of_seed_and_epoch(corpus, make):
     def order(seed, epoch):
         dm = make(corpus, seed=seed, batch_size=2)
         loader = dm.train_dataloader()
@@ -212,7 +191,7 @@ def test_shuffling_is_a_function_of_seed_and_epoch(corpus):
     assert order(1, 0) != a
 
 
-def test_workers_read_the_same_items(corpus):
+def test_workers_read_the_same_items(corpus, make):
     dm = make(corpus, num_workers=2, batch_size=3)
     with_workers = {int(i): row[:n].tolist() for b in dm.train_dataloader()
                     for i, row, n in zip(b.ids, b.inputs["text"], b.lengths["text"])}

@@ -4,7 +4,6 @@ same items as packing=False (each `<s>` + document + `</s>`), best-fit decreasin
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,31 +24,11 @@ DOCS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def data_root(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("OMNISSL_DATA", str(tmp_path_factory.getbasetemp() / "omnissl-data"))
+TEXT_SIZES = dict(block_size=48, batch_size=3)
+pytestmark = pytest.mark.usefixtures("data_root")  # corpus, make, data_root: tests/datamodules/conftest.py
 
 
-@pytest.fixture()
-def corpus(tmp_path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i, doc in enumerate(DOCS):
-        (folder / f"{i:02d}.txt").write_text(doc, encoding="utf-8")
-    return folder
-
-
-def make(corpus, **kw) -> TextDataModule:
-    args = dict(train=str(corpus), valid_fraction=0.0, vocab_size=320, block_size=48, batch_size=3,
-                num_workers=0, progress=False)
-    args.update(kw)
-    dm = TextDataModule(**args)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
-
-
-def test_packed_rows_hold_the_unpacked_items_whole(corpus):
+def test_packed_rows_hold_the_unpacked_items_whole(corpus, make):
     packed, single = make(corpus, break_mode="documents"), make(corpus, packing=False)
     items = [tuple(single.dataset("train")[i]["text"].tolist()) for i in range(len(single.dataset("train")))]
     ds = packed.dataset("train")
