@@ -66,29 +66,11 @@ def sgd(lr: float = 0.5):
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
-class WithUnits(torch.utils.data.Dataset):
-    """Synthetic audio items with frame-level units (HuBERT): the unit of frame t is (label + t // 4) % 10."""
-
-    def __init__(self, dataset, encoder) -> None:
-        self.dataset, self.encoder = dataset, encoder
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.dataset[i]
-        frames = int(encoder_frames(self.encoder, torch.tensor([item["audio"].numel()]))[0])
-        item["units"] = (item["label"] + torch.arange(frames) // 4) % 10
-        return item
-
-
 def audio_data(encoder=None):
-    kw = dict(modality="audio", train_size=TRAIN_SIZE, valid_size=0, batch_size=PER_RANK, min_samples=6000,
-              max_samples=12000)
-    dm = SyntheticDataModule(**kw)
-    if encoder is not None:
-        dm.datasets = {split: WithUnits(ds, encoder) for split, ds in dm.datasets.items()}
-    return dm
+    """Synthetic audio; with `encoder`, items carry frame-level units (HuBERT) for that encoder's frames."""
+    frames = None if encoder is None else (lambda n: int(encoder_frames(encoder, torch.tensor([n]))[0]))
+    return SyntheticDataModule(modality="audio", train_size=TRAIN_SIZE, valid_size=0, batch_size=PER_RANK,
+                               min_samples=6000, max_samples=12000, unit_frames=frames)
 
 
 def wav2vec2():
