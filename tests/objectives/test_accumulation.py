@@ -35,6 +35,22 @@ class RecordGrads(torch.optim.SGD):
         return loss
 
 
+def summing_copy(model):
+    """(a deep copy of `model` in train mode, sums, counts): the copy's `normalize` keeps every micro-batch's
+    loss_sum and count in `sums` and `counts` and returns the loss sum as it is, for a reference that divides the
+    summed losses by the summed counts once."""
+    reference = copy.deepcopy(model)
+    sums, counts = [], []
+    reference.normalize = lambda loss_sum, count: (sums.append(loss_sum), counts.append(count), loss_sum)[-1]
+    reference.train()
+    return reference, sums, counts
+
+
+def grads(model) -> list[torch.Tensor]:
+    """The model's gradients in its optimizer's parameter order (the order RecordGrads keeps them in)."""
+    return [p.grad for g in model.configure_optimizers().param_groups for p in g["params"] if p.grad is not None]
+
+
 def audio(lengths, seed, units=False, encoder=None) -> Batch:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(lengths), max(lengths), generator=g) * 0.1
@@ -87,45 +103,50 @@ def case(name):
     return model, [images(1, 1), images(5, 2)]
 
 
-@pytest.mark.parametrize("name", ["wav2vec2", "hubert", "data2vec", "data2vec2", "mae", "mlm"])
-def test_one_update_of_two_micro_batches_has_the_gradient_of_their_union(name, monkeypatch):
-    torch.manual_seed(0)
-    model, micro = case(name)
-    model.optimizer_factory = RecordGrads
-    reference = copy.deepcopy(model)
-
-    # the reference: the same steps (same masks: generators are keyed by update and micro-batch), their summed
-    # losses divided by the summed counts, one backward
-    sums, counts = [], []
-    reference.normalize = lambda loss_sum, count: (sums.append(loss_sum), counts.append(count), loss_sum)[-1]
-    reference.train()
-    for i, batch in enumerate(micro):
-        reference._micro = i
-        reference.step(batch)
-    assert max(counts) >= 2 * min(counts), counts  # the test means something only with uneven counts
-    (sum(sums) / sum(float(c) for c in counts)).backward()
-    want = [p.grad for g in reference.configure_optimizers().param_groups for p in g["params"] if p.grad is not None]
-
+def fit_one_update(model, micro: list[Batch]) -> list[torch.Tensor]:
+    """One Trainer update of `model` (optimizer RecordGrads) accumulating the micro-batches `micro`; the gradients
+    its optimizer was asked to apply."""
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, max_steps=1,
-                        accumulate_grad_batches=2, limit_val_batches=0)
+                        accumulate_grad_batches=len(micro), limit_val_batches=0)
     loader = torch.utils.data.DataLoader(micro, batch_size=None, collate_fn=lambda b: b)
     trainer.fit(model, train_dataloaders=loader)
-    got = trainer.optimizers[0].seen
+    return trainer.optimizers[0].seen
+
+
+def assert_same_grads(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["wav2vec2", "hubert", "data2vec", "data2vec2", "mae", "mlm"])
+def test_one_update_of_two_micro_batches_has_the_gradient_of_their_union(name, monkeypatch):
+    torch.manual_seed(0)
+    model, micro = case(name)
+    model.optimizer_factory = RecordGrads
+
+    # the reference: the same steps (same masks: generators are keyed by update and micro-batch), their summed
+    # losses divided by the summed counts, one backward
+    reference, sums, counts = summing_copy(model)
+    for i, batch in enumerate(micro):
+        reference._micro = i
+        reference.step(batch)
+    assert max(counts) >= 2 * min(counts), counts  # the test means something only with uneven counts
+    (sum(sums) / sum(float(c) for c in counts)).backward()
+
+    assert_same_grads(fit_one_update(model, micro), grads(reference))
+
+
 DDP_SCRIPT = r'''
-import copy, json, sys
+import json, sys
 import lightning as L
 import torch
 from omnissl.backbones.builders import tiny
 from omnissl.ssl.base import SSLModule
 from omnissl.ssl.hubert import HuBERT
 sys.path.insert(0, sys.argv[2])
-from test_accumulation import RecordGrads, audio
+from test_accumulation import RecordGrads, audio, grads, summing_copy
 
 # masks the same whatever the rank and micro-batch, so that one process can compute the reference
 SSLModule.generator = lambda self, device=None: torch.Generator().manual_seed(0)
@@ -134,7 +155,7 @@ model = HuBERT(tiny("audio"), num_classes=10, final_dim=32)
 model.optimizer_factory = RecordGrads
 lengths = [[4800], [16000, 12000, 9000], [6000, 5000], [16000, 16000, 15000, 14000]]  # rank 0: 0, 1; rank 1: 2, 3
 batches = [audio(n, i, True, model.encoder) for i, n in enumerate(lengths)]
-reference = copy.deepcopy(model)
+reference, sums, counts = summing_copy(model)
 
 
 class Data(L.LightningDataModule):
@@ -148,13 +169,11 @@ trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, 
                     limit_val_batches=0, use_distributed_sampler=False)
 trainer.fit(model, datamodule=Data())
 if trainer.global_rank == 0:
-    sums, counts = [], []
-    reference.normalize = lambda s, c: (sums.append(s), counts.append(float(c)), s)[-1]
-    reference.train()
     for b in batches:
         reference.step(b)
+    counts = [float(c) for c in counts]
     (sum(sums) / sum(counts)).backward()
-    want = [p.grad for g in reference.configure_optimizers().param_groups for p in g["params"] if p.grad is not None]
+    want = grads(reference)
     got = trainer.optimizers[0].seen
     err = max(float((a - b).abs().max()) for a, b in zip(got, want))
     scale = max(float(b.abs().max()) for b in want)
@@ -195,22 +214,11 @@ def test_a_skipped_micro_batch_leaves_the_update_count(bad_first):
     bad = Batch({"audio": torch.full_like(other.inputs["audio"], float("nan"))}, other.lengths, other.targets,
                 other.ids)
     micro = [bad, good] if bad_first else [good, bad]
-    reference = copy.deepcopy(model)
-    sums, counts = [], []
-    reference.normalize = lambda loss_sum, count: (sums.append(loss_sum), counts.append(count), loss_sum)[-1]
-    reference.train()
+    reference, sums, counts = summing_copy(model)
     reference._micro = int(bad_first)  # the micro-batch index the good batch has in the update (its masks)
     reference.step(good)
     (sums[0] / float(counts[0])).backward()
-    want = [p.grad for g in reference.configure_optimizers().param_groups for p in g["params"] if p.grad is not None]
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, max_steps=1,
-                        accumulate_grad_batches=2, limit_val_batches=0)
-    loader = torch.utils.data.DataLoader(micro, batch_size=None, collate_fn=lambda b: b)
-    trainer.fit(model, train_dataloaders=loader)
+    got = fit_one_update(model, micro)
     assert model.skipped_nonfinite == 1
-    got = trainer.optimizers[0].seen
-    assert len(got) == len(want) > 0
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert_same_grads(got, grads(reference))
