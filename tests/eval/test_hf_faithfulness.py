@@ -133,19 +133,50 @@ def _audio(lengths: list[int], seed: int) -> tuple[Tensor, Tensor]:
     return x, torch.tensor(lengths)
 
 
-def test_wav2vec2_unpadded_batch_matches_hf(wav2vec2):
-    hf, ours = wav2vec2
-    x, _ = _audio([4800, 4800], seed=4)
+def _assert_masked_batch_matches(hf, ours: Encoder, x: Tensor, spans: list[tuple[int, int, int]]):
+    """Ours and HF on the unpadded batch `x` with the same frames masked (`spans`: (row, start, end)): the features
+    and every layer agree. Returns (our tokens, our output, HF's output) for further checks."""
     with torch.no_grad():
         tokens = ours.embed(x)
         mask = torch.zeros(tokens.x.shape[:2], dtype=torch.bool)
-        mask[0, 3:7] = mask[1, 10:12] = True  # exercises the imported mask embedding
+        for row, start, end in spans:
+            mask[row, start:end] = True
         ref = hf(x, mask_time_indices=mask, output_hidden_states=True)
         out = ours.encode(tokens, mask=mask, return_layers=True)
-    assert tokens.padding_mask is None
     _assert_close(tokens.features, ref.extract_features, "features")
     for i, (mine, theirs) in enumerate(zip(out.layers, _hf_layers(ref), strict=True)):
         _assert_close(mine, theirs, f"layer {i}")
+    return tokens, out, ref
+
+
+def _assert_each_utterance_matches(hf, out, x: Tensor, lengths: Tensor) -> None:
+    """Our output `out` of the padded batch `x` against HF on each utterance alone: padding mask and every layer."""
+    with torch.no_grad():
+        for b, t in enumerate(lengths.tolist()):
+            ref = hf(x[b : b + 1, :t], output_hidden_states=True)
+            n = ref.last_hidden_state.shape[1]
+            assert not out.padding_mask[b, :n].any() and out.padding_mask[b, n:].all()
+            for i, (mine, theirs) in enumerate(zip(out.layers, _hf_layers(ref), strict=True)):
+                _assert_close(mine[b, :n], theirs[0], f"utterance {b} layer {i}")
+
+
+def _assert_padded_batch_matches(hf, out, x: Tensor, lengths: Tensor) -> None:
+    """Our output `out` of the padded batch `x` against HF's own padded batch (its attention_mask), on the valid
+    frames of every layer."""
+    sample_mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        ref = hf(x, attention_mask=sample_mask, output_hidden_states=True)
+    valid = ~out.padding_mask
+    for i, (mine, theirs) in enumerate(zip(out.layers, _hf_layers(ref), strict=True)):
+        _assert_close(mine[valid], theirs[valid], f"padded layer {i}")
+
+
+def test_wav2vec2_unpadded_batch_matches_hf(wav2vec2):
+    hf, ours = wav2vec2
+    x, _ = _audio([4800, 4800], seed=4)
+    # the masked frames exercise the imported mask embedding
+    tokens, out, ref = _assert_masked_batch_matches(hf, ours, x, [(0, 3, 7), (1, 10, 12)])
+    assert tokens.padding_mask is None
     _assert_close(out.last, ref.last_hidden_state, "last")
 
 
@@ -154,12 +185,7 @@ def test_wav2vec2_padded_batch_matches_hf_on_each_utterance_alone(wav2vec2):
     x, lengths = _audio([4800, 3300, 1700], seed=5)
     with torch.no_grad():
         out = ours.encode(ours.embed(x, lengths), return_layers=True)
-        for b, t in enumerate(lengths.tolist()):
-            ref = hf(x[b : b + 1, :t], output_hidden_states=True)
-            n = ref.last_hidden_state.shape[1]
-            assert not out.padding_mask[b, :n].any() and out.padding_mask[b, n:].all()
-            for i, (mine, theirs) in enumerate(zip(out.layers, _hf_layers(ref), strict=True)):
-                _assert_close(mine[b, :n], theirs[0], f"utterance {b} layer {i}")
+    _assert_each_utterance_matches(hf, out, x, lengths)
 
 
 def test_wav2vec2_layer_norm_extractor_matches_hf_padded_batch():
@@ -169,14 +195,12 @@ def test_wav2vec2_layer_norm_extractor_matches_hf_padded_batch():
     hf = _perturb(transformers.Wav2Vec2Model(_wav2vec2_config(stable=True)), seed=6)
     ours = encoder_from_hf_wav2vec2(hf).eval()
     x, lengths = _audio([4800, 3300, 1700], seed=7)
-    sample_mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
     with torch.no_grad():
-        ref = hf(x, attention_mask=sample_mask, output_hidden_states=True)
         out = ours.encode(ours.embed(x, lengths), return_layers=True)
+    sample_mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
     valid = ~out.padding_mask
     assert torch.equal(valid, hf._get_feature_vector_attention_mask(valid.shape[1], sample_mask))
-    for i, (mine, theirs) in enumerate(zip(out.layers, _hf_layers(ref), strict=True)):
-        _assert_close(mine[valid], theirs[valid], f"layer {i}")
+    _assert_padded_batch_matches(hf, out, x, lengths)
 
 
 def test_wav2vec2_import_copies_everything(wav2vec2):
@@ -260,32 +284,16 @@ def test_wav2vec2_export_loads_offline_and_matches(stable, tmp_path):
     assert (cfg.do_stable_layer_norm, cfg.feat_extract_norm, cfg.conv_bias) == (stable, ours.frontend.mode, stable)
     assert (cfg.layer_norm_eps, cfg.hidden_dropout, cfg.attention_dropout, cfg.activation_dropout, cfg.layerdrop,
             cfg.feat_proj_dropout) == (1e-4, 0.1, 0.05, 0.02, 0.1, 0.07)
-    x, lengths = _audio([4800, 4800], seed=20)
-    with torch.no_grad():
-        tokens = ours.embed(x)
-        mask = torch.zeros(tokens.x.shape[:2], dtype=torch.bool)
-        mask[0, 2:6] = mask[1, 9:11] = True  # the exported masked_spec_embed is ours
-        ref = hf(x, mask_time_indices=mask, output_hidden_states=True)
-        out = ours.encode(tokens, mask=mask, return_layers=True)
-    _assert_close(tokens.features, ref.extract_features, "features")
-    for i, (mine, theirs) in enumerate(zip(out.layers, _hf_layers(ref), strict=True)):
-        _assert_close(mine, theirs, f"layer {i}")
+    x, _ = _audio([4800, 4800], seed=20)
+    _assert_masked_batch_matches(hf, ours, x, [(0, 2, 6), (1, 9, 11)])  # the exported masked_spec_embed is ours
 
     x, lengths = _audio([4800, 3300, 1700], seed=21)
     with torch.no_grad():
         out = ours.encode(ours.embed(x, lengths), return_layers=True)
-        if stable:  # nothing depends on the padded length: HF's own padded batch must agree
-            sample_mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
-            ref = hf(x, attention_mask=sample_mask, output_hidden_states=True)
-            valid = ~out.padding_mask
-            for i, (mine, theirs) in enumerate(zip(out.layers, _hf_layers(ref), strict=True)):
-                _assert_close(mine[valid], theirs[valid], f"padded layer {i}")
-        else:  # group norm over valid frames (frontends.py NOTE(ref)): HF on each utterance alone
-            for b, t in enumerate(lengths.tolist()):
-                ref = hf(x[b : b + 1, :t], output_hidden_states=True)
-                n = ref.last_hidden_state.shape[1]
-                for i, (mine, theirs) in enumerate(zip(out.layers, _hf_layers(ref), strict=True)):
-                    _assert_close(mine[b, :n], theirs[0], f"utterance {b} layer {i}")
+    if stable:  # nothing depends on the padded length: HF's own padded batch must agree
+        _assert_padded_batch_matches(hf, out, x, lengths)
+    else:  # group norm over valid frames (frontends.py NOTE(ref)): HF on each utterance alone
+        _assert_each_utterance_matches(hf, out, x, lengths)
     _assert_state_equal(encoder_from_hf_wav2vec2(hf).state_dict(), ours.state_dict())
 
 
