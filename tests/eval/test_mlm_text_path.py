@@ -20,27 +20,11 @@ from omnissl.ssl.mlm import MaskedLM
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """40 updates of a tiny MaskedLM on the embedded text (its own 512-entry BPE); one checkpoint."""
-    from omnissl.datamodules.text import TextDataModule
-
-    root = tmp_path_factory.mktemp("mlm")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a shared machine
-    try:
-        torch.manual_seed(0)
-        dm = TextDataModule(embedded_size="tiny", vocab_size=512, block_size=64, batch_size=16, num_workers=0,
-                            progress=False)
-        model = MaskedLM(tiny("text", vocab_size=512, dim=64, depth=2), whole_word=True,
-                         optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, betas=(0.9, 0.98), eps=1e-6))
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=40, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, limit_val_batches=0, default_root_dir=str(root),
-                            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(root), save_last=True)])
-        trainer.fit(model, dm)
-    finally:
-        torch.set_num_threads(threads)
-    return {"ckpt": root / "last.ckpt", "dm": dm, "model": model.eval(), "root": root}
+@pytest.fixture()
+def run(tiny_mlm_run):
+    """40 updates of a tiny MaskedLM on the embedded text (its own 512-entry BPE); one checkpoint (tests/conftest.py,
+    shared with tests/objectives/test_mlm.py)."""
+    return tiny_mlm_run
 
 
 def test_the_checkpoint_carries_the_runs_tokenizer(run):

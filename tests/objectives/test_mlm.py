@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
 
@@ -197,43 +196,21 @@ def test_bad_settings_fail_at_construction():
 # --- learning on the embedded text --------------------------------------------------------------------------
 
 
-class _Record(L.Callback):
-    def __init__(self) -> None:
-        self.metrics: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
-
-
-def test_loss_and_masked_accuracy_improve_on_the_embedded_text():
+def test_loss_and_masked_accuracy_improve_on_the_embedded_text(tiny_mlm_run):
     """The real embedded corpus (stdlib docstrings) with its trained 512-entry BPE, 40 updates of a tiny encoder
-    with whole-word masking, roles and word boundaries read from the DataModule. In 40 updates the model learns
-    the token frequencies (loss from ln 512 = 6.2 to ~5.3, the unigram plateau; measured) and starts hitting
-    frequent tokens; context takes longer (test_pll_ranks_grammatical_sentences_above_their_shuffles)."""
-    from omnissl.datamodules.text import TextDataModule
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and far faster on a loaded machine
-    try:
-        torch.manual_seed(0)
-        dm = TextDataModule(embedded_size="tiny", vocab_size=512, block_size=64, batch_size=16, num_workers=0,
-                            progress=False)
-        m = MaskedLM(tiny("text", vocab_size=512, dim=64, depth=2), whole_word=True,
-                     optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, betas=(0.9, 0.98), eps=1e-6))
-        rec = _Record()
-        L.Trainer(accelerator="cpu", devices=1, max_steps=40, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                  callbacks=[rec]).fit(m, dm)
-    finally:
-        torch.set_num_threads(threads)
+    with whole-word masking, roles and word boundaries read from the DataModule (the run: tests/conftest.py's
+    tiny_mlm_run, shared with tests/eval/test_mlm_text_path.py). In 40 updates the model learns the token
+    frequencies (loss from ln 512 = 6.2 to ~5.3, the unigram plateau; measured) and starts hitting frequent tokens;
+    context takes longer (test_pll_ranks_grammatical_sentences_above_their_shuffles)."""
+    m, dm, metrics = tiny_mlm_run["model"], tiny_mlm_run["dm"], tiny_mlm_run["metrics"]
     assert m.mask_id == dm.mask_id and m.special_ids == dm.special_ids and hasattr(m, "word_start")
-    loss = [r["train/loss"] for r in rec.metrics]
-    acc = [r["train/accuracy"] for r in rec.metrics]
+    loss = [r["train/loss"] for r in metrics]
+    acc = [r["train/accuracy"] for r in metrics]
     first, last = sum(loss[:5]) / 5, sum(loss[-5:]) / 5
     assert first > math.log(400)  # starts near uniform over the vocabulary
     assert last < 0.9 * first, (first, last)
     assert sum(acc[-10:]) / 10 > sum(acc[:5]) / 5 + 0.01, acc
-    frac = [r["train/masked_frac"] for r in rec.metrics]  # whole words: the token share varies per batch
+    frac = [r["train/masked_frac"] for r in metrics]  # whole words: the token share varies per batch
     assert 0.13 < sum(frac) / len(frac) < 0.17, frac
 
 
