@@ -143,8 +143,9 @@ class Encoder(nn.Module):
             if pad is not None:
                 pad = torch.cat([pad.new_zeros(b, 1), pad], dim=1)
         if queries is not None:
-            last, _, _ = self.trunk(x, pad, queries=queries + self.num_prefix, segments=segments)
-            return BackboneOutput(last, None, None if pad is None else pad.gather(1, queries), None)
+            rows = queries + self.num_prefix  # the trunk's rows (after any CLS)
+            last, _, _ = self.trunk(x, pad, queries=rows, segments=segments)
+            return BackboneOutput(last, None, None if pad is None else pad.gather(1, rows), None)
         last, layers, ffn = self.trunk(x, pad, return_layers, segments=segments)
         return BackboneOutput(last, layers, pad, ffn)
 

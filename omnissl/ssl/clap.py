@@ -155,6 +155,25 @@ def pool(hidden: Tensor, padding_mask: Tensor | None, how: str, prefix: int = 0)
     raise ValueError(f"unknown pooling {how!r}; expected one of {POOLS}")
 
 
+def pool_queries(padding_mask: Tensor | None, how: str, prefix: int, batch: int, device: torch.device
+                 ) -> Tensor | None:
+    """The token positions (B, Q) whose outputs `pool` reads, for `Encoder.encode(queries=)` (the trunk's last
+    block computes only those rows, and in a padded batch the blocks before it run on the valid tokens only), or
+    None when pooling needs the whole output:
+
+      "first" without a CLS token: position 0 of every row (B, 1);
+      "mean" of a padded batch: positions 0 .. the longest row's length - 1 (B, Q), the padding among them
+        masked by the returned padding mask (without padding every row is wanted: nothing to save);
+      "cls", or "first" on a tower with a CLS token (it reads the CLS row): None, as queries index the tokens
+        after the prefix and cannot name the CLS row."""
+    if how == "first" and prefix == 0:
+        return torch.zeros(batch, 1, dtype=torch.long, device=device)
+    if how == "mean" and padding_mask is not None:
+        longest = int((~padding_mask).sum(1).max())
+        return torch.arange(longest, device=device).expand(batch, longest)
+    return None
+
+
 def freeze_layers(encoder: Encoder, layers: int) -> None:
     """Freeze a tower: layers -1 freezes all of it; k >= 0 freezes everything below its trunk's first k blocks
     (frontend, feature norm and projection, positions, CLS) and those blocks; 0 freezes nothing."""
@@ -294,9 +313,10 @@ class CLAP(SSLModule):
             fused, mask = fusion(tokens.x, tokens.padding_mask)
             tokens = tokens._replace(x=fused, padding_mask=mask, grid=None if tokens.grid is None else
                                      (fused.shape[1], 1))
+        queries = pool_queries(tokens.padding_mask, how, encoder.num_prefix, tokens.x.shape[0], tokens.x.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
-            out = encoder.encode(tokens)
-            return pool(out.last, out.padding_mask, how, encoder.num_prefix)
+            out = encoder.encode(tokens, queries=queries)  # with queries: the queried rows only, no prefix
+            return pool(out.last, out.padding_mask, how, encoder.num_prefix if queries is None else 0)
 
     def embed_audio(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
         """audio (B, T) at 16 kHz -> projected audio embeddings (B, P), not normalized."""
