@@ -24,8 +24,8 @@ Each side (ours, peer, packed: ours' model, same seed, same init) runs in its ow
 (bench/sidebyside.py; --threads torch threads each, default torch's own, i.e. OMP_NUM_THREADS), driven step by
 step from this process in interleaved rounds (order alternating); all train on the same batch, made once here
 (seed 0) and handed to the workers, each of which builds its side's inputs (the padded or packed Batch, or HF's
-collator) before its model. Medians are reported, with each worker's median process CPU time per step (steadier than wall
-time on a loaded machine; `cpu_ratio` = peer / ours). Memory: on the CPU each worker's resident-set high-water
+collator) before its model. Medians are reported, with each worker's median process CPU time per step (steadier
+than wall time on a loaded machine; `cpu_ratio` = peer / ours). Memory: on the CPU each worker's resident-set high-water
 mark (VmHWM) minus its RSS before its model was built (parameters, AdamW moments, gradients, activations and the
 step's temporaries; run with the GLIBC_TUNABLES below so that glibc returns nothing and the high-water mark holds
 every transient peak); on CUDA torch.cuda.max_memory_allocated minus the memory allocated before the model
