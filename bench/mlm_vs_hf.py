@@ -32,8 +32,8 @@ every transient peak); on CUDA torch.cuda.max_memory_allocated minus the memory 
 (the allocator's count, its cache excluded). mem_ratio = ours / peer (< 1: ours uses less). As an
 allocator-independent cross-check the table lists the bytes autograd saves for backward in the last warm-up step
 (each storage once, parameters excluded). The workers live through the whole run, each holding its peak: at the
-defaults on the CPU about 20 GB of RAM together (RSS seen: ours 5-7, peer 8.7, packed 5.5 GB; --no-packed saves
-the third; --batch 8 about 11 GB). The machine's load average is printed beside the timings: numbers taken
+defaults on the CPU about 23 GB of RAM together (peak RSS: ours 6.6, peer 10.2 GB, packed ~6.5 GB; --no-packed
+saves the third; --batch 8 about 11 GB). The machine's load average is printed beside the timings: numbers taken
 while other jobs load the machine are not final.
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736 \\
