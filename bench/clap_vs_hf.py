@@ -22,8 +22,8 @@ so that glibc returns nothing and the high-water mark holds every transient peak
 torch.cuda.max_memory_allocated minus the memory allocated before the model (the allocator's count, its cache
 excluded). mem_ratio = ours / peer (< 1: ours uses less). As an allocator-independent cross-check the table lists
 the bytes autograd saves for backward in the last warm-up step (each storage once, parameters excluded). Both
-workers live through the whole run, each holding its peak (CPU, --batch 8: 4.2 and 5.2 GB of RSS; the default
-batch 32 needs several times that). The load average is printed beside the timings: numbers taken while other
+workers live through the whole run, each holding its peak (CPU, --batch 8: 4.2 and 5.2 GB of RSS; at the default
+batch 32 ~20 GB together: RSS seen ours 8.0, peer 11.5 GB). The load average is printed beside the timings: numbers taken while other
 jobs load the machine are not final.
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736 \\
