@@ -90,11 +90,14 @@ def mlm_step(side: str, batch: int):
 
     import mlm_vs_hf as bench
 
-    a = Namespace(dim=768, layers=12, heads=12, ffn=3072, vocab=32768, batch=batch, seq=128)
-    steps, _, _ = bench.build(a, "cpu")
-    model_step = steps[side]
+    a = Namespace(dim=768, layers=12, heads=12, ffn=3072, vocab=32768, batch=batch, seq=128, lengths="uniform",
+                  pack_len=0)
+    data = bench.side_inputs(a, side, bench.make_inputs(a), "cpu")
+    _, model_step, prepare = bench.build_side(a, side, data, "cpu")
 
     def step() -> None:
+        if prepare is not None:  # HF's collator masking: a DataLoader's work, not the step's
+            prepare()
         with record_function("forward"):  # the whole step: mlm_vs_hf's step functions are not split by phase
             model_step()
 

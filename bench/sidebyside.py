@@ -1,19 +1,22 @@
 """What the side-by-side benches (bench/*_vs_hf.py: ours vs a Hugging Face peer) share: the interleaved rounds,
-the two ways of running the sides, and the summary lines. Each bench keeps how it builds its two sides and
+the worker subprocesses that run the sides, and the summary lines. Each bench keeps how it builds its sides and
 their step, its table and its docstring (what it measures).
 
 Rounds (`interleave`): warm-up steps, then `rounds` rounds of one step per side, alternating which side goes
 first (ours first in round 0) so that load drift on a shared machine hits both; medians are reported.
 
-- Worker subprocesses (`Side` here, `serve` in the worker; mae, trunk, wav2vec2): each side runs in its own fresh
-  process, driven step by step over a pipe, so that its peak resident set (VmHWM in /proc/self/status) is its
-  own. Each warm-up round runs ours then the peer; the timed rounds alternate from round 0. The worker reads its
-  RSS before building the model (the baseline; the bench imports its libraries and makes its inputs first) and
-  reports VmHWM at the end; a "warmup" step also records the bytes autograd saves for backward (each storage
-  once, parameters excluded), an allocator-independent cross-check.
-- In one process (`in_process`; mlm, clap): warm-up and timed rounds are one alternating sequence; each step
-  optionally under bf16 autocast and, on CUDA, synchronized, with the memory allocated at its start and
-  torch.cuda.max_memory_allocated during it recorded.
+Each side runs in its own fresh worker process (`Side` here, `serve` in the worker), driven step by step over a
+pipe, so that its peak memory is its own: each warm-up round runs the sides in order, the timed rounds
+alternate from round 0. The worker reads its memory before building the model (the baseline; the bench imports
+its libraries and makes its inputs first) and reports the peak at the end: on the CPU the resident set (VmRSS,
+then the high-water mark VmHWM from /proc/self/status; under the GLIBC_TUNABLES the README prescribes glibc
+returns no freed memory, so VmHWM - baseline is the largest the model, optimizer state and step's temporaries
+got), on CUDA torch.cuda.memory_allocated, then torch.cuda.max_memory_allocated (parameters, optimizer state,
+gradients, activations: the allocator's own count, cache excluded). A "warmup" step also records the bytes
+autograd saves for backward (each storage once, parameters excluded), an allocator-independent cross-check.
+Optionally each step runs under bf16 autocast and, on CUDA, is synchronized before and after; an optional
+`prepare` runs before each step untimed (the share of a DataLoader worker, e.g. HF's collator masking), its wall
+time reported apart.
 
 Run from a checkout: the benches import it as `sidebyside` (their own folder is on sys.path).
 """
@@ -33,30 +36,24 @@ from typing import Callable
 SIDES = ("ours", "peer")
 
 
-def interleave(step: Callable[[str, bool], dict], warmup: int, rounds: int, *, alternate_warmup: bool = False,
+def interleave(step: Callable[[str, bool], dict], warmup: int, rounds: int, *,
                after_round: Callable[[int, dict], None] | None = None,
                sides: tuple[str, ...] = SIDES) -> tuple[dict, dict]:
     """Run `warmup` warm-up rounds, then `rounds` timed rounds of `step(side, is_warmup) -> dict`, each round one
-    step per side. Timed round r runs ours first when r is even, the peer first when odd; each warm-up round runs
-    ours first. alternate_warmup: the warm-up rounds alternate too and count in the alternation (one sequence of
-    warmup + rounds: timed round r runs ours first when warmup + r is even). after_round(r, {side: its step's dict}) follows each timed round.
-    sides: the side names in round-0 order (more than two: odd rounds run them in reverse).
-    Returns ({side: warm-up dicts}, {side: timed dicts})."""
+    step per side. sides: the side names in round-0 order. Each warm-up round runs them in that order; timed round
+    r in that order when r is even, reversed when odd. after_round(r, {side: its step's dict}) follows each timed
+    round. Returns ({side: warm-up dicts}, {side: timed dicts})."""
     warm: dict[str, list[dict]] = {name: [] for name in sides}
     timed: dict[str, list[dict]] = {name: [] for name in sides}
     for r in range(warmup + rounds):
         is_warmup = r < warmup
-        k = r if alternate_warmup else max(r - warmup, 0)
+        k = max(r - warmup, 0)
         last = {name: step(name, is_warmup) for name in (sides if k % 2 == 0 else sides[::-1])}
         for name, out in last.items():
             (warm if is_warmup else timed)[name].append(out)
         if not is_warmup and after_round is not None:
             after_round(r - warmup, last)
     return warm, timed
-
-
-def medians(timed: dict, key: str = "ms") -> dict[str, float]:
-    return {name: statistics.median(out[key] for out in steps) for name, steps in timed.items()}
 
 
 def result_line(name: str, ours_ms: float, peer_ms: float, *, ms: str = ".0f", ratios: str = ".3f",
@@ -70,12 +67,13 @@ def result_line(name: str, ours_ms: float, peer_ms: float, *, ms: str = ".0f", r
     return f"RESULT name={name} " + " ".join(f"{k}={v}" for k, v in fields.items())
 
 
-def add_worker_args(p, warmup: int = 1, rounds: int = 5, threads: int = 2) -> None:
-    """The flags the worker-subprocess benches share: --warmup, --rounds, --threads and the internal --worker."""
+def add_worker_args(p, warmup: int = 1, rounds: int = 5, threads: int = 2, sides: tuple[str, ...] = SIDES) -> None:
+    """The flags the worker-subprocess benches share: --warmup, --rounds, --threads (0: torch's default, i.e.
+    OMP_NUM_THREADS) and the internal --worker (one of `sides`)."""
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--rounds", type=int, default=rounds)
-    p.add_argument("--threads", type=int, default=threads)
-    p.add_argument("--worker", choices=SIDES)
+    p.add_argument("--threads", type=int, default=threads, help="torch threads per worker (0: torch's default)")
+    p.add_argument("--worker", choices=sides)
 
 
 def optimizer_step(loss_of: Callable, opt) -> Callable[[], float]:
@@ -101,14 +99,32 @@ def status(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def serve(build: Callable[[], tuple]) -> None:
-    """A worker's loop. Reads its RSS (the baseline), then `build() -> (model or None, step)`, where step() runs
-    one whole step and returns its loss (a float or a 0-dim tensor); then answers one JSON line per command on
-    stdin: "step" / "warmup" -> {ms, cpu, loss} (wall and process CPU milliseconds; a "warmup" step records the
-    storages autograd saves for backward, parameters of `model` excluded; without a model it is a plain step),
-    "quit" -> {hwm, base, params, saved} and returns."""
-    base = status("VmRSS")
-    model, step = build()
+def device_memory(device) -> tuple[Callable[[], int], Callable[[], int]]:
+    """(now, peak) in bytes for the memory a step on `device` uses: on the CPU this process's VmRSS and VmHWM, on
+    CUDA torch.cuda.memory_allocated and max_memory_allocated (the latter reset when this is called)."""
+    if device is None or getattr(device, "type", device) == "cpu":
+        return (lambda: status("VmRSS")), (lambda: status("VmHWM"))
+    import torch
+
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return (lambda: torch.cuda.memory_allocated(device)), (lambda: torch.cuda.max_memory_allocated(device))
+
+
+def serve(build: Callable[[], tuple], device=None, bf16: bool = False) -> None:
+    """A worker's loop. Reads its memory (the baseline: `device_memory`), then `build() -> (model or None, step)`
+    or `(model or None, step, prepare)`, where step() runs one whole step and returns its loss (a float or a 0-dim
+    tensor) and prepare() (untimed) readies the next step's inputs; then answers one JSON line per command on
+    stdin: "step" / "warmup" -> {ms, cpu, loss, prep} (wall and process CPU milliseconds of step(), wall ms of
+    prepare(); a "warmup" step records the storages autograd saves for backward, parameters of `model` excluded;
+    without a model it is a plain step), "quit" -> {hwm, base, memory, params, saved} and returns. device: a
+    torch.device; on CUDA each step is synchronized before and after and the memory is CUDA's. bf16: each step
+    under bf16 autocast on the device's type."""
+    cuda = device is not None and getattr(device, "type", device) == "cuda"
+    now, peak = device_memory(device)
+    base = now()
+    model, step, *rest = build()
+    prepare = rest[0] if rest else None
     parameters = list(model.parameters()) if model is not None else []
     param_storages = {p.untyped_storage().data_ptr() for p in parameters}
     saved: dict[int, int] = {}
@@ -126,21 +142,40 @@ def serve(build: Callable[[], tuple]) -> None:
 
         return saved_tensors_hooks(pack, lambda t: t)
 
+    def sync():
+        if cuda:
+            import torch
+
+            torch.cuda.synchronize(device)
+
+    def autocast():
+        if not bf16:
+            return nullcontext()
+        import torch
+
+        return torch.autocast(getattr(device, "type", device or "cpu"), dtype=torch.bfloat16)
+
     print(json.dumps({"ready": True, "base": base}), flush=True)
     for line in sys.stdin:
         cmd = line.strip()
         if cmd in ("step", "warmup"):
             if cmd == "warmup":
                 saved.clear()
+            t0 = time.perf_counter()
+            if prepare is not None:
+                prepare()
+            sync()
+            prep = (time.perf_counter() - t0) * 1e3
             t0, c0 = time.perf_counter(), time.process_time()
-            with recording() if cmd == "warmup" else nullcontext():
+            with recording() if cmd == "warmup" else nullcontext(), autocast():
                 loss = step()
+            sync()
             ms, cpu = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
-            print(json.dumps({"ms": ms, "cpu": cpu, "loss": float(loss)}), flush=True)
+            print(json.dumps({"ms": ms, "cpu": cpu, "loss": float(loss), "prep": prep}), flush=True)
         elif cmd == "quit":
             params = sum(p.numel() for p in parameters) if model is not None else None
-            print(json.dumps({"hwm": status("VmHWM"), "base": base, "params": params, "saved": sum(saved.values())}),
-                  flush=True)
+            print(json.dumps({"hwm": peak(), "base": base, "memory": "cuda" if cuda else "rss", "params": params,
+                              "saved": sum(saved.values())}), flush=True)
             return
 
 
@@ -171,26 +206,38 @@ class Side:
 
 
 def run_workers(argv: Callable[[str], list[str]], warmup: int, rounds: int, *, warmup_cmd: str = "warmup",
-                after_round: Callable[[int, dict], None] | None = None) -> dict[str, dict]:
-    """Both sides in fresh workers (`argv(side)`), `interleave`d: warm-up steps send `warmup_cmd`, timed ones
-    "step". Per side: median / min / max wall ms, median CPU ms ("cpu"), the timed losses, the last warm-up loss
-    ("loss", nan without warm-up), peak RSS ("hwm") and peak minus the pre-model baseline ("delta") in MiB, the
-    parameter count, the MiB saved for backward in the last "warmup" step."""
-    sides = {name: Side(name, argv(name)) for name in SIDES}
-    warm, timed = interleave(lambda name, w: sides[name].send(warmup_cmd if w else "step"), warmup, rounds,
-                             after_round=after_round)
-    mem = {name: s.quit() for name, s in sides.items()}
+                after_round: Callable[[int, dict], None] | None = None,
+                sides: tuple[str, ...] = SIDES) -> dict[str, dict]:
+    """Each side of `sides` in a fresh worker (`argv(side)`), `interleave`d: warm-up steps send `warmup_cmd`, timed
+    ones "step". Per side: median / min / max wall ms, median CPU ms ("cpu"), median untimed preparation wall ms
+    ("prep"), the timed losses, the last warm-up loss ("loss", nan without warm-up), every loss ("all_losses"),
+    peak memory ("hwm") and peak minus the pre-model baseline ("delta") in MiB (which memory: "memory", "rss" or
+    "cuda"), the parameter count, the MiB saved for backward in the last "warmup" step."""
+    workers = {name: Side(name, argv(name)) for name in sides}
+    warm, timed = interleave(lambda name, w: workers[name].send(warmup_cmd if w else "step"), warmup, rounds,
+                             after_round=after_round, sides=sides)
+    mem = {name: s.quit() for name, s in workers.items()}
     out = {}
-    for name in SIDES:
+    for name in sides:
         times, m = [s["ms"] for s in timed[name]], mem[name]
         out[name] = {
             "median": statistics.median(times), "min": min(times), "max": max(times),
-            "cpu": statistics.median(s["cpu"] for s in timed[name]), "losses": [s["loss"] for s in timed[name]],
+            "cpu": statistics.median(s["cpu"] for s in timed[name]),
+            "prep": statistics.median(s["prep"] for s in timed[name]), "losses": [s["loss"] for s in timed[name]],
             "loss": warm[name][-1]["loss"] if warm[name] else math.nan,
-            "hwm": m["hwm"] / 2**20, "delta": (m["hwm"] - m["base"]) / 2**20, "params": m["params"],
-            "saved": m["saved"] / 2**20,
+            "all_losses": [s["loss"] for s in warm[name] + timed[name]],
+            "hwm": m["hwm"] / 2**20, "delta": (m["hwm"] - m["base"]) / 2**20, "memory": m["memory"],
+            "params": m["params"], "saved": m["saved"] / 2**20,
         }
     return out
+
+
+def check_finite(results: dict) -> None:
+    """Exit naming the side(s) whose warm-up or timed losses (`run_workers`' all_losses) are not all finite: their
+    timings would not be comparable."""
+    bad = {name: r["all_losses"] for name, r in results.items() if not all(math.isfinite(x) for x in r["all_losses"])}
+    if bad:
+        raise SystemExit(f"non-finite losses, timings are not comparable: {bad}")
 
 
 def round_line(label: str) -> Callable[[int, dict], None]:
@@ -221,46 +268,11 @@ def totals(results: dict, key: str) -> dict[str, float]:
     return {name: sum(r[name][key] for r in results.values()) for name in SIDES}
 
 
-# --- both sides in this process -----------------------------------------------------------------------------------
-
-def in_process(steps: dict, device, bf16: bool, warmup: int, rounds: int) -> tuple[dict, dict]:
-    """`interleave` (warm-up alternating too; the sides in the order of `steps`) of steps[side]() -> loss, under bf16 autocast when `bf16`; on CUDA
-    synchronized before and after, the peak-memory statistics reset first. Each step's dict: ms, cpu (process
-    CPU ms), loss, start (CUDA memory allocated at its start) and peak (max_memory_allocated during it); 0 on the
-    CPU. A non-finite loss raises."""
-    import torch
-
-    cuda = device.type == "cuda"
-
-    def step(name: str, is_warmup: bool) -> dict:
-        start = 0
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = torch.cuda.memory_allocated()
-        t0, c0 = time.perf_counter(), time.process_time()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = steps[name]()
-        if cuda:
-            torch.cuda.synchronize()
-        out = {"ms": (time.perf_counter() - t0) * 1e3, "cpu": (time.process_time() - c0) * 1e3, "loss": loss,
-               "start": start, "peak": torch.cuda.max_memory_allocated() if cuda else 0}
-        if not math.isfinite(loss):
-            raise RuntimeError(f"{name}: non-finite loss {loss}")
-        return out
-
-    return interleave(step, warmup, rounds, alternate_warmup=True, sides=tuple(steps))
-
-
-def device_line(device) -> str:
-    """`device D (name), threads N, load average L1 L5 L15`."""
+def device_line(device, threads: int) -> str:
+    """`device D (name), threads N, load average L1 L5 L15` (threads: the workers' torch threads, 0: torch's
+    default)."""
     import torch
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"device {device} ({name}), threads {torch.get_num_threads()}, load average {load}"
-
-
-def memory_text(peak: dict, cuda: bool) -> str:
-    return (f"peak memory ours {peak['ours'] / 2**20:.0f} MiB, peer {peak['peer'] / 2**20:.0f} MiB" if cuda
-            else "memory not measured on the CPU")
+    return f"device {device} ({name}), threads {threads or torch.get_num_threads()}, load average {load}"

@@ -1,15 +1,19 @@
 """bench/sidebyside.py, the machinery of the side-by-side benches (bench/*_vs_hf.py): the order of the interleaved
-rounds, two real worker subprocesses stepped over their pipes (order, medians, min / max, CPU time, peak RSS), the
-worker loop's count of the bytes saved for backward, the table, the in-process runner and the RESULT line."""
+rounds, real worker subprocesses stepped over their pipes (order, medians, min / max, CPU time, peak RSS, a third
+side, untimed preparation), the worker loop's count of the bytes saved for backward and its bf16 autocast, the
+table, the finite-loss check and the RESULT line; and bench/mlm_vs_hf.py and bench/clap_vs_hf.py run end to end
+at tiny sizes, each side in its own worker, with a finite memory ratio from the workers' peak RSS."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import re
 import statistics
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,25 +53,27 @@ def sidebyside(monkeypatch):
     return sidebyside
 
 
-def run_order(sbs, warmup: int, rounds: int, alternate_warmup: bool) -> list[tuple[str, bool]]:
+def run_order(sbs, warmup: int, rounds: int, sides=("ours", "peer")) -> list[tuple[str, bool]]:
     seen = []
 
     def step(name, is_warmup):
         seen.append((name, is_warmup))
         return {"ms": len(seen)}
 
-    warm, timed = sbs.interleave(step, warmup, rounds, alternate_warmup=alternate_warmup)
-    assert [len(v) for v in warm.values()] == [warmup] * 2 and [len(v) for v in timed.values()] == [rounds] * 2
+    warm, timed = sbs.interleave(step, warmup, rounds, sides=sides)
+    assert [len(v) for v in warm.values()] == [warmup] * len(sides)
+    assert [len(v) for v in timed.values()] == [rounds] * len(sides)
     return seen
 
 
 def test_interleave_alternates_the_timed_rounds(sidebyside):
-    o, p = "ours", "peer"
-    # workers: each warm-up round ours first, the timed rounds alternate from round 0
-    assert run_order(sidebyside, 2, 3, False) == [(o, True), (p, True), (o, True), (p, True),
-                                                 (o, False), (p, False), (p, False), (o, False), (o, False), (p, False)]
-    # one process: warm-up and timed rounds are one alternating sequence
-    assert run_order(sidebyside, 1, 2, True) == [(o, True), (p, True), (p, False), (o, False), (o, False), (p, False)]
+    o, p, k = "ours", "peer", "packed"
+    # each warm-up round ours first, the timed rounds alternate from round 0
+    assert run_order(sidebyside, 2, 3) == [(o, True), (p, True), (o, True), (p, True),
+                                          (o, False), (p, False), (p, False), (o, False), (o, False), (p, False)]
+    # three sides: odd rounds reversed
+    assert run_order(sidebyside, 1, 2, (o, p, k)) == [(o, True), (p, True), (k, True), (o, False), (p, False),
+                                                      (k, False), (k, False), (p, False), (o, False)]
 
 
 def test_two_worker_subprocesses_medians_and_ratio(sidebyside, tmp_path):
@@ -85,7 +91,8 @@ def test_two_worker_subprocesses_medians_and_ratio(sidebyside, tmp_path):
         assert (r["median"], r["min"], r["max"]) == (statistics.median(ms), min(ms), max(ms))
         assert r["cpu"] < r["median"]  # sleeping is not process CPU time
         assert r["loss"] == r["losses"][0] == {"ours": 1.5, "peer": 2.5}[name] and len(r["losses"]) == 3
-        assert r["hwm"] > r["delta"] >= 0 and r["params"] is None and r["saved"] == 0
+        assert r["hwm"] > r["delta"] >= 0 and r["params"] is None and r["saved"] == 0 and r["memory"] == "rss"
+        assert r["prep"] < 5 and r["all_losses"] == [r["loss"], *r["losses"]]  # no preparation here
     # the sleeps 60 ms (ours' round 2) and 150 ms (the peer's round 0) are the medians
     assert res["ours"]["median"] == rounds[2]["ours"]["ms"] and res["peer"]["median"] == rounds[0]["peer"]["ms"]
     line = sidebyside.result_line("x", res["ours"]["median"], res["peer"]["median"], mem_ratio=0.5)
@@ -94,9 +101,48 @@ def test_two_worker_subprocesses_medians_and_ratio(sidebyside, tmp_path):
     assert 2.0 < float(line.split("ratio=")[1].split()[0]) < 2.6  # ~150 / 60
 
 
+PREP_WORKER = """
+import sys, time
+sys.path.insert(0, {bench!r})
+from sidebyside import serve
+
+name, log = sys.argv[1], sys.argv[2]
+
+
+def prepare():  # slow, untimed
+    time.sleep(0.5)
+
+
+def step():
+    time.sleep(0.01)
+    with open(log, "a") as f:
+        f.write(name + "\\n")
+    return float("nan") if name == "packed" else 1.0
+
+
+serve(lambda: (None, step, prepare))
+"""
+
+
+def test_three_worker_sides_with_untimed_preparation(sidebyside, tmp_path):
+    """A third side runs in its own worker in the interleaved order; each step's prepare() is timed apart ("prep")
+    and not in its step time; a non-finite loss of any side stops the bench, naming the side."""
+    script, log = tmp_path / "worker.py", tmp_path / "steps.log"
+    script.write_text(PREP_WORKER.format(bench=str(BENCH)))
+    sides = ("ours", "peer", "packed")
+    res = sidebyside.run_workers(lambda name: [str(script), name, str(log)], 1, 2, sides=sides)
+    assert log.read_text().split() == ["ours", "peer", "packed", "ours", "peer", "packed", "packed", "peer", "ours"]
+    for name in sides:
+        assert res[name]["prep"] >= 500 > res[name]["max"] >= 10
+    with pytest.raises(SystemExit, match=r"non-finite losses.*'packed': \[nan, nan, nan\]"):
+        sidebyside.check_finite(res)
+    sidebyside.check_finite({k: res[k] for k in ("ours", "peer")})
+
+
 def test_worker_loop_counts_what_autograd_saves(sidebyside, monkeypatch, capsys):
     """serve() on a tiny torch model: a "warmup" step records the bytes saved for backward (Linear's input and
-    pow's input, 8 x 64 fp32 each; Linear's weight, a parameter, is excluded), a plain "step" does not."""
+    pow's input, 8 x 64 fp32 each; Linear's weight, a parameter, is excluded), a plain "step" does not; with
+    bf16=True the step runs under bf16 autocast."""
     torch.manual_seed(0)
     model, x = torch.nn.Linear(64, 64), torch.randn(8, 64, requires_grad=True)  # x's gradient needs the weight
 
@@ -106,16 +152,20 @@ def test_worker_loop_counts_what_autograd_saves(sidebyside, monkeypatch, capsys)
         model.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def run(commands: str) -> list[dict]:
+    def run(commands: str, bf16: bool = False) -> list[dict]:
         monkeypatch.setattr(sys, "stdin", io.StringIO(commands))
-        sidebyside.serve(lambda: (model, step))
+        sidebyside.serve(lambda: (model, step), bf16=bf16)
         return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
     ready, warm, timed, end = run("warmup\nstep\nquit\n")
-    assert ready["ready"] and end["base"] == ready["base"] and end["hwm"] >= end["base"]
-    assert warm["loss"] == timed["loss"] == pytest.approx(float(model(x).pow(2).mean().detach()))
+    fp32 = float(model(x).pow(2).mean().detach())
+    assert ready["ready"] and end["base"] == ready["base"] and end["hwm"] >= end["base"] and end["memory"] == "rss"
+    assert warm["loss"] == timed["loss"] == pytest.approx(fp32)
     assert end["params"] == 64 * 64 + 64 and end["saved"] == 2 * 8 * 64 * 4
     assert run("step\nquit\n")[-1]["saved"] == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = float(model(x).pow(2).mean().detach())
+    assert bf16 != fp32 and run("step\nquit\n", bf16=True)[1]["loss"] == bf16
 
 
 def test_memory_table_rows(sidebyside, capsys):
@@ -132,24 +182,75 @@ def test_memory_table_rows(sidebyside, capsys):
     assert totals == {"ours": 20.0, "peer": 20.0}
 
 
-def test_in_process_steps_and_result_line(sidebyside):
-    sleeps = {"ours": iter([0.0, 0.02, 0.06, 0.04]), "peer": iter([0.0, 0.1, 0.08, 0.12])}
+def run_bench(script: str, *args: str) -> str:
+    """Run bench/<script> (its workers inherit the environment) under the README's GLIBC_TUNABLES -> stdout."""
+    tunables = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
+    env = {**os.environ, "GLIBC_TUNABLES": tunables, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(BENCH / script), *args, "--device", "cpu", "--threads", "1",
+                          "--warmup", "1", "--rounds", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
 
-    def sleeper(name):
-        def step():
-            time.sleep(next(sleeps[name]))
-            return 1.0
-        return step
 
-    warm, timed = sidebyside.in_process({n: sleeper(n) for n in ("ours", "peer")}, torch.device("cpu"), False, 1, 3)
-    ms = sidebyside.medians(timed)
-    assert ms == {n: statistics.median(s["ms"] for s in timed[n]) for n in ("ours", "peer")}
-    assert ms["ours"] == timed["ours"][2]["ms"] and ms["peer"] == timed["peer"][0]["ms"]  # the 40 / 100 ms steps
-    assert all(s["peak"] == s["start"] == 0 for s in warm["ours"] + timed["ours"])  # no memory on the CPU
-    line = sidebyside.result_line("y", ms["ours"], ms["peer"], ms=".2f", ratios=".2f", load=True,
-                                  mem_ratio=float("nan"), cpu_ratio=1.0)
-    assert re.fullmatch(r"RESULT name=y ours_ms=\d+\.\d\d peer_ms=\d+\.\d\d ratio=\d\.\d\d mem_ratio=nan "
-                        r"cpu_ratio=1\.00 load=\d+\.\d", line), line
+def result(stdout: str, name: str) -> dict[str, str]:
+    line = next(line for line in stdout.splitlines() if line.startswith(f"RESULT name={name} "))
+    return dict(field.split("=", 1) for field in line.split()[1:])
 
-    with pytest.raises(RuntimeError, match="peer: non-finite loss nan"):
-        sidebyside.in_process({"ours": lambda: 1.0, "peer": lambda: float("nan")}, torch.device("cpu"), False, 1, 1)
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The memory table's data rows, split into cells."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| ours' layout") and not line.startswith("| step ")]
+
+
+def check_sides(row: list[str], loss: float) -> None:
+    """A memory-table row: both sides have a positive peak above baseline and saved tensors, matched parameter
+    counts (within 10 %), and warm-up losses near `loss` (the objective's value at init)."""
+    peaks = [float(re.fullmatch(r"\d+ \((\d+)\)", row[i]).group(1)) for i in (4, 5)]
+    saved = [float(v) for v in row[7].split(" / ")]
+    params = [float(v.rstrip("M")) for v in row[8].split(" / ")]
+    losses = [float(v) for v in row[9].split(" / ")]
+    assert min(peaks) > 0 and min(saved) > 0, row
+    assert abs(params[0] / params[1] - 1) < 0.1, row
+    assert all(abs(v - loss) < 0.15 * loss for v in losses), row
+
+
+def test_mlm_bench_workers_end_to_end():
+    """bench/mlm_vs_hf.py at tiny sizes: ours, the peer and the packed variant each in its own worker; memory
+    measured on the CPU (finite mem_ratio > 0 from the workers' VmHWM), the RESULT lines parse."""
+    out = run_bench("mlm_vs_hf.py", "--dim", "64", "--layers", "1", "--heads", "2", "--ffn", "256", "--vocab", "1024",
+                    "--batch", "8", "--seq", "64")  # each side saves >= 1 MiB for backward (the table's unit)
+    r = result(out, "mlm_vs_hf")
+    ours, peer, mem, cpu = (float(r[k]) for k in ("ours_ms", "peer_ms", "mem_ratio", "cpu_ratio"))
+    assert ours > 0 and peer > 0 and float(r["ratio"]) == pytest.approx(peer / ours, rel=2e-3)  # from the rounded ms
+    assert math.isfinite(mem) and mem > 0 and math.isfinite(cpu) and cpu > 0 and float(r["load"]) >= 0
+    k = result(out, "mlm_packed")
+    assert float(k["padded_ms"]) == ours and float(k["peer_ms"]) == peer and k["lengths"] == "uniform"
+    assert math.isfinite(float(k["mem_ratio"])) and float(k["mem_ratio"]) > 0 and float(k["mem_gain"]) > 0
+    rows = table_rows(out)
+    assert [row[0] for row in rows] == ["padded", "packed"]
+    for row in rows:
+        check_sides(row, math.log(1024))  # masked-token cross-entropy at init: ~ln(vocab)
+    assert float(rows[0][6]) == mem and float(rows[1][6]) == float(k["mem_ratio"])  # the table's ours/peer mem
+    assert re.search(r"Peer: \+ \d+\.\d ms of CPU masking per step .* not counted", out)
+
+
+def test_clap_bench_workers_end_to_end():
+    """bench/clap_vs_hf.py at tiny sizes (1 s of audio, 1-layer towers): ours and the peer each in its own
+    worker, memory measured on the CPU, the RESULT line parses."""
+    out = run_bench("clap_vs_hf.py", "--dim", "32", "--layers", "1", "--heads", "2", "--ffn", "64", "--vocab", "256",
+                    "--tokens", "20", "--batch", "4", "--seconds", "1", "--audio-dim", "32", "--audio-layers", "1",
+                    "--audio-heads", "2", "--hf-width", "16", "--hf-depths", "1", "1", "1", "1", "--hf-heads", "1",
+                    "2", "4", "8")
+    r = result(out, "clap_vs_hf")
+    ours, peer, mem = (float(r[k]) for k in ("ours_ms", "peer_ms", "mem_ratio"))
+    assert ours > 0 and peer > 0 and float(r["ratio"]) == pytest.approx(peer / ours, rel=2e-3)  # from the rounded ms
+    assert math.isfinite(mem) and mem > 0 and float(r["cpu_ratio"]) > 0
+    (row,) = table_rows(out)
+    # symmetric InfoNCE over 4 pairs at init: ~ln 4 (random towers, logit scale 1/0.07)
+    assert row[0] == "batch 4" and float(row[6]) == mem
+    peaks = [float(re.fullmatch(r"\d+ \((\d+)\)", row[i]).group(1)) for i in (4, 5)]
+    assert min(peaks) > 0 and min(float(v) for v in row[7].split(" / ")) > 0, row
+    assert all(abs(float(v) - math.log(4)) < 0.5 for v in row[9].split(" / ")), row
