@@ -259,7 +259,7 @@ def memory_table(results: dict, first: str, loss: bool = False) -> None:
         print(f"| {label} | {o['median']:.0f} ({o['min']:.0f}-{o['max']:.0f}) | {q['median']:.0f} "
               f"({q['min']:.0f}-{q['max']:.0f}) | {q['median'] / o['median']:.3f} | {o['hwm']:.0f} ({o['delta']:.0f}) "
               f"| {q['hwm']:.0f} ({q['delta']:.0f}) | {o['delta'] / q['delta']:.3f} "
-              f"| {o['saved']:.0f} / {q['saved']:.0f} | {o['params'] / 1e6:.2f}M / {q['params'] / 1e6:.2f}M |"
+              f"| {o['saved']:.1f} / {q['saved']:.1f} | {o['params'] / 1e6:.2f}M / {q['params'] / 1e6:.2f}M |"
               + (f" {o['loss']:.3f} / {q['loss']:.3f} |" if loss else ""))
 
 

@@ -176,7 +176,7 @@ def test_memory_table_rows(sidebyside, capsys):
     header, rule, row = capsys.readouterr().out.splitlines()
     assert header.startswith("| batch x seq | ours ms (median) |") and header.endswith("| loss ours / peer |")
     assert header.count("|") == rule.count("|") == row.count("|") == 11
-    assert row == ("| 8 x 64 | 60 (40-90) | 151 (40-90) | 2.500 | 500 (10) | 500 (20) | 0.500 | 1 / 1 "
+    assert row == ("| 8 x 64 | 60 (40-90) | 151 (40-90) | 2.500 | 500 (10) | 500 (20) | 0.500 | 1.0 / 1.0 "
                    "| 2.00M / 2.00M | 1.250 / 1.250 |")
     totals = sidebyside.totals({1: {"ours": side, "peer": side}, 2: {"ours": side, "peer": side}}, "delta")
     assert totals == {"ours": 20.0, "peer": 20.0}
