@@ -114,10 +114,13 @@ def evaluate_curve(run_dir: Path, datamodule) -> list[dict]:
 def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int, *, force: bool = False,
             curve: int = 0) -> dict:
     """Train (steps > 0) or just build (steps 0) one variant from a seed and evaluate it; cached as JSON. curve > 0:
-    also keep a checkpoint every `curve` updates and evaluate each ("curve" in the JSON)."""
+    also keep a checkpoint every `curve` updates and evaluate each ("curve" in the JSON; a finished run without
+    one is run again)."""
     out = RESULTS / f"{variant}_s{steps}_seed{seed}.json"
     if out.exists() and not force:
-        return json.loads(out.read_text())
+        cached = json.loads(out.read_text())
+        if not (curve and steps) or cached.get("curve"):
+            return cached
     from omnissl.cli import lightning_cli
 
     run_dir = RUNS / f"{variant}_s{steps}_seed{seed}"
