@@ -1,9 +1,10 @@
 """CLAP towers started from pretrained omnissl encoders vs from random init, same recipe, same budget, same seeds.
 
     python bench/clap_pretrained_towers.py [--audio audiomae|w2v|w2v_captions] [--pretrain-steps 600] [--steps 600]
-                                           [--seeds 0,1,2] [--size small] [--arms pretrained,random] [--curve 0]
+                                           [--audio-pretrain-steps N] [--seeds 0,1,2] [--size small] [--arms pretrained,random] [--curve 0]
 
-1. Pretrains the two encoders the CLAP recipe starts from, `--pretrain-steps` updates each, seed 0: the audio tower
+1. Pretrains the two encoders the CLAP recipe starts from, `--pretrain-steps` updates each (the audio tower
+   `--audio-pretrain-steps` if given), seed 0: the audio tower
    (`--audio audiomae`, the default: AudioMAE on log-mel frame stacks, `recipes/audio/audiomae_frames_tiny_cpu.yaml`,
    on the audio of the captioned corpus's train split, for `recipes/audio_text/clap_from_audiomae_mlm_tiny_cpu.yaml`,
    a CLAP step as cheap as clap_tiny_cpu.yaml's; `--audio w2v`: wav2vec 2.0, `recipes/audio/wav2vec2_tiny_cpu.yaml`
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default="pretrained,random", help=f"comma-separated, of {ARMS}")
     p.add_argument("--curve", type=int, default=0, help="also evaluate a checkpoint every N updates of each run")
     p.add_argument("--pretrain-steps", type=int, default=600)
+    p.add_argument("--audio-pretrain-steps", type=int, default=None,
+                   help="the audio tower's pretraining updates (default: --pretrain-steps); the arms that hold it "
+                        "are named pt<these>, and 'pretrained' also mlm<pretrain steps> when the two differ")
     p.add_argument("--steps", type=int, default=600, help="CLAP updates per run")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--size", default="small", choices=("tiny", "small", "default"), help="captions corpus size")
@@ -112,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(k not in ARMS for k in arms) or "random" not in arms:
         p.error(f"--arms: comma-separated of {ARMS}, with random (the control); got {a.arms!r}")
     tag = "" if a.size == "small" else f"{a.size}_"
-    names = {k: f"{(AUDIO_PREFIX if k in ('pretrained', 'audio') else RECIPE_PREFIX)[a.audio]}_{tag}pt"
-                f"{a.pretrain_steps}_{k}" for k in arms}
+    audio_steps = a.audio_pretrain_steps or a.pretrain_steps
+    mlm_tag = f"mlm{a.pretrain_steps}_" if audio_steps != a.pretrain_steps else ""
+    names = {k: f"{AUDIO_PREFIX[a.audio]}_{tag}pt{audio_steps}_{mlm_tag if k == 'pretrained' else ''}{k}"
+             if k in ("pretrained", "audio") else f"{RECIPE_PREFIX[a.audio]}_{tag}pt{a.pretrain_steps}_{k}" for k in arms}
     if not a.summary_only:
-        audio = pretrain(a.audio, a.pretrain_steps, a.device, a.size)
+        audio = pretrain(a.audio, audio_steps, a.device, a.size)
         mlm = mlm_package(pretrain("mlm", a.pretrain_steps, a.device))
         common = ["--data.init_args.tokenizer", str(mlm), "--data.init_args.embedded_size", a.size,
                   "--trainer.accelerator", a.device]
