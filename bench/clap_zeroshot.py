@@ -144,8 +144,11 @@ def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int,
         if not (curve and steps) or cached.get("curve"):
             return cached
     from omnissl.cli import lightning_cli
+    from omnissl.eval.zeroshot import load_clap
 
     run_dir = RUNS / f"{variant}_s{steps}_seed{seed}"
+    if curve and steps and out.exists():  # its run kept no checkpoints along the way: train it again beside it
+        run_dir = run_dir.with_name(f"{run_dir.name}_curve{curve}")
     args = cli_args(recipe, extra, steps, seed, run_dir) + (curve_args(run_dir, curve) if curve and steps else [])
     t0 = time.perf_counter()
     if steps == 0:
@@ -153,13 +156,15 @@ def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int,
         cli.datamodule.prepare_data()
         cli.datamodule.setup("fit")
         cli.model.setup("fit")  # as a fit's first step sees it: towers from audio_init_from / text_init_from
-        cli.model.eval()
-        done = 0
+        model, done = cli.model.eval(), 0
     else:
         cli = lightning_cli(["fit", *args])
-        done = int(cli.trainer.global_step)
+        plan = getattr(cli, "run_plan", None) or {}
+        done, model = int(cli.trainer.global_step), cli.model
+        if plan.get("finished"):  # `omnissl fit` found the run done and trained nothing: evaluate its checkpoint
+            done, (model, _) = int(plan["step"]), load_clap(plan["ckpt_path"])
     wall = time.perf_counter() - t0
-    res = evaluate_model(cli.model, cli.datamodule)
+    res = evaluate_model(model, cli.datamodule)
     res.update(variant=variant, recipe=str(recipe.relative_to(ROOT)), extra=extra, steps=done, seed=seed,
                corpus_version=CORPUS_VERSION,
                wall_s=round(wall, 1), load_avg=os.getloadavg()[0], threads=int(os.environ.get("OMP_NUM_THREADS", 0)))
