@@ -32,6 +32,23 @@ from omnissl.datamodules.corpora.captions import VERSION as CORPUS_VERSION  # no
 RESULTS = ROOT / "bench" / "results" / "clap" / f"v{CORPUS_VERSION}"  # results of one corpus version together
 RUNS = Path(os.environ.get("CLAP_BENCH_RUNS", "/tmp/clap_bench")) / f"v{CORPUS_VERSION}"
 TINY = ROOT / "recipes" / "audio_text" / "clap_tiny_cpu.yaml"
+FROM_OMNISSL = ROOT / "recipes" / "audio_text" / "clap_from_omnissl_tiny_cpu.yaml"
+
+
+def recipe_part(recipe: Path, *keys: str) -> str:
+    """One part of a recipe (e.g. "model", "init_args", "encoder") as a JSON string for a LightningCLI argument."""
+    import yaml
+
+    node = yaml.safe_load(recipe.read_text())
+    for k in keys:
+        node = node[k]
+    return json.dumps(node)
+
+
+# clap_from_omnissl_tiny_cpu.yaml's random-init arm as bench/clap_pretrained_towers.py runs it (its
+# omnissl_pt600_random results): the 600-update MLM run's tokenizer, no tower loaded
+OMNISSL_RANDOM = ["--data.init_args.tokenizer", str(RUNS / "pretrain_mlm_s600"), "--model.init_args.audio_init_from",
+                  "null", "--model.init_args.text_init_from", "null"]
 
 # name -> (recipe, extra LightningCLI arguments)
 TEXT = "--model.init_args.text_encoder.init_args."
@@ -48,6 +65,11 @@ VARIANTS: dict[str, tuple[Path, list[str]]] = {
     "coarse_bow_linear": (TINY, [TEXT + "depth", "0", "--model.init_args.projection", "linear",
                                  "--data.init_args.coarse_captions", "2"]),
     "coarse_bow": (TINY, [TEXT + "depth", "0", "--data.init_args.coarse_captions", "2"]),
+    # the from_omnissl random-init arm with clap_tiny_cpu.yaml's audio tower (2 x 128 pre-LN over 40 ms log-mel
+    # stacks, sin-cos positions) in place of its own (4 x 128 post-LN over 20 ms stacks, conv positions): which
+    # of the two recipes' differences matters (compare with --baseline omnissl_pt600_random)
+    "omnissl_random_tinyaudio": (FROM_OMNISSL, OMNISSL_RANDOM + [
+        "--model.init_args.encoder", recipe_part(TINY, "model", "init_args", "encoder")]),
 }
 
 
@@ -114,13 +136,19 @@ def evaluate_curve(run_dir: Path, datamodule) -> list[dict]:
 def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int, *, force: bool = False,
             curve: int = 0) -> dict:
     """Train (steps > 0) or just build (steps 0) one variant from a seed and evaluate it; cached as JSON. curve > 0:
-    also keep a checkpoint every `curve` updates and evaluate each ("curve" in the JSON)."""
+    also keep a checkpoint every `curve` updates and evaluate each ("curve" in the JSON; a finished run without
+    one is run again)."""
     out = RESULTS / f"{variant}_s{steps}_seed{seed}.json"
     if out.exists() and not force:
-        return json.loads(out.read_text())
+        cached = json.loads(out.read_text())
+        if not (curve and steps) or cached.get("curve"):
+            return cached
     from omnissl.cli import lightning_cli
+    from omnissl.eval.zeroshot import load_clap
 
     run_dir = RUNS / f"{variant}_s{steps}_seed{seed}"
+    if curve and steps and out.exists():  # its run kept no checkpoints along the way: train it again beside it
+        run_dir = run_dir.with_name(f"{run_dir.name}_curve{curve}")
     args = cli_args(recipe, extra, steps, seed, run_dir) + (curve_args(run_dir, curve) if curve and steps else [])
     t0 = time.perf_counter()
     if steps == 0:
@@ -128,13 +156,15 @@ def run_one(variant: str, recipe: Path, extra: list[str], steps: int, seed: int,
         cli.datamodule.prepare_data()
         cli.datamodule.setup("fit")
         cli.model.setup("fit")  # as a fit's first step sees it: towers from audio_init_from / text_init_from
-        cli.model.eval()
-        done = 0
+        model, done = cli.model.eval(), 0
     else:
         cli = lightning_cli(["fit", *args])
-        done = int(cli.trainer.global_step)
+        plan = getattr(cli, "run_plan", None) or {}
+        done, model = int(cli.trainer.global_step), cli.model
+        if plan.get("finished"):  # `omnissl fit` found the run done and trained nothing: evaluate its checkpoint
+            done, (model, _) = int(plan["step"]), load_clap(plan["ckpt_path"])
     wall = time.perf_counter() - t0
-    res = evaluate_model(cli.model, cli.datamodule)
+    res = evaluate_model(model, cli.datamodule)
     res.update(variant=variant, recipe=str(recipe.relative_to(ROOT)), extra=extra, steps=done, seed=seed,
                corpus_version=CORPUS_VERSION,
                wall_s=round(wall, 1), load_avg=os.getloadavg()[0], threads=int(os.environ.get("OMP_NUM_THREADS", 0)))
@@ -190,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary-only", action="store_true", help="only summarize the finished runs")
     p.add_argument("--reevaluate", action="store_true",
                    help="evaluate finished runs that lack the classic zero-shot accuracy again (from their checkpoints)")
+    p.add_argument("--baseline", default="tiny",
+                   help="the results each variant is compared with (Welch), e.g. omnissl_pt600_random")
     p.add_argument("--curve", type=int, default=0,
                    help="also keep a checkpoint every N updates of each new run and evaluate it (R@k over training)")
     a = p.parse_args(argv)
@@ -239,20 +271,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"RESULT name=clap_zeroshot_classic variant={name} steps={steps} seeds={len(rows)} "
                       f"heldout_among_heldout={classic['mean']:.4f} lo={classic['lo']:.4f} hi={classic['hi']:.4f} "
                       f"chance={rows[0]['chance_among_heldout']:.4f}")
-    if "tiny" in names or (RESULTS / f"tiny_s{a.steps}_seed0.json").exists():
+    if a.baseline in names or (RESULTS / f"{a.baseline}_s{a.steps}_seed0.json").exists():
         from learning import compare
 
-        base = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"tiny_s{a.steps}_seed*.json"))]
+        base = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"{a.baseline}_s{a.steps}_seed*.json"))]
+        get = {"zeroshot_acc_heldout": lambda r: r["zeroshot"].get("zeroshot_acc_heldout"),
+               "zeroshot_acc_heldout_among_heldout": lambda r: r["zeroshot"].get("zeroshot_acc_heldout_among_heldout"),
+               "zeroshot_auc_heldout": lambda r: r["zeroshot"].get("zeroshot_auc_heldout"),
+               "zeroshot_acc_seen": lambda r: r["zeroshot"].get("zeroshot_acc_seen"),
+               "t2a_R@1": lambda r: (r["retrieval"] or {}).get("t2a_R@1"),
+               "t2a_R@5": lambda r: (r["retrieval"] or {}).get("t2a_R@5")}
         for name in names:
             rows = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"{name}_s{a.steps}_seed*.json"))]
-            if name == "tiny" or len(rows) < 2 or len(base) < 2:
+            if name == a.baseline or len(rows) < 2 or len(base) < 2:
                 continue
-            for key in ("zeroshot_acc_heldout", "zeroshot_acc_heldout_among_heldout", "zeroshot_auc_heldout"):
-                x = [r["zeroshot"][key] for r in rows if key in r["zeroshot"]]
-                y = [r["zeroshot"][key] for r in base if key in r["zeroshot"]]
+            for key, g in get.items():
+                x = [g(r) for r in rows if g(r) is not None]
+                y = [g(r) for r in base if g(r) is not None]
                 if len(x) >= 2 and len(y) >= 2:
                     c = compare(x, y)
-                    print(f"  {name} - tiny at {a.steps} updates, {key}: {c['diff']:+.3f} (Welch p {c['p']:.3f})")
+                    print(f"  {name} - {a.baseline} at {a.steps} updates, {key}: {c['diff']:+.3f} (Welch p {c['p']:.3f})")
     print("\n| variant | updates | seed | held-out acc (all classes) | held-out acc (among held-out) | seen acc | "
           "held-out AUC | seen AUC | test t2a R@1 | test t2a R@5 | held-out classes (acc) |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|")
