@@ -44,7 +44,7 @@ import sys
 import torch
 
 from sidebyside import add_worker_args, check_finite, device_line, memory_table, optimizer_step, result_line, \
-    round_line, run_workers, serve
+    round_line, run_workers, serve, step_legend
 
 
 def make_inputs(a) -> dict:
@@ -167,15 +167,9 @@ def main() -> None:
     res = run_workers(argv, a.warmup, a.rounds, after_round=round_line("clap"))
     check_finite(res)
     o, q = res["ours"], res["peer"]
-    memory = "CUDA allocator (max_memory_allocated)" if o["memory"] == "cuda" else "resident set (VmHWM)"
     print()
     memory_table({f"batch {a.batch}": res}, "step", loss=True)
-    print(f"\n(ms: median (min-max) per step; peak: the worker's {memory} peak, in parentheses minus the baseline "
-          f"before its model was built (model, optimizer state, gradients, activations); saved for backward: tensors "
-          f"autograd kept in the warm-up step, parameters excluded; loss: the last warm-up step's.) Load average "
-          f"{os.getloadavg()[0]:.1f}.")
-    print(f"CPU time (worker process, median; meaningful on the CPU device): ours {o['cpu']:.1f} ms, peer "
-          f"{q['cpu']:.1f} ms, ratio {q['cpu'] / o['cpu']:.3f}")
+    step_legend(o, q)
     print(result_line("clap_vs_hf", o["median"], q["median"], ms=".2f", mem_ratio=o["delta"] / q["delta"],
                       cpu_ratio=q["cpu"] / o["cpu"], load=True))
 

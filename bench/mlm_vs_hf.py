@@ -57,7 +57,7 @@ import tempfile
 import torch
 
 from sidebyside import add_worker_args, check_finite, device_line, memory_table, optimizer_step, result_line, \
-    round_line, run_workers, serve
+    round_line, run_workers, serve, step_legend
 
 SIDES = ("ours", "peer", "packed")  # round-0 order; "packed" only with --packed
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's, at ids 0..4
@@ -234,18 +234,12 @@ def main() -> None:
         res = run_workers(argv, a.warmup, a.rounds, after_round=round_line("mlm"), sides=sides)
     check_finite(res)
     o, q = res["ours"], res["peer"]
-    memory = "CUDA allocator (max_memory_allocated)" if o["memory"] == "cuda" else "resident set (VmHWM)"
     print()
     memory_table({"padded" if layout == "ours" else layout: {"ours": res[layout], "peer": q}
                   for layout in sides if layout != "peer"}, "ours' layout",
                  loss=True)
-    print(f"\n(ms: median (min-max) per step; peak: the worker's {memory} peak, in parentheses minus the baseline "
-          f"before its model was built (model, optimizer state, gradients, activations); saved for backward: tensors "
-          f"autograd kept in the warm-up step, parameters excluded; loss: the last warm-up step's.) Peer: + "
-          f"{q['prep']:.1f} ms of CPU masking per step (HF's collator, as in a DataLoader worker) not counted; "
-          f"load average {os.getloadavg()[0]:.1f}.")
-    print(f"CPU time (worker process, median; meaningful on the CPU device): ours {o['cpu']:.1f} ms, peer "
-          f"{q['cpu']:.1f} ms, ratio {q['cpu'] / o['cpu']:.3f}")
+    step_legend(o, q, f"Peer: + {q['prep']:.1f} ms of CPU masking per step (HF's collator, as in a DataLoader "
+                      f"worker) not counted; ")
     print(result_line("mlm_vs_hf", o["median"], q["median"], ms=".2f", mem_ratio=o["delta"] / q["delta"],
                       cpu_ratio=q["cpu"] / o["cpu"], load=True))
     if "packed" in res:

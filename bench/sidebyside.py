@@ -246,6 +246,18 @@ def round_line(label: str) -> Callable[[int, dict], None]:
                                  f"{last['peer']['ms']:.0f} ms", flush=True)
 
 
+def step_legend(ours: dict, peer: dict, note: str = "") -> None:
+    """The legend under a one-process-per-side bench's memory table (what its columns mean, `note`, the load
+    average) and the sides' median process CPU time per step."""
+    memory = "CUDA allocator (max_memory_allocated)" if ours["memory"] == "cuda" else "resident set (VmHWM)"
+    print(f"\n(ms: median (min-max) per step; peak: the worker's {memory} peak, in parentheses minus the baseline "
+          f"before its model was built (model, optimizer state, gradients, activations); saved for backward: tensors "
+          f"autograd kept in the warm-up step, parameters excluded; loss: the last warm-up step's.) {note}"
+          f"{'load' if note else 'Load'} average {os.getloadavg()[0]:.1f}.")
+    print(f"CPU time (worker process, median; meaningful on the CPU device): ours {ours['cpu']:.1f} ms, peer "
+          f"{peer['cpu']:.1f} ms, ratio {peer['cpu'] / ours['cpu']:.3f}")
+
+
 def memory_table(results: dict, first: str, loss: bool = False) -> None:
     """The markdown table of `run_workers` results per config ({config label: {side: summary}}): wall ms median
     (min-max), speed ratio, peak RSS (minus baseline), memory ratio, saved for backward, parameters, and with
