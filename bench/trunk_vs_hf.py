@@ -30,9 +30,13 @@ ratio = peer_ms / ours_ms (> 1: ours is faster); mem_ratio = sum over configs of
 the same sum for the peer (< 1: ours uses less memory).
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736 \\
-        .venv/bin/python bench/trunk_vs_hf.py [--configs 8x128,2x512] [--warmup 1 --rounds 5] [--threads 2]
+        .venv/bin/python bench/trunk_vs_hf.py [--configs 8x128,2x512] [--warmup 1 --rounds 5] [--threads 2] [--bf16]
 
-Ends with: RESULT name=trunk_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer>
+--bf16: both sides' steps under `torch.autocast(bfloat16)` with fp32 weights (Lightning's bf16-mixed, the
+precision of the GPU recipes). This CPU has AMX: its bf16 GEMMs are ~2.7x faster than fp32 ones, so, as on a
+GPU, the elementwise work around the GEMMs (dropout, LayerNorm, GELU, copies) is a larger share of the step.
+
+Ends with: RESULT name=trunk_vs_hf[_bf16] ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer>
 """
 
 from __future__ import annotations
@@ -96,13 +100,13 @@ def worker(a) -> None:
 
         return model, step
 
-    serve(build)
+    serve(build, bf16=a.bf16)
 
 
 def run_config(batch: int, seq: int, a) -> dict:
     def argv(name: str) -> list[str]:
         return [os.path.abspath(__file__), "--worker", name, "--batch", str(batch), "--seq", str(seq),
-                "--threads", str(a.threads)]
+                "--threads", str(a.threads)] + (["--bf16"] if a.bf16 else [])
 
     return run_workers(argv, a.warmup, a.rounds, after_round=round_line(f"{batch}x{seq}"))
 
@@ -111,6 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="8x128,2x512", help="comma-separated BATCHxSEQ")
     add_worker_args(p)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (fp32 weights, as bf16-mixed)")
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
     a = p.parse_args()
@@ -121,7 +126,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     configs = [tuple(int(v) for v in c.split("x")) for c in a.configs.split(",")]
     print(f"RoBERTa-base dims ({DIM}d x {DEPTH} layers x {HEADS} heads, FFN {FFN}, vocab {VOCAB}), train mode "
-          f"(dropout 0.1), fwd+bwd, CPU fp32, {a.threads} threads, peer attn_implementation=sdpa; "
+          f"(dropout 0.1), fwd+bwd, CPU {'bf16 autocast' if a.bf16 else 'fp32'}, {a.threads} threads, peer attn_implementation=sdpa; "
           f"warm-up {a.warmup}, {a.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
     t0 = time.perf_counter()
@@ -133,7 +138,8 @@ def main() -> None:
     print(f"\n(ms: median (min-max) per step; peak: VmHWM of the worker, in parentheses minus its RSS before the "
           f"model was built; saved for backward: tensors autograd kept in the warm-up step, parameters excluded.) "
           f"Wall time {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}.")
-    print(result_line("trunk_vs_hf", ms["ours"], ms["peer"], mem_ratio=delta["ours"] / delta["peer"]))
+    print(result_line("trunk_vs_hf" + ("_bf16" if a.bf16 else ""), ms["ours"], ms["peer"],
+                      mem_ratio=delta["ours"] / delta["peer"]))
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def worker(a) -> None:
     torch.manual_seed(0)
     # imports count as baseline, not as the model's memory
     importlib.import_module("transformers" if a.worker == "peer" else "omnissl.ssl.wav2vec2")
-    serve(lambda: (None, (build_ours if a.worker == "ours" else build_peer)(a)))
+    serve(lambda: (None, (build_ours if a.worker == "ours" else build_peer)(a)), bf16=a.bf16)
 
 
 def main() -> None:
@@ -160,17 +160,19 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seconds", type=float, default=5.0)
     add_worker_args(p)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (fp32 weights, as bf16-mixed)")
     a = p.parse_args()
     if a.worker:
         return worker(a)
 
     print(f"config: {a.dim}d x {a.layers} layers x {a.heads} heads, ffn {a.ffn}, conv {a.conv}; batch {a.batch} x "
-          f"{a.seconds:g} s at 16 kHz; CPU fp32, {a.threads} threads; GLIBC_TUNABLES="
+          f"{a.seconds:g} s at 16 kHz; CPU {'bf16 autocast' if a.bf16 else 'fp32'}, {a.threads} threads; GLIBC_TUNABLES="
           f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
 
     def argv(name: str) -> list[str]:
         keys = ("dim", "layers", "heads", "ffn", "conv", "batch", "seconds", "threads")
-        return [os.path.abspath(__file__), "--worker", name] + [v for k in keys for v in (f"--{k}", str(getattr(a, k)))]
+        return ([os.path.abspath(__file__), "--worker", name] + [v for k in keys for v in (f"--{k}", str(getattr(a, k)))]
+                + (["--bf16"] if a.bf16 else []))
 
     def progress(r: int, last: dict) -> None:
         o, q = last["ours"], last["peer"]
@@ -195,7 +197,7 @@ def main() -> None:
     print(f"\nspeed-up (peer/ours): wall {ratio:.2f}x, CPU time {q['cpu'] / o['cpu']:.2f}x; peak RSS "
           f"ours/peer {mem_ratio:.2f} (model+activations only: {o['delta'] / q['delta']:.2f}); load average "
           f"at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(result_line("wav2vec2_vs_hf", o["median"], q["median"], ratios=".2f", mem_ratio=mem_ratio))
+    print(result_line("wav2vec2_vs_hf" + ("_bf16" if a.bf16 else ""), o["median"], q["median"], ratios=".2f", mem_ratio=mem_ratio))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from omnissl.backbones.config import recorded
 from omnissl.backbones.protocol import BackboneOutput, Tokens
 from omnissl.backbones.transformer import Transformer
-from omnissl.ops import padding_mask_from_lengths, segment_runs, take_rows
+from omnissl.ops import Dropout, padding_mask_from_lengths, segment_runs, take_rows
 
 
 class GradMultiply(torch.autograd.Function):
@@ -59,7 +59,7 @@ class Encoder(nn.Module):
         if not project and c != d:
             raise ValueError(f"frontend width {c} != trunk width {d}: a projection is required")
         self.proj = nn.Linear(c, d) if project else nn.Identity()
-        self.dropout_input = nn.Dropout(dropout_input)
+        self.dropout_input = Dropout(dropout_input)
         self.mask_emb = nn.Parameter(torch.empty(d).uniform_())  # fairseq/HF: uniform init
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cls_token else None
         self.dim, self.num_layers = d, trunk.depth

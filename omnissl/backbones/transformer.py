@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from omnissl.backbones.config import recorded
-from omnissl.ops import segment_runs, take_rows
+from omnissl.ops import Dropout, dropout, segment_runs, take_rows
 
 
 class Attention(nn.Module):
@@ -75,7 +75,7 @@ class Attention(nn.Module):
             s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
             if attn_mask is not None:  # the lowest finite value, not -inf: a row with no key gives junk, not NaN
                 s = s.masked_fill_(~attn_mask, torch.finfo(s.dtype).min)
-            y = torch.matmul(F.dropout(s.softmax(-1), p, training=True), v)
+            y = torch.matmul(dropout(s.softmax(-1), p), v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         y = y.transpose(1, 2).flatten(2)
@@ -104,8 +104,8 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(dim, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, dim)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.drop = nn.Dropout(dropout)
-        self.act_drop = nn.Dropout(act_dropout)
+        self.drop = Dropout(dropout)
+        self.act_drop = Dropout(act_dropout)
 
     def ffn(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.act_drop(F.gelu(self.fc1(x)))))
@@ -164,7 +164,7 @@ class Transformer(nn.Module):
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.apply(init_bert_params)
 
     def set_num_updates(self, num_updates: int) -> None:

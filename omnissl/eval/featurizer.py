@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omnissl.ops import Dropout
+
 
 class Featurizer(nn.Module):
     """Weighted sum of S hidden states (s3prl's Featurizer): softmax(w) with w initialized to 0, so uniform;
@@ -66,7 +68,7 @@ def classifier_head(dim: int, num_classes: int, kind: str = "linear", *, hidden:
     if kind == "linear":
         return nn.Linear(dim, num_classes)
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), Dropout(dropout), nn.Linear(hidden, num_classes))
     raise ValueError(f"unknown classification head {kind!r}; expected linear or mlp")
 
 
@@ -89,7 +91,7 @@ class CTCHead(nn.Module):
         self.kind = kind
         self.rnn = (nn.LSTM(dim, hidden, num_layers=layers, batch_first=True, bidirectional=True)
                     if kind == "lstm" else None)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.out = nn.Linear(2 * hidden if self.rnn is not None else dim, vocab_size)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:

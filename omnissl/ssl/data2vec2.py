@@ -23,6 +23,7 @@ from omnissl.backbones.encoder import Encoder
 from omnissl.backbones.protocol import Tokens
 from omnissl.batch import Batch
 from omnissl.checkpoints import load_encoder_weights
+from omnissl.ops import dropout
 from omnissl.ssl.base import SSLModule, StepOutput
 from omnissl.ssl.frames import ShortUtteranceFilter
 from omnissl.ssl.heads import ConvDecoder1d
@@ -174,7 +175,7 @@ class Data2Vec2(TeacherHooks, SSLModule):
         out = self.encoder.encode(clones, keep=keep)
         visible = out.last[:, self.encoder.num_prefix:]  # (B·M, K, D)
         if self.decoder_input_dropout > 0:
-            visible = torch.nn.functional.dropout(visible, self.decoder_input_dropout, training=self.training)
+            visible = dropout(visible, self.decoder_input_dropout, self.training)
         full = torch.randn(b * m, n, d, device=x.device, dtype=visible.dtype,
                            generator=g) * self.mask_noise_std
         full = full.masked_scatter(keep[..., None], visible)

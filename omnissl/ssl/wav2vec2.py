@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from omnissl.backbones.encoder import Encoder
 from omnissl.batch import Batch
+from omnissl.ops import Dropout
 from omnissl.ssl.base import SSLModule, StepOutput
 from omnissl.ssl.frames import ShortUtteranceFilter
 from omnissl.ssl.losses import contrastive_with_distractors, feature_penalty
@@ -89,7 +90,7 @@ class Wav2Vec2(SSLModule):
         )
         self.project_q = nn.Linear(vq_dim, final_dim)
         self.final_proj = nn.Linear(encoder.dim, final_dim)
-        self.dropout_features = nn.Dropout(dropout_features)
+        self.dropout_features = Dropout(dropout_features)
         self.collapse_guard = CollapseGuard(
             name="code_perplexity (codebook entries in use, by argmax over the valid frames)",
             threshold=min_code_perplexity,

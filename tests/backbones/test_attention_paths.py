@@ -1,6 +1,7 @@
 """The trunk's attention paths agree: no mask (the fast path of an unpadded batch) vs an all-attend mask,
 a padded batch still masks its padding, and the explicit CPU attention used in training with attention
-dropout equals torch's SDPA (same dropout draws for the same seed), values and gradients.
+dropout equals torch's SDPA (same dropout draws for the same seed, so with `ops.fast_cpu_dropout` off: the
+fast CPU dropout draws other values, tests/backbones/test_dropout.py), values and gradients.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from omnissl import ops
 from omnissl.backbones.transformer import Attention, Transformer
 
 
@@ -43,6 +45,12 @@ def test_padded_batch_still_masks(pre_norm):
     assert (unmasked[1, :7] - alone[0]).abs().max() > 1e-2  # the check can fail: without the mask it leaks
 
 
+@pytest.fixture
+def sdpa_draws(monkeypatch):
+    """F.dropout's draws in the explicit path, the ones SDPA's math kernel makes for the same seed."""
+    monkeypatch.setattr(ops, "fast_cpu_dropout", False)
+
+
 def _explicit_and_sdpa(attn: Attention, x: torch.Tensor, mask: torch.Tensor | None):
     """(outputs, input gradients) of the explicit CPU path and of SDPA, each from dropout seed 5."""
     outs, grads = [], []
@@ -57,7 +65,7 @@ def _explicit_and_sdpa(attn: Attention, x: torch.Tensor, mask: torch.Tensor | No
     return outs, grads
 
 
-def test_explicit_cpu_dropout_attention_equals_sdpa():
+def test_explicit_cpu_dropout_attention_equals_sdpa(sdpa_draws):
     torch.manual_seed(0)
     attn = Attention(64, 4, dropout=0.25).train()
     x = torch.randn(3, 16, 64, requires_grad=True)
@@ -68,7 +76,7 @@ def test_explicit_cpu_dropout_attention_equals_sdpa():
     assert (attn(x, None).detach() - outs[1]).abs().max() > 1e-3  # dropout is on: another seed differs
 
 
-def test_explicit_cpu_dropout_attention_with_a_padding_mask_equals_sdpa():
+def test_explicit_cpu_dropout_attention_with_a_padding_mask_equals_sdpa(sdpa_draws):
     """It also serves padded batches: with a key-padding mask it equals SDPA, and a row with no key to attend
     to stays finite."""
     torch.manual_seed(0)
@@ -84,3 +92,17 @@ def test_explicit_cpu_dropout_attention_with_a_padding_mask_equals_sdpa():
     empty = torch.zeros_like(mask)
     empty[0] = True  # rows 1 and 2 attend to no key at all
     assert bool(torch.isfinite(attn(x, empty)).all())
+
+
+def test_training_trunk_drops_through_the_fast_cpu_dropout(monkeypatch):
+    """Every dropout of a training trunk on the CPU (input, attention probabilities, the two residual
+    branches of each block) takes ops.dropout's fast path; eval takes none."""
+    calls = []
+    apply = ops._CPUDropout.apply
+    monkeypatch.setattr(ops._CPUDropout, "apply", lambda *a: calls.append(a[0].shape) or apply(*a))
+    trunk = _trunk(False)
+    trunk(torch.randn(2, 9, 64), None)
+    assert len(calls) == 1 + 3 * 3 and calls.count((2, 4, 9, 9)) == 3  # attention: (B, H, N, N) per block
+    calls.clear()
+    trunk.eval()(torch.randn(2, 9, 64), None)
+    assert calls == []
