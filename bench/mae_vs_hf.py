@@ -26,7 +26,7 @@ ratio = peer_ms / ours_ms (> 1: ours is faster); mem_ratio = ours' summed (peak 
 as a quick CPU smoke of the script; its numbers are not the benchmark.
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736 \\
-        .venv/bin/python bench/mae_vs_hf.py [--batches 8,32] [--warmup 1 --rounds 5] [--threads 2] [--small]
+        .venv/bin/python bench/mae_vs_hf.py [--batches 8,32] [--warmup 1 --rounds 5] [--threads 2] [--small] [--bf16]
 
 Ends with: RESULT name=mae_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer> cpu_ratio=<peer/ours>
 load=<1-min load average> (cpu_ratio: the same ratio of the workers' process CPU time, steadier under load)
@@ -110,13 +110,13 @@ def worker(a) -> None:
 
         return model, step
 
-    serve(build)
+    serve(build, bf16=a.bf16)
 
 
 def run_config(batch: int, a) -> dict:
     def argv(name: str) -> list[str]:
         return [os.path.abspath(__file__), "--worker", name, "--batch", str(batch), "--threads", str(a.threads)] + (
-            ["--small"] if a.small else [])
+            ["--small"] if a.small else []) + (["--bf16"] if a.bf16 else [])
 
     return run_workers(argv, a.warmup, a.rounds, after_round=round_line(f"batch {batch}"))
 
@@ -125,6 +125,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
     add_worker_args(p)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (fp32 weights, as bf16-mixed)")
     p.add_argument("--small", action="store_true", help="a small model for a quick smoke run (not the benchmark)")
     p.add_argument("--batch", type=int)
     a = p.parse_args()
@@ -137,7 +138,7 @@ def main() -> None:
     batches = [int(b) for b in a.batches.split(",")]
     print(f"MAE {'SMALL smoke' if a.small else 'ViT-B/16'} ({d['dim']}d x {d['depth']} x {d['heads']}h, FFN {d['ffn']}, "
           f"{d['image']}px / {d['patch']}px patches, decoder {d['dec_dim']} x {d['dec_depth']} x {d['dec_heads']}h), "
-          f"mask {MASK_RATIO}, norm-pix, fwd+bwd, CPU fp32, {a.threads} threads, peer attn_implementation=sdpa; "
+          f"mask {MASK_RATIO}, norm-pix, fwd+bwd, CPU {'bf16 autocast' if a.bf16 else 'fp32'}, {a.threads} threads, peer attn_implementation=sdpa; "
           f"warm-up {a.warmup}, {a.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
     t0 = time.perf_counter()
@@ -153,7 +154,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}.")
     print(f"CPU time (worker process, summed medians): ours {cpu['ours']:.0f} ms, peer {cpu['peer']:.0f} ms, "
           f"ratio {cpu['peer'] / cpu['ours']:.3f}")
-    print(result_line("mae_vs_hf", ms["ours"], ms["peer"], mem_ratio=delta["ours"] / delta["peer"],
+    print(result_line("mae_vs_hf" + ("_bf16" if a.bf16 else ""), ms["ours"], ms["peer"], mem_ratio=delta["ours"] / delta["peer"],
                       cpu_ratio=cpu["peer"] / cpu["ours"], load=True))
 
 

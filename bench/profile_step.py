@@ -104,8 +104,8 @@ def mlm_step(side: str, batch: int):
     return step
 
 
-def profile(which: str, side: str, warmup: int, threads: int) -> dict:
-    """Profile one step in this process -> the summary as a dict."""
+def profile(which: str, side: str, warmup: int, threads: int, bf16: bool = False) -> dict:
+    """Profile one step in this process (bf16: under bf16 autocast, as the benches' --bf16) -> the summary."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -122,6 +122,12 @@ def profile(which: str, side: str, warmup: int, threads: int) -> dict:
         step = mlm_step(side, 8)
     else:
         step = wav2vec2_step(side)
+    if bf16:
+        plain = step
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                plain()
     for _ in range(warmup):
         step()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -148,7 +154,7 @@ def summarize(r: dict, top: int) -> dict:
             "cpu": r["cpu_ms"]}
 
 
-def print_table(which: str, runs: dict[str, dict], top: int, markdown: bool) -> None:
+def print_table(which: str, runs: dict[str, dict], top: int, markdown: bool, bf16: bool = False) -> None:
     sums = {side: summarize(r, top) for side, r in runs.items()}
     sides = list(runs)
     title = {"trunk": "trunk fwd+bwd, RoBERTa-base dims, 8 x 128 (bench/trunk_vs_hf.py)",
@@ -157,6 +163,7 @@ def print_table(which: str, runs: dict[str, dict], top: int, markdown: bool) -> 
              "mlm": "MLM training step (fwd+bwd+AdamW as one 'forward' label), RoBERTa-base dims, 8 x 128 padded "
                     "(bench/mlm_vs_hf.py)",
              "mae": "MAE step fwd+bwd, ViT-B/16, mask 0.75, decoder 512 x 8, 8 x 224 px (bench/mae_vs_hf.py)"}[which]
+    title += ", bf16 autocast" if bf16 else ", fp32"
     if markdown:
         print(f"\n**{title}**, one step after warm-up, load average {os.getloadavg()[0]:.1f}\n")
         print("| " + " | ".join(f"{s}: op | self ms (calls)" for s in sides) + " |")
@@ -197,11 +204,12 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="each step under bf16 autocast (fp32 weights)")
     p.add_argument("--json", help="also write the raw per-op numbers here")
     p.add_argument("--worker", nargs=2, metavar=("WHICH", "SIDE"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(profile(a.worker[0], a.worker[1], a.warmup, a.threads)))
+        print(json.dumps(profile(a.worker[0], a.worker[1], a.warmup, a.threads, a.bf16)))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not a.markdown:
@@ -211,11 +219,11 @@ def main() -> None:
         runs = {}
         for side in ("ours", "peer") if a.peer else ("ours",):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", which, side, "--warmup", str(a.warmup),
-                   "--threads", str(a.threads)]
+                   "--threads", str(a.threads)] + (["--bf16"] if a.bf16 else [])
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
             runs[side] = json.loads(out.strip().splitlines()[-1])
         raw[which] = runs
-        print_table(which, runs, a.top, a.markdown)
+        print_table(which, runs, a.top, a.markdown, a.bf16)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(raw, f)

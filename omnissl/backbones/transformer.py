@@ -25,13 +25,16 @@ from omnissl.ops import Dropout, dropout, segment_runs, take_rows
 class Attention(nn.Module):
     """Multi-head self-attention with one fused input projection.
 
-    `explicit_cpu_dropout` (class switch, on by default): on CPU, in training with attention dropout, torch's
-    SDPA has no fused kernel and runs its math fallback, which adds a "safe" softmax (isneginf + all + where
-    over B·H·N·N), scales k as well as q, copies q/k/v and, with a key-padding mask, builds an additive float
-    mask; we run the same math (softmax of q·kᵀ/√d with masked keys filled in place, the same `F.dropout`
-    draws, · v) without those extra passes: -11 % on the attention core fwd+bwd at 8 x 128
-    (bench/profile_step.py). CUDA, eval and dropout 0 always take `F.scaled_dot_product_attention` (fused
-    kernels), so this never changes a GPU run.
+    `explicit_cpu` (class switch, on by default): on the CPU the attention core is the plain math, softmax of
+    q·kᵀ/√d with masked keys filled in place, `ops.dropout`, · v, where torch's SDPA measured slower:
+    - in training with attention dropout, where SDPA has no fused CPU kernel and runs its math fallback, which
+      adds a "safe" softmax (isneginf + all + where over B·H·N·N), scales k as well as q, copies q/k/v and,
+      with a key-padding mask, builds an additive float mask (-11 % on the attention core fwd+bwd at 8 x 128);
+    - in bf16 / fp16 (autocast) with gradients, with or without dropout, where SDPA takes its CPU flash kernel,
+      whose backward is slow next to two AMX GEMMs and a softmax: fwd+bwd of the core 1.5-5.9x slower at the shapes of the
+      benches (trunk 8 x 128 and 2 x 512, wav2vec 2.0 4 x 249, MAE's encoder 32 x 50 and decoder 32 x 197;
+      `bench/profile_step.py --bf16`). In fp32 without dropout the flash kernel stays (faster at long N).
+    CUDA always takes `F.scaled_dot_product_attention` (fused kernels), so this never changes a GPU run.
 
     Packed rows (`Transformer` segments) give a block-diagonal bool mask, computed over the full N x N scores
     on every device (on CUDA SDPA picks its memory-efficient kernel, which takes arbitrary masks). Kernels
@@ -40,7 +43,7 @@ class Attention(nn.Module):
     not used: they were not runnable or testable on the CPU machine this was built on.
     """
 
-    explicit_cpu_dropout = True
+    explicit_cpu = True
 
     def __init__(self, dim: int, heads: int, *, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
@@ -71,7 +74,8 @@ class Attention(nn.Module):
             qkv = (take_rows(qkv[0], queries),) + qkv[1:]
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in qkv)
         p = self.dropout if self.training else 0.0
-        if p > 0.0 and q.device.type == "cpu" and self.explicit_cpu_dropout:
+        half = q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+        if q.device.type == "cpu" and self.explicit_cpu and (p > 0.0 or half):
             s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
             if attn_mask is not None:  # the lowest finite value, not -inf: a row with no key gives junk, not NaN
                 s = s.masked_fill_(~attn_mask, torch.finfo(s.dtype).min)

@@ -55,17 +55,17 @@ def _explicit_and_sdpa(attn: Attention, x: torch.Tensor, mask: torch.Tensor | No
     """(outputs, input gradients) of the explicit CPU path and of SDPA, each from dropout seed 5."""
     outs, grads = [], []
     for explicit in (True, False):
-        attn.explicit_cpu_dropout = explicit
+        attn.explicit_cpu = explicit
         torch.manual_seed(5)
         y = attn(x, mask)
         (gx,) = torch.autograd.grad(y.pow(2).sum(), x)
         outs.append(y.detach())
         grads.append(gx)
-    attn.explicit_cpu_dropout = True
+    attn.explicit_cpu = True
     return outs, grads
 
 
-def test_explicit_cpu_dropout_attention_equals_sdpa(sdpa_draws):
+def test_explicit_cpu_attention_equals_sdpa(sdpa_draws):
     torch.manual_seed(0)
     attn = Attention(64, 4, dropout=0.25).train()
     x = torch.randn(3, 16, 64, requires_grad=True)
@@ -76,7 +76,7 @@ def test_explicit_cpu_dropout_attention_equals_sdpa(sdpa_draws):
     assert (attn(x, None).detach() - outs[1]).abs().max() > 1e-3  # dropout is on: another seed differs
 
 
-def test_explicit_cpu_dropout_attention_with_a_padding_mask_equals_sdpa(sdpa_draws):
+def test_explicit_cpu_attention_with_a_padding_mask_equals_sdpa(sdpa_draws):
     """It also serves padded batches: with a key-padding mask it equals SDPA, and a row with no key to attend
     to stays finite."""
     torch.manual_seed(0)
@@ -106,3 +106,39 @@ def test_training_trunk_drops_through_the_fast_cpu_dropout(monkeypatch):
     calls.clear()
     trunk.eval()(torch.randn(2, 9, 64), None)
     assert calls == []
+
+
+def test_bf16_training_takes_the_explicit_path_as_accurate_as_sdpa(monkeypatch):
+    """Under bf16 autocast with gradients the CPU attention core is the explicit math (SDPA's CPU flash backward
+    is the slow one there): its values and gradients are as close to the fp32 result as SDPA's bf16 ones; in
+    fp32 without dropout, and without gradients, SDPA runs."""
+    import torch.nn.functional as F
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    torch.manual_seed(0)
+    attn = Attention(64, 4, dropout=0.0).train()
+    x = torch.randn(3, 40, 64, requires_grad=True)
+    mask = (torch.arange(40)[None] < torch.tensor([40, 23, 31])[:, None])[:, None, None, :]
+    ref = attn(x, mask)
+    (g_ref,) = torch.autograd.grad(ref.pow(2).sum(), x)
+    assert calls == [1]  # fp32, no dropout: SDPA
+    out, grads = {}, {}
+    for explicit in (True, False):
+        attn.explicit_cpu = explicit
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = attn(x, mask)
+        assert len(calls) == (0 if explicit else 1)
+        (grads[explicit],) = torch.autograd.grad(y.float().pow(2).sum(), x)
+        out[explicit] = y.float()
+    attn.explicit_cpu = True
+    valid = ~(torch.arange(40)[None] >= torch.tensor([40, 23, 31])[:, None])
+    err = {e: float((out[e] - ref.detach()).abs()[valid].max()) for e in out}
+    gerr = {e: float((grads[e] - g_ref).abs().max()) for e in grads}
+    assert err[True] <= 2 * err[False] + 1e-3 and gerr[True] <= 2 * gerr[False] + 1e-3, (err, gerr)
+    calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x, mask)
+    assert calls == [1]  # inference: SDPA's forward

@@ -106,7 +106,7 @@ def test_changing_one_document_never_moves_the_others(explicit):
     enc = tiny("text", vocab_size=128, dim=32, depth=2, heads=4).train()
     for block in enc.trunk.blocks:
         block.attn.dropout = 0.2
-        block.attn.explicit_cpu_dropout = explicit
+        block.attn.explicit_cpu = explicit
     docs = documents()
     ids, lengths, segments, where = pack(docs)
     edited = ids.clone()
@@ -142,7 +142,7 @@ def test_explicit_cpu_path_equals_sdpa_with_the_block_diagonal_mask(monkeypatch)
     for explicit in (True, False):
         for block in enc.trunk.blocks:
             block.attn.dropout = 0.25
-            block.attn.explicit_cpu_dropout = explicit
+            block.attn.explicit_cpu = explicit
         enc.zero_grad(set_to_none=True)
         torch.manual_seed(5)
         y = enc.encode(enc.embed(ids, lengths), segments=segments).last
