@@ -182,14 +182,19 @@ def test_memory_table_rows(sidebyside, capsys):
     assert totals == {"ours": 20.0, "peer": 20.0}
 
 
-def run_bench(script: str, *args: str) -> str:
-    """Run bench/<script> (its workers inherit the environment) under the README's GLIBC_TUNABLES -> stdout."""
+def bench_env() -> dict[str, str]:
+    """The README's GLIBC_TUNABLES, one thread, offline, this checkout first on the path."""
     tunables = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
-    env = {**os.environ, "GLIBC_TUNABLES": tunables, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, str(BENCH / script), *args, "--device", "cpu", "--threads", "1",
-                          "--warmup", "1", "--rounds", "1"], env=env, capture_output=True, text=True, timeout=600)
+    return {**os.environ, "GLIBC_TUNABLES": tunables, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}
+
+
+def run_bench(script: str, *args: str, device: bool = True) -> str:
+    """Run bench/<script> (its workers inherit the environment) -> stdout; device: pass --device cpu."""
+    out = subprocess.run([sys.executable, str(BENCH / script), *args, *(["--device", "cpu"] if device else []),
+                          "--threads", "1", "--warmup", "1", "--rounds", "1"], env=bench_env(), capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -254,3 +259,22 @@ def test_clap_bench_workers_end_to_end():
     peaks = [float(re.fullmatch(r"\d+ \((\d+)\)", row[i]).group(1)) for i in (4, 5)]
     assert min(peaks) > 0 and min(float(v) for v in row[7].split(" / ")) > 0, row
     assert all(abs(float(v) - math.log(4)) < 0.5 for v in row[9].split(" / ")), row
+
+
+def test_mae_bench_bf16_end_to_end():
+    """bench/mae_vs_hf.py --small --bf16: both sides' steps under bf16 autocast in their workers (our attention
+    then takes its explicit CPU core), finite losses, the RESULT line is the bf16 one."""
+    out = run_bench("mae_vs_hf.py", "--small", "--bf16", "--batches", "2", device=False)
+    assert "CPU bf16 autocast" in out
+    r = result(out, "mae_vs_hf_bf16")
+    assert float(r["ours_ms"]) > 0 and float(r["peer_ms"]) > 0 and float(r["mem_ratio"]) > 0
+
+
+def test_cpu_kernels_bench_runs():
+    """bench/cpu_kernels.py (the dropout and attention-core choices) prints every ratio it decides on."""
+    out = subprocess.run([sys.executable, str(BENCH / "cpu_kernels.py"), "--threads", "1", "--rounds", "1"],
+                         check=True, capture_output=True, text=True, env=bench_env()).stdout
+    r = result(out, "cpu_kernels")
+    r.pop("name")
+    assert set(r) == {"dropout_fp32", "dropout_bf16", "attention_fp32", "attention_bf16"}
+    assert all(float(v) > 0 for v in r.values())
