@@ -28,10 +28,9 @@ Ends with: RESULT name=wav2vec2_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
-from sidebyside import add_worker_args, result_line, run_workers, serve
+from sidebyside import add_worker_args, check_finite, result_line, run_workers, serve
 
 # A learning rate from early in the warm-up: at the peak 5e-4 without warm-up the freshly initialized HF
 # model reaches a NaN loss within 3 updates at 768 x 12, and NaN arithmetic would make its timings meaningless.
@@ -181,9 +180,7 @@ def main() -> None:
 
     # warm-up steps are plain steps: no saved-tensor accounting here
     res = run_workers(argv, a.warmup, a.rounds, warmup_cmd="step", after_round=progress)
-    bad = {k: v["losses"] for k, v in res.items() if not all(math.isfinite(x) for x in v["losses"])}
-    if bad:
-        raise SystemExit(f"non-finite losses, timings are not comparable: {bad}")
+    check_finite(res)
 
     o, q = res["ours"], res["peer"]
     print()

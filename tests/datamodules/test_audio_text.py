@@ -18,11 +18,7 @@ from omnissl.datamodules.common import read_manifest
 from omnissl.datamodules.corpora import embedded_corpus
 from omnissl.datamodules.tokenizers import load_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def data_root(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("OMNISSL_DATA", str(tmp_path_factory.getbasetemp() / "omnissl-data"))
-
+pytestmark = pytest.mark.usefixtures("data_root")  # tests/datamodules/conftest.py
 
 CAPTIONS = ["A dog barks twice.", "Rain on a tin roof.", "A dog barks, then a car passes.", "Wind over faint hiss."]
 

@@ -13,10 +13,7 @@ from omnissl.batch import Batch
 from omnissl.datamodules.image import (IMAGENET_MEAN, IMAGENET_STD, ImageDataModule, ImageDataset, eval_transform,
                                        list_images, load_rgb, train_transform)
 
-
-@pytest.fixture(autouse=True)
-def data_root(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("OMNISSL_DATA", str(tmp_path_factory.getbasetemp() / "omnissl-data"))
+pytestmark = pytest.mark.usefixtures("data_root")  # tests/datamodules/conftest.py
 
 
 def write(path: Path, array: np.ndarray, mode: str | None = None) -> Path:

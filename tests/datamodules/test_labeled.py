@@ -17,10 +17,7 @@ from omnissl.datamodules.corpora import embedded_corpus, labeled_text
 from omnissl.datamodules.labeled import LabeledImageDataModule, LabeledTextDataModule
 from omnissl.datamodules.tokenizers import load_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def data_root(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("OMNISSL_DATA", str(tmp_path_factory.getbasetemp() / "omnissl-data"))
+pytestmark = pytest.mark.usefixtures("data_root")  # tests/datamodules/conftest.py
 
 
 def write_png(path: Path, value: int) -> None:
