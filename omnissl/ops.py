@@ -106,7 +106,7 @@ class _CPUDropout(torch.autograd.Function):
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """`F.dropout(x, p, training)`, ~3.5x faster forward + backward on the CPU (2 threads, fp32 or bf16).
+    """`F.dropout(x, p, training)`, ~3x faster forward + backward on the CPU (fp32 or bf16, bench/cpu_kernels.py).
 
     NOTE(ref): on the CPU the keep decision is 16 random bits below round((1 - p) * 65536), so the keep
     probability is (1 - p) to within 2^-17 (0.9 -> 0.899994); the draws differ from F.dropout's for the same

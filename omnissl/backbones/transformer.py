@@ -31,9 +31,10 @@ class Attention(nn.Module):
       adds a "safe" softmax (isneginf + all + where over B·H·N·N), scales k as well as q, copies q/k/v and,
       with a key-padding mask, builds an additive float mask (-11 % on the attention core fwd+bwd at 8 x 128);
     - in bf16 / fp16 (autocast) with gradients, with or without dropout, where SDPA takes its CPU flash kernel,
-      whose backward is slow next to two AMX GEMMs and a softmax: fwd+bwd of the core 1.5-5.9x slower at the shapes of the
-      benches (trunk 8 x 128 and 2 x 512, wav2vec 2.0 4 x 249, MAE's encoder 32 x 50 and decoder 32 x 197;
-      `bench/profile_step.py --bf16`). In fp32 without dropout the flash kernel stays (faster at long N).
+      whose backward is slow next to two AMX GEMMs and a softmax: SDPA's fwd+bwd of the core is 1.6-4.4x
+      the explicit one's at the benches' shapes (trunk 8 x 128 and 2 x 512, wav2vec 2.0 4 x 249, MAE's encoder
+      32 x 50 and decoder 32 x 197; `bench/cpu_kernels.py`). In fp32 without dropout SDPA stays (0.8-1.25x:
+      its flash kernel wins at long N), and so it does without gradients (inference).
     CUDA always takes `F.scaled_dot_product_attention` (fused kernels), so this never changes a GPU run.
 
     Packed rows (`Transformer` segments) give a block-diagonal bool mask, computed over the full N x N scores
