@@ -31,6 +31,8 @@ jobs load the machine are not final.
                                    [--threads N] [--device cuda] [--bf16]
     python bench/clap_vs_hf.py --small          # a smoke run of tiny towers on the CPU
 
+--bf16: both sides under bf16 autocast; our logits and loss stay fp32.
+
 Ends with: RESULT name=clap_vs_hf ours_ms=... peer_ms=... ratio=<peer/ours> mem_ratio=<ours/peer> cpu_ratio=<peer/ours>
 load=<1-min load average>
 """
@@ -139,7 +141,6 @@ def main() -> None:
     p.add_argument("--hf-depths", type=int, nargs="+", default=[2, 2, 6, 2])
     p.add_argument("--hf-heads", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (our logits and loss stay fp32)")
     p.add_argument("--small", action="store_true",
                    help="smoke run: 2 x 128 text, 2 x 192 ViT vs HTS-AT 1-1-1-1 width 32, batch 4, 3 s, 1 + 2 rounds")
     a = p.parse_args()

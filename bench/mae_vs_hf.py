@@ -125,7 +125,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
     add_worker_args(p)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (fp32 weights, as bf16-mixed)")
     p.add_argument("--small", action="store_true", help="a small model for a quick smoke run (not the benchmark)")
     p.add_argument("--batch", type=int)
     a = p.parse_args()

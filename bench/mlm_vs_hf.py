@@ -196,7 +196,6 @@ def main() -> None:
         p.add_argument(f"--{name}", type=int, default=default)
     add_worker_args(p, warmup=2, rounds=10, threads=0, sides=SIDES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on all sides")
     p.add_argument("--lengths", choices=("uniform", "corpus"), default="uniform",
                    help="document lengths: uniform in [seq/2, seq] (default), or the embedded docstring corpus's")
     p.add_argument("--pack-len", type=int, default=0, help="packed row length (default: --seq)")

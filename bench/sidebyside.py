@@ -69,10 +69,12 @@ def result_line(name: str, ours_ms: float, peer_ms: float, *, ms: str = ".0f", r
 
 def add_worker_args(p, warmup: int = 1, rounds: int = 5, threads: int = 2, sides: tuple[str, ...] = SIDES) -> None:
     """The flags the worker-subprocess benches share: --warmup, --rounds, --threads (0: torch's default, i.e.
-    OMP_NUM_THREADS) and the internal --worker (one of `sides`)."""
+    OMP_NUM_THREADS), --bf16 (each side's step under bf16 autocast, `serve(bf16=)`) and the internal --worker (one
+    of `sides`)."""
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--threads", type=int, default=threads, help="torch threads per worker (0: torch's default)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on every side's step (fp32 weights: bf16-mixed)")
     p.add_argument("--worker", choices=sides)
 
 

@@ -115,7 +115,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="8x128,2x512", help="comma-separated BATCHxSEQ")
     add_worker_args(p)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (fp32 weights, as bf16-mixed)")
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
     a = p.parse_args()

@@ -159,7 +159,6 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seconds", type=float, default=5.0)
     add_worker_args(p)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (fp32 weights, as bf16-mixed)")
     a = p.parse_args()
     if a.worker:
         return worker(a)
