@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -99,24 +100,71 @@ def recipe_path(objective: str) -> Path:
     return path
 
 
-def hubert_units(seed: int = 0) -> None:
-    """HuBERT iteration 1's targets as its recipe's header makes them (50 MFCC k-means clusters, written
-    beside the corpus manifests as .km50; cached, so a rerun costs nothing)."""
-    from omnissl.commands import hubert_units as command
+def _setting(extra: list[str], recipe: dict, key: str):
+    """The value of a dotted LightningCLI key (e.g. "data.init_args.train"): the last `--key=value` or
+    `--key value` of `extra`, else the recipe's."""
+    found, flag = None, f"--{key}"
+    for i, arg in enumerate(extra):
+        if arg.startswith(flag + "="):
+            found = arg.split("=", 1)[1]
+        elif arg == flag and i + 1 < len(extra):
+            found = extra[i + 1]
+    if found is not None:
+        return found
+    node = recipe
+    for part in key.split("."):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return node if node != {} else None
 
-    command.main(["--manifest", "embedded:small", "--valid", "embedded:small", "--iteration", "1", "--clusters",
-                  "50", "--sample-fraction", "0.5", "--seed", str(seed), "--out-ext", "km50"])
+
+# Iteration-1 unit sets by the name a recipe gives them (data.init_args.units): km<K>, with -logmel for 64-bin
+# log-mel instead of MFCC features and -cmvn for per-utterance normalization (omnissl/eval/units.py).
+ITERATION1_UNITS = re.compile(r"km(?P<clusters>\d+)(?P<logmel>-logmel)?(?P<cmvn>-cmvn)?")
 
 
-def hubert_units_iter2(checkpoint: Path, layer: int, clusters: int, ext: str, seed: int = 0) -> None:
+def hubert_units(extra: list[str] | None = None, seed: int = 0) -> list[str]:
+    """HuBERT iteration 1's targets for the recipe with `extra`: the unit set its `data.init_args.units` names
+    (ITERATION1_UNITS; the recipe's km50: 50 MFCC k-means clusters, as its header makes them), fit on half of its
+    training corpus and written beside the training and validation manifests (cached, so a rerun costs nothing).
+    A training corpus other than `small` gets its own file extension (<units>-<corpus>, appended to the returned
+    arguments), so two corpora's k-means never write the same validation file. A units name that is not an
+    iteration-1 set (iteration 2's, made by bench/learning_curve.py) is left alone. -> the arguments to train with."""
+    import yaml
+
+    from omnissl.eval.units import make_units
+
+    extra = list(extra or [])
+    recipe = yaml.safe_load(recipe_path("hubert").read_text())
+    units = str(_setting(extra, recipe, "data.init_args.units"))
+    match = ITERATION1_UNITS.fullmatch(units)
+    if match is None:
+        return extra
+    clusters = int(match["clusters"])
+    num_classes = int(_setting(extra, recipe, "model.init_args.num_classes"))
+    if num_classes != clusters:
+        raise SystemExit(f"HuBERT: units {units} have {clusters} clusters but model.init_args.num_classes is "
+                         f"{num_classes}; pass --model.init_args.num_classes={clusters}")
+    train, valid = _setting(extra, recipe, "data.init_args.train"), _setting(extra, recipe, "data.init_args.valid")
+    ext = units if train == "embedded:small" else f"{units}-{str(train).rsplit(':', 1)[-1]}"
+    make_units(train, valid=valid, iteration=1, features="logmel" if match["logmel"] else "mfcc",
+               normalize=bool(match["cmvn"]), clusters=clusters, sample_fraction=0.5, seed=seed, out_ext=ext)
+    return extra if ext == units else [*extra, f"--data.init_args.units={ext}"]
+
+
+def hubert_units_iter2(checkpoint: Path, layer: int, clusters: int, ext: str, seed: int = 0,
+                       extra: list[str] | None = None) -> None:
     """HuBERT iteration 2's targets (Hsu et al. 2021, sec. 3.2 / 4.2): k-means (`clusters`) of trunk block
-    `layer`'s output of the iteration-1 `checkpoint`, over the same corpus and fit fraction as iteration 1,
-    written beside the manifests as .<ext> (cached)."""
-    from omnissl.commands import hubert_units as command
+    `layer`'s output of the iteration-1 `checkpoint`, over the training corpus of the recipe with `extra` and
+    iteration 1's fit fraction, written beside its training and validation manifests as .<ext> (cached)."""
+    import yaml
 
-    command.main(["--manifest", "embedded:small", "--valid", "embedded:small", "--iteration", "2", "--checkpoint",
-                  str(checkpoint), "--layer", str(layer), "--clusters", str(clusters), "--sample-fraction", "0.5",
-                  "--seed", str(seed), "--out-ext", ext, "--device", "cpu"])
+    from omnissl.eval.units import make_units
+
+    recipe = yaml.safe_load(recipe_path("hubert").read_text())
+    extra = list(extra or [])
+    make_units(_setting(extra, recipe, "data.init_args.train"), valid=_setting(extra, recipe, "data.init_args.valid"),
+               iteration=2, checkpoint=checkpoint, layer=layer, clusters=clusters, sample_fraction=0.5, seed=seed,
+               out_ext=ext, device="cpu")
 
 
 def pretrain_args(objective: str, steps: int, seed: int, run_dir: Path | None = None,
@@ -141,7 +189,7 @@ def pretrain(objective: str, steps: int, seed: int, run_dir: Path | None = None,
     from omnissl.cli import lightning_cli
 
     if objective.startswith("hubert"):
-        hubert_units(0)
+        extra = hubert_units(extra, 0)
     args = pretrain_args(objective, steps, seed, run_dir, extra)
     if max_time is not None:
         args += ["--trainer.max_time", max_time]
@@ -183,9 +231,8 @@ def step_times(objectives, rounds: int = 10, batches: int = 2,
     objectives = [*objectives, *variants]
     models, optimizers, data = {}, {}, None
     for name in objectives:
-        if name.startswith("hubert"):
-            hubert_units(0)
-        cli = lightning_cli(pretrain_args(name.split("@")[0], 1000, 0, extra=variants.get(name)), run=False)
+        extra = hubert_units(variants.get(name), 0) if name.startswith("hubert") else variants.get(name)
+        cli = lightning_cli(pretrain_args(name.split("@")[0], 1000, 0, extra=extra), run=False)
         models[name] = cli.model.train()
         optimizers[name] = cli.model.optimizer_factory([p for p in cli.model.parameters() if p.requires_grad])
         if data is None or name.startswith("hubert"):  # HuBERT's batches carry its units; the others ignore them

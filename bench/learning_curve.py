@@ -218,7 +218,7 @@ def hubert2_extra(minutes: float, seed: int, tasks: list[str], tag: str, extra: 
         raise SystemExit(f"HuBERT iteration 2 needs iteration 1's checkpoint: no last.ckpt under {run1} (delete "
                          "that folder to pretrain iteration 1 again)")
     ext = f"km-it2-{key1}-L{HUBERT2_LAYER}-K{HUBERT2_CLUSTERS}"
-    learning.hubert_units_iter2(ckpts[-1], HUBERT2_LAYER, HUBERT2_CLUSTERS, ext, seed)
+    learning.hubert_units_iter2(ckpts[-1], HUBERT2_LAYER, HUBERT2_CLUSTERS, ext, seed, extra)
     return [*extra, f"--data.init_args.units={ext}", f"--model.init_args.num_classes={HUBERT2_CLUSTERS}"]
 
 

@@ -42,3 +42,29 @@ def test_learning_curve_hash_ignores_drawing_only_callbacks():
     assert "omnissl.train.pictures.Pictures" in text and "Pictures" not in stripped
     assert "LearningRateMonitor" in stripped and "every_n_train_steps: 50" in stripped
     assert "seed_everything: 0" in stripped and len(text.splitlines()) - len(stripped.splitlines()) == 3
+
+
+def test_hubert_units_follow_the_recipe_its_corpus_and_its_cluster_count(monkeypatch):
+    """The learning benches make HuBERT's iteration-1 units that the recipe (and --extra) names: features,
+    cmvn and K from the units name, the training corpus's own file extension for a corpus other than `small`,
+    and a clear stop when the model's class count disagrees with the units'."""
+    import omnissl.eval.units as units
+
+    calls = []
+    monkeypatch.setattr(units, "make_units", lambda *a, **k: calls.append((a, k)))
+    assert learning.hubert_units([], 0) == []  # the recipe's own km50: 50 MFCC units of `small`
+    (train,), kw = calls[-1]
+    assert train == "embedded:small" and kw["valid"] == "embedded:small" and kw["out_ext"] == "km50"
+    assert (kw["features"], kw["normalize"], kw["clusters"]) == ("mfcc", False, 50)
+    extra = ["--data.init_args.train=embedded:default", "--data.init_args.units=km100-logmel-cmvn",
+             "--model.init_args.num_classes", "100"]
+    assert learning.hubert_units(extra, 0) == [*extra, "--data.init_args.units=km100-logmel-cmvn-default"]
+    (train,), kw = calls[-1]
+    assert train == "embedded:default" and kw["out_ext"] == "km100-logmel-cmvn-default"
+    assert (kw["features"], kw["normalize"], kw["clusters"]) == ("logmel", True, 100)
+    with pytest.raises(SystemExit, match="units km100-cmvn have 100 clusters but model.init_args.num_classes is 50"):
+        learning.hubert_units(["--data.init_args.units=km100-cmvn"], 0)
+    n = len(calls)  # iteration 2's units (made by learning_curve.py) are left alone
+    assert learning.hubert_units(["--data.init_args.units=km-it2-abc-L2-K100"], 0) == \
+        ["--data.init_args.units=km-it2-abc-L2-K100"]
+    assert len(calls) == n

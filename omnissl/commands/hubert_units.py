@@ -24,6 +24,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--valid", help="another manifest (or embedded:<size>) to label with the same k-means model")
     p.add_argument("--iteration", type=int, choices=(1, 2), default=1,
                    help="1: cluster 39-dim MFCCs; 2: cluster layer --layer of --checkpoint's encoder")
+    p.add_argument("--features", choices=("mfcc", "logmel"), default="mfcc",
+                   help="iteration 1: the clustered frame features (mfcc: 39-dim MFCC + deltas, as fairseq; "
+                        "logmel: 64-bin log-mel of the same windows)")
+    p.add_argument("--cmvn", action="store_true",
+                   help="normalize each utterance's features to zero mean and unit variance per dimension before "
+                        "k-means (Kaldi's apply-cmvn --norm-vars); off in fairseq")
     p.add_argument("--checkpoint",
                    help="iteration 2: the previous iteration's omnissl Lightning checkpoint (read weights-only)")
     p.add_argument("--layer", type=int, default=6, help="iteration 2: trunk block whose output is clustered "
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     set_quiet(a.quiet)
 
     try:
-        make_units(a.manifest, valid=a.valid, iteration=a.iteration, checkpoint=a.checkpoint, layer=a.layer,
+        make_units(a.manifest, valid=a.valid, iteration=a.iteration, features=a.features,
+                   normalize=a.cmvn, checkpoint=a.checkpoint, layer=a.layer,
                    clusters=a.clusters, sample_fraction=a.sample_fraction, seed=a.seed, out_ext=a.out_ext,
                    cache_dir=a.cache_dir, shard_size=a.shard_size, n_init=a.n_init,
                    kmeans_batch_size=a.kmeans_batch_size, max_iter=a.max_iter, device=device(a.device))

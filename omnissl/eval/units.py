@@ -4,11 +4,19 @@
     omnissl hubert-units --manifest train.tsv [--valid valid.tsv] --iteration 2 --checkpoint last.ckpt \\
         --layer 6 --clusters 500
 
-Iteration 1 clusters 39-dim MFCC + Δ + ΔΔ (13 kaldi MFCCs, 25 ms windows every 10 ms); iteration 2 clusters
+Iteration 1 clusters 39-dim MFCC + Δ + ΔΔ (13 kaldi MFCCs, 25 ms windows every 10 ms; or, `features="logmel"`,
+64-bin kaldi log-mel of the same windows); iteration 2 clusters
 the layer-K outputs of a previous omnissl checkpoint's encoder (Hsu et al. 2021, sec. 4.2: K = 100 on MFCCs,
 then K = 500 on layer 6 of the iteration-1 model). MiniBatchKMeans is fit on a seeded random fraction of the
 utterances (fairseq `learn_kmeans.py --percent 0.1`, with its defaults: k-means++, batch 10000, n_init 20,
 max_iter 100, max_no_improvement 100, reassignment_ratio 0) and every utterance is labelled.
+
+Per-utterance normalization (`cmvn=True`): each feature dimension minus its mean over the utterance's frames,
+divided by its standard deviation (Kaldi's `apply-cmvn --norm-vars`), before k-means and labelling.
+NOTE(ref): fairseq clusters raw MFCCs (LibriSpeech: one read-speech condition). On a corpus of many voices the raw
+units are largely per-utterance: `python bench/hubert_targets.py` measured I(unit; utterance) / H(unit) 0.27 for
+50 raw MFCC units and 0.07 with cmvn, and a bag of the units classifies the keyword task's words at 0.25 raw vs
+0.35 with cmvn (log-mel with cmvn: 0.45). The option is off by default.
 
 Frame rate. Units are written at the encoder's frame rate, 50 Hz (320 samples, 20 ms): frame j of the conv
 extractor sees samples [320j, 320j + 400), exactly the window of MFCC frame 2j, and the number of even MFCC
@@ -77,6 +85,40 @@ def mfcc_features(wav: Tensor) -> Tensor:
     ddelta = torchaudio.functional.compute_deltas(delta)
     feats = torch.cat([mfcc, delta, ddelta], dim=0).t()  # (frames, 39) at 100 Hz
     return feats[::2].contiguous()
+
+
+def logmel_features(wav: Tensor) -> Tensor:
+    """64-bin kaldi log-mel filterbank of mfcc_features' windows (25 ms, every 10 ms), every other frame ->
+    (1 + (T - 400) // 320, 64) at the encoder's 20 ms frames."""
+    if wav.numel() < 400:
+        return torch.zeros(0, 64)
+    fbank = torchaudio.compliance.kaldi.fbank(wav[None].float(), sample_frequency=SAMPLE_RATE, num_mel_bins=64)
+    return fbank[::2].contiguous()
+
+
+def cmvn(feats: Tensor) -> Tensor:
+    """Per-utterance mean and variance normalization of (frames, D) features over the frames (Kaldi's
+    `apply-cmvn --norm-vars`; a constant dimension becomes 0)."""
+    if len(feats) == 0:
+        return feats
+    mean, std = feats.mean(0, keepdim=True), feats.std(0, unbiased=False, keepdim=True)
+    return (feats - mean) / std.clamp_min(1e-5)
+
+
+ITERATION1_FEATURES = ("mfcc", "logmel")
+
+
+def iteration1_features(features: str = "mfcc", normalize: bool = False):
+    """Iteration 1's frame features by name -> (extract: wav -> (frames, D), cache tag)."""
+    if features not in ITERATION1_FEATURES:
+        raise ValueError(f"unknown iteration-1 features {features!r}; expected one of {ITERATION1_FEATURES}")
+    tag = "mfcc39" if features == "mfcc" else "logmel64"
+
+    def extract(wav: Tensor) -> Tensor:  # (looked up at call time: tests count the extractor's calls)
+        f = mfcc_features(wav) if features == "mfcc" else logmel_features(wav)
+        return cmvn(f) if normalize else f
+
+    return extract, tag + ("-cmvn" if normalize else "")
 
 
 class LayerFeatures:
@@ -181,6 +223,8 @@ def make_units(
     *,
     valid: str | os.PathLike | None = None,
     iteration: int = 1,
+    features: str = "mfcc",
+    normalize: bool = False,
     checkpoint: str | os.PathLike | None = None,
     layer: int = 6,
     clusters: int = 100,
@@ -194,11 +238,13 @@ def make_units(
     max_iter: int = 100,
     device: str = "cpu",
 ) -> list[Path]:
-    """The whole pipeline; returns the unit files written (train, then valid)."""
+    """The whole pipeline; returns the unit files written (train, then valid). `features` names iteration 1's
+    frame features (ITERATION1_FEATURES); `normalize` applies per-utterance `cmvn` to the clustered features
+    (either iteration)."""
     manifest = resolve_manifest(manifest, "train")
     valid = None if valid is None else resolve_manifest(valid, "valid")
     if iteration == 1:
-        extract, tag = mfcc_features, "mfcc39"
+        extract, tag = iteration1_features(features, normalize)
     elif iteration == 2:
         if checkpoint is None:
             raise ValueError("iteration 2 needs --checkpoint (an omnissl checkpoint of the previous iteration)")
@@ -208,7 +254,9 @@ def make_units(
         st = ckpt.stat()
         digest = hashlib.sha1(f"{ckpt.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
         encoder = read_checkpoint(ckpt).encoder  # weights only: never unpickles code
-        extract, tag = LayerFeatures(encoder, layer, device), f"layer{layer}-{digest}"
+        layer_features = LayerFeatures(encoder, layer, device)
+        extract = (lambda wav: cmvn(layer_features(wav))) if normalize else layer_features
+        tag = f"layer{layer}-{digest}" + ("-cmvn" if normalize else "")
     else:
         raise ValueError(f"iteration must be 1 or 2, got {iteration}")
     cache = Path(cache_dir) if cache_dir is not None else manifest.with_name(f"{manifest.stem}.{out_ext}.cache")

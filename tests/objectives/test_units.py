@@ -200,3 +200,38 @@ def test_nearest_centroid_assigns_as_kmeans_predict():
     km = fit_kmeans(feats, 3, seed=0, n_init=2, batch_size=256)
     assert np.array_equal(nearest_centroid(feats, km.cluster_centers_.astype(np.float32)), km.predict(feats))
     assert nearest_centroid(feats[:0], km.cluster_centers_).shape == (0,)
+
+
+def test_logmel_frames_are_the_encoder_frames():
+    for t in (400, 719, 720, 16000, 33333):
+        assert U.logmel_features(torch.randn(t) * 0.1).shape == (len(U.mfcc_features(torch.randn(t))), 64)
+
+
+def test_cmvn_units_ignore_a_recording_gain(tmp_path):
+    """Per-utterance normalization (--cmvn) takes out what is constant over an utterance: a clip and the same
+    clip 8x quieter (every log-mel band and the MFCC c0 shift by a constant) get the same units with it, for
+    both iteration-1 feature sets, through the command; without it the log-mel units split by level."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "wav").mkdir()
+    rows = []
+    for i in range(4):
+        t = np.arange(12000) / 16000
+        x = 0.3 * np.sin(2 * np.pi * (150 + 60 * i) * t * (1 + t)) + 0.02 * rng.standard_normal(len(t))
+        for gain, name in ((1.0, f"{i}"), (0.125, f"{i}-quiet")):
+            sf.write(tmp_path / "wav" / f"{name}.wav", (gain * x).astype(np.float32), 16000, subtype="FLOAT")
+            rows.append(f"wav/{name}.wav\t{len(t)}\n")
+    (tmp_path / "train.tsv").write_text(f"{tmp_path}\n" + "".join(rows))
+    for features in ("logmel", "mfcc"):
+        for normalize in (False, True):
+            ext = f"km-{features}-{normalize}"
+            assert main_exit(["hubert-units", "--manifest", str(tmp_path / "train.tsv"), "--clusters", "6",
+                              "--sample-fraction", "1.0", "--n-init", "1", "--features", features,
+                              "--out-ext", ext, *(["--cmvn"] if normalize else [])]) == 0
+            units = read_units(tmp_path / f"train.{ext}")
+            same = [np.array_equal(units[2 * i], units[2 * i + 1]) for i in range(4)]
+            if normalize:
+                assert all(same), (features, same)
+            elif features == "logmel":
+                assert not any(same), same
+    with pytest.raises(ValueError, match="unknown iteration-1 features 'fbank'"):
+        U.iteration1_features("fbank")
