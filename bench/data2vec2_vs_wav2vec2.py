@@ -2,7 +2,8 @@
 in the same pretraining budget, over seeds, with intervals.
 
 Both objectives run their small CPU recipes (recipes/audio/{wav2vec2,data2vec2}_tiny_cpu.yaml: the same 4 x 128
-encoder with a 64-channel wav2vec 2.0 conv extractor, the same 4 s crops, 8 utterances per batch).
+encoder on 64-bin log-mel frames, the same 4 s crops, 8 utterances per batch; `--extra` changes both alike, e.g.
+the pretraining corpus).
 
 1. Step time: full optimizer steps (forward, backward, AdamW, the EMA teacher update for data2vec 2.0) on the
    same fixed batches, the two objectives interleaved round by round in one process; median per objective.
@@ -16,6 +17,8 @@ encoder with a 64-channel wav2vec 2.0 conv extractor, the same 4 s crops, 8 utte
 
     python bench/data2vec2_vs_wav2vec2.py [--minutes 5] [--seeds 0 1 2] [--task keywords] [--rounds 10]
     python bench/data2vec2_vs_wav2vec2.py --rounds 0 --report-only --history --tag recipes-2026-12-06
+    python bench/data2vec2_vs_wav2vec2.py --rounds 0 --minutes 20 --tag default-corpus \
+        --extra=--data.init_args.train=embedded:default
 
 Ends with: RESULT name=data2vec2_vs_wav2vec2 speedup=... probe_d2v2=<mean> probe_w2v2=<mean> ci_d2v2=<lo>,<hi>
     ci_w2v2=<lo>,<hi> p=... significant=...
@@ -45,6 +48,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10, help="timing rounds (after one warm-up round); 0: no timing")
     ap.add_argument("--batches", type=int, default=2, help="fixed batches per timing round")
     ap.add_argument("--tag", default="recipes", help="learning-curve results folder (bench/learning_curve.py)")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="one more LightningCLI argument for both objectives' runs (as bench/learning_curve.py)")
     ap.add_argument("--commit", action="store_true", help="git-commit each new result JSON")
     ap.add_argument("--report-only", action="store_true", help="no pretraining: compare the points already there")
     ap.add_argument("--history", action="store_true", help="with --report-only: also points made with earlier "
@@ -67,7 +72,7 @@ def main() -> None:
     if not args.report_only:
         for seed in args.seeds:
             for name in OBJECTIVES:
-                learning_curve.run_point(name, args.minutes, seed, [args.task], args.tag, [], args.commit)
+                learning_curve.run_point(name, args.minutes, seed, [args.task], args.tag, args.extra, args.commit)
     points = learning_curve.collect(args.tag, args.history)
     acc = {name: [r["probe"]["test"] for r in points.get((args.task, name, args.minutes), [])
                   if r["seed"] in args.seeds] for name in OBJECTIVES}
@@ -79,7 +84,8 @@ def main() -> None:
         raise SystemExit(f"no points for {[n for n in OBJECTIVES if not acc[n]]} at {args.minutes:g} min in tag "
                          f"{args.tag} (seeds {args.seeds})")
     steps = {name: learning_curve.steps_for(name, args.minutes) for name in OBJECTIVES}
-    print(f"\nequal budgets of {args.minutes:g} idle-VM minutes, {args.task} (small), seeds {args.seeds}\n")
+    print(f"\nequal budgets of {args.minutes:g} idle-VM minutes, {args.task} (small), seeds {args.seeds}, tag "
+          f"{args.tag}\n")
     print("| objective | steps | test accuracy: mean ± std [95 % t-interval] (seeds) |\n|---|---|---|")
     for name in OBJECTIVES:
         print(f"| {name} | {steps[name]} | {learning.fmt(ci[name])} |")
