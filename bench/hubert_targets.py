@@ -11,6 +11,7 @@ utterance dependence of the units on the corpus: I(unit; utterance) / H(unit) (1
 own units, 0 = the same unit distribution everywhere).
 
     python bench/hubert_targets.py [--clusters 50 100] [--corpus small] [--features mfcc mfcc-cmvn ...]
+    python bench/hubert_targets.py --checkpoint runs/.../last.ckpt --layers 1 2 3 --clusters 100   # iteration 2's
 
 Ends with one line per (features, clusters):
     RESULT name=hubert_targets features=... clusters=... keywords=... speakers=... utt_dependence=...
@@ -30,7 +31,7 @@ import learning  # noqa: E402,F401  (puts the repository on sys.path)
 
 from omnissl.datamodules.audio_io import load_audio, read_audio_manifest  # noqa: E402
 from omnissl.eval.units import (  # noqa: E402
-    fit_kmeans, fit_sample, iteration1_features, nearest_centroid, resolve_manifest)
+    cmvn, fit_kmeans, fit_sample, iteration1_features, nearest_centroid, resolve_manifest)
 
 
 FEATURES = {  # name -> (features, cmvn) of omnissl.eval.units.iteration1_features
@@ -92,12 +93,25 @@ def main() -> None:
     p.add_argument("--corpus", default="small", help="embedded pretraining corpus the k-means is fit on")
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="iteration 2's candidates: an omnissl checkpoint whose trunk blocks --layers "
+                                        "are clustered (as `omnissl hubert-units --iteration 2`) instead of --features")
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--cmvn", action="store_true", help="with --checkpoint: per-utterance normalized layer outputs")
     a = p.parse_args()
+    if a.checkpoint:
+        from omnissl.checkpoints import read_checkpoint
+        from omnissl.eval.units import LayerFeatures
+
+        encoder = read_checkpoint(a.checkpoint).encoder
+        candidates = {f"layer{k}" + "-cmvn" * a.cmvn: LayerFeatures(encoder, k) for k in a.layers}
+        if a.cmvn:
+            candidates = {name: (lambda w, f=f: cmvn(f(w))) for name, f in candidates.items()}
+    else:
+        candidates = {name: iteration1_features(*FEATURES[name])[0] for name in a.features}
 
     train = read_audio_manifest(resolve_manifest(f"embedded:{a.corpus}", "train"))
     sample = fit_sample(len(train), a.fraction, a.seed)
-    for name in a.features:
-        extract, _ = iteration1_features(*FEATURES[name])
+    for name, extract in candidates.items():
         fit_feats = features(train, sample, extract)
         for k in a.clusters:
             km = fit_kmeans(np.concatenate(fit_feats), k, seed=a.seed, n_init=5)
