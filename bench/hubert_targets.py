@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning  # noqa: E402,F401  (puts the repository on sys.path)
 
-from omnissl.datamodules.audio_io import load_audio, read_audio_manifest  # noqa: E402
+from omnissl.datamodules.audio_io import read_audio_manifest  # noqa: E402
 from omnissl.eval.units import (  # noqa: E402
-    cmvn, fit_kmeans, fit_sample, iteration1_features, nearest_centroid, resolve_manifest)
+    _features_of, cmvn, fit_kmeans, fit_sample, iteration1_features, nearest_centroid, resolve_manifest)
 
 
 FEATURES = {  # name -> (features, cmvn) of omnissl.eval.units.iteration1_features
@@ -40,11 +40,9 @@ FEATURES = {  # name -> (features, cmvn) of omnissl.eval.units.iteration1_featur
 
 
 def features(manifest, index, extract) -> list[np.ndarray]:
-    out = []
-    for i in index:
-        wav = load_audio(manifest.root / manifest.paths[i], expected=int(manifest.sizes[i]))
-        out.append(extract(wav).numpy().astype(np.float32))
-    return out
+    """Per-utterance features, decoded as `omnissl hubert-units` decodes them."""
+    feats, lens = _features_of(manifest, index, extract)
+    return np.split(feats, np.cumsum(lens)[:-1])
 
 
 def bag(units: list[np.ndarray], k: int) -> np.ndarray:
