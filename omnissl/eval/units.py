@@ -246,6 +246,9 @@ def make_units(
     if iteration == 1:
         extract, tag = iteration1_features(features, normalize)
     elif iteration == 2:
+        if features != "mfcc":
+            raise ValueError(f"features {features!r} name iteration 1's frame features; iteration 2 clusters a layer "
+                             "of --checkpoint (drop --features)")
         if checkpoint is None:
             raise ValueError("iteration 2 needs --checkpoint (an omnissl checkpoint of the previous iteration)")
         ckpt = Path(checkpoint)

@@ -207,7 +207,7 @@ def test_logmel_frames_are_the_encoder_frames():
         assert U.logmel_features(torch.randn(t) * 0.1).shape == (len(U.mfcc_features(torch.randn(t))), 64)
 
 
-def test_cmvn_units_ignore_a_recording_gain(tmp_path):
+def test_cmvn_units_ignore_a_recording_gain(tmp_path, capsys):
     """Per-utterance normalization (--cmvn) takes out what is constant over an utterance: a clip and the same
     clip 8x quieter (every log-mel band and the MFCC c0 shift by a constant) get the same units with it, for
     both iteration-1 feature sets, through the command; without it the log-mel units split by level."""
@@ -235,3 +235,7 @@ def test_cmvn_units_ignore_a_recording_gain(tmp_path):
                 assert not any(same), same
     with pytest.raises(ValueError, match="unknown iteration-1 features 'fbank'"):
         U.iteration1_features("fbank")
+    capsys.readouterr()  # a contradictory request stops before any work, saying why
+    assert main_exit(["hubert-units", "--manifest", str(tmp_path / "train.tsv"), "--iteration", "2",
+                      "--features", "logmel", "--checkpoint", str(tmp_path / "none.ckpt")]) == 2
+    assert "features 'logmel' name iteration 1's frame features" in capsys.readouterr().err
