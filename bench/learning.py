@@ -117,6 +117,14 @@ def _setting(extra: list[str], recipe: dict, key: str):
     return node if node != {} else None
 
 
+def _hubert_recipe(extra: list[str]) -> tuple[dict, str, str]:
+    """HuBERT's CPU recipe (parsed) and the training and validation corpora it trains on with `extra`."""
+    import yaml
+
+    recipe = yaml.safe_load(recipe_path("hubert").read_text())
+    return recipe, _setting(extra, recipe, "data.init_args.train"), _setting(extra, recipe, "data.init_args.valid")
+
+
 # Iteration-1 unit sets by the name a recipe gives them (data.init_args.units): km<K>, with -logmel for 64-bin
 # log-mel instead of MFCC features and -cmvn for per-utterance normalization (omnissl/eval/units.py).
 ITERATION1_UNITS = re.compile(r"km(?P<clusters>\d+)(?P<logmel>-logmel)?(?P<cmvn>-cmvn)?")
@@ -129,12 +137,10 @@ def hubert_units(extra: list[str] | None = None, seed: int = 0) -> list[str]:
     A training corpus other than `small` gets its own file extension (<units>-<corpus>, appended to the returned
     arguments), so two corpora's k-means never write the same validation file. A units name that is not an
     iteration-1 set (iteration 2's, made by bench/learning_curve.py) is left alone. -> the arguments to train with."""
-    import yaml
-
     from omnissl.eval.units import make_units
 
     extra = list(extra or [])
-    recipe = yaml.safe_load(recipe_path("hubert").read_text())
+    recipe, train, valid = _hubert_recipe(extra)
     units = str(_setting(extra, recipe, "data.init_args.units"))
     match = ITERATION1_UNITS.fullmatch(units)
     if match is None:
@@ -144,7 +150,6 @@ def hubert_units(extra: list[str] | None = None, seed: int = 0) -> list[str]:
     if num_classes != clusters:
         raise SystemExit(f"HuBERT: units {units} have {clusters} clusters but model.init_args.num_classes is "
                          f"{num_classes}; pass --model.init_args.num_classes={clusters}")
-    train, valid = _setting(extra, recipe, "data.init_args.train"), _setting(extra, recipe, "data.init_args.valid")
     ext = units if train == "embedded:small" else f"{units}-{str(train).rsplit(':', 1)[-1]}"
     make_units(train, valid=valid, iteration=1, features="logmel" if match["logmel"] else "mfcc",
                normalize=bool(match["cmvn"]), clusters=clusters, sample_fraction=0.5, seed=seed, out_ext=ext)
@@ -156,14 +161,10 @@ def hubert_units_iter2(checkpoint: Path, layer: int, clusters: int, ext: str, se
     """HuBERT iteration 2's targets (Hsu et al. 2021, sec. 3.2 / 4.2): k-means (`clusters`) of trunk block
     `layer`'s output of the iteration-1 `checkpoint`, over the training corpus of the recipe with `extra` and
     iteration 1's fit fraction, written beside its training and validation manifests as .<ext> (cached)."""
-    import yaml
-
     from omnissl.eval.units import make_units
 
-    recipe = yaml.safe_load(recipe_path("hubert").read_text())
-    extra = list(extra or [])
-    make_units(_setting(extra, recipe, "data.init_args.train"), valid=_setting(extra, recipe, "data.init_args.valid"),
-               iteration=2, checkpoint=checkpoint, layer=layer, clusters=clusters, sample_fraction=0.5, seed=seed,
+    _, train, valid = _hubert_recipe(list(extra or []))
+    make_units(train, valid=valid, iteration=2, checkpoint=checkpoint, layer=layer, clusters=clusters, sample_fraction=0.5, seed=seed,
                out_ext=ext, device="cpu")
 
 
