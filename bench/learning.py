@@ -164,8 +164,8 @@ def hubert_units_iter2(checkpoint: Path, layer: int, clusters: int, ext: str, se
     from omnissl.eval.units import make_units
 
     _, train, valid = _hubert_recipe(list(extra or []))
-    make_units(train, valid=valid, iteration=2, checkpoint=checkpoint, layer=layer, clusters=clusters, sample_fraction=0.5, seed=seed,
-               out_ext=ext, device="cpu")
+    make_units(train, valid=valid, iteration=2, checkpoint=checkpoint, layer=layer, clusters=clusters,
+               sample_fraction=0.5, seed=seed, out_ext=ext, device="cpu")
 
 
 def pretrain_args(objective: str, steps: int, seed: int, run_dir: Path | None = None,
