@@ -160,7 +160,8 @@ def hubert_units_iter2(checkpoint: Path, layer: int, clusters: int, ext: str, se
                        extra: list[str] | None = None) -> None:
     """HuBERT iteration 2's targets (Hsu et al. 2021, sec. 3.2 / 4.2): k-means (`clusters`) of trunk block
     `layer`'s output of the iteration-1 `checkpoint`, over the training corpus of the recipe with `extra` and
-    iteration 1's fit fraction, written beside its training and validation manifests as .<ext> (cached)."""
+    iteration 1's fit fraction, written beside its training and validation manifests as .<ext> (rewritten each
+    call; `make_units` caches the layer features and the k-means per checkpoint)."""
     from omnissl.eval.units import make_units
 
     _, train, valid = _hubert_recipe(list(extra or []))

@@ -68,3 +68,27 @@ def test_hubert_units_follow_the_recipe_its_corpus_and_its_cluster_count(monkeyp
     assert learning.hubert_units(["--data.init_args.units=km-it2-abc-L2-K100"], 0) == \
         ["--data.init_args.units=km-it2-abc-L2-K100"]
     assert len(calls) == n
+
+
+def test_hubert2_units_are_per_seed_and_of_iteration_1s_block(monkeypatch, tmp_path):
+    """Iteration 2's units are written beside the corpus under a name of their own per seed (two seeds run in
+    parallel never rewrite each other's targets mid-run), from the chosen block of that seed's iteration-1
+    checkpoint, and iteration 2 is told their file and class count."""
+    import learning_curve
+
+    for seed in (0, 1):
+        run1 = tmp_path / "hubert" / f"5min-seed{seed}-{learning_curve.config_hash('hubert', 4920, [])}"
+        (run1 / "r" / "checkpoints").mkdir(parents=True)
+        (run1 / "r" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    monkeypatch.setattr(learning_curve, "RUNS", tmp_path.parent)
+    monkeypatch.setattr(learning_curve, "run_point", lambda *a, **k: None)
+    calls = []
+    monkeypatch.setattr(learning, "hubert_units_iter2", lambda *a: calls.append(a))
+    args = [learning_curve.hubert2_extra(5, seed, ["keywords"], tmp_path.name, [], False) for seed in (0, 1)]
+    exts = [c[3] for c in calls]
+    layer = learning_curve.HUBERT2_LAYER
+    assert exts[0] != exts[1] and all(f"-seed{s}-L{layer}-K100" in e for s, e in zip((0, 1), exts))
+    assert [c[0].parts[-4] for c in calls] == [f"5min-seed{s}-{learning_curve.config_hash('hubert', 4920, [])}"
+                                               for s in (0, 1)]
+    assert [c[1:3] for c in calls] == [(learning_curve.HUBERT2_LAYER, 100)] * 2
+    assert args[1] == [f"--data.init_args.units={exts[1]}", "--model.init_args.num_classes=100"]
