@@ -76,8 +76,9 @@ def test_hubert2_units_are_per_seed_and_of_iteration_1s_block(monkeypatch, tmp_p
     checkpoint, and iteration 2 is told their file and class count."""
     import learning_curve
 
+    key1 = learning_curve.config_hash("hubert", learning_curve.steps_for("hubert", 5), [])
     for seed in (0, 1):
-        run1 = tmp_path / "hubert" / f"5min-seed{seed}-{learning_curve.config_hash('hubert', 4920, [])}"
+        run1 = tmp_path / "hubert" / f"5min-seed{seed}-{key1}"
         (run1 / "r" / "checkpoints").mkdir(parents=True)
         (run1 / "r" / "checkpoints" / "last.ckpt").write_bytes(b"")
     monkeypatch.setattr(learning_curve, "RUNS", tmp_path.parent)
@@ -88,7 +89,6 @@ def test_hubert2_units_are_per_seed_and_of_iteration_1s_block(monkeypatch, tmp_p
     exts = [c[3] for c in calls]
     layer = learning_curve.HUBERT2_LAYER
     assert exts[0] != exts[1] and all(f"-seed{s}-L{layer}-K100" in e for s, e in zip((0, 1), exts))
-    assert [c[0].parts[-4] for c in calls] == [f"5min-seed{s}-{learning_curve.config_hash('hubert', 4920, [])}"
-                                               for s in (0, 1)]
-    assert [c[1:3] for c in calls] == [(learning_curve.HUBERT2_LAYER, 100)] * 2
+    assert [c[0].parts[-4] for c in calls] == [f"5min-seed{s}-{key1}" for s in (0, 1)]
+    assert [c[1:3] for c in calls] == [(layer, 100)] * 2
     assert args[1] == [f"--data.init_args.units={exts[1]}", "--model.init_args.num_classes=100"]
