@@ -59,7 +59,10 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     from omnissl.train.loggers import SaveConfigToRun
     from omnissl.train.quiet import EvalModeCheck, quiet_third_party
     from omnissl.train.runs import RunError, link_schedule, prepare_fit
+    from omnissl.train.threads import fit_threads_to_free_cores
 
+    first = ((sys.argv[1:] if args is None else args) or ["fit"])[0]
+    fit_threads_to_free_cores(first if first in LIGHTNING else "fit")
     quiet_third_party()  # Lightning's litlogger tip, torch's LeafSpec deprecation, its teacher-blind eval check
 
     class OmnisslCLI(LightningCLI):
@@ -145,6 +148,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     if first in COMMANDS:
         module, _, function = COMMANDS[first][0].partition(":")
+        if first != "data":  # the commands that compute with torch: its threads fitted to the free cores
+            from omnissl.train.threads import fit_threads_to_free_cores
+
+            fit_threads_to_free_cores(first)
         sys.exit(getattr(importlib.import_module(module), function)(args[1:]))
     if first in REMOVED:
         fail(f"{first} is not supported: {REMOVED[first]}")

@@ -1,0 +1,64 @@
+"""torch's CPU threads fitted to the cores other processes leave free, at the start of a command.
+
+torch starts one intra-op thread per core, and each parallel region waits for its slowest thread. When another
+process holds a core, the thread that shares it runs half the time and every step waits for it: on the 2-core VM,
+next to one busy single-thread process, a step of the recipes' tiny speech encoder took 0.25 s with torch's 2
+threads and 0.14 s with 1 (bench/oversubscription.py, README "Benchmarks"); `make demo` beside a one-thread
+learning run was ~20x slower than alone. So every `omnissl` command but `data` counts the processes running right
+now and, when they hold cores, lowers torch's threads to the free cores (at least 1), saying so in one line.
+
+Never when the user chose (OMP_NUM_THREADS set); only ever lowers (a count set lower in this process stays).
+Linux only (the running-task count of /proc/loadavg); elsewhere nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def busy_cores(samples: int = 5, interval_s: float = 0.02) -> int | None:
+    """Tasks running now besides this one: /proc/loadavg's running count (which counts the reader) less one, the
+    least of `samples` readings `interval_s` apart (a process that only blinked is not counted). None where there
+    is no /proc/loadavg."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        counts.append(max(0, running - 1))
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return min(counts)
+
+
+def fit_threads_to_free_cores(command: str) -> int | None:
+    """Lowers torch's intra-op threads to the cores not busy with other processes; returns the new count, or None
+    when nothing changed. Prints one line to stderr when it acts."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    have = torch.get_num_threads()
+    busy = busy_cores()
+    if not busy:
+        return None
+    want = max(1, cores() - busy)
+    if want >= have:
+        return None
+    torch.set_num_threads(want)
+    print(f"omnissl {command}: {busy} other process(es) running on the {cores()} cores: torch uses {want} "
+          f"thread(s), not {have} (threads waiting on a shared core make a step ~2x slower; set OMP_NUM_THREADS "
+          f"to choose)", file=sys.stderr)
+    return want
