@@ -13,6 +13,7 @@ comparison on them. The non-learned log-mel baseline is deterministic: its band 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -207,13 +208,15 @@ def pretrain(objective: str, steps: int, seed: int, run_dir: Path | None = None,
             "log_dir": cli.trainer.log_dir}
 
 
-def timed_step(model, batch, step: int, optimizer) -> float:
-    """One full optimizer step as the Trainer runs it (per-update state, forward, backward, optimizer), in s."""
+def timed_step(model, batch, step: int, optimizer, forward_context=contextlib.nullcontext) -> float:
+    """One full optimizer step as the Trainer runs it (per-update state, forward under the trainer precision's
+    autocast `forward_context`, backward, optimizer), in s."""
     t0 = time.perf_counter()
     for module in model.modules():  # per-update state: EMA teacher update, Gumbel temperature
         if module is not model and hasattr(module, "set_num_updates"):
             module.set_num_updates(step)
-    out = model.step(batch)
+    with forward_context():
+        out = model.step(batch)
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -231,11 +234,12 @@ def step_times(objectives, rounds: int = 10, batches: int = 2,
 
     variants = variants or {}
     objectives = [*objectives, *variants]
-    models, optimizers, data = {}, {}, None
+    models, optimizers, contexts, data = {}, {}, {}, None
     for name in objectives:
         extra = hubert_units(variants.get(name), 0) if name.startswith("hubert") else variants.get(name)
         cli = lightning_cli(pretrain_args(name.split("@")[0], 1000, 0, extra=extra), run=False)
         models[name] = cli.model.train()
+        contexts[name] = cli.trainer.precision_plugin.forward_context  # autocast of --trainer.precision, as fit
         optimizers[name] = cli.model.optimizer_factory([p for p in cli.model.parameters() if p.requires_grad])
         if data is None or name.startswith("hubert"):  # HuBERT's batches carry its units; the others ignore them
             data = cli.datamodule
@@ -251,7 +255,7 @@ def step_times(objectives, rounds: int = 10, batches: int = 2,
     for r in range(rounds + 1):  # round 0 warms up (allocator, first-call costs)
         for name in (order if r % 2 else order[::-1]):
             for batch in fixed:
-                dt = timed_step(models[name], batch, r, optimizers[name])
+                dt = timed_step(models[name], batch, r, optimizers[name], contexts[name])
                 if r:
                     times[name].append(dt)
     return {name: statistics.median(ts) for name, ts in times.items()}

@@ -65,10 +65,32 @@ HUBERT2_LAYER, HUBERT2_CLUSTERS = 1, 100
 # (The conv-extractor recipes of the history tags used wav2vec 2.0 / HuBERT 0.20, data2vec 0.30, data2vec 2.0
 # 0.36: their JSONs record their steps.)
 IDLE_STEP_S = {"wav2vec2": 0.062, "hubert": 0.061, "hubert2": 0.061, "data2vec": 0.077, "data2vec2": 0.146}
+# The same under `--extra=--trainer.precision=bf16-mixed` (bf16 autocast, fp32 weights; this CPU's AMX runs bf16
+# GEMMs ~2.7x faster than fp32): `--calibrate --extra=--trainer.precision=bf16-mixed` on 2026-12-07 20:32 (learning
+# runs paused, load average 2.2 -> 2.1, decaying; calibration-bf16-mixed.json) timed each recipe against itself in
+# fp32, interleaved: 0.037 vs 0.064 s (wav2vec 2.0), 0.034 vs 0.061 (HuBERT), 0.045 vs 0.079 (data2vec), 0.092 vs
+# 0.147 (data2vec 2.0): 1.6-1.8x the steps per idle minute. The fp32 times of that run match IDLE_STEP_S within 4 %.
+IDLE_STEP_S_BF16 = {"wav2vec2": 0.036, "hubert": 0.034, "hubert2": 0.034, "data2vec": 0.044, "data2vec2": 0.091}
+CALIBRATED = {"32": IDLE_STEP_S, "bf16-mixed": IDLE_STEP_S_BF16}
 
 
-def steps_for(objective: str, minutes: float) -> int:
-    return int(round(minutes * 60 / IDLE_STEP_S[objective] / 10)) * 10
+def precision(extra: list[str] | tuple[str, ...]) -> str:
+    """The trainer precision that `extra` sets ("32", the CPU recipe's, unless it sets one)."""
+    value = "32"
+    for arg in extra:
+        if arg.startswith("--trainer.precision="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def steps_for(objective: str, minutes: float, extra: list[str] | tuple[str, ...] = ()) -> int:
+    """The steps an idle 2-core VM makes in `minutes` with this objective's recipe (at the precision `extra` sets)."""
+    table = CALIBRATED.get(precision(extra))
+    if not table or objective not in table:
+        raise ValueError(f"no idle step time for {objective} at trainer.precision={precision(extra)}: measure it "
+                         f"with --calibrate --objectives {objective} (and the same --extra), then fill in "
+                         f"IDLE_STEP_S{'_BF16' if precision(extra) == 'bf16-mixed' else ''} in bench/learning_curve.py")
+    return int(round(minutes * 60 / table[objective] / 10)) * 10
 
 
 def corpus_versions() -> dict[str, int]:
@@ -156,7 +178,7 @@ def run_point(objective: str, minutes: float, seed: int, tasks: list[str], tag: 
     from another checkout)."""
     from omnissl.checkpoints import load_backbone, save_backbone
 
-    steps = steps_for(objective, minutes)
+    steps = steps_for(objective, minutes, extra)
     if objective == "hubert2":  # iteration 1 of this budget and seed first; its encoder's units are the targets
         extra = hubert2_extra(minutes, seed, tasks, tag, extra, commit)
     key, key0 = config_hash(objective, steps, extra), config_hash(objective, 0, extra)
@@ -217,7 +239,7 @@ def hubert2_extra(minutes: float, seed: int, tasks: list[str], tag: str, extra: 
     checkpoint (written beside the corpus as .km-it2-<iteration-1 config>-seed<seed>-L<layer>-K<clusters>; its
     features and k-means are cached per checkpoint), and return iteration 2's arguments."""
     run_point("hubert", minutes, seed, tasks, tag, extra, commit, keep_run=True)
-    key1 = config_hash("hubert", steps_for("hubert", minutes), extra)
+    key1 = config_hash("hubert", steps_for("hubert", minutes, extra), extra)
     run1 = RUNS / tag / "hubert" / f"{minutes:g}min-seed{seed}-{key1}"
     ckpts = sorted(run1.glob("**/checkpoints/last.ckpt"))
     if not ckpts:
@@ -404,17 +426,30 @@ def plot(tag: str, tasks: list[str], points: dict) -> Path:
 ANCHOR, ANCHOR_EXTRA, ANCHOR_STEP_S = "wav2vec2@conv", ["--model.init_args.encoder.init_args.audio_frontend=conv"], 0.20
 
 
-def calibrate(objectives: list[str]) -> None:
-    """Median step time of each objective, interleaved in one process with the anchor (learning.step_times);
-    the ratios to the anchor, times its idle 0.20 s, suggest IDLE_STEP_S. A ratio is far less sensitive to load
-    than a time; still, run it on a machine as quiet as you can get."""
+def calibrate(objectives: list[str], extra: list[str]) -> None:
+    """Median step times, interleaved in one process (learning.step_times): a ratio is far less sensitive to load
+    than a time; still, run it on a machine as quiet as you can get.
+
+    Without `extra`: each objective's recipe against the anchor; the ratios times the anchor's idle 0.20 s suggest
+    IDLE_STEP_S (calibration.json). With `extra` (e.g. --trainer.precision=bf16-mixed): each recipe with `extra`
+    against the same recipe without it; the ratios times IDLE_STEP_S suggest the variant's table
+    (IDLE_STEP_S_BF16; calibration-<precision>.json)."""
     load = os.getloadavg()[0]
-    median = learning.step_times(objectives, variants={ANCHOR: ANCHOR_EXTRA})
-    record = {"median_step_s": median, "load_start": load, "load_end": os.getloadavg()[0],
-              "date": time.strftime("%Y-%m-%d %H:%M"), "anchor": [ANCHOR, ANCHOR_STEP_S],
-              "suggested_idle_step_s": {n: round(ANCHOR_STEP_S * median[n] / median[ANCHOR], 3) for n in objectives}}
+    if extra:
+        variants = {f"{o}@{tag}": (list(extra) if tag == "extra" else [])
+                    for o in objectives for tag in ("plain", "extra")}
+        median = learning.step_times([], variants=variants)
+        suggested = {o: round(IDLE_STEP_S[o] * median[f"{o}@extra"] / median[f"{o}@plain"], 3) for o in objectives}
+        anchor = "each recipe without the extra arguments, at IDLE_STEP_S"
+    else:
+        median = learning.step_times(objectives, variants={ANCHOR: ANCHOR_EXTRA})
+        suggested = {o: round(ANCHOR_STEP_S * median[o] / median[ANCHOR], 3) for o in objectives}
+        anchor = [ANCHOR, ANCHOR_STEP_S]
+    record = {"median_step_s": median, "load_start": load, "load_end": os.getloadavg()[0], "extra": extra,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "anchor": anchor, "suggested_idle_step_s": suggested}
     print(json.dumps(record, indent=1))
-    write_json(RESULTS / "calibration.json", record)
+    suffix = "" if precision(extra) == "32" else f"-{precision(extra)}"
+    write_json(RESULTS / f"calibration{suffix}.json", record)
 
 
 def main() -> None:
@@ -435,7 +470,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.calibrate:
-        calibrate(args.objectives)
+        calibrate(args.objectives, args.extra)
         return
 
     if not args.report_only:

@@ -92,3 +92,19 @@ def test_hubert2_units_are_per_seed_and_of_iteration_1s_block(monkeypatch, tmp_p
     assert [c[0].parts[-4] for c in calls] == [f"5min-seed{s}-{key1}" for s in (0, 1)]
     assert [c[1:3] for c in calls] == [(layer, 100)] * 2
     assert args[1] == [f"--data.init_args.units={exts[1]}", "--model.init_args.num_classes=100"]
+
+
+def test_a_budget_buys_the_steps_of_its_precision():
+    """A budget in idle minutes turns into the steps of the recipe at the trainer precision the run sets: bf16
+    autocast steps are faster on this CPU, so a bf16 run of the same budget takes more of them; a precision never
+    calibrated is refused before any training, naming how to calibrate it."""
+    import learning_curve
+
+    bf16 = ["--data.init_args.train=embedded:default", "--trainer.precision=bf16-mixed"]
+    assert learning_curve.precision(bf16) == "bf16-mixed" and learning_curve.precision([]) == "32"
+    for objective in learning_curve.OBJECTIVES:
+        fp32, half = learning_curve.steps_for(objective, 20), learning_curve.steps_for(objective, 20, bf16)
+        assert fp32 == round(1200 / learning_curve.IDLE_STEP_S[objective] / 10) * 10
+        assert half == round(1200 / learning_curve.IDLE_STEP_S_BF16[objective] / 10) * 10 and half > fp32
+    with pytest.raises(ValueError, match=r"trainer.precision=16-mixed.*--calibrate --objectives wav2vec2"):
+        learning_curve.steps_for("wav2vec2", 5, ["--trainer.precision=16-mixed"])
