@@ -65,11 +65,12 @@ HUBERT2_LAYER, HUBERT2_CLUSTERS = 1, 100
 # (The conv-extractor recipes of the history tags used wav2vec 2.0 / HuBERT 0.20, data2vec 0.30, data2vec 2.0
 # 0.36: their JSONs record their steps.)
 IDLE_STEP_S = {"wav2vec2": 0.062, "hubert": 0.061, "hubert2": 0.061, "data2vec": 0.077, "data2vec2": 0.146}
-# The same under `--extra=--trainer.precision=bf16-mixed` (bf16 autocast, fp32 weights; this CPU's AMX runs bf16
-# GEMMs ~2.7x faster than fp32): `--calibrate --extra=--trainer.precision=bf16-mixed` on 2026-12-07 20:32 (learning
-# runs paused, load average 2.2 -> 2.1, decaying; calibration-bf16-mixed.json) timed each recipe against itself in
-# fp32, interleaved: 0.037 vs 0.064 s (wav2vec 2.0), 0.034 vs 0.061 (HuBERT), 0.045 vs 0.079 (data2vec), 0.092 vs
-# 0.147 (data2vec 2.0): 1.6-1.8x the steps per idle minute. The fp32 times of that run match IDLE_STEP_S within 4 %.
+# The same under `--extra=--trainer.precision=bf16-mixed` (bf16 autocast, fp32 weights):
+# `--calibrate --extra=--trainer.precision=bf16-mixed` on 2026-12-07 20:32 (an AMD EPYC VM with AVX512-BF16, no
+# AMX; learning runs paused, load average 2.2 -> 2.1, decaying; calibration-bf16-mixed.json) timed each recipe
+# against itself in fp32, interleaved: 0.037 vs 0.064 s (wav2vec 2.0), 0.034 vs 0.061 (HuBERT), 0.045 vs 0.079
+# (data2vec), 0.092 vs 0.147 (data2vec 2.0): 1.6-1.8x the steps per idle minute. The fp32 times of that run match
+# IDLE_STEP_S within 4 %. A CPU without native bf16 is slower in bf16, not faster.
 IDLE_STEP_S_BF16 = {"wav2vec2": 0.036, "hubert": 0.034, "hubert2": 0.034, "data2vec": 0.044, "data2vec2": 0.091}
 CALIBRATED = {"32": IDLE_STEP_S, "bf16-mixed": IDLE_STEP_S_BF16}
 
