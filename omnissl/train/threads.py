@@ -7,8 +7,8 @@ threads and 0.14 s with 1 (bench/oversubscription.py, README "Benchmarks"); `mak
 learning run was ~20x slower than alone. So every `omnissl` command but `data` counts the processes running right
 now and, when they hold cores, lowers torch's threads to the free cores (at least 1), saying so in one line.
 
-Never when the user chose (OMP_NUM_THREADS set); only ever lowers (a count set lower in this process stays).
-Linux only (the running-task count of /proc/loadavg); elsewhere nothing changes.
+Never when the user chose (OMP_NUM_THREADS set); never above the count torch had (a count set lower in this process
+stays). Linux only (the running-task count of /proc/loadavg); elsewhere nothing changes.
 """
 
 from __future__ import annotations
@@ -45,20 +45,34 @@ def busy_cores(samples: int = 5, interval_s: float = 0.02) -> int | None:
     return min(counts)
 
 
+# (torch's count before this module lowered it, the count it set), while a lowered count of ours is in force
+_LOWERED: tuple[int, int] | None = None
+
+
 def fit_threads_to_free_cores(command: str) -> int | None:
-    """Lowers torch's intra-op threads to the cores not busy with other processes; returns the new count, or None
-    when nothing changed. Prints one line to stderr when it acts."""
+    """Sets torch's intra-op threads to the cores not busy with other processes, never above the count it found
+    (a script that calls commands one after another gets its count back once the other processes are gone);
+    returns the new count, or None when nothing changed. Prints one line to stderr when it acts."""
+    global _LOWERED
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     have = torch.get_num_threads()
+    if _LOWERED and have != _LOWERED[1]:  # changed since by someone else: theirs now
+        _LOWERED = None
+    ceiling = _LOWERED[0] if _LOWERED else have
     busy = busy_cores()
-    if not busy:
+    if busy is None:
         return None
-    want = max(1, cores() - busy)
-    if want >= have:
+    want = max(1, min(ceiling, cores() - busy))
+    if want == have:
         return None
     torch.set_num_threads(want)
-    print(f"omnissl {command}: {busy} other process(es) running on the {cores()} cores: torch uses {want} "
-          f"thread(s), not {have} (threads waiting on a shared core make a step ~2x slower; set OMP_NUM_THREADS "
-          f"to choose)", file=sys.stderr)
+    _LOWERED = (ceiling, want) if want < ceiling else None
+    if want < have:
+        print(f"omnissl {command}: {busy} other process(es) running on the {cores()} cores: torch uses {want} "
+              f"thread(s), not {have} (threads waiting on a shared core make a step ~2x slower; set "
+              f"OMP_NUM_THREADS to choose)", file=sys.stderr)
+    else:
+        print(f"omnissl {command}: {busy} other process(es) running on the {cores()} cores: torch uses {want} "
+              f"thread(s) again", file=sys.stderr)
     return want

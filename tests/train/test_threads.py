@@ -65,3 +65,35 @@ def test_the_users_choice_is_kept(every_core_busy):
 def test_a_lower_count_set_in_the_process_is_never_raised(every_core_busy):
     (before, chosen, after), _ = decide("1")
     assert (before, chosen, after) == ("1", "None", "1")
+
+
+def test_a_long_script_gets_its_threads_back_once_the_others_are_gone(monkeypatch):
+    """A script that runs commands one after another (bench/learning_curve.py trains point after point in one
+    process): a count lowered while others ran is raised back to torch's count when they are gone, and a count
+    the script set itself in between is its ceiling from then on. The core and busy counts are given here (4 cores,
+    so that the script's own choice differs from ours and from torch's); the tests above measure them."""
+    import torch
+
+    from omnissl.train import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_LOWERED", None)
+    monkeypatch.setattr(threads, "cores", lambda: 4)
+    busy = {"n": 3}
+    monkeypatch.setattr(threads, "busy_cores", lambda: busy["n"])
+    start = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert threads.fit_threads_to_free_cores("fit") == 1 and torch.get_num_threads() == 1
+        busy["n"] = 1
+        assert threads.fit_threads_to_free_cores("fit") == 3
+        busy["n"] = 0
+        assert threads.fit_threads_to_free_cores("fit") == 4 and torch.get_num_threads() == 4
+        assert threads.fit_threads_to_free_cores("fit") is None  # nothing to change
+        busy["n"] = 3
+        assert threads.fit_threads_to_free_cores("fit") == 1
+        torch.set_num_threads(2)  # the script's own choice, made after ours
+        busy["n"] = 0
+        assert threads.fit_threads_to_free_cores("fit") is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(start)
