@@ -60,19 +60,16 @@ def fit_threads_to_free_cores(command: str) -> int | None:
     if _LOWERED and have != _LOWERED[1]:  # changed since by someone else: theirs now
         _LOWERED = None
     ceiling = _LOWERED[0] if _LOWERED else have
-    busy = busy_cores()
+    busy, n = busy_cores(), cores()
     if busy is None:
         return None
-    want = max(1, min(ceiling, cores() - busy))
+    want = max(1, min(ceiling, n - busy))
     if want == have:
         return None
     torch.set_num_threads(want)
     _LOWERED = (ceiling, want) if want < ceiling else None
-    if want < have:
-        print(f"omnissl {command}: {busy} other process(es) running on the {cores()} cores: torch uses {want} "
-              f"thread(s), not {have} (threads waiting on a shared core make a step ~2x slower; set "
-              f"OMP_NUM_THREADS to choose)", file=sys.stderr)
-    else:
-        print(f"omnissl {command}: {busy} other process(es) running on the {cores()} cores: torch uses {want} "
-              f"thread(s) again", file=sys.stderr)
+    change = (f"not {have} (threads waiting on a shared core make a step ~2x slower; set OMP_NUM_THREADS to choose)"
+              if want < have else "again")
+    print(f"omnissl {command}: {busy} other process(es) running on the {n} cores: torch uses {want} thread(s), "
+          f"{change}", file=sys.stderr)
     return want
