@@ -10,11 +10,15 @@ on valid), on features extracted once per encoder and split:
   * pooling: the time mean of every state (the probe; SUPERB SID) vs mean + std (statistics pooling, as the
     log-mel baseline's), the same for every upstream;
   * per-utterance waveform normalization (zero mean, unit variance; fairseq `normalize`, HF do_normalize);
-  * stage: the trunk's hidden states (h_0 = trunk input ... h_L) vs the conv extractor's output alone (before
-    the feature LayerNorm and projection) vs the extractor's first conv layer before its norm, as a log
-    energy per channel (a random 64-filter "filterbank": log compression, no normalization).
+  * --baselines: the log-mel baseline as is and with every frame normalized over its bands (what a per-frame
+    LayerNorm after a log-mel frontend keeps);
+  * stage: the trunk's hidden states (h_0 = trunk input ... h_L) vs the frontend's output alone (before
+    the feature LayerNorm and projection), after that LayerNorm, after the projection (before positions), and
+    the conv extractor's first conv layer before its norm, as a log energy per channel (a random 64-filter
+    "filterbank": log compression, no normalization).
 
     python bench/speaker_gap.py [--seeds 0 1] [--tasks speakers keywords] [--package runs/.../encoder ...]
+    python bench/speaker_gap.py --seeds 0 --norms --baselines --no-normalize --package runs/.../encoder  # log-mel
 
 Random-init encoders are the tiny recipes' architecture (omnissl.backbones.builders.tiny: 4 x 128, 64-channel
 extractor) from each seed; --package adds pretrained encoders (save_backbone packages). Prints a markdown table
@@ -36,6 +40,17 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning  # noqa: E402
+from omnissl.eval.upstream import LogMelStates  # noqa: E402
+
+
+class FrameNormedLogMel(LogMelStates):
+    """The log-mel baseline (mean + std pooling) with every frame first normalized over its bands (zero mean, unit
+    variance): what a per-frame LayerNorm of the frames keeps."""
+
+    def frames(self, x):
+        f = super().frames(x)[:, : self.n_mels]
+        f = (f - f.mean(1, keepdim=True)) / (f.std(1, unbiased=False, keepdim=True) + 1e-5)
+        return torch.cat([f, f.std(0, unbiased=False).expand_as(f)], dim=1)
 
 
 def tiny_encoder(seed: int, norm: str) -> nn.Module:
@@ -91,14 +106,24 @@ def pooled(encoder: nn.Module, loader, *, normalize: bool) -> dict:
         feats, vlen, _ = fe(x, lengths)
         fvalid = valid_of(vlen, feats.shape[1])
         fm, fs = _stats(feats[:, :, None].float(), fvalid)
-        _, k, st = fe.layers[0]
-        h1 = fe.convs[0](x[:, None]).transpose(1, 2)  # first conv, before its norm: (B, N1, C)
-        v1 = valid_of((lengths - k) // st + 1, h1.shape[1])
-        e1, _ = _stats(h1[:, :, None].float() ** 2, v1)
-        for name, val in (("trunk, mean", m), ("trunk, mean+std", torch.cat([m, s], -1)),
-                          ("extractor output, mean", fm), ("extractor output, mean+std", torch.cat([fm, fs], -1)),
-                          ("first conv before norm, log energy", torch.log(e1 + 1e-8)),
-                          ("labels", batch.targets["label"]), ("ids", batch.ids)):
+        tokens = encoder.embed(x, lengths)
+        pad = tokens.padding_mask
+        tvalid = torch.ones(tokens.x.shape[:2], dtype=torch.bool) if pad is None else ~pad
+        nm, ns = _stats(tokens.features[:, :, None].float(), tvalid)
+        pm, ps = _stats(tokens.x[:, :, None].float(), tvalid)
+        rows = [("trunk, mean", m), ("trunk, mean+std", torch.cat([m, s], -1)),
+                ("extractor output, mean", fm), ("extractor output, mean+std", torch.cat([fm, fs], -1)),
+                ("extractor output after the feature LayerNorm, mean", nm),
+                ("extractor output after the feature LayerNorm, mean+std", torch.cat([nm, ns], -1)),
+                ("projected (the trunk's input before positions), mean", pm),
+                ("projected (the trunk's input before positions), mean+std", torch.cat([pm, ps], -1))]
+        if hasattr(fe, "convs"):  # the conv extractor (a log-mel frontend has no first conv)
+            _, k, st = fe.layers[0]
+            h1 = fe.convs[0](x[:, None]).transpose(1, 2)  # first conv, before its norm: (B, N1, C)
+            v1 = valid_of((lengths - k) // st + 1, h1.shape[1])
+            e1, _ = _stats(h1[:, :, None].float() ** 2, v1)
+            rows.append(("first conv before norm, log energy", torch.log(e1 + 1e-8)))
+        for name, val in rows + [("labels", batch.targets["label"]), ("ids", batch.ids)]:
             out.setdefault(name, []).append(val.cpu())
     ids = torch.cat(out.pop("ids"))
     order = torch.argsort(ids)
@@ -113,6 +138,8 @@ def main() -> None:
                     help="random-init extractor norms (none given: only the --package encoders)")
     ap.add_argument("--package", action="append", default=[], help="a pretrained encoder package (repeatable)")
     ap.add_argument("--no-normalize", action="store_true", help="skip the waveform-normalized pass")
+    ap.add_argument("--baselines", action="store_true",
+                    help="also the log-mel baseline as is and with every frame normalized over its bands")
     args = ap.parse_args()
     from omnissl.checkpoints import load_backbone
     from omnissl.eval.probe import fit_classifier
@@ -124,6 +151,13 @@ def main() -> None:
     encoders += [(f"pretrained {p}", 0, lambda p=p: load_backbone(p).eval()) for p in args.package]
     for task in args.tasks:
         data = learning.probe_data(task)
+        for label, states in ((("log-mel (the baseline), mean+std", LogMelStates()),
+                               ("log-mel, frames normalized over bands, mean+std", FrameNormedLogMel()))
+                              if args.baselines else ()):
+            for seed in args.seeds:
+                test = learning.probe(states, task, seed=seed, name=label)["test"]
+                results.setdefault((task, label), []).append(test)
+                print(f"  {task} | {label} | seed {seed}: test {test:.3f}", flush=True)
         for name, seed, make in encoders:
             encoder = make()
             for normalize in ([False] if args.no_normalize or "norm none" in name or "norm layer" in name
