@@ -7,9 +7,11 @@ standardization, linear head trained with Adam, epoch chosen on valid accuracy, 
 
 `--compare` measures the candidates (log-mel mean pooling, mean + std pooling, more bins, deltas, MFCC + deltas)
 with that probe and, for reference, with a scikit-learn logistic regression (C = 1) on the same pooled,
-standardized features; the winner on keywords and speakers is the default of `LogMelStates`.
+standardized features; the winner on keywords and speakers is the default of `LogMelStates`. The "random basis"
+candidates are the baseline's features rotated: they show how much the probe depends on the basis.
 
     python bench/baseline_speech.py [--size small] [--tasks keywords speakers] [--compare] [--seeds 0 1 2]
+    python bench/baseline_speech.py --compare --seeds 0 1 2 --only "mean+std"   # the baseline in 3 random bases
 
 Prints one line per task (and candidate):
     RESULT name=baseline_speech task=<task> features=<name> acc=<test accuracy> ...
@@ -31,6 +33,20 @@ from omnissl.eval.upstream import LogMelStates, baseline_states  # noqa: E402
 
 TASKS = ("keywords", "speakers")
 
+class RotatedLogMel(LogMelStates):
+    """The baseline's frames in a fixed random orthonormal basis (QR of a Gaussian matrix from `seed`): the same
+    information, pooled the same way (mean pooling commutes with the rotation). A probe invariant to the basis
+    would score it as the baseline; this one standardizes per dimension and trains with Adam, so it need not."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(self.dim, self.dim, generator=torch.Generator().manual_seed(seed)))
+        self.q = q
+
+    def frames(self, x):
+        return super().frames(x) @ self.q.to(x.device)
+
+
 # name -> constructor of the upstream; "baseline" is whatever baseline_states("audio") is today
 CANDIDATES = {
     "baseline": lambda: baseline_states("audio"),
@@ -40,6 +56,7 @@ CANDIDATES = {
     "log-mel 64 + delta, mean+std": lambda: LogMelStates(64, deltas=1, std=True),
     "MFCC 20 + delta + delta2, mean+std": lambda: LogMelStates(64, n_mfcc=20, deltas=2, std=True),
     "MFCC 40 + delta + delta2, mean+std": lambda: LogMelStates(64, n_mfcc=40, deltas=2, std=True),
+    **{f"log-mel 64, mean+std, random basis {k}": (lambda k=k: RotatedLogMel(k)) for k in range(3)},
 }
 
 
@@ -85,9 +102,15 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--compare", action="store_true", help="measure every candidate baseline (CANDIDATES)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="probe seeds (head init and batch order)")
+    ap.add_argument("--only", nargs="+", metavar="SUBSTRING",
+                    help="with --compare: only the candidates whose name contains one of these")
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = list(CANDIDATES) if args.compare else ["baseline"]
+    if args.only:
+        names = [n for n in names if any(o in n for o in args.only)]
+        if not names:
+            ap.error(f"--only {args.only} matches none of {list(CANDIDATES)}")
     for task in args.tasks:
         if args.compare:
             print(f"\n{task} ({args.size}): probe of `omnissl probe` (mean over {len(args.seeds)} probe seeds) | "
