@@ -103,12 +103,10 @@ def pooled(encoder: nn.Module, loader, *, normalize: bool) -> dict:
             batch = dataclasses.replace(batch, inputs={**batch.inputs, "audio": x})
         hs, valid = states(batch)
         m, s = _stats(hs, valid)
-        feats, vlen, _ = fe(x, lengths)
-        fvalid = valid_of(vlen, feats.shape[1])
-        fm, fs = _stats(feats[:, :, None].float(), fvalid)
-        tokens = encoder.embed(x, lengths)
+        tokens = encoder.embed(x, lengths)  # raw: the frontend's output; features: after its LayerNorm
         pad = tokens.padding_mask
         tvalid = torch.ones(tokens.x.shape[:2], dtype=torch.bool) if pad is None else ~pad
+        fm, fs = _stats(tokens.raw[:, :, None].float(), tvalid)
         nm, ns = _stats(tokens.features[:, :, None].float(), tvalid)
         pm, ps = _stats(tokens.x[:, :, None].float(), tvalid)
         rows = [("trunk, mean", m), ("trunk, mean+std", torch.cat([m, s], -1)),
