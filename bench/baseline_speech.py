@@ -33,6 +33,7 @@ from omnissl.eval.upstream import LogMelStates, baseline_states  # noqa: E402
 
 TASKS = ("keywords", "speakers")
 
+
 class RotatedLogMel(LogMelStates):
     """The baseline's frames in a fixed random orthonormal basis (QR of a Gaussian matrix from `seed`): the same
     information, pooled the same way (mean pooling commutes with the rotation). A probe invariant to the basis
@@ -40,8 +41,7 @@ class RotatedLogMel(LogMelStates):
 
     def __init__(self, seed: int) -> None:
         super().__init__()
-        q, _ = torch.linalg.qr(torch.randn(self.dim, self.dim, generator=torch.Generator().manual_seed(seed)))
-        self.q = q
+        self.q, _ = torch.linalg.qr(torch.randn(self.dim, self.dim, generator=torch.Generator().manual_seed(seed)))
 
     def frames(self, x):
         return super().frames(x) @ self.q.to(x.device)

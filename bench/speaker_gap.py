@@ -140,7 +140,7 @@ def main() -> None:
                     help="also the log-mel baseline as is and with every frame normalized over its bands")
     args = ap.parse_args()
     from omnissl.checkpoints import load_backbone
-    from omnissl.eval.probe import fit_classifier
+    from omnissl.eval.probe import extract_splits, fit_classifier
     from omnissl.eval.upstream import Features, frozen
 
     results: dict[tuple[str, str], list[float]] = {}
@@ -152,10 +152,11 @@ def main() -> None:
         for label, states in ((("log-mel (the baseline), mean+std", LogMelStates()),
                                ("log-mel, frames normalized over bands, mean+std", FrameNormedLogMel()))
                               if args.baselines else ()):
+            f, _ = extract_splits(states, data)  # once; one probe fit per seed
             for seed in args.seeds:
-                test = learning.probe(states, task, seed=seed, name=label)["test"]
-                results.setdefault((task, label), []).append(test)
-                print(f"  {task} | {label} | seed {seed}: test {test:.3f}", flush=True)
+                r = fit_classifier(f["train"], f["valid"], f["test"], num_classes=len(data.classes), seed=seed)
+                results.setdefault((task, label), []).append(r.test)
+                print(f"  {task} | {label} | seed {seed}: test {r.test:.3f} (valid {r.valid:.3f})", flush=True)
         for name, seed, make in encoders:
             encoder = make()
             for normalize in ([False] if args.no_normalize or "norm none" in name or "norm layer" in name
