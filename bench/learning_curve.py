@@ -84,14 +84,46 @@ def precision(extra: list[str] | tuple[str, ...]) -> str:
     return value
 
 
-def steps_for(objective: str, minutes: float, extra: list[str] | tuple[str, ...] = ()) -> int:
-    """The steps an idle 2-core VM makes in `minutes` with this objective's recipe (at the precision `extra` sets)."""
+# Arguments that change what one step computes (the model's size, the batch, the crops): a variant that sets one
+# has its own step time, measured with `--calibrate --tag T --extra=...` into bench/results/learning_curve/T/
+# calibration.json; without that, a run is refused (the recipe's step time would buy it the wrong budget).
+COMPUTE_ARGS = ("encoder.init_args.", "init_args.decoder", "clone_batch", "batch_size", "max_samples", "max_tokens")
+
+
+def changes_compute(extra: list[str] | tuple[str, ...]) -> list[str]:
+    return [a for a in extra if any(k in a.split("=", 1)[0] for k in COMPUTE_ARGS)]
+
+
+def tag_calibration(tag: str | None) -> Path | None:
+    return RESULTS / tag / "calibration.json" if tag else None
+
+
+def idle_step_s(objective: str, extra: list[str] | tuple[str, ...] = (), tag: str | None = None) -> float:
+    """Seconds per step of this objective's recipe with `extra` on the idle 2-core VM: the tag's own calibration
+    where it has one (it must have been measured with the same `extra`), else the table of the precision `extra`
+    sets (only when `extra` changes no compute)."""
+    own = tag_calibration(tag)
+    if own is not None and own.exists():
+        record = json.loads(own.read_text())
+        if record["extra"] != list(extra) or objective not in record["suggested_idle_step_s"]:
+            raise ValueError(f"{own} was measured for {record['extra']} and "
+                             f"{sorted(record['suggested_idle_step_s'])}, not {list(extra)} and {objective}: "
+                             f"calibrate again with --calibrate --tag {tag} --objectives {objective} (and this --extra)")
+        return record["suggested_idle_step_s"][objective]
+    if changes_compute(extra):
+        raise ValueError(f"{' '.join(changes_compute(extra))} changes the step time: measure it with --calibrate "
+                         f"--tag {tag or 'TAG'} --objectives {objective} (and the same --extra) first")
     table = CALIBRATED.get(precision(extra))
     if not table or objective not in table:
         raise ValueError(f"no idle step time for {objective} at trainer.precision={precision(extra)}: measure it "
                          f"with --calibrate --objectives {objective} (and the same --extra), then fill in "
                          f"IDLE_STEP_S{'_BF16' if precision(extra) == 'bf16-mixed' else ''} in bench/learning_curve.py")
-    return int(round(minutes * 60 / table[objective] / 10)) * 10
+    return table[objective]
+
+
+def steps_for(objective: str, minutes: float, extra: list[str] | tuple[str, ...] = (), tag: str | None = None) -> int:
+    """The steps an idle 2-core VM makes in `minutes` with this objective's recipe and `extra` (idle_step_s)."""
+    return int(round(minutes * 60 / idle_step_s(objective, extra, tag) / 10)) * 10
 
 
 def corpus_versions() -> dict[str, int]:
@@ -179,7 +211,7 @@ def run_point(objective: str, minutes: float, seed: int, tasks: list[str], tag: 
     from another checkout)."""
     from omnissl.checkpoints import load_backbone, save_backbone
 
-    steps = steps_for(objective, minutes, extra)
+    steps = steps_for(objective, minutes, extra, tag)
     if objective == "hubert2":  # iteration 1 of this budget and seed first; its encoder's units are the targets
         extra = hubert2_extra(minutes, seed, tasks, tag, extra, commit)
     key, key0 = config_hash(objective, steps, extra), config_hash(objective, 0, extra)
@@ -240,7 +272,7 @@ def hubert2_extra(minutes: float, seed: int, tasks: list[str], tag: str, extra: 
     checkpoint (written beside the corpus as .km-it2-<iteration-1 config>-seed<seed>-L<layer>-K<clusters>; its
     features and k-means are cached per checkpoint), and return iteration 2's arguments."""
     run_point("hubert", minutes, seed, tasks, tag, extra, commit, keep_run=True)
-    key1 = config_hash("hubert", steps_for("hubert", minutes, extra), extra)
+    key1 = config_hash("hubert", steps_for("hubert", minutes, extra, tag), extra)
     run1 = RUNS / tag / "hubert" / f"{minutes:g}min-seed{seed}-{key1}"
     ckpts = sorted(run1.glob("**/checkpoints/last.ckpt"))
     if not ckpts:
@@ -427,14 +459,18 @@ def plot(tag: str, tasks: list[str], points: dict) -> Path:
 ANCHOR, ANCHOR_EXTRA, ANCHOR_STEP_S = "wav2vec2@conv", ["--model.init_args.encoder.init_args.audio_frontend=conv"], 0.20
 
 
-def calibrate(objectives: list[str], extra: list[str]) -> None:
+def calibrate(objectives: list[str], extra: list[str], tag: str = "recipes") -> None:
     """Median step times, interleaved in one process (learning.step_times): a ratio is far less sensitive to load
     than a time; still, run it on a machine as quiet as you can get.
 
     Without `extra`: each objective's recipe against the anchor; the ratios times the anchor's idle 0.20 s suggest
     IDLE_STEP_S (calibration.json). With `extra` (e.g. --trainer.precision=bf16-mixed): each recipe with `extra`
     against the same recipe without it; the ratios times IDLE_STEP_S suggest the variant's table
-    (IDLE_STEP_S_BF16; calibration-<precision>.json)."""
+    (IDLE_STEP_S_BF16; calibration-<precision>.json). An `extra` that changes the compute (COMPUTE_ARGS: a wider or
+    deeper encoder, ...) belongs to a variant tag: its table goes to <tag>/calibration.json, which that tag's runs
+    then use (idle_step_s)."""
+    if changes_compute(extra) and tag == "recipes":
+        raise SystemExit(f"{' '.join(changes_compute(extra))} makes a variant of the recipes: name it with --tag")
     load = os.getloadavg()[0]
     if extra:
         variants = {f"{o}@{tag}": (list(extra) if tag == "extra" else [])
@@ -450,7 +486,7 @@ def calibrate(objectives: list[str], extra: list[str]) -> None:
               "date": time.strftime("%Y-%m-%d %H:%M"), "anchor": anchor, "suggested_idle_step_s": suggested}
     print(json.dumps(record, indent=1))
     suffix = "" if precision(extra) == "32" else f"-{precision(extra)}"
-    write_json(RESULTS / f"calibration{suffix}.json", record)
+    write_json(tag_calibration(tag) if changes_compute(extra) else RESULTS / f"calibration{suffix}.json", record)
 
 
 def main() -> None:
@@ -471,10 +507,15 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.calibrate:
-        calibrate(args.objectives, args.extra)
+        calibrate(args.objectives, args.extra, args.tag)
         return
 
     if not args.report_only:
+        for objective in args.objectives:  # a budget that cannot be turned into steps fails before any work
+            try:
+                steps_for(objective, 1, args.extra, args.tag)
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
         for task in args.tasks:
             baseline_result(args.tag, task, args.commit)
         for minutes in args.minutes:  # budget by budget: the short budgets of every objective and seed first

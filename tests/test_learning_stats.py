@@ -108,3 +108,29 @@ def test_a_budget_buys_the_steps_of_its_precision():
         assert half == round(1200 / learning_curve.IDLE_STEP_S_BF16[objective] / 10) * 10 and half > fp32
     with pytest.raises(ValueError, match=r"trainer.precision=16-mixed.*--calibrate --objectives wav2vec2"):
         learning_curve.steps_for("wav2vec2", 5, ["--trainer.precision=16-mixed"])
+
+
+def test_a_variant_that_changes_the_step_buys_the_steps_of_its_own_calibration(monkeypatch, tmp_path):
+    """A recipe variant that changes what a step computes (a deeper encoder) cannot borrow the recipe's step time:
+    without its tag's calibration it is refused, naming the command that measures it; with one, its budget is
+    that calibration's steps; a calibration made for other arguments is refused too. A variant that changes no
+    compute (another corpus, a schedule) keeps the precision's table."""
+    import learning_curve
+
+    monkeypatch.setattr(learning_curve, "RESULTS", tmp_path)
+    deeper = ["--trainer.precision=bf16-mixed", "--model.init_args.encoder.init_args.depth=6"]
+    assert learning_curve.changes_compute(deeper) == deeper[1:]
+    assert learning_curve.changes_compute(["--data.init_args.train=embedded:default",
+                                           "--model.init_args.lr_scheduler.init_args.warmup_steps=60"]) == []
+    with pytest.raises(ValueError, match=r"depth=6 changes the step time.*--calibrate --tag deep"):
+        learning_curve.steps_for("data2vec2", 20, deeper, "deep")
+    learning_curve.write_json(tmp_path / "deep" / "calibration.json",
+                              {"extra": deeper, "suggested_idle_step_s": {"data2vec2": 0.12}})
+    assert learning_curve.steps_for("data2vec2", 20, deeper, "deep") == 10000
+    with pytest.raises(ValueError, match=r"calibration.json was measured for .*depth=6.*not .*depth=8"):
+        learning_curve.steps_for("data2vec2", 20, [deeper[0], "--model.init_args.encoder.init_args.depth=8"], "deep")
+    with pytest.raises(ValueError, match=r"not .* and wav2vec2"):
+        learning_curve.steps_for("wav2vec2", 20, deeper, "deep")
+    # the recipes' own tags have no calibration of their own: the tables, as before
+    assert learning_curve.steps_for("data2vec2", 20, deeper[:1], "bf16-default") == \
+        round(1200 / learning_curve.IDLE_STEP_S_BF16["data2vec2"] / 10) * 10
