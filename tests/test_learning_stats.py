@@ -134,3 +134,29 @@ def test_a_variant_that_changes_the_step_buys_the_steps_of_its_own_calibration(m
     # the recipes' own tags have no calibration of their own: the tables, as before
     assert learning_curve.steps_for("data2vec2", 20, deeper[:1], "bf16-default") == \
         round(1200 / learning_curve.IDLE_STEP_S_BF16["data2vec2"] / 10) * 10
+
+
+def test_the_invariant_probe_scores_any_rotation_of_the_features_alike():
+    """bench/invariant_probe.py's logistic probe (centered, one scalar scale, L2 logistic regression to
+    convergence, C on valid) gives the same C and accuracies to the features in any orthonormal basis, even
+    where the dimensions' scales differ by 100x (which per-dimension standardization would undo); and it
+    learns: well above chance on separable classes."""
+    import numpy as np
+
+    import invariant_probe
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 12)) * np.linspace(0.05, 5, 12)
+
+    def split(n):
+        y = rng.integers(0, 4, n)
+        return centers[y] + rng.normal(size=(n, 12)) * np.linspace(0.1, 10, 12), y
+
+    data = [split(200), split(100), split(100)]
+    q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    plain = invariant_probe.logistic(*data)
+    rotated = invariant_probe.logistic(*[(x @ q, y) for x, y in data])
+    assert plain["C"] == rotated["C"]
+    assert plain["test"] == pytest.approx(rotated["test"], abs=0.011) and plain["valid"] == pytest.approx(
+        rotated["valid"], abs=0.011)  # one clip of 100 at most: L-BFGS stops at a tolerance, not at the optimum
+    assert plain["test"] > 0.6
