@@ -473,8 +473,8 @@ def calibrate(objectives: list[str], extra: list[str], tag: str = "recipes") -> 
         raise SystemExit(f"{' '.join(changes_compute(extra))} makes a variant of the recipes: name it with --tag")
     load = os.getloadavg()[0]
     if extra:
-        variants = {f"{o}@{tag}": (list(extra) if tag == "extra" else [])
-                    for o in objectives for tag in ("plain", "extra")}
+        variants = {f"{o}@{kind}": (list(extra) if kind == "extra" else [])
+                    for o in objectives for kind in ("plain", "extra")}
         median = learning.step_times([], variants=variants)
         suggested = {o: round(IDLE_STEP_S[o] * median[f"{o}@extra"] / median[f"{o}@plain"], 3) for o in objectives}
         anchor = "each recipe without the extra arguments, at IDLE_STEP_S"
