@@ -85,7 +85,7 @@ def baseline(task: str) -> dict:
 
     path = RESULTS / f"baseline-{task}.json"
     key = lc.baseline_key(()) + "-" + json.dumps(PROBE)
-    if path.exists() and json.loads(path.read_text())["config"] == key:
+    if lc.fresh(path, key):  # made with this configuration: reused
         return json.loads(path.read_text())
     res = probe_states(baseline_states("audio"), task)
     return json.loads(lc.write_json(path, {"config": key, "task": task, **res}).read_text())
@@ -104,7 +104,7 @@ def point(tag: str, objective: str, minutes: float, seed: int, task: str) -> dic
     primary = json.loads(primary_path.read_text())
     key = primary["config"] + "-" + json.dumps(PROBE)
     path = RESULTS / tag / objective / primary_path.name
-    if path.exists() and json.loads(path.read_text())["config"] == key:
+    if lc.fresh(path, key):  # made with this configuration: reused
         return json.loads(path.read_text())
     package = lc.RUNS / tag / objective / f"{minutes:g}min-seed{seed}-{primary['config']}" / "encoder"
     if not package.exists():

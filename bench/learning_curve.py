@@ -104,12 +104,17 @@ def idle_step_s(objective: str, extra: list[str] | tuple[str, ...] = (), tag: st
     sets (only when `extra` changes no compute)."""
     own = tag_calibration(tag)
     if own is not None and own.exists():
-        record = json.loads(own.read_text())
-        if record["extra"] != list(extra) or objective not in record["suggested_idle_step_s"]:
-            raise ValueError(f"{own} was measured for {record['extra']} and "
-                             f"{sorted(record['suggested_idle_step_s'])}, not {list(extra)} and {objective}: "
+        try:
+            record = json.loads(own.read_text())
+            measured, table = record["extra"], record["suggested_idle_step_s"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{own}: not a calibration record ({e!r}); delete it and run --calibrate --tag {tag} "
+                             f"again") from None
+        if measured != list(extra) or objective not in table:
+            raise ValueError(f"{own} was measured for {measured} and "
+                             f"{sorted(table)}, not {list(extra)} and {objective}: "
                              f"calibrate again with --calibrate --tag {tag} --objectives {objective} (and this --extra)")
-        return record["suggested_idle_step_s"][objective]
+        return table[objective]
     if changes_compute(extra):
         raise ValueError(f"{' '.join(changes_compute(extra))} changes the step time: measure it with --calibrate "
                          f"--tag {tag or 'TAG'} --objectives {objective} (and the same --extra) first")

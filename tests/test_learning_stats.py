@@ -131,6 +131,9 @@ def test_a_variant_that_changes_the_step_buys_the_steps_of_its_own_calibration(m
         learning_curve.steps_for("data2vec2", 20, [deeper[0], "--model.init_args.encoder.init_args.depth=8"], "deep")
     with pytest.raises(ValueError, match=r"not .* and wav2vec2"):
         learning_curve.steps_for("wav2vec2", 20, deeper, "deep")
+    (tmp_path / "deep" / "calibration.json").write_text("{truncated")
+    with pytest.raises(ValueError, match=r"deep/calibration.json: not a calibration record"):
+        learning_curve.steps_for("data2vec2", 20, deeper, "deep")
     # the recipes' own tags have no calibration of their own: the tables, as before
     assert learning_curve.steps_for("data2vec2", 20, deeper[:1], "bf16-default") == \
         round(1200 / learning_curve.IDLE_STEP_S_BF16["data2vec2"] / 10) * 10
